@@ -1,0 +1,245 @@
+"""GPT-2 architecture in Flax NNX: learned positions, pre-LN, GELU-tanh, tied embeddings.
+
+Follows Hugging Face `modeling_gpt2.py` numerically; parameter names stay HF's
+(`h.attn.c_attn.kernel`, ...). Layers are stacked on a leading `L` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth (one program per bucket shape,
+whether the model has 2 layers or 96).
+
+The forward pass takes a flattened step: T rows of (token, position) from any number of
+requests, plus the KV buffer and attention metadata (see `attention.py`); it returns the
+hidden states and the updated buffer. The LM head is a separate method, run only on the rows
+that sample (nanoGPT does the same at inference: never logits for every prompt token).
+
+Legend: T tokens, D model width, H heads, K head dim, F MLP width, V vocab, P positions,
+L layers, R rows that need logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import AttnMeta, KVCache, attend, write_kv
+
+ACTIVATIONS = {
+    # HF "gelu_new" / "gelu_pytorch_tanh": 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shape and numerics of a GPT-2-style model."""
+
+    vocab_size: int = 50257          # V: rows of the (tied) token embedding
+    n_positions: int = 1024          # P: longest context the learned positions cover
+    n_embd: int = 768                # D: model width
+    n_layer: int = 12                # L: transformer blocks
+    n_head: int = 12                 # H: attention heads; D must divide by H
+    n_inner: int | None = None       # F: MLP width; None means 4 * D (GPT-2's default)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon, as in HF's config
+    activation: str = "gelu_new"     # MLP activation, a key of ACTIVATIONS
+    dtype: str = "float32"           # parameter and activation dtype: float32 or bfloat16
+    bos_token_id: int | None = 50256  # begin-of-sequence id, if the tokenizer has one
+    eos_token_id: int | None = 50256  # end-of-sequence id: generation stops there unless ignore_eos
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def jnp_dtype(self):
+        return DTYPES[self.dtype]
+
+    def num_params(self) -> int:
+        """Parameter count (the LM head is tied to `wte`, so it is not counted twice)."""
+        D, F, L = self.n_embd, self.mlp_dim, self.n_layer
+        per_layer = 4 * D + (D * 3 * D + 3 * D) + (D * D + D) + (D * F + F) + (F * D + D)
+        return self.vocab_size * D + self.n_positions * D + L * per_layer + 2 * D
+
+    def replace(self, **changes) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps({"architecture": "gpt2", **dataclasses.asdict(self)}, indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # Embedded demo model: small enough to create and compile in seconds on 2 CPU cores.
+    "gpt2-tiny": GPTConfig(vocab_size=4096, n_positions=256, n_embd=128, n_layer=4, n_head=4,
+                           bos_token_id=0, eos_token_id=0),
+    "gpt2-small": GPTConfig(),
+    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
+    # ~1B GPT-2-shaped config used for GPU figures.
+    "gpt2-1b": GPTConfig(n_embd=2048, n_layer=20, n_head=16),
+    # GPT-3 shapes (Brown et al. 2020, Table 2.1), GPT-2 block structure, 2048 positions.
+    "gpt3-13b": GPTConfig(n_positions=2048, n_embd=5120, n_layer=40, n_head=40),
+    "gpt3-175b": GPTConfig(n_positions=2048, n_embd=12288, n_layer=96, n_head=96),
+    # Orca's largest evaluated model (Table 2 of the paper).
+    "gpt3-341b": GPTConfig(n_positions=2048, n_embd=13312, n_layer=120, n_head=104),
+}
+
+# Logical axes of every parameter (same tree as the params); a sharding layout maps them to
+# mesh axes. None means "never sharded".
+PARAM_AXES = {
+    "wte": {"embedding": ("vocab", "embed")},
+    "wpe": {"embedding": (None, "embed")},
+    "h": {
+        "ln_1": {"scale": ("layers", "embed"), "bias": ("layers", "embed")},
+        "attn": {
+            "c_attn": {"kernel": ("layers", "embed", None, "heads", "head_dim"),
+                       "bias": ("layers", None, "heads", "head_dim")},
+            "c_proj": {"kernel": ("layers", "heads", "head_dim", "embed"),
+                       "bias": ("layers", "embed")},
+        },
+        "ln_2": {"scale": ("layers", "embed"), "bias": ("layers", "embed")},
+        "mlp": {
+            "c_fc": {"kernel": ("layers", "embed", "mlp"), "bias": ("layers", "mlp")},
+            "c_proj": {"kernel": ("layers", "mlp", "embed"), "bias": ("layers", "embed")},
+        },
+    },
+    "ln_f": {"scale": ("embed",), "bias": ("embed",)},
+}
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, shape: tuple[int, ...], dtype):
+        self.scale = nnx.Param(jnp.ones(shape, dtype))
+        self.bias = nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linear(nnx.Module):
+    def __init__(self, kernel_shape, bias_shape, dtype, rngs: nnx.Rngs, std: float):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), kernel_shape, dtype))
+        self.bias = nnx.Param(jnp.zeros(bias_shape, dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: GPTConfig, rngs: nnx.Rngs, std: float):
+        L, D, H, K, dt = c.n_layer, c.n_embd, c.n_head, c.head_dim, c.jnp_dtype
+        self.c_attn = Linear((L, D, 3, H, K), (L, 3, H, K), dt, rngs, 0.02)
+        self.c_proj = Linear((L, H, K, D), (L, D), dt, rngs, std)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: GPTConfig, rngs: nnx.Rngs, std: float):
+        L, D, F, dt = c.n_layer, c.n_embd, c.mlp_dim, c.jnp_dtype
+        self.c_fc = Linear((L, D, F), (L, F), dt, rngs, 0.02)
+        self.c_proj = Linear((L, F, D), (L, D), dt, rngs, std)
+
+
+class Blocks(nnx.Module):
+    """All L transformer blocks, each parameter stacked on a leading layer axis."""
+
+    def __init__(self, c: GPTConfig, rngs: nnx.Rngs):
+        std_out = 0.02 / math.sqrt(2 * c.n_layer)  # GPT-2's scaled init of residual projections
+        self.ln_1 = LayerNorm((c.n_layer, c.n_embd), c.jnp_dtype)
+        self.attn = Attention(c, rngs, std_out)
+        self.ln_2 = LayerNorm((c.n_layer, c.n_embd), c.jnp_dtype)
+        self.mlp = MLP(c, rngs, std_out)
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """LayerNorm in float32 whatever the activation dtype (as HF does under autocast)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        dt = c.jnp_dtype
+        self.wte = nnx.Embed(c.vocab_size, c.n_embd, dtype=dt, param_dtype=dt, rngs=rngs,
+                             embedding_init=nnx.initializers.normal(0.02))
+        self.wpe = nnx.Embed(c.n_positions, c.n_embd, dtype=dt, param_dtype=dt, rngs=rngs,
+                             embedding_init=nnx.initializers.normal(0.01))
+        self.h = Blocks(c, rngs)
+        self.ln_f = LayerNorm((c.n_embd,), dt)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache,
+                 meta: AttnMeta) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [T] int32. Returns hidden states [T, D] (before ln_f) and the
+        KV buffer with this step's keys and values written in."""
+        c = self.config
+        x = self.wte.embedding[...][tokens] + self.wpe.embedding[...][positions]  # [T, D]
+        layers = nnx.to_pure_dict(nnx.state(self.h))  # every leaf [L, ...]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        act = ACTIVATIONS[c.activation]
+
+        def block(carry, inputs):
+            x, kv = carry
+            p, l = inputs
+            h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
+            qkv = jnp.einsum("td,dahk->tahk", h, p["attn"]["c_attn"]["kernel"])
+            qkv = qkv + p["attn"]["c_attn"]["bias"]                                  # [T, 3, H, K]
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            kv = KVCache(k=write_kv(kv.k, l, k, meta), v=write_kv(kv.v, l, v, meta))
+            a = attend(q, k, v, kv, l, meta, scale)                                  # [T, H, K]
+            x = x + jnp.einsum("thk,hkd->td", a, p["attn"]["c_proj"]["kernel"]) + p["attn"]["c_proj"]["bias"]
+            h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
+            h = act(h @ p["mlp"]["c_fc"]["kernel"] + p["mlp"]["c_fc"]["bias"])      # [T, F]
+            x = x + h @ p["mlp"]["c_proj"]["kernel"] + p["mlp"]["c_proj"]["bias"]   # [T, D]
+            return (x, kv), None
+
+        (x, kv), _ = jax.lax.scan(block, (x, kv), (layers, jnp.arange(c.n_layer)))
+        return x, kv
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x: [R, D] hidden states of the rows that sample. Returns float32 logits [R, V]."""
+        h = layer_norm(x, {"scale": self.ln_f.scale[...], "bias": self.ln_f.bias[...]},
+                       self.config.layer_norm_epsilon)
+        return jnp.einsum("rd,vd->rv", h, self.wte.embedding[...], preferred_element_type=jnp.float32)
+
+
+def init_params(config: GPTConfig, seed: int = 0) -> dict:
+    """Random parameters as a pure dict (the on-disk layout), deterministic in `seed`."""
+    return nnx.to_pure_dict(nnx.state(GPT(config, rngs=nnx.Rngs(seed))))
+
+
+def abstract_params(config: GPTConfig) -> dict:
+    """Shapes and dtypes of the params (jax.ShapeDtypeStruct leaves), allocating nothing."""
+    return jax.eval_shape(lambda: init_params(config))
+
+
+def from_params(config: GPTConfig, params: dict) -> GPT:
+    """A GPT module holding `params` (a pure dict, e.g. restored from Orbax)."""
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
