@@ -53,27 +53,33 @@ class KVCache:
 KV_AXES = ("layers", "slots", "length", "kv_heads", "head_dim")
 
 
+BLOCK = 64  # context positions per attention block; a slot's max length is a multiple of it
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["slot", "pos", "seg", "hist_seg", "hist_slot", "hist_len"],
-    meta_fields=["num_decode", "ctx"],
+    data_fields=["slot", "pos", "seg", "dec_blocks", "hist_seg", "hist_slot", "hist_len", "hist_blocks"],
+    meta_fields=["num_decode"],
 )
 @dataclasses.dataclass(frozen=True)
 class AttnMeta:
     """Per-step attention metadata, padded to the step's bucket shape.
 
-    Padding rows have ``slot == S`` (out of range: their KV writes are dropped) and
-    ``seg == -1``; their outputs are computed but never read.
+    Padding rows have ``slot == S`` (out of range: their KV writes are dropped), ``pos == 0``
+    and ``seg == -1``; their outputs are computed but never read. Context lengths are runtime
+    values (loop trip counts over BLOCK-sized pieces of the buffer), so they add no compiled
+    programs: only the row counts Td and Tp are shapes.
     """
 
-    slot: jax.Array       # [T] int32 slot of each row
-    pos: jax.Array        # [T] int32 absolute position of each row
-    seg: jax.Array        # [Tp] int32 segment (request) id of each prefill row
-    hist_seg: jax.Array   # [] int32 segment that continues a chunked prompt (-2: none)
-    hist_slot: jax.Array  # [] int32 its slot
-    hist_len: jax.Array   # [] int32 its positions already in the buffer (0: none)
-    num_decode: int       # Td, static
-    ctx: int              # C, static: context bucket, >= every decode row's pos + 1 and hist_len
+    slot: jax.Array         # [T] int32 slot of each row
+    pos: jax.Array          # [T] int32 absolute position of each row
+    seg: jax.Array          # [Tp] int32 segment (request) id of each prefill row
+    dec_blocks: jax.Array   # [] int32 blocks the decode rows read: ceil(max(pos + 1) / BLOCK)
+    hist_seg: jax.Array     # [] int32 segment that continues a chunked prompt (-2: none)
+    hist_slot: jax.Array    # [] int32 its slot
+    hist_len: jax.Array     # [] int32 its positions already in the buffer (0: none)
+    hist_blocks: jax.Array  # [] int32 ceil(hist_len / BLOCK)
+    num_decode: int         # Td, static
 
 
 def write_kv(kv_layer: jax.Array, l: jax.Array, new: jax.Array, meta: AttnMeta) -> jax.Array:
@@ -81,9 +87,34 @@ def write_kv(kv_layer: jax.Array, l: jax.Array, new: jax.Array, meta: AttnMeta) 
     return kv_layer.at[l, meta.slot, meta.pos].set(new.astype(kv_layer.dtype), mode="drop")
 
 
-def _softmax_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    scores = jnp.where(mask, scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
+def _blocks_softmax(q, kv: KVCache, l, slot, n_blocks, valid, scale, init):
+    """Online softmax (flash-decoding) of q [N,H,K] over `n_blocks` BLOCK-sized pieces of the
+    buffer rows `slot` ([N] or a scalar); `valid(idx [B]) -> bool [N,B]` masks positions.
+    `init` = (running max [N,H], denominator [N,H], numerator [N,H,K]), all float32."""
+    f32 = jnp.float32
+    per_row = jnp.ndim(slot) == 1
+
+    def body(i, carry):
+        m, d, acc = carry
+        idx = i * BLOCK + jnp.arange(BLOCK)                          # [B]
+        if per_row:
+            kb, vb = kv.k[l, slot[:, None], idx[None, :]], kv.v[l, slot[:, None], idx[None, :]]
+            s = jnp.einsum("nhk,nbhk->nhb", q, kb, preferred_element_type=f32) * scale
+        else:
+            kb, vb = kv.k[l, slot, idx], kv.v[l, slot, idx]        # [B, H, K]
+            s = jnp.einsum("nhk,bhk->nhb", q, kb, preferred_element_type=f32) * scale
+        s = jnp.where(valid(idx)[:, None, :], s, -jnp.inf)          # [N, H, B]
+        m_new = jnp.maximum(m, s.max(-1))
+        # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])                          # [N, H, B]
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        d = d * corr + p.sum(-1)
+        eq = "nhb,nbhk->nhk" if per_row else "nhb,bhk->nhk"
+        acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=f32)
+        return m_new, d, acc
+
+    return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
 def attend(q, k_new, v_new, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax.Array:
@@ -91,47 +122,35 @@ def attend(q, k_new, v_new, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax
 
     q, k_new, v_new: [T, H, K]. Returns [T, H, K] in q's dtype.
     """
-    Td, C = meta.num_decode, meta.ctx
+    Td = meta.num_decode
     f32 = jnp.float32
     outs = []
     if Td:
-        # Decode rows: gather each request's own history, [Td, C, H, K].
-        slot = meta.slot[:Td]
-        kd = kv.k[l, slot, :C]
-        vd = kv.v[l, slot, :C]
-        s = jnp.einsum("thk,tchk->thc", q[:Td], kd, preferred_element_type=f32) * scale
-        mask = jnp.arange(C)[None, None, :] <= meta.pos[:Td, None, None]  # [Td, 1, C]
-        p = _softmax_weights(s, mask)
-        outs.append(jnp.einsum("thc,tchk->thk", p.astype(vd.dtype), vd, preferred_element_type=f32))
+        # Decode rows read their own history [0, pos] from the buffer, block by block.
+        qd, pos = q[:Td], meta.pos[:Td]
+        H, K = q.shape[1:]
+        init = (jnp.full((Td, H), -jnp.inf, f32), jnp.zeros((Td, H), f32), jnp.zeros((Td, H, K), f32))
+        _, d, acc = _blocks_softmax(qd, kv, l, meta.slot[:Td], meta.dec_blocks,
+                                    lambda idx: idx[None, :] <= pos[:, None], scale, init)
+        outs.append(acc / d[..., None])
     if q.shape[0] > Td:
         outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], kv, l, meta, scale))
     return jnp.concatenate(outs, axis=0).astype(q.dtype)
 
 
 def _prefill_attend(q, k, v, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax.Array:
-    """Prefill rows [Tp, H, K]: causal within each segment, plus one optional chunk history."""
+    """Prefill rows [Tp, H, K]: causal within each segment of this step, then, for the one
+    segment that continues a chunked prompt, its first hist_len positions from the buffer."""
     f32 = jnp.float32
-    C = meta.ctx
     seg, pos = meta.seg, meta.pos[meta.num_decode:]
-    s_local = jnp.einsum("thk,uhk->thu", q, k, preferred_element_type=f32) * scale  # [Tp, H, Tp]
-    m_local = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])      # [Tp, Tp]
-    m_local = m_local[:, None, :]
-
-    def local_only():
-        p = _softmax_weights(s_local, m_local)
-        return jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32)
-
-    def with_history():
-        # The continuing segment also reads positions [0, hist_len) of its slot: [C, H, K].
-        kh = kv.k[l, meta.hist_slot, :C]
-        vh = kv.v[l, meta.hist_slot, :C]
-        s_hist = jnp.einsum("thk,chk->thc", q, kh, preferred_element_type=f32) * scale
-        m_hist = (seg == meta.hist_seg)[:, None, None] & (jnp.arange(C) < meta.hist_len)[None, None, :]
-        p = _softmax_weights(jnp.concatenate([s_hist, s_local], -1),
-                             jnp.concatenate([jnp.broadcast_to(m_hist, s_hist.shape),
-                                              jnp.broadcast_to(m_local, s_local.shape)], -1))
-        p_hist, p_local = p[..., :C], p[..., C:]
-        return (jnp.einsum("thc,chk->thk", p_hist.astype(vh.dtype), vh, preferred_element_type=f32)
-                + jnp.einsum("thu,uhk->thk", p_local.astype(v.dtype), v, preferred_element_type=f32))
-
-    return jax.lax.cond(meta.hist_len > 0, with_history, local_only)
+    s = jnp.einsum("thk,uhk->thu", q, k, preferred_element_type=f32) * scale    # [Tp, H, Tp]
+    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])       # [Tp, Tp]
+    s = jnp.where(mask[:, None, :], s, -jnp.inf)
+    m = s.max(-1)                     # finite: every row sees at least itself
+    p = jnp.exp(s - m[..., None])
+    init = (m, p.sum(-1), jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32))
+    in_hist = seg == meta.hist_seg
+    _, d, acc = _blocks_softmax(q, kv, l, meta.hist_slot, meta.hist_blocks,
+                                lambda idx: in_hist[:, None] & (idx[None, :] < meta.hist_len),
+                                scale, init)
+    return acc / d[..., None]

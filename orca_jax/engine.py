@@ -1,0 +1,333 @@
+"""The engine: schedule -> run one jitted step -> post-process, one iteration at a time.
+
+    Engine.step():  batch = scheduler.schedule()        # Orca Algorithm 1 (host)
+                    plan  = build_plan(batch, buckets)  # padded numpy arrays (host)
+                    dispatch run_step(plan)             # asynchronous: the device starts
+                    read back the PREVIOUS step's ids   # host work overlaps device work
+                    detokenize, stop checks, finish     # requests leave the batch at once
+
+Everything with a shape is allocated once at start-up: the KV buffer (sized from a memory
+budget), and one compiled program per bucket shape, all compiled by `warmup()`. A compile
+after warm-up is a performance bug; `num_compiles` counts traces of the step so tests can
+assert there are none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+import uuid
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .models.gpt2 import GPTConfig, from_params
+from .plan import Buckets, StepPlan, build_plan
+from .request import FinishReason, Request, RequestOutput, SamplingParams, Status, Usage
+from .sampling import SamplingTensors
+from .scheduler import Batch, Scheduler, SchedulerConfig
+from .step import DeviceState, device_put_inputs, init_device_state, run_step
+from .tokenizer import ByteTokenizer, IncrementalDetokenizer, StopStringMatcher, load_tokenizer
+
+log = logging.getLogger("orca_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs (the CLI flags of `serve`, `generate` and `bench`)."""
+
+    max_batch_size: int = 64                # Orca's max_bs: requests per iteration
+    max_num_batched_tokens: int = 512       # token budget per iteration (chunked prefill)
+    max_prefill_seqs: int = 16              # prompt segments per iteration
+    max_waiting: int = 1024                 # waiting-queue bound (then QueueFullError)
+    policy: Literal["iteration", "static"] = "iteration"  # static = request-level baseline
+    max_model_len: int | None = None        # tokens per KV slot; None = the model's n_positions
+    kv_memory: int | None = None            # KV budget in bytes; None = kv_memory_fraction
+    kv_memory_fraction: float = 0.5         # of free accelerator memory (CPU: of physical RAM)
+    warmup: bool = True                     # compile every bucket program at start-up
+    seed: int = 0                           # draws the seeds of requests that give none
+
+    def __post_init__(self):
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_memory is not None and self.kv_memory <= 0:
+            raise ValueError(f"kv_memory must be a positive number of bytes, got {self.kv_memory}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+def kv_bytes_per_slot(c: GPTConfig, max_len: int) -> int:
+    """K and V of every layer for one slot, plus its token history (int32)."""
+    return 2 * c.n_layer * max_len * c.n_embd * jnp.dtype(c.jnp_dtype).itemsize + 4 * max_len
+
+
+def kv_budget_bytes(cfg: EngineConfig, device) -> int:
+    if cfg.kv_memory is not None:
+        return cfg.kv_memory
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:  # accelerators: a fraction of what the weights left free
+        return int(cfg.kv_memory_fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(cfg.kv_memory_fraction * ram)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    iterations: int = 0
+    tokens: int = 0                  # real tokens computed (prompt + decode)
+    padded_tokens: int = 0           # rows computed including bucket padding
+    host_seconds: float = 0.0        # scheduling, packing, dispatch and post-processing
+    device_wait_seconds: float = 0.0  # blocked on the device's results
+    batch_sizes: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Output:
+    """Per-request detokenization state."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    text: str = ""
+    sent_tokens: int = 0
+    sent_text: int = 0
+
+
+@dataclasses.dataclass
+class _InFlight:
+    plan: StepPlan
+    ids: jax.Array
+    logprobs: tuple | None
+
+
+class Engine:
+    def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
+                 tokenizer=None, kv_sharding=None):
+        self.model_config = config
+        self.config = ec = engine_config
+        self.tokenizer = tokenizer or ByteTokenizer()
+        model = from_params(config, params)
+        self._graphdef, self._params = nnx.split(model)
+        device = jax.tree.leaves(self._params)[0].devices().pop()
+
+        self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
+        per_slot = kv_bytes_per_slot(config, self.max_len)
+        budget = kv_budget_bytes(ec, device)
+        self.num_slots = min(ec.max_batch_size, budget // per_slot)
+        if self.num_slots < 1:
+            raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
+                             f"({per_slot} bytes for max_model_len={self.max_len}); raise "
+                             "--kv-memory or lower --max-model-len")
+        self.kv_bytes = self.num_slots * per_slot
+        sched_cfg = SchedulerConfig(
+            max_batch_size=self.num_slots,
+            max_num_batched_tokens=max(ec.max_num_batched_tokens, self.num_slots),
+            max_prefill_seqs=min(ec.max_prefill_seqs, self.num_slots),
+            max_waiting=ec.max_waiting, policy=ec.policy)
+        self.scheduler = Scheduler(sched_cfg, self.num_slots, self.max_len)
+        self.buckets = Buckets.make(sched_cfg.max_batch_size, sched_cfg.max_num_batched_tokens,
+                                    sched_cfg.max_prefill_seqs)
+        self._state: DeviceState = init_device_state(
+            config.n_layer, self.num_slots, self.max_len, config.n_head, config.head_dim,
+            config.jnp_dtype, kv_sharding)
+        self.num_compiles = 0
+        self._step = jax.jit(self._traced_step, donate_argnames=("state",))
+        self._rng = np.random.default_rng(ec.seed)
+        self._outputs: dict[str, _Output] = {}
+        self._requests: dict[str, Request] = {}
+        self._held: list[RequestOutput] = []    # static policy: finals wait for the batch
+        self._in_flight: _InFlight | None = None
+        self.stats = EngineStats()
+        self.warmup_seconds = 0.0
+        log.info("KV buffer: %d slots x %d tokens (%.1f MiB), %d step programs",
+                 self.num_slots, self.max_len, self.kv_bytes / 2**20, len(self.buckets.shapes()))
+        if ec.warmup:
+            self.warmup()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, engine_config: EngineConfig = EngineConfig(),
+                        dtype: str | None = None, **kw) -> "Engine":
+        from .checkpoints.store import load_checkpoint
+        config, params = load_checkpoint(path, dtype=dtype)
+        return cls(config, params, engine_config, tokenizer=load_tokenizer(path), **kw)
+
+    # -- compiled step ----------------------------------------------------------------------
+
+    def _traced_step(self, params, state, inp):
+        self.num_compiles += 1  # runs at trace time only: one per compiled program
+        return run_step(self._graphdef, params, state, inp)
+
+    def warmup(self) -> None:
+        """Compile the program of every bucket shape now, not while serving."""
+        t0 = time.perf_counter()
+        for td, tp in self.buckets.shapes():
+            plan = _dummy_plan(td, tp, self.buckets, self.num_slots)
+            sampling = SamplingTensors.from_params([], [], [], len(plan.sample_rows))
+            self._state, out = self._step(self._params, self._state, device_put_inputs(plan, sampling))
+        jax.block_until_ready(self._state)
+        self.warmup_seconds = time.perf_counter() - t0
+        log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+
+    # -- requests in and out ----------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams(),
+                    request_id: str | None = None) -> Request:
+        """Queue a request. Raises ValueError (bad input) or QueueFullError (try later)."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {self.model_config.vocab_size})")
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        req = Request(request_id=rid, prompt_ids=ids, params=params, seed=seed, prompt=text)
+        self.scheduler.add(req)
+        self._requests[rid] = req
+        self._outputs[rid] = _Output(IncrementalDetokenizer(self.tokenizer, ids),
+                                     StopStringMatcher(params.stop, params.include_stop_str_in_output))
+        return req
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
+              error: str | None = None) -> RequestOutput | None:
+        """Stop a request now: its slot is free for the next iteration's schedule()."""
+        req = self._requests.get(request_id)
+        if req is None or req.finished:
+            return None
+        req.error = error
+        self.scheduler.finish(req, reason)
+        return self._final_output(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or self._in_flight is not None or bool(self._held)
+
+    # -- one iteration ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the deltas of every request that made progress."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        launched = self._launch(batch) if batch else None
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None:
+            outputs = self._process(self._in_flight)
+        self._in_flight = launched
+        if self.config.policy == "static":
+            outputs = self._hold_finals(outputs)
+        self.stats.host_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _launch(self, batch: Batch) -> _InFlight:
+        plan = build_plan(batch, self.buckets, self.num_slots)
+        rows = plan.rows
+        sampling = SamplingTensors.from_params(
+            [r.request.params for r in rows], [r.request.seed for r in rows],
+            [r.index for r in rows], len(plan.sample_rows))
+        self._state, out = self._step(self._params, self._state, device_put_inputs(plan, sampling))
+        want_lp = any(r.request.params.logprobs is not None for r in rows)
+        self.stats.iterations += 1
+        self.stats.tokens += plan.num_tokens
+        self.stats.padded_tokens += plan.num_decode + plan.num_prefill
+        self.stats.batch_sizes.append(len(batch.decodes) + len(batch.prefills))
+        return _InFlight(plan, out.ids, (out.logprob, out.top_ids, out.top_logprobs) if want_lp else None)
+
+    def _process(self, f: _InFlight) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        ids = np.asarray(f.ids)
+        lps = None if f.logprobs is None else [np.asarray(x) for x in f.logprobs]
+        self.stats.device_wait_seconds += time.perf_counter() - t0
+        now = time.monotonic()
+        outs = []
+        for i, row in enumerate(f.plan.rows):
+            req = row.request
+            if req.finished:  # aborted, or stopped while this step was in flight
+                continue
+            tok = int(ids[i])
+            req.output_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            n_lp = req.params.logprobs
+            if n_lp is not None:
+                top = {int(t): float(v) for t, v in zip(lps[1][i, :n_lp], lps[2][i, :n_lp])}
+                req.logprobs.append({"token_id": tok, "logprob": float(lps[0][i]), "top": top})
+            outs.append(self._advance(req, tok))
+        return outs
+
+    def _advance(self, req: Request, tok: int) -> RequestOutput:
+        """Detokenize the new token, check every stop condition, emit a delta."""
+        p, o = req.params, self._outputs[req.request_id]
+        n = len(req.output_ids)
+        eos = self.model_config.eos_token_id if self.model_config.eos_token_id is not None \
+            else self.tokenizer.eos_token_id
+        stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok == eos and not p.ignore_eos))
+        stopped = False
+        if not stop_id:  # a stop token stays in token_ids but not in the text
+            emit, stopped = o.stops.push(o.detok.push([tok]))
+            o.text += emit
+        reason = FinishReason.STOP if stop_id or stopped else None
+        if reason is None and n >= p.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if not stopped:  # text held back as a possible stop-string prefix is output after all
+                o.text += o.stops.flush()
+            self.scheduler.finish(req, reason)
+            return self._final_output(req)
+        return self._delta(req, finished=False)
+
+    def _delta(self, req: Request, finished: bool) -> RequestOutput:
+        o = self._outputs[req.request_id]
+        new_ids = req.output_ids[o.sent_tokens:]
+        new_text = o.text[o.sent_text:]
+        new_lp = req.logprobs[o.sent_tokens:] if req.params.logprobs is not None else None
+        o.sent_tokens, o.sent_text = len(req.output_ids), len(o.text)
+        return RequestOutput(req.request_id, new_ids, new_text, finished, req.finish_reason,
+                             Usage(req.prompt_len, len(req.output_ids)), new_lp, req.error,
+                             self._metrics(req) if finished else None)
+
+    def _final_output(self, req: Request) -> RequestOutput:
+        req.finish_time = time.monotonic()
+        out = self._delta(req, finished=True)
+        del self._outputs[req.request_id], self._requests[req.request_id]
+        return out
+
+    def _metrics(self, req: Request) -> dict:
+        return {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
+                "finish_time": req.finish_time}
+
+    def _hold_finals(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Static batching returns a batch's results only when all of it is done (the
+        request-level baseline of the paper, FasterTransformer-style)."""
+        self._held += [o for o in outputs if o.finished]
+        outputs = [o for o in outputs if not o.finished]
+        if not self.scheduler.running and self._held:
+            outputs, self._held = outputs + self._held, []
+        return outputs
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    @property
+    def device_state(self) -> DeviceState:
+        return self._state
+
+
+def _dummy_plan(td: int, tp: int, buckets: Buckets, num_slots: int) -> StepPlan:
+    """An all-padding plan of shape (td, tp): compiles a bucket's program, writes nothing."""
+    R = buckets.num_sample_rows(td, tp)
+    z = lambda n: np.zeros(n, np.int32)
+    return StepPlan(num_decode=td, num_prefill=tp, prefill_tokens=z(tp),
+                    slot=np.full(td + tp, num_slots, np.int32), pos=z(td + tp),
+                    seg=np.full(tp, -1, np.int32), dec_blocks=np.int32(1), hist_seg=np.int32(-2),
+                    hist_slot=np.int32(0), hist_len=np.int32(0), hist_blocks=np.int32(0),
+                    sample_rows=z(R), sample_slot=np.full(R, num_slots, np.int32),
+                    sample_pos=z(R), prompt_len=z(R), rows=[], num_tokens=0)
