@@ -1,0 +1,173 @@
+"""Token sampling on the device, inside the jitted engine step.
+
+Pure, jittable, vectorised over rows (R = rows that sample, V = vocabulary), no host sync.
+The order of operations and each formula follow vLLM's sampler (and HF's logits processors):
+
+  raw logits ── logprobs: log_softmax of the RAW logits (vLLM's default "raw_logprobs")
+      │
+  penalties      repetition (HF/CTRL, over prompt+output), then frequency and presence
+      │          (OpenAI, over the output only) — vLLM `apply_penalties`
+      ├── greedy rows (temperature 0): argmax, first index on ties (exact, no RNG)
+  / temperature
+  top-k → top-p → min-p   HF warper order; each keeps every token tied with its cut-off value
+      │                   (HF/vLLM compare against a threshold), so ties are deterministic
+  categorical   key = fold_in(key(seed), step): a row's draw depends only on its own seed and
+                step, never on batch composition or row index (what `SamplingParams.seed` promises)
+
+Static flags in `SamplingTensors` gate the work, so a batch of greedy requests compiles to a
+plain argmax: no sort, no RNG, no [R, V] scatter. They are pytree metadata, so each flag
+combination is one compilation and changing per-row values never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orca_jax.request import MAX_LOGPROBS, SamplingParams
+
+# num_logprobs is static (a top-k size), so round requests up to a few buckets to bound the
+# number of compilations; the host slices each request's own N back out.
+LOGPROB_BUCKETS = (1, 5, MAX_LOGPROBS)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "seed", "step"],
+    meta_fields=["any_random", "any_penalty", "any_filter", "num_logprobs"])
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters. Padding rows are greedy with no penalties."""
+
+    temperature: jax.Array         # [R] f32, 0 => greedy
+    top_k: jax.Array               # [R] i32, 0 => off
+    top_p: jax.Array               # [R] f32, 1 => off
+    min_p: jax.Array               # [R] f32, 0 => off
+    repetition_penalty: jax.Array  # [R] f32, 1 => off
+    presence_penalty: jax.Array    # [R] f32, 0 => off
+    frequency_penalty: jax.Array   # [R] f32, 0 => off
+    seed: jax.Array                # [R, 2] u32: (high, low) words of the 63-bit request seed
+    step: jax.Array                # [R] i32: index of the token being generated (0 = first)
+    any_random: bool               # static: some row has temperature > 0
+    any_penalty: bool              # static: some row has a penalty
+    any_filter: bool               # static: some sampling row uses top_k/top_p/min_p
+    num_logprobs: int              # static: 0 => no logprobs; N => sampled token's + top-N
+
+    @staticmethod
+    def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
+                    num_rows: int) -> SamplingTensors:
+        """Host-side builder (numpy): row i takes params_list[i]; None and rows past the list
+        are greedy padding. Flags only count rows that need them: filters on a greedy row
+        cannot change its argmax, so they do not switch on the sort."""
+        if len(params_list) > num_rows:
+            raise ValueError(f"{len(params_list)} rows of params for {num_rows} rows")
+        ps = [p or _PADDING for p in params_list] + [_PADDING] * (num_rows - len(params_list))
+        seed = np.zeros((num_rows, 2), np.uint32)
+        step = np.zeros((num_rows,), np.int32)
+        for i, p in enumerate(params_list):
+            if p is not None:
+                seed[i] = (seeds[i] >> 32) & 0xFFFFFFFF, seeds[i] & 0xFFFFFFFF
+                step[i] = steps[i]
+        col = lambda name, dtype: np.array([getattr(p, name) for p in ps], dtype)
+        temperature = col("temperature", np.float32)
+        random = temperature > 0
+        filtered = random & ((col("top_k", np.int32) > 0) | (col("top_p", np.float32) < 1)
+                             | (col("min_p", np.float32) > 0))
+        wanted = [p.logprobs for p in params_list if p is not None and p.logprobs is not None]
+        num_logprobs = min(b for b in LOGPROB_BUCKETS if b >= max(wanted)) if wanted else 0
+        return SamplingTensors(
+            temperature=temperature, top_k=col("top_k", np.int32), top_p=col("top_p", np.float32),
+            min_p=col("min_p", np.float32),
+            repetition_penalty=col("repetition_penalty", np.float32),
+            presence_penalty=col("presence_penalty", np.float32),
+            frequency_penalty=col("frequency_penalty", np.float32), seed=seed, step=step,
+            any_random=bool(random.any()), any_penalty=any(p.has_penalties for p in ps),
+            any_filter=bool(filtered.any()), num_logprobs=num_logprobs)
+
+
+_PADDING = SamplingParams(temperature=0.0)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["ids", "logprob", "top_ids", "top_logprobs"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    ids: jax.Array           # [R] i32 sampled token ids
+    logprob: jax.Array       # [R] f32 log_softmax(raw logits)[ids]; zeros when num_logprobs == 0
+    top_ids: jax.Array       # [R, N] i32 most likely ids, best first (lowest id first on ties)
+    top_logprobs: jax.Array  # [R, N] f32 their raw logprobs
+
+
+def apply_penalties(logits: jax.Array, st: SamplingTensors, token_history: jax.Array,
+                    prompt_len: jax.Array, hist_len: jax.Array) -> jax.Array:
+    """vLLM `apply_penalties`. Token counts come from a scatter-add of the history into
+    [R, V] per mask (prompt+output, output) (never a one-hot [R, M, V]); garbage positions are dropped."""
+    R, V = logits.shape
+    pos = jnp.arange(token_history.shape[1])[None, :]                      # [1, M]
+    seen = pos < hist_len[:, None]                                         # [R, M] prompt+output
+    output = seen & (pos >= prompt_len[:, None])                           # [R, M] output only
+    ids = jnp.where(seen, token_history, V)                                # V: out of range
+    rows = jnp.arange(R)[:, None]
+    scatter = lambda w: jnp.zeros((R, V), jnp.int32).at[rows, ids].add(w, mode="drop")
+    seen_any = scatter(seen.astype(jnp.int32)) > 0                         # [R, V]
+    out_count = scatter(output.astype(jnp.int32)).astype(jnp.float32)      # [R, V]
+    rep = st.repetition_penalty[:, None]
+    # HF RepetitionPenaltyLogitsProcessor / CTRL (arXiv:1909.05858): shrink toward zero.
+    logits = jnp.where(seen_any, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - st.frequency_penalty[:, None] * out_count
+    return logits - st.presence_penalty[:, None] * (out_count > 0)
+
+
+def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                  min_p: jax.Array) -> jax.Array:
+    """Mask [R, V] temperature-scaled logits to -inf outside top-k, then top-p, then min-p.
+
+    One descending sort gives each cut-off as a value threshold, so no inverse permutation.
+    top-p keeps the smallest prefix whose mass reaches p (HF/vLLM: a token goes when the mass
+    strictly above it is already >= p), so the top token always stays. min-p compares with
+    the max probability, which renormalising after top-k/top-p does not change, so it is a
+    plain log-space test: logit >= max + log(min_p).
+    """
+    V = scaled.shape[-1]
+    desc = jnp.sort(scaled, axis=-1, descending=True)                      # [R, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    in_k = desc >= jnp.take_along_axis(desc, k[:, None] - 1, axis=-1)      # ties with k-th stay
+    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
+    # Exclusive cumsum by shifting (not cumsum - probs) so it is exactly monotone.
+    mass_above = jnp.concatenate([jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, -1)[:, :-1]], -1)
+    keep = in_k & ((mass_above < top_p[:, None]) | (top_p[:, None] >= 1))  # a prefix of desc
+    n_keep = jnp.maximum(keep.sum(-1), 1)
+    threshold = jnp.take_along_axis(desc, n_keep[:, None] - 1, axis=-1)   # [R, 1]
+    keep = (scaled >= threshold) & (scaled - desc[:, :1] >= jnp.log(min_p)[:, None])
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def sample(logits: jax.Array, st: SamplingTensors, token_history: jax.Array | None,
+           prompt_len: jax.Array | None, hist_len: jax.Array | None) -> SampleOutput:
+    """Pick one token per row of [R, V] float32 logits. The history arrays are only read
+    when `st.any_penalty` (they may be None otherwise)."""
+    R = logits.shape[0]
+    logits = logits.astype(jnp.float32)
+    x = apply_penalties(logits, st, token_history, prompt_len, hist_len) if st.any_penalty else logits
+    ids = jnp.argmax(x, axis=-1).astype(jnp.int32)                         # greedy rows, exact
+    if st.any_random:
+        random = st.temperature > 0
+        scaled = x / jnp.where(random, st.temperature, 1.0)[:, None]
+        if st.any_filter:
+            scaled = filter_logits(scaled, st.top_k, st.top_p, st.min_p)
+        keys = jax.random.wrap_key_data(st.seed.astype(jnp.uint32), impl="threefry2x32")
+        keys = jax.vmap(jax.random.fold_in)(keys, st.step)                 # [R] keys
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled)             # Gumbel-max per row
+        ids = jnp.where(random, drawn.astype(jnp.int32), ids)
+    n = st.num_logprobs
+    if n == 0:
+        return SampleOutput(ids, jnp.zeros((R,), jnp.float32), jnp.zeros((R, 0), jnp.int32),
+                            jnp.zeros((R, 0), jnp.float32))
+    logp = jax.nn.log_softmax(logits, axis=-1)                             # [R, V] raw
+    top_logprobs, top_ids = jax.lax.top_k(logp, n)                         # [R, N], ties: low id
+    logprob = jnp.take_along_axis(logp, ids[:, None], axis=-1)[:, 0]
+    return SampleOutput(ids, logprob, top_ids.astype(jnp.int32), top_logprobs)
