@@ -14,9 +14,10 @@ The order of operations and each formula follow vLLM's sampler (and HF's logits 
   categorical   key = fold_in(key(seed), step): a row's draw depends only on its own seed and
                 step, never on batch composition or row index (what `SamplingParams.seed` promises)
 
-Static flags in `SamplingTensors` gate the work, so a batch of greedy requests compiles to a
-plain argmax: no sort, no RNG, no [R, V] scatter. They are pytree metadata, so each flag
-combination is one compilation and changing per-row values never recompiles.
+Batch-wide flags in `SamplingTensors` gate the work through `lax.cond`, so a batch of greedy
+requests runs a plain argmax: no sort, no RNG, no [R, V] scatter. They are runtime values, not
+static metadata: every mix of sampling parameters runs the one program compiled for the step's
+bucket shape (a flag per combination would multiply the programs to warm up by 16).
 """
 from __future__ import annotations
 
@@ -29,16 +30,16 @@ import numpy as np
 
 from orca_jax.request import MAX_LOGPROBS, SamplingParams
 
-# num_logprobs is static (a top-k size), so round requests up to a few buckets to bound the
-# number of compilations; the host slices each request's own N back out.
-LOGPROB_BUCKETS = (1, 5, MAX_LOGPROBS)
+# Top logprobs are always computed MAX_LOGPROBS wide (when any row asks): one shape, one
+# program; the host slices each request's own N back out.
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "step"],
-    meta_fields=["any_random", "any_penalty", "any_filter", "num_logprobs"])
+                 "presence_penalty", "frequency_penalty", "seed", "step",
+                 "any_random", "any_penalty", "any_filter", "any_logprobs"],
+    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling parameters. Padding rows are greedy with no penalties."""
@@ -52,10 +53,10 @@ class SamplingTensors:
     frequency_penalty: jax.Array   # [R] f32, 0 => off
     seed: jax.Array                # [R, 2] u32: (high, low) words of the 63-bit request seed
     step: jax.Array                # [R] i32: index of the token being generated (0 = first)
-    any_random: bool               # static: some row has temperature > 0
-    any_penalty: bool              # static: some row has a penalty
-    any_filter: bool               # static: some sampling row uses top_k/top_p/min_p
-    num_logprobs: int              # static: 0 => no logprobs; N => sampled token's + top-N
+    any_random: jax.Array          # [] bool: some row has temperature > 0
+    any_penalty: jax.Array         # [] bool: some row has a penalty
+    any_filter: jax.Array          # [] bool: some sampling row uses top_k/top_p/min_p
+    any_logprobs: jax.Array        # [] bool: some row wants logprobs (sampled + top MAX_LOGPROBS)
 
     @staticmethod
     def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
@@ -77,16 +78,15 @@ class SamplingTensors:
         random = temperature > 0
         filtered = random & ((col("top_k", np.int32) > 0) | (col("top_p", np.float32) < 1)
                              | (col("min_p", np.float32) > 0))
-        wanted = [p.logprobs for p in params_list if p is not None and p.logprobs is not None]
-        num_logprobs = min(b for b in LOGPROB_BUCKETS if b >= max(wanted)) if wanted else 0
         return SamplingTensors(
             temperature=temperature, top_k=col("top_k", np.int32), top_p=col("top_p", np.float32),
             min_p=col("min_p", np.float32),
             repetition_penalty=col("repetition_penalty", np.float32),
             presence_penalty=col("presence_penalty", np.float32),
             frequency_penalty=col("frequency_penalty", np.float32), seed=seed, step=step,
-            any_random=bool(random.any()), any_penalty=any(p.has_penalties for p in ps),
-            any_filter=bool(filtered.any()), num_logprobs=num_logprobs)
+            any_random=np.bool_(random.any()), any_penalty=np.bool_(any(p.has_penalties for p in ps)),
+            any_filter=np.bool_(filtered.any()),
+            any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
 
 
 _PADDING = SamplingParams(temperature=0.0)
@@ -97,8 +97,9 @@ _PADDING = SamplingParams(temperature=0.0)
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
     ids: jax.Array           # [R] i32 sampled token ids
-    logprob: jax.Array       # [R] f32 log_softmax(raw logits)[ids]; zeros when num_logprobs == 0
-    top_ids: jax.Array       # [R, N] i32 most likely ids, best first (lowest id first on ties)
+    logprob: jax.Array       # [R] f32 log_softmax(raw logits)[ids]; zeros when no row asked
+    top_ids: jax.Array       # [R, N] i32 most likely ids, best first (lowest id first on ties);
+                             # N = MAX_LOGPROBS
     top_logprobs: jax.Array  # [R, N] f32 their raw logprobs
 
 
@@ -146,28 +147,36 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, st: SamplingTensors, token_history: jax.Array | None,
-           prompt_len: jax.Array | None, hist_len: jax.Array | None) -> SampleOutput:
-    """Pick one token per row of [R, V] float32 logits. The history arrays are only read
-    when `st.any_penalty` (they may be None otherwise)."""
+def sample(logits: jax.Array, st: SamplingTensors, token_history: jax.Array,
+           prompt_len: jax.Array, hist_len: jax.Array) -> SampleOutput:
+    """Pick one token per row of [R, V] float32 logits. The history arrays ([R, M], [R], [R])
+    are only read when some row has a penalty."""
     R = logits.shape[0]
+    N = min(MAX_LOGPROBS, logits.shape[1])
     logits = logits.astype(jnp.float32)
-    x = apply_penalties(logits, st, token_history, prompt_len, hist_len) if st.any_penalty else logits
-    ids = jnp.argmax(x, axis=-1).astype(jnp.int32)                         # greedy rows, exact
-    if st.any_random:
+    x = jax.lax.cond(st.any_penalty,
+                     lambda: apply_penalties(logits, st, token_history, prompt_len, hist_len),
+                     lambda: logits)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)                      # exact, first on ties
+
+    def draw():
         random = st.temperature > 0
         scaled = x / jnp.where(random, st.temperature, 1.0)[:, None]
-        if st.any_filter:
-            scaled = filter_logits(scaled, st.top_k, st.top_p, st.min_p)
+        scaled = jax.lax.cond(st.any_filter,
+                              lambda: filter_logits(scaled, st.top_k, st.top_p, st.min_p),
+                              lambda: scaled)
         keys = jax.random.wrap_key_data(st.seed.astype(jnp.uint32), impl="threefry2x32")
         keys = jax.vmap(jax.random.fold_in)(keys, st.step)                 # [R] keys
         drawn = jax.vmap(jax.random.categorical)(keys, scaled)             # Gumbel-max per row
-        ids = jnp.where(random, drawn.astype(jnp.int32), ids)
-    n = st.num_logprobs
-    if n == 0:
-        return SampleOutput(ids, jnp.zeros((R,), jnp.float32), jnp.zeros((R, 0), jnp.int32),
-                            jnp.zeros((R, 0), jnp.float32))
-    logp = jax.nn.log_softmax(logits, axis=-1)                             # [R, V] raw
-    top_logprobs, top_ids = jax.lax.top_k(logp, n)                         # [R, N], ties: low id
-    logprob = jnp.take_along_axis(logp, ids[:, None], axis=-1)[:, 0]
-    return SampleOutput(ids, logprob, top_ids.astype(jnp.int32), top_logprobs)
+        return jnp.where(random, drawn.astype(jnp.int32), greedy)
+
+    ids = jax.lax.cond(st.any_random, draw, lambda: greedy)
+
+    def logprobs():
+        logp = jax.nn.log_softmax(logits, axis=-1)                         # [R, V] raw
+        top_logprobs, top_ids = jax.lax.top_k(logp, N)                     # [R, N], ties: low id
+        return (jnp.take_along_axis(logp, ids[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32),
+                top_logprobs)
+
+    none = lambda: (jnp.zeros((R,), jnp.float32), jnp.zeros((R, N), jnp.int32), jnp.zeros((R, N), jnp.float32))
+    return SampleOutput(ids, *jax.lax.cond(st.any_logprobs, logprobs, none))

@@ -1,0 +1,196 @@
+"""Streaming API for servers: the engine loop runs in its own thread; asyncio callers submit
+requests and read token deltas from an async iterator.
+
+    engine = AsyncEngine(Engine.from_checkpoint(path)); engine.start()
+    async for delta in engine.generate("Hello", SamplingParams(max_tokens=8)):
+        print(delta.text, end="")          # the last delta has finished=True and usage
+
+The engine itself is single-threaded: every call into it (add, abort, step) happens on the
+loop thread. Callers hand it commands through a queue; results come back to each caller's
+event loop with `call_soon_threadsafe`. Errors a user can act on (bad input, full queue) are
+raised from `generate` before the first delta. If a step raises, every request in the engine
+fails with FinishReason.ERROR, the engine is marked dead (`healthy()` is False) and later
+submissions raise EngineDeadError: nothing hangs.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import AsyncIterator, Callable, Sequence
+
+from .engine import Engine
+from .request import FinishReason, RequestOutput, SamplingParams, Usage
+
+log = logging.getLogger("orca_jax")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped (a step failed, or it was shut down)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSnapshot:
+    """What /metrics and health checks read, updated by the loop every iteration."""
+
+    num_waiting: int
+    num_running: int
+    kv_usage: float
+    iterations: int
+    last_iteration_time: float      # time.monotonic() of the last iteration (or of idling)
+    batch_size: int                 # requests in the last iteration
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, stuck_after_s: float = 60.0):
+        self.engine = engine
+        self.stuck_after_s = stuck_after_s
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._thread = threading.Thread(target=self._loop, name="orca-engine", daemon=True)
+        self._stop = False
+        self._accepting = True
+        self.dead: str | None = None
+        self.snapshot = EngineSnapshot(0, 0, 0.0, 0, time.monotonic(), 0)
+        self._listeners: list[Callable[[RequestOutput], None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        """Drain: new submissions are refused, in-flight requests finish."""
+        self._accepting = False
+
+    def num_unfinished(self) -> int:
+        return len(self._sinks)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def healthy(self) -> bool:
+        """False when the loop died, or has been inside one iteration for too long."""
+        if self.dead is not None or not self._thread.is_alive():
+            return False
+        return time.monotonic() - self.snapshot.last_iteration_time < self.stuck_after_s
+
+    def add_listener(self, fn: Callable[[RequestOutput], None]) -> None:
+        """`fn(output)` is called on the loop thread for every final output (metrics)."""
+        self._listeners.append(fn)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its deltas; cancelling the iteration aborts it."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sink = lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out)
+        rid = await asyncio.wrap_future(self._submit(prompt, params, request_id, sink))
+        finished = False
+        try:
+            while not finished:
+                out = await deltas.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the consumer went away (cancel, disconnect, deadline)
+                self.abort(rid)
+
+    def _submit(self, prompt, params, request_id, sink) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.dead is not None:
+            fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead}"))
+            return fut
+        if not self._accepting:
+            fut.set_exception(EngineDeadError("the server is shutting down"))
+            return fut
+
+        def add():
+            if self.dead is not None or self._stop:
+                fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'shut down'}"))
+                return
+            try:
+                req = self.engine.add_request(prompt, params, request_id)
+            except Exception as e:  # ValueError / QueueFullError go back to the caller
+                fut.set_exception(e)
+                return
+            self._sinks[req.request_id] = sink
+            fut.set_result(req.request_id)
+
+        self._commands.put(add)
+        self._wake.set()
+        if self.dead is not None or not self._thread.is_alive():
+            self._run_commands()  # the loop is gone: fail the command here rather than hang
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread; the slot is free for the next iteration."""
+        def abort():
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._emit(out)
+        self._commands.put(abort)
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _emit(self, out: RequestOutput) -> None:
+        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+        if sink is not None:
+            sink(out)
+        if out.finished:
+            for fn in self._listeners:
+                fn(out)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            self._run_commands()
+            if not eng.has_unfinished():
+                self._publish(0)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outs = eng.step()
+            except Exception as e:  # fail everyone, mark unhealthy, never hang
+                self._fail_all(f"{type(e).__name__}: {e}")
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                return
+            for out in outs:
+                self._emit(out)
+            self._publish(eng.stats.batch_sizes[-1] if eng.stats.batch_sizes else 0)
+        self._fail_all("the engine was shut down")
+
+    def _publish(self, batch_size: int) -> None:
+        s = self.engine.scheduler
+        self.snapshot = EngineSnapshot(len(s.waiting), len(s.running), s.kv_usage(),
+                                       self.engine.stats.iterations, time.monotonic(), batch_size)
+
+    def _fail_all(self, error: str) -> None:
+        self.dead = error
+        for rid in list(self._sinks):
+            out = self.engine.abort(rid, FinishReason.ERROR, error)
+            if out is None:
+                out = RequestOutput(rid, [], "", True, FinishReason.ERROR, Usage(0, 0), error=error)
+            self._emit(out)
+        self._run_commands()  # submissions queued meanwhile now fail with EngineDeadError
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            cmd()

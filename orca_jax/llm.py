@@ -1,0 +1,72 @@
+"""Offline batched generation, shaped like vLLM's `LLM` API.
+
+    from orca_jax import LLM, SamplingParams
+    llm = LLM("ckpt/gpt2")               # None: the embedded demo model
+    outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason
+"""
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .engine import Engine, EngineConfig
+from .request import RequestOutput, SamplingParams, Usage
+from .scheduler import QueueFullError
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str | None = None,
+                 engine_config: EngineConfig | None = None, **engine_kwargs):
+        """`model`: a checkpoint directory made by `orca-jax convert`; None = embedded demo
+        model. `engine_kwargs` are EngineConfig fields (max_batch_size=..., ...)."""
+        if model is None:
+            from .demo_model import ensure_demo_model
+            model = ensure_demo_model()
+        cfg = engine_config or EngineConfig(**engine_kwargs)
+        self.engine = Engine.from_checkpoint(model, cfg, dtype=dtype)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One final output per prompt, in order. Prompts are text or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        todo = collections.deque(zip(ids, prompts, params))
+        acc: dict[str, dict] = {rid: {"ids": [], "text": [], "lp": []} for rid in ids}
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm)
+        eng = self.engine
+        while len(done) < len(prompts):
+            while todo:  # keep the waiting queue fed without overflowing it
+                try:
+                    eng.add_request(todo[0][1], todo[0][2], request_id=todo[0][0])
+                except QueueFullError:
+                    break
+                todo.popleft()
+            for out in eng.step():
+                a = acc[out.request_id]
+                a["ids"] += out.token_ids
+                a["text"].append(out.text)
+                a["lp"] += out.logprobs or []
+                if out.finished:
+                    done[out.request_id] = RequestOutput(
+                        out.request_id, a["ids"], "".join(a["text"]), True, out.finish_reason,
+                        Usage(out.usage.prompt_tokens, len(a["ids"])),
+                        a["lp"] if out.logprobs is not None else None, out.error, out.metrics)
+                    bar.update(1)
+        bar.close()
+        return [done[rid] for rid in ids]
