@@ -31,7 +31,7 @@ from .plan import Buckets, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Status, Usage
 from .sampling import SamplingTensors
 from .scheduler import Batch, Scheduler, SchedulerConfig
-from .step import DeviceState, device_put_inputs, init_device_state, run_step
+from .step import DeviceState, device_put_inputs, init_device_state, run_sample, run_step
 from .tokenizer import ByteTokenizer, IncrementalDetokenizer, StopStringMatcher, load_tokenizer
 
 log = logging.getLogger("orca_jax")
@@ -59,6 +59,20 @@ class EngineConfig:
             raise ValueError(f"kv_memory must be a positive number of bytes, got {self.kv_memory}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+def enable_compile_cache() -> str | None:
+    """Persist compiled programs across processes (JAX's compilation cache), so only the first
+    start-up of a model and bucket set pays for warm-up. $ORCA_JAX_COMPILE_CACHE picks the
+    folder (default ~/.cache/orca-jax/xla); "off" disables it."""
+    path = os.environ.get("ORCA_JAX_COMPILE_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "orca-jax", "xla"))
+    if path == "off":
+        return None
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 def kv_bytes_per_slot(c: GPTConfig, max_len: int) -> int:
@@ -107,6 +121,7 @@ class _InFlight:
 class Engine:
     def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
                  tokenizer=None, kv_sharding=None):
+        enable_compile_cache()
         self.model_config = config
         self.config = ec = engine_config
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -136,6 +151,7 @@ class Engine:
             config.jnp_dtype, kv_sharding)
         self.num_compiles = 0
         self._step = jax.jit(self._traced_step, donate_argnames=("state",))
+        self._sample = jax.jit(self._traced_sample, donate_argnames=("state",))
         self._rng = np.random.default_rng(ec.seed)
         self._outputs: dict[str, _Output] = {}
         self._requests: dict[str, Request] = {}
@@ -161,13 +177,22 @@ class Engine:
         self.num_compiles += 1  # runs at trace time only: one per compiled program
         return run_step(self._graphdef, params, state, inp)
 
+    def _traced_sample(self, state, logits, inp):
+        self.num_compiles += 1
+        return run_sample(state, logits, inp)
+
+    def _run(self, plan: StepPlan, sampling: SamplingTensors):
+        step_in, sample_in = device_put_inputs(plan, sampling)
+        self._state, logits = self._step(self._params, self._state, step_in)
+        self._state, out = self._sample(self._state, logits, sample_in)
+        return out
+
     def warmup(self) -> None:
         """Compile the program of every bucket shape now, not while serving."""
         t0 = time.perf_counter()
         for td, tp in self.buckets.shapes():
             plan = _dummy_plan(td, tp, self.buckets, self.num_slots)
-            sampling = SamplingTensors.from_params([], [], [], len(plan.sample_rows))
-            self._state, out = self._step(self._params, self._state, device_put_inputs(plan, sampling))
+            self._run(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
         jax.block_until_ready(self._state)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
@@ -231,7 +256,7 @@ class Engine:
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
             [r.index for r in rows], len(plan.sample_rows))
-        self._state, out = self._step(self._params, self._state, device_put_inputs(plan, sampling))
+        out = self._run(plan, sampling)
         want_lp = any(r.request.params.logprobs is not None for r in rows)
         self.stats.iterations += 1
         self.stats.tokens += plan.num_tokens
@@ -276,8 +301,9 @@ class Engine:
         if reason is None and n >= p.max_tokens:
             reason = FinishReason.LENGTH
         if reason is not None:
-            if not stopped:  # text held back as a possible stop-string prefix is output after all
-                o.text += o.stops.flush()
+            if not stopped:  # text held back (partial character, stop-string prefix) goes out now
+                emit, _ = o.stops.push(o.detok.flush())
+                o.text += emit + o.stops.flush()
             self.scheduler.finish(req, reason)
             return self._final_output(req)
         return self._delta(req, finished=False)

@@ -5,7 +5,7 @@ that the number of compiled step programs stays small and every one of them is c
 warm-up. Context lengths are not shapes: attention loops over BLOCK-sized pieces of the KV
 buffer with a runtime trip count. The rows that sample (every decode row, and the last row of
 each chunk that completes a prompt) are gathered for the LM head: `R = Td + min(Tp,
-max_prefill_seqs)` rows.
+max_prefill_seqs)` rows, rounded up to a power of two.
 
 Padding conventions (see models/attention.py): slot S (one past the last slot) drops a KV
 write; position 0; segment -1; sample slot S drops the sampled-token write.
@@ -52,7 +52,10 @@ class Buckets:
         return [(d, p) for d in self.decode for p in self.prefill if d or p]
 
     def num_sample_rows(self, td: int, tp: int) -> int:
-        return td + min(tp, self.max_prefill_seqs)
+        """R: rows that may sample, padded to a power of two. Sampling is its own program
+        per R (it compiles slowly: sort, RNG), shared by every (Td, Tp) with that R."""
+        n = td + min(tp, self.max_prefill_seqs)
+        return 1 << (n - 1).bit_length()
 
     @staticmethod
     def pick(n: int, choices: tuple[int, ...]) -> int:

@@ -1,10 +1,10 @@
-"""The selective-batching step: one jit-compiled program per (Td, Tp) bucket shape.
+"""The selective-batching step: a forward program per (Td, Tp) bucket, a sampling program per R.
 
 `run_step` is a pure function over explicit pytrees: model parameters, the donated
 `DeviceState` (KV buffer, last sampled token and token history of every slot) and one
 iteration's `StepInputs`. Every weight-bearing op runs once on the flattened [T, D] rows; only
 attention is split per request (models/attention.py); the LM head runs only on the rows that
-sample; sampling happens here, on device, so only the sampled ids (and optional logprobs)
+sample; sampling happens on device (a second program, shared by every shape with the same R), so only the sampled ids (and optional logprobs)
 travel back to the host.
 
 Decode rows read their input token from `last_token[slot]` on device, written by the
@@ -42,29 +42,27 @@ class DeviceState:
     history: jax.Array       # [S, M] int32: prompt + output ids of each slot (for penalties)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["prefill_tokens", "meta", "sample_rows", "sample_slot", "sample_pos",
-                 "prompt_len", "sampling"],
-    meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["prefill_tokens", "meta", "sample_rows"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
+    """What the forward program needs: one per (Td, Tp) bucket."""
+
     prefill_tokens: jax.Array   # [Tp] int32
     meta: AttnMeta
-    sample_rows: jax.Array      # [R] int32
-    sample_slot: jax.Array      # [R] int32 (S: padding)
-    sample_pos: jax.Array       # [R] int32
+    sample_rows: jax.Array      # [R] int32 rows whose logits are computed
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["sample_slot", "sample_pos", "prompt_len", "sampling"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class SampleInputs:
+    """What the sampling program needs: one per R bucket."""
+
+    sample_slot: jax.Array      # [R] int32 (S: padding, writes dropped)
+    sample_pos: jax.Array       # [R] int32 position of each row's input token
     prompt_len: jax.Array       # [R] int32
     sampling: SamplingTensors
-
-    @staticmethod
-    def from_plan(plan: StepPlan, sampling: SamplingTensors) -> "StepInputs":
-        meta = AttnMeta(slot=plan.slot, pos=plan.pos, seg=plan.seg, dec_blocks=plan.dec_blocks,
-                        hist_seg=plan.hist_seg, hist_slot=plan.hist_slot, hist_len=plan.hist_len,
-                        hist_blocks=plan.hist_blocks, num_decode=plan.num_decode)
-        return StepInputs(prefill_tokens=plan.prefill_tokens, meta=meta, sample_rows=plan.sample_rows,
-                          sample_slot=plan.sample_slot, sample_pos=plan.sample_pos,
-                          prompt_len=plan.prompt_len, sampling=sampling)
 
 
 def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype,
@@ -75,7 +73,8 @@ def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype
 
 
 def run_step(graphdef: nnx.GraphDef, params: nnx.State, state: DeviceState,
-             inp: StepInputs) -> tuple[DeviceState, SampleOutput]:
+             inp: StepInputs) -> tuple[DeviceState, jax.Array]:
+    """The model over one iteration's rows; returns the updated state and logits [R, V]."""
     model = nnx.merge(graphdef, params)
     meta = inp.meta
     td = meta.num_decode
@@ -85,19 +84,28 @@ def run_step(graphdef: nnx.GraphDef, params: nnx.State, state: DeviceState,
     tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])                   # [T]
     hidden, kv = model(tokens, meta.pos, state.kv, meta)                          # [T, D]
     logits = model.logits(hidden[inp.sample_rows])                                # [R, V] f32
-
     history = state.history.at[meta.slot, meta.pos].set(tokens, mode="drop")
-    rows_history = jnp.take(history, inp.sample_slot, axis=0, mode="clip")       # [R, M]
+    return DeviceState(kv=kv, last_token=state.last_token, history=history), logits
+
+
+def run_sample(state: DeviceState, logits: jax.Array,
+               inp: SampleInputs) -> tuple[DeviceState, SampleOutput]:
+    """Sample one token per row and record it as its slot's next input token."""
+    rows_history = jnp.take(state.history, inp.sample_slot, axis=0, mode="clip")  # [R, M]
     out = sample(logits, inp.sampling, rows_history, inp.prompt_len, inp.sample_pos + 1)
-
     last_token = state.last_token.at[inp.sample_slot].set(out.ids, mode="drop")
-    history = history.at[inp.sample_slot, inp.sample_pos + 1].set(out.ids, mode="drop")
-    return DeviceState(kv=kv, last_token=last_token, history=history), out
+    history = state.history.at[inp.sample_slot, inp.sample_pos + 1].set(out.ids, mode="drop")
+    return DeviceState(kv=state.kv, last_token=last_token, history=history), out
 
 
-def device_put_inputs(plan: StepPlan, sampling: SamplingTensors, sharding=None) -> StepInputs:
+def device_put_inputs(plan: StepPlan, sampling: SamplingTensors,
+                      sharding=None) -> tuple[StepInputs, SampleInputs]:
     """One host-to-device transfer of every array of the step's inputs."""
-    inp = StepInputs.from_plan(plan, sampling)
-    leaves, treedef = jax.tree.flatten(inp)
+    meta = AttnMeta(slot=plan.slot, pos=plan.pos, seg=plan.seg, dec_blocks=plan.dec_blocks,
+                    hist_seg=plan.hist_seg, hist_slot=plan.hist_slot, hist_len=plan.hist_len,
+                    hist_blocks=plan.hist_blocks, num_decode=plan.num_decode)
+    inputs = (StepInputs(plan.prefill_tokens, meta, plan.sample_rows),
+              SampleInputs(plan.sample_slot, plan.sample_pos, plan.prompt_len, sampling))
+    leaves, treedef = jax.tree.flatten(inputs)
     leaves = jax.device_put([np.asarray(x) for x in leaves], sharding)
     return jax.tree.unflatten(treedef, leaves)
