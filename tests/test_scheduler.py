@@ -1,0 +1,568 @@
+"""Orca's iteration-level scheduler (Algorithm 1) and the step plan, on a hand-computable fake model.
+
+Host side only, no JAX: every test runs in milliseconds. The fake model answers
+`(last input token + 1) % V` (tests/fake_model.py), so prompt [5] generates 6, 7, 8, ...
+Traces are written as one line per iteration: (decoding request ids, [(id, start, length)
+of each prompt chunk]).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fake_model import V, FakeEngine, StepRecord, expected_output
+from orca_jax.plan import BLOCK, Buckets, SampleRow, build_plan
+from orca_jax.request import FinishReason, Request, SamplingParams, Status
+from orca_jax.scheduler import Batch, Chunk, QueueFullError, Scheduler, SchedulerConfig
+
+MODES = pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "pipelined"])
+
+
+def cfg(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=None, **kw) -> SchedulerConfig:
+    return SchedulerConfig(max_batch_size=max_batch_size, max_num_batched_tokens=max_num_batched_tokens,
+                           max_prefill_seqs=max_prefill_seqs or max_batch_size, **kw)
+
+
+def request(rid, prompt, max_tokens=4) -> Request:
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens), seed=0)
+
+
+def trace(records: list[StepRecord]) -> list[tuple[list[str], list[tuple[str, int, int]]]]:
+    return [(r.decodes, r.chunks) for r in records]
+
+
+# -- the fake model itself -------------------------------------------------------------------
+
+
+def test_fake_model_is_hand_computable():
+    assert expected_output([5], 3) == [6, 7, 8]
+    assert expected_output([1, 2, 95], 4) == [96, 0, 1, 2]          # wraps around V = 97
+    assert expected_output([5], 10, eos_id=8) == [6, 7, 8]           # EOS is kept, then stops
+    eng = FakeEngine(cfg(), num_slots=4, max_len=32)
+    a, b = eng.submit([5], 3, "a"), eng.submit([1, 2, 95], 4, "b")
+    eng.run()
+    assert a.output_ids == [6, 7, 8] and b.output_ids == [96, 0, 1, 2]
+    assert a.finish_reason is b.finish_reason is FinishReason.LENGTH
+
+
+@MODES
+def test_stop_on_eos(pipelined):
+    eng = FakeEngine(cfg(), num_slots=2, max_len=32, eos_id=8, pipelined=pipelined)
+    a, b = eng.submit([5], 10, "a"), eng.submit([9], 3, "b")
+    eng.run()
+    assert a.output_ids == [6, 7, 8] and a.finish_reason is FinishReason.STOP
+    assert b.output_ids == [10, 11, 12] and b.finish_reason is FinishReason.LENGTH
+
+
+def test_host_side_modules_do_not_import_jax():
+    code = ("import sys; sys.path.insert(0, 'tests'); import fake_model, orca_jax.scheduler, orca_jax.plan, "
+            "orca_jax.request; bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax'))]; "
+            "assert not bad, bad")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+# -- Algorithm 1: who runs each iteration ----------------------------------------------------
+
+
+@MODES
+def test_fcfs_admission_order_and_lowest_free_slot(pipelined):
+    eng = FakeEngine(cfg(max_batch_size=8), num_slots=2, max_len=32, pipelined=pipelined)
+    for i in range(5):
+        eng.submit([10 * i], 2, f"r{i}")
+    eng.run()
+    admitted = [rid for rec in eng.records for rid in rec.admitted]
+    assert admitted == ["r0", "r1", "r2", "r3", "r4"]
+    assert [eng.joined[f"r{i}"] for i in range(5)] == sorted(eng.joined.values())
+    assert eng.records[0].slots == {"r0": 0, "r1": 1}
+    for i in range(5):
+        assert eng.requests[f"r{i}"].output_ids == [10 * i + 1, 10 * i + 2]
+
+
+def test_iteration_trace_by_hand():
+    """Two slots, five requests of max_tokens=2: each finishes after two iterations and the
+    next waiting request takes its slot in the very next one."""
+    eng = FakeEngine(cfg(max_batch_size=8), num_slots=2, max_len=32)
+    for i in range(5):
+        eng.submit([1, 2, 3], 2, f"r{i}")
+    eng.run()
+    assert trace(eng.records) == [
+        ([], [("r0", 0, 3), ("r1", 0, 3)]),
+        (["r0", "r1"], []),                    # r0, r1 reach max_tokens and leave
+        ([], [("r2", 0, 3), ("r3", 0, 3)]),
+        (["r2", "r3"], []),
+        ([], [("r4", 0, 3)]),
+        (["r4"], []),
+    ]
+    assert [eng.records[i].finished for i in (1, 3, 5)] == [
+        [("r0", FinishReason.LENGTH), ("r1", FinishReason.LENGTH)],
+        [("r2", FinishReason.LENGTH), ("r3", FinishReason.LENGTH)],
+        [("r4", FinishReason.LENGTH)]]
+
+
+@MODES
+def test_max_batch_size_respected_every_iteration(pipelined):
+    eng = FakeEngine(cfg(max_batch_size=3), num_slots=8, max_len=32, pipelined=pipelined)
+    for i in range(10):
+        eng.submit([i], 1 + i % 4, f"r{i}")
+    eng.run()
+    assert max(r.batch_size for r in eng.records) == 3
+    assert all(len(r.slots) <= 3 for r in eng.records)
+    assert all(eng.requests[f"r{i}"].output_ids == expected_output([i], 1 + i % 4) for i in range(10))
+
+
+@MODES
+def test_arrival_joins_the_very_next_iteration(pipelined):
+    eng = FakeEngine(cfg(), num_slots=4, max_len=32, pipelined=pipelined)
+    a = eng.submit([1], 10, "a")
+    for _ in range(3):
+        eng.step()
+    eng.submit([50, 51], 3, "b")                       # arrives while `a` is decoding
+    rec = eng.step()
+    assert rec.decodes == ["a"] and rec.chunks == [("b", 0, 2)]
+    assert eng.joined == {"a": 1, "b": 4}
+    eng.run()
+    assert a.output_ids == expected_output([1], 10) and eng.requests["b"].output_ids == [52, 53, 54]
+
+
+@MODES
+def test_finished_request_leaves_and_its_slot_is_reused(pipelined):
+    eng = FakeEngine(cfg(), num_slots=1, max_len=32, pipelined=pipelined)
+    a, b = eng.submit([1], 2, "a"), eng.submit([7], 2, "b")
+    eng.step()                                         # 1: a's prompt; b waits for the slot
+    eng.step()                                         # 2: a decodes its last token
+    if pipelined:  # ids of step N are read after step N+1 is dispatched: a leaves one step later
+        assert not a.finished
+        assert eng.step().decodes == []               # 3: a has every token scheduled; b still waits
+    assert a.finished and a.finish_reason is FinishReason.LENGTH
+    assert a not in eng.scheduler.running and eng.scheduler.num_free_slots == 1
+    assert eng.records[-1].finished == [("a", FinishReason.LENGTH)]
+    rec = eng.step()                                   # b joins at once, in a's slot
+    assert rec.admitted == ["b"] and b.slot == 0
+    eng.run()
+    assert a.output_ids == [2, 3] and b.output_ids == [8, 9]
+    assert eng.joined == {"a": 1, "b": 3 if not pipelined else 4}
+
+
+@MODES
+def test_kv_admission_never_exceeds_slots_and_head_of_line_blocks(pipelined):
+    """Orca reserves prompt + max_tokens (a whole slot) at admission: with 2 slots at most 2
+    requests run, however large max_batch_size is; the head of the queue is served first
+    even when a request behind it would finish sooner."""
+    eng = FakeEngine(cfg(max_batch_size=8), num_slots=2, max_len=64, pipelined=pipelined)
+    eng.submit([1], 3, "a")
+    eng.submit([2], 6, "b")
+    eng.submit(list(range(30)), 20, "long")
+    eng.submit([3], 1, "short")
+    eng.step()
+    assert eng.scheduler.num_free_slots == 0 and eng.scheduler.kv_usage() == 1.0
+    assert eng.records[-1].waiting_after == ["long", "short"]
+    eng.run()
+    assert max(len(r.slots) for r in eng.records) == 2
+    assert eng.joined["long"] < eng.joined["short"]          # no overtaking
+    assert eng.joined["short"] > eng.left["a"]              # ... although a freed a slot before b did
+    assert eng.requests["short"].output_ids == [4]
+
+
+def test_no_overtaking_within_the_token_budget():
+    """With one token of budget left, the long head of the queue gets a one-token chunk; the
+    short request behind it does not jump ahead."""
+    eng = FakeEngine(cfg(max_batch_size=4, max_num_batched_tokens=4), num_slots=4, max_len=64)
+    eng.submit([1, 2, 3], 5, "a")
+    eng.submit(list(range(20)), 2, "long")
+    eng.submit([9], 2, "short")
+    rec = eng.step()
+    assert rec.chunks == [("a", 0, 3), ("long", 0, 1)] and rec.waiting_after == ["short"]
+    eng.run()
+    assert eng.requests["short"].output_ids == [10, 11]
+
+
+# -- admission checks in add() ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens,match", [
+    (0, 4, r"^prompt is empty: give at least one token$"),
+    (9, 1, r"^prompt is 9 tokens, longer than the maximum context length of 8 tokens$"),
+    (5, 4, r"^max_tokens=4 with a 5-token prompt needs 9 tokens, over the maximum context length "
+           r"of 8; lower max_tokens to at most 3$"),
+])
+def test_add_rejects_requests_that_can_never_fit(prompt_len, max_tokens, match):
+    sch = Scheduler(cfg(), num_slots=2, max_len=8)
+    with pytest.raises(ValueError, match=match):
+        sch.add(request("x", [1] * prompt_len, max_tokens))
+    assert not sch.waiting
+
+
+def test_add_accepts_a_request_that_exactly_fits():
+    sch = Scheduler(cfg(), num_slots=2, max_len=8)
+    sch.add(request("x", [1] * 5, 3))
+    assert [r.request_id for r in sch.waiting] == ["x"]
+
+
+@pytest.mark.xfail(strict=True, reason="scheduler.add: a prompt of exactly max_len tokens passes the "
+                   "'longer than the maximum context length' check and is rejected by the max_tokens check, "
+                   "whose message advises 'lower max_tokens to at most 0' although max_tokens must be >= 1")
+def test_add_prompt_of_exactly_max_len_gets_an_actionable_message():
+    sch = Scheduler(cfg(), num_slots=2, max_len=8)
+    with pytest.raises(ValueError) as e:
+        sch.add(request("x", [1] * 8, 1))
+    assert "at most 0" not in str(e.value)
+
+
+def test_full_waiting_queue_raises_queue_full():
+    sch = Scheduler(cfg(max_waiting=2), num_slots=1, max_len=8)
+    sch.add(request("a", [1]))
+    sch.add(request("b", [1]))
+    with pytest.raises(QueueFullError, match=r"^the waiting queue is full \(2 requests\); retry later$"):
+        sch.add(request("c", [1]))
+    sch.schedule()                                  # `a` leaves the queue for the batch: room again
+    sch.add(request("c", [1]))
+    assert [r.request_id for r in sch.waiting] == ["b", "c"]
+
+
+# -- token budget and chunked prefill --------------------------------------------------------
+
+
+def test_long_prompt_is_chunked_within_the_token_budget():
+    eng = FakeEngine(cfg(max_batch_size=4, max_num_batched_tokens=8), num_slots=4, max_len=64)
+    eng.submit([1, 2], 10, "a")
+    eng.submit(list(range(20)), 2, "b")
+    eng.run()
+    assert trace(eng.records)[:5] == [
+        ([], [("a", 0, 2), ("b", 0, 6)]),            # the budget cuts b after 6 tokens
+        (["a"], [("b", 6, 7)]),                     # a decodes (1) + b's next chunk (7) = 8
+        (["a"], [("b", 13, 7)]),                    # b's prompt completes and samples
+        (["a", "b"], []),
+        (["a"], []),                                # b has its 2 tokens and has left
+    ]
+    assert all(r.num_tokens <= 8 for r in eng.records)
+    plan = eng.records[1].plan
+    assert (plan.hist_seg, plan.hist_slot, plan.hist_len) == (0, 1, 6)
+    assert eng.requests["b"].output_ids == [20, 21]
+
+
+@MODES
+def test_at_most_one_chunk_per_iteration_continues_a_prompt(pipelined):
+    eng = FakeEngine(cfg(max_batch_size=6, max_num_batched_tokens=7, max_prefill_seqs=3), num_slots=6,
+                     max_len=64, pipelined=pipelined)
+    for i in range(12):
+        eng.submit(list(range(i, i + 3 + 4 * i % 17)), 3, f"r{i}")
+    eng.run()
+    for rec in eng.records:
+        continuing = [c for c in rec.chunks if c[1] > 0]
+        assert len(continuing) <= 1 and (not continuing or rec.chunks[0] == continuing[0])
+        assert len(rec.chunks) <= 3 and rec.num_tokens <= 7
+
+
+@MODES
+def test_chunked_and_unchunked_runs_give_the_same_outputs(pipelined):
+    prompts = [list(range(k, k + n)) for k, n in [(3, 1), (10, 25), (40, 7), (60, 16), (0, 2)]]
+
+    def outputs(budget):
+        eng = FakeEngine(cfg(max_batch_size=4, max_num_batched_tokens=budget), num_slots=3, max_len=64,
+                         pipelined=pipelined)
+        reqs = [eng.submit(p, 6) for p in prompts]
+        eng.run()
+        return eng, [r.output_ids for r in reqs]
+
+    chunked, out_chunked = outputs(4)
+    whole, out_whole = outputs(256)
+    assert any(c[1] > 0 for r in chunked.records for c in r.chunks)
+    assert not any(c[1] > 0 for r in whole.records for c in r.chunks)
+    assert out_chunked == out_whole == [expected_output(p, 6) for p in prompts]
+
+
+# -- abort -------------------------------------------------------------------------------------
+
+
+@MODES
+def test_abort_waiting_request(pipelined):
+    eng = FakeEngine(cfg(), num_slots=1, max_len=32, pipelined=pipelined)
+    a, b, c = eng.submit([1], 3, "a"), eng.submit([2], 3, "b"), eng.submit([3], 3, "c")
+    eng.step()
+    eng.abort(b)
+    assert b.status is Status.FINISHED and b.finish_reason is FinishReason.ABORT
+    assert [r.request_id for r in eng.scheduler.waiting] == ["c"]
+    eng.run()
+    assert "b" not in eng.joined and b.output_ids == []
+    assert a.output_ids == [2, 3, 4] and c.output_ids == [4, 5, 6]
+
+
+@MODES
+def test_abort_mid_prefill_frees_the_slot_for_the_next_iteration(pipelined):
+    eng = FakeEngine(cfg(max_batch_size=1, max_num_batched_tokens=4), num_slots=1, max_len=32,
+                     pipelined=pipelined)
+    a, b = eng.submit(list(range(10)), 3, "a"), eng.submit([20], 2, "b")
+    assert eng.step().chunks == [("a", 0, 4)]
+    assert eng.step().chunks == [("a", 4, 4)]       # a's prompt is half in its slot
+    eng.abort(a)
+    assert eng.scheduler.num_free_slots == 1 and not eng.scheduler.running
+    rec = eng.step()
+    assert rec.chunks == [("b", 0, 1)] and b.slot == 0
+    eng.run()
+    assert a.output_ids == [] and a.finish_reason is FinishReason.ABORT
+    assert b.output_ids == [21, 22]
+
+
+@MODES
+def test_abort_mid_decode_frees_the_slot_for_the_next_iteration(pipelined):
+    eng = FakeEngine(cfg(), num_slots=1, max_len=32, pipelined=pipelined)
+    a, b = eng.submit([1], 10, "a"), eng.submit([30], 2, "b")
+    for _ in range(3):
+        eng.step()
+    eng.abort(a)
+    assert eng.scheduler.num_free_slots == 1 and eng.scheduler.kv_usage() == 0.0
+    assert eng.step().admitted == ["b"]
+    eng.run()
+    # sync: 3 iterations = 3 tokens; pipelined: the third step's id was still in flight.
+    assert a.output_ids == ([2, 3, 4] if not pipelined else [2, 3])
+    assert a.finish_reason is FinishReason.ABORT and b.output_ids == [31, 32]
+
+
+def test_finish_twice_is_a_no_op():
+    sch = Scheduler(cfg(), num_slots=2, max_len=8)
+    a = request("a", [1])
+    sch.add(a)
+    sch.schedule()
+    sch.finish(a, FinishReason.ABORT)
+    sch.finish(a, FinishReason.LENGTH)
+    assert a.finish_reason is FinishReason.ABORT and sch.num_free_slots == 2
+
+
+# -- the static (request-level) baseline -------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["iteration", "static"])
+@MODES
+def test_static_policy_forms_a_new_batch_only_when_the_whole_batch_finished(policy, pipelined):
+    eng = FakeEngine(cfg(max_batch_size=3, policy=policy), num_slots=3, max_len=32, pipelined=pipelined)
+    eng.submit([1], 2, "a")
+    eng.submit([2], 6, "b")
+    eng.step()
+    eng.submit([3], 2, "c")                      # arrives while a and b run; a slot is free
+    eng.run()
+    if policy == "iteration":
+        assert eng.joined["c"] == 2
+    else:
+        assert eng.joined["c"] == max(eng.left["a"], eng.left["b"]) + 1
+        for rec in eng.records:                  # nobody joins a batch that still has members
+            assert not rec.admitted or not rec.running_before
+    assert [eng.requests[r].output_ids for r in "abc"] == [[2, 3], [3, 4, 5, 6, 7, 8], [4, 5]]
+
+
+# -- build_plan -----------------------------------------------------------------------------------
+
+
+def running(rid, prompt, slot, num_computed, max_tokens=8) -> Request:
+    r = request(rid, prompt, max_tokens)
+    r.status, r.slot, r.num_computed = Status.RUNNING, slot, num_computed
+    return r
+
+
+@pytest.mark.parametrize("n,choices,want", [
+    (0, (0, 1, 2, 4), 0), (1, (0, 1, 2, 4), 1), (3, (0, 1, 2, 4), 4), (4, (0, 1, 2, 4), 4),
+    (17, (0, 16, 32, 40), 32), (33, (0, 16, 32, 40), 40),
+])
+def test_bucket_is_the_smallest_at_least_the_count(n, choices, want):
+    assert Buckets.pick(n, choices) == want
+
+
+def test_bucket_pick_beyond_the_largest_raises():
+    with pytest.raises(ValueError, match=r"^5 rows exceed the largest bucket 4$"):
+        Buckets.pick(5, (0, 1, 2, 4))
+
+
+def test_buckets_make_and_shapes():
+    b = Buckets.make(max_batch_size=6, max_num_batched_tokens=40, max_prefill_seqs=3)
+    assert b.decode == (0, 1, 2, 4, 6) and b.prefill == (0, 16, 32, 40) and b.max_prefill_seqs == 3
+    assert Buckets.make(1, 8, 1).decode == (0, 1) and Buckets.make(1, 8, 1).prefill == (0, 8)
+    assert Buckets.make(8, 512, 4).prefill == (0, 16, 32, 64, 128, 256, 512)
+    shapes = b.shapes()
+    assert (0, 0) not in shapes and len(shapes) == len(set(shapes)) == 5 * 4 - 1
+    assert (6, 40) in shapes and (0, 16) in shapes and (1, 0) in shapes
+    # R: room for every decode row and one completing row per prompt segment (possibly padded).
+    for td, tp in shapes:
+        assert b.num_sample_rows(td, tp) >= td + min(tp, b.max_prefill_seqs)
+
+
+def test_build_plan_of_a_hand_made_batch():
+    """Rows [decode a, b, e, pad | c's last 4 prompt tokens, d's first 3, pad]: Td = 4, Tp = 8."""
+    a = running("a", [7, 8, 9], slot=2, num_computed=5)       # advanced by schedule(): input at pos 4
+    b = running("b", [40], slot=0, num_computed=2)            # input at pos 1
+    e = running("e", [1, 2], slot=4, num_computed=4)          # input at pos 3
+    c = running("c", list(range(50, 60)), slot=1, num_computed=10)   # last chunk of its prompt
+    d = running("d", [90, 91, 92, 93, 94], slot=3, num_computed=3)   # first chunk of its prompt
+    batch = Batch(decodes=[a, b, e], prefills=[Chunk(c, 6, 4), Chunk(d, 0, 3)])
+    buckets = Buckets(decode=(0, 1, 2, 4), prefill=(0, 4, 8, 16), max_prefill_seqs=2)
+    p = build_plan(batch, buckets, num_slots=5)
+    S = 5
+    assert (p.num_decode, p.num_prefill, p.num_tokens) == (4, 8, 10)
+    assert p.slot.tolist() == [2, 0, 4, S, 1, 1, 1, 1, 3, 3, 3, S]
+    assert p.pos.tolist() == [4, 1, 3, 0, 6, 7, 8, 9, 0, 1, 2, 0]
+    assert p.seg.tolist() == [0, 0, 0, 0, 1, 1, 1, -1]
+    assert p.prefill_tokens.tolist() == [56, 57, 58, 59, 90, 91, 92, 0]
+    assert p.dec_blocks == 1
+    assert (p.hist_seg, p.hist_slot, p.hist_len, p.hist_blocks) == (0, 1, 6, 1)
+    # Sampling rows: decodes a, b, e, then c's completing row; the rest (up to R) is padding.
+    R = buckets.num_sample_rows(4, 8)
+    assert R >= 4 + 2 and p.sample_rows.shape == (R,)
+    pad = R - 4
+    assert p.sample_rows.tolist() == [0, 1, 2, 7] + [0] * pad
+    assert p.sample_slot.tolist() == [2, 0, 4, 1] + [S] * pad
+    assert p.sample_pos.tolist() == [4, 1, 3, 9] + [0] * pad
+    assert p.prompt_len.tolist() == [3, 1, 2, 10] + [0] * pad
+    assert p.rows == [SampleRow(a, 2), SampleRow(b, 1), SampleRow(e, 2), SampleRow(c, 0)]
+    for arr in (p.slot, p.pos, p.seg, p.prefill_tokens, p.sample_rows, p.sample_slot, p.sample_pos):
+        assert arr.dtype == np.int32
+
+
+def test_build_plan_decode_only_and_prefill_only():
+    buckets = Buckets.make(4, 16, 2)
+    dec = build_plan(Batch([running("a", [1], slot=3, num_computed=BLOCK + 1)], []), buckets, num_slots=4)
+    assert (dec.num_decode, dec.num_prefill) == (1, 0) and dec.prefill_tokens.shape == (0,)
+    assert dec.pos.tolist() == [BLOCK] and dec.dec_blocks == 2      # position 64 is in the 2nd block
+    assert (dec.hist_seg, dec.hist_len, dec.hist_blocks) == (-2, 0, 0)
+    assert dec.sample_rows.tolist()[:1] == [0] and dec.rows == [SampleRow(dec.rows[0].request, BLOCK)]
+    pre = build_plan(Batch([], [Chunk(running("b", [5, 6, 7], slot=0, num_computed=3), 0, 3)]),
+                     buckets, num_slots=4)
+    assert (pre.num_decode, pre.num_prefill, pre.dec_blocks) == (0, 16, 0)
+    assert pre.slot.tolist() == [0, 0, 0] + [4] * 13 and pre.seg.tolist() == [0] * 3 + [-1] * 13
+    R = buckets.num_sample_rows(0, 16)
+    assert pre.sample_rows.tolist() == [2] + [0] * (R - 1) and pre.sample_slot.tolist() == [0] + [4] * (R - 1)
+    assert pre.sample_pos.tolist() == [2] + [0] * (R - 1) and pre.rows == [SampleRow(pre.rows[0].request, 0)]
+
+
+def test_build_plan_hist_blocks_for_a_long_continuing_chunk():
+    c = running("c", list(range(200)), slot=1, num_computed=150)
+    p = build_plan(Batch([], [Chunk(c, 2 * BLOCK + 2, 150 - 2 * BLOCK - 2)]), Buckets.make(4, 32, 2), 2)
+    assert (p.hist_seg, p.hist_slot, p.hist_len, p.hist_blocks) == (0, 1, 130, 3)
+    assert p.rows == [] and (p.sample_slot == 2).all()          # the prompt is not complete: no sample
+
+
+def test_build_plan_refuses_two_continuing_chunks():
+    c = running("c", list(range(10)), slot=0, num_computed=8)
+    d = running("d", list(range(10)), slot=1, num_computed=8)
+    with pytest.raises((AssertionError, ValueError), match="two chunks continue a prompt"):
+        build_plan(Batch([], [Chunk(c, 4, 4), Chunk(d, 4, 4)]), Buckets.make(4, 32, 2), 2)
+
+
+# -- SchedulerConfig ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_batch_size=0), r"^max_batch_size must be >= 1, got 0$"),
+    (dict(max_batch_size=8, max_num_batched_tokens=4),
+     r"^max_num_batched_tokens must be >= max_batch_size so every running request can decode each "
+     r"iteration \(4 < 8\)$"),
+    (dict(max_batch_size=4, max_prefill_seqs=0), r"^max_prefill_seqs must be in \[1, max_batch_size\], got 0$"),
+    (dict(max_batch_size=4, max_prefill_seqs=5), r"^max_prefill_seqs must be in \[1, max_batch_size\], got 5$"),
+    (dict(max_waiting=-1), r"^max_waiting must be >= 0, got -1$"),
+    (dict(policy="fcfs"), r"^policy must be 'iteration' or 'static', got 'fcfs'$"),
+])
+def test_scheduler_config_validation(kw, match):
+    kw.setdefault("max_prefill_seqs", 1)
+    with pytest.raises(ValueError, match=match):
+        SchedulerConfig(**kw)
+
+
+def test_scheduler_config_defaults_are_valid():
+    c = SchedulerConfig()
+    assert (c.max_batch_size, c.max_num_batched_tokens, c.policy) == (64, 512, "iteration")
+
+
+@pytest.mark.xfail(strict=True, reason="SchedulerConfig accepts max_waiting=0, but add() queues every request "
+                   "before admission, so such a scheduler rejects every request with QueueFullError")
+def test_scheduler_config_rejects_a_queue_that_can_hold_nothing():
+    with pytest.raises(ValueError, match="max_waiting"):
+        SchedulerConfig(max_waiting=0)
+
+
+# -- randomized: invariants every iteration, hand-computed outputs at the end ----------------------
+
+
+def check_iteration(eng: FakeEngine, rec: StepRecord) -> None:
+    c, sch = eng.scheduler.config, eng.scheduler
+    req = eng.requests
+    # Limits of one iteration.
+    assert rec.batch_size <= c.max_batch_size and len(rec.slots) <= c.max_batch_size
+    assert rec.num_tokens <= c.max_num_batched_tokens
+    assert len(rec.chunks) <= c.max_prefill_seqs
+    # KV admission control: one slot per running request, none shared, none lost.
+    assert len(rec.slots) + rec.free_slots == sch.num_slots
+    assert sorted(rec.slots.values()) == sorted(set(rec.slots.values()))
+    assert all(0 <= s < sch.num_slots for s in rec.slots.values())
+    # At most one chunk continues a prompt, and it goes first.
+    continuing = [ch for ch in rec.chunks if ch[1] > 0]
+    assert len(continuing) <= 1 and (not continuing or rec.chunks[0] == continuing[0])
+    # Every running request past its prompt that still owes tokens decodes (nobody starves).
+    before = dict(rec.running_before)
+    owed = [rid for rid, n in rec.running_before
+            if n >= req[rid].prompt_len and n - req[rid].prompt_len + 1 < req[rid].params.max_tokens]
+    assert rec.decodes == owed
+    # Chunks: a prompt resumes where it stopped; a chunk shorter than what is left of its
+    # prompt means the budget ran out.
+    for rid, start, length in rec.chunks:
+        assert start == before.get(rid, 0) and length >= 1
+        if start + length < req[rid].prompt_len:
+            assert rec.num_tokens == c.max_num_batched_tokens
+    # FCFS, no overtaking: the admitted are the head of the queue, in order.
+    assert rec.admitted == rec.waiting_before[:len(rec.admitted)]
+    assert rec.waiting_after == rec.waiting_before[len(rec.admitted):]
+    # Work conserving: a request is left waiting only if a limit of Algorithm 1 stopped it.
+    if rec.waiting_after:
+        if c.policy == "static" and rec.running_before:
+            assert not rec.admitted
+        else:
+            assert (rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size
+                    or rec.num_tokens >= c.max_num_batched_tokens or len(rec.chunks) >= c.max_prefill_seqs)
+    if c.policy == "static" and rec.running_before:
+        assert not rec.admitted
+
+
+@pytest.mark.parametrize("policy", ["iteration", "static"])
+@MODES
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workload_invariants_and_outputs(seed, pipelined, policy):
+    rng = np.random.default_rng(1000 * seed + 10 * pipelined + (policy == "static"))
+    max_bs = int(rng.integers(1, 7))
+    config = SchedulerConfig(max_batch_size=max_bs, max_num_batched_tokens=int(rng.integers(max_bs, max_bs + 13)),
+                             max_prefill_seqs=int(rng.integers(1, max_bs + 1)), policy=policy)
+    num_slots, max_len, vocab = int(rng.integers(1, 9)), 48, 23
+    eos = None if seed % 2 else 0
+    buckets = Buckets.make(config.max_batch_size, config.max_num_batched_tokens, config.max_prefill_seqs,
+                           min_prefill=int(rng.choice([1, 4, 16])))
+    eng = FakeEngine(config, num_slots, max_len, vocab=vocab, eos_id=eos, pipelined=pipelined, buckets=buckets)
+    arrivals: dict[int, list] = {}
+    for i in range(300):
+        plen = int(rng.integers(1, 31))
+        prompt = rng.integers(0, vocab, plen).tolist()
+        arrivals.setdefault(int(rng.integers(1, 400)), []).append(
+            (prompt, int(rng.integers(1, min(12, max_len - plen) + 1)), f"r{i}"))
+    aborted = set()
+    while eng.busy() or any(it > eng.iteration for it in arrivals):
+        for args in arrivals.pop(eng.iteration + 1, []):
+            eng.submit(*args)
+        live = rng.random() < 0.03 and (list(eng.scheduler.waiting) + eng.scheduler.running)
+        if live:                                          # a client cancels: waiting, prefill or decode
+            victim = live[int(rng.integers(len(live)))]
+            eng.abort(victim)
+            aborted.add(victim.request_id)
+            assert victim.slot is None or victim.slot not in {r.slot for r in eng.scheduler.running}
+        check_iteration(eng, eng.step())
+        assert eng.iteration < 20_000
+
+    assert len(eng.requests) == 300 and all(r.finished for r in eng.requests.values())
+    admitted = [rid for rec in eng.records for rid in rec.admitted]
+    assert admitted == [rid for rid in eng.requests if rid in eng.joined]      # in submission order
+    for rid, r in eng.requests.items():
+        want = expected_output(r.prompt_ids, r.params.max_tokens, vocab, eos)
+        if rid in aborted:
+            assert r.finish_reason is FinishReason.ABORT and r.output_ids == want[:len(r.output_ids)]
+        else:
+            assert r.output_ids == want, rid
+            assert r.finish_reason is (FinishReason.STOP if want[-1] == eos else FinishReason.LENGTH)
+    assert sum(len(r.admitted) for r in eng.records) == len(eng.joined)
+    assert eng.scheduler.num_free_slots == num_slots and not eng.scheduler.has_work()
