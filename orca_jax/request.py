@@ -78,7 +78,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: two requests are never "equal"
 class Request:
     """One request's host-side state. Positions [0, num_computed) are in its KV slot."""
 

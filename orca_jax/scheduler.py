@@ -51,8 +51,8 @@ class SchedulerConfig:
                              f"{self.max_batch_size})")
         if not 1 <= self.max_prefill_seqs <= self.max_batch_size:
             raise ValueError(f"max_prefill_seqs must be in [1, max_batch_size], got {self.max_prefill_seqs}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_waiting < 1:  # every request waits at least until the next schedule()
+            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.policy not in ("iteration", "static"):
             raise ValueError(f"policy must be 'iteration' or 'static', got {self.policy!r}")
 
@@ -102,9 +102,9 @@ class Scheduler:
         """Queue a request; raises ValueError if it can never fit, QueueFullError if full."""
         if req.prompt_len == 0:
             raise ValueError("prompt is empty: give at least one token")
-        if req.prompt_len > self.max_len:
-            raise ValueError(f"prompt is {req.prompt_len} tokens, longer than the maximum context "
-                             f"length of {self.max_len} tokens")
+        if req.prompt_len >= self.max_len:
+            raise ValueError(f"prompt is {req.prompt_len} tokens; the maximum context length is "
+                             f"{self.max_len} tokens, which leaves no room for a new token")
         if req.max_total_len > self.max_len:
             raise ValueError(f"max_tokens={req.params.max_tokens} with a {req.prompt_len}-token prompt "
                              f"needs {req.max_total_len} tokens, over the maximum context length of "

@@ -185,7 +185,7 @@ def test_no_overtaking_within_the_token_budget():
 
 @pytest.mark.parametrize("prompt_len,max_tokens,match", [
     (0, 4, r"^prompt is empty: give at least one token$"),
-    (9, 1, r"^prompt is 9 tokens, longer than the maximum context length of 8 tokens$"),
+    (9, 1, r"^prompt is 9 tokens; the maximum context length is 8 tokens, which leaves no room for a new token$"),
     (5, 4, r"^max_tokens=4 with a 5-token prompt needs 9 tokens, over the maximum context length "
            r"of 8; lower max_tokens to at most 3$"),
 ])
@@ -202,14 +202,11 @@ def test_add_accepts_a_request_that_exactly_fits():
     assert [r.request_id for r in sch.waiting] == ["x"]
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler.add: a prompt of exactly max_len tokens passes the "
-                   "'longer than the maximum context length' check and is rejected by the max_tokens check, "
-                   "whose message advises 'lower max_tokens to at most 0' although max_tokens must be >= 1")
 def test_add_prompt_of_exactly_max_len_gets_an_actionable_message():
     sch = Scheduler(cfg(), num_slots=2, max_len=8)
     with pytest.raises(ValueError) as e:
         sch.add(request("x", [1] * 8, 1))
-    assert "at most 0" not in str(e.value)
+    assert "at most 0" not in str(e.value) and "no room for a new token" in str(e.value)
 
 
 def test_full_waiting_queue_raises_queue_full():
@@ -473,8 +470,6 @@ def test_scheduler_config_defaults_are_valid():
     assert (c.max_batch_size, c.max_num_batched_tokens, c.policy) == (64, 512, "iteration")
 
 
-@pytest.mark.xfail(strict=True, reason="SchedulerConfig accepts max_waiting=0, but add() queues every request "
-                   "before admission, so such a scheduler rejects every request with QueueFullError")
 def test_scheduler_config_rejects_a_queue_that_can_hold_nothing():
     with pytest.raises(ValueError, match="max_waiting"):
         SchedulerConfig(max_waiting=0)
