@@ -456,7 +456,7 @@ def test_build_plan_refuses_two_continuing_chunks():
      r"iteration \(4 < 8\)$"),
     (dict(max_batch_size=4, max_prefill_seqs=0), r"^max_prefill_seqs must be in \[1, max_batch_size\], got 0$"),
     (dict(max_batch_size=4, max_prefill_seqs=5), r"^max_prefill_seqs must be in \[1, max_batch_size\], got 5$"),
-    (dict(max_waiting=-1), r"^max_waiting must be >= 0, got -1$"),
+    (dict(max_waiting=-1), r"^max_waiting must be >= 1, got -1$"),
     (dict(policy="fcfs"), r"^policy must be 'iteration' or 'static', got 'fcfs'$"),
 ])
 def test_scheduler_config_validation(kw, match):
