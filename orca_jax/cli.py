@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax is chatty at INFO
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
