@@ -24,7 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..models.gpt2 import ACTIVATIONS, DTYPES, GPTConfig
-from .errors import (CheckpointNotFoundError, TensorMismatchError, UnsafeCheckpointError,
+from .errors import (CheckpointError, CheckpointNotFoundError, TensorMismatchError, UnsafeCheckpointError,
                      UnsupportedCheckpointError)
 from .store import TOKENIZER_FILES, save_checkpoint
 
@@ -54,7 +54,7 @@ LAYER_TENSORS = [
 # Buffers older transformers versions saved (causal mask, -1e4 fill): not weights.
 IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 LM_HEAD = "lm_head.weight"  # tied to wte in GPT-2; checked equal if present
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl")  # plus pytorch_model*.bin
 
 # HF GPT2Config options that change the computation; (field, value our model implements).
 REQUIRED_OPTIONS = [
@@ -131,7 +131,8 @@ def _weight_files(src: Path) -> dict[str, Path]:
     if single.is_file():
         with safe_open(single, framework="numpy") as f:
             return {name: single for name in f.keys()}
-    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES
+                     or (p.name.startswith("pytorch_model") and p.suffix == ".bin"))
     if pickles:
         raise UnsafeCheckpointError(
             f"{src} has only pickled PyTorch weights ({', '.join(pickles)}) and no model.safetensors. "
@@ -213,7 +214,13 @@ def convert_hf_gpt2(src_dir: str | Path, out_dir: str | Path, dtype: str | None 
     if not cfg_file.is_file():
         raise CheckpointNotFoundError(f"{cfg_file} is missing: a Hugging Face checkpoint directory "
                                       "needs its config.json")
-    config = config_from_hf(json.loads(cfg_file.read_text()), dtype, source=str(cfg_file))
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    config = config_from_hf(hf_config, dtype, source=str(cfg_file))
     params = load_hf_gpt2_params(src, config, progress)
     tokenizer_files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     save_checkpoint(out_dir, config, params, tokenizer_files, overwrite=overwrite)
