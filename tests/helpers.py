@@ -1,0 +1,92 @@
+"""Shared test helpers: random Hugging Face GPT-2 checkpoints and a plain runner for our model.
+
+The HF models get non-trivial LayerNorm scales and biases (HF initialises them to 1 and 0,
+which would hide a mis-mapped bias) and weights large enough that logits are O(1), so an
+absolute tolerance means something.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from orca_jax.models.attention import BLOCK, AttnMeta, KVCache
+from orca_jax.models.gpt2 import GPTConfig, from_params
+
+HF_DEFAULTS = dict(vocab_size=1001, n_positions=32, n_embd=48, n_layer=2, n_head=6,
+                   bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+
+
+def make_hf_gpt2(path: Path, seed: int = 0, max_shard_size=None, **overrides):
+    """Saves a random HF GPT2LMHeadModel to `path` (safetensors); returns the torch model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**HF_DEFAULTS, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    """Reference logits [T, V] from HF PyTorch (float32, CPU)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids)[None])).logits[0].float().numpy()
+
+
+def _forward(config: GPTConfig, params: dict):
+    """A jitted (tokens, kv, meta) -> (logits [T, V], kv) over `params` (split once)."""
+    graphdef, state = nnx.split(from_params(config, params))
+
+    @jax.jit
+    def fwd(state, tokens, kv, meta):
+        model = nnx.merge(graphdef, state)
+        x, kv = model(tokens, meta.pos, kv, meta)
+        return model.logits(x), kv
+
+    return lambda tokens, kv, meta: fwd(state, jnp.asarray(tokens, jnp.int32), kv, meta)
+
+
+def _kv(config: GPTConfig, slots: int, sharding=None) -> KVCache:
+    max_len = -(-config.n_positions // BLOCK) * BLOCK  # a multiple of the attention block
+    return KVCache.zeros(config.n_layer, slots, max_len, config.n_head, config.head_dim,
+                         config.jnp_dtype, sharding=sharding)
+
+
+def prefill_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
+    """Logits [T, V] of one whole prompt in a single prefill step (slot 1 of 4)."""
+    T = len(ids)
+    meta = AttnMeta(slot=jnp.full(T, 1, jnp.int32), pos=jnp.arange(T, dtype=jnp.int32),
+                    seg=jnp.zeros(T, jnp.int32), dec_blocks=jnp.int32(0), hist_seg=jnp.int32(-2),
+                    hist_slot=jnp.int32(0), hist_len=jnp.int32(0), hist_blocks=jnp.int32(0),
+                    num_decode=0)
+    logits, _ = _forward(config, params)(ids, _kv(config, 4, kv_sharding), meta)
+    return np.asarray(logits, np.float32)
+
+
+def decode_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
+    """Logits [T, V] feeding `ids` one token per step through the KV buffer (slot 2 of 4).
+
+    Each step has a second, padding row (slot 4 == S: its KV write is dropped), as the engine
+    pads decode batches.
+    """
+    fwd, kv = _forward(config, params), _kv(config, 4, kv_sharding)
+    out = []
+    for p, tok in enumerate(ids):
+        i32 = np.int32  # host arrays: no eager device ops per step
+        meta = AttnMeta(slot=np.array([2, 4], i32), pos=np.array([p, 0], i32),
+                        seg=np.zeros(0, i32), dec_blocks=i32(p // BLOCK + 1), hist_seg=i32(-2),
+                        hist_slot=i32(0), hist_len=i32(0), hist_blocks=i32(0), num_decode=2)
+        logits, kv = fwd([tok, 0], kv, meta)
+        out.append(np.asarray(logits[0], np.float32))
+    return np.stack(out)
