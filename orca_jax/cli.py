@@ -114,7 +114,7 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="orca-jax", description=__doc__.splitlines()[0])
-    ap.add_argument("-v", "--verbose", action="store_true", help="log engine start-up details")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log details of every library")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face GPT-2 checkpoint to Orbax")
@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, comma-separated")
     add_sampling_flags(p)
     add_engine_flags(p)
-    p.set_defaults(fn=cmd_generate)
+    p.add_argument("--warmup", dest="warmup", action="store_true",
+                   help="compile every bucket program first (a one-shot run only needs a few)")
+    p.set_defaults(fn=cmd_generate, warmup=False)
 
     p.add_argument("--server", default=None,
                    help="HOST:PORT of a running `orca-jax serve` (gRPC): stream from it instead")
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("orca_jax").setLevel(logging.INFO)  # KV slots, programs, warm-up time
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax is chatty at INFO
     try:
         return args.fn(args)

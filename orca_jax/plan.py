@@ -22,11 +22,11 @@ from .scheduler import Batch
 BLOCK = 64  # must equal orca_jax.models.attention.BLOCK (checked by the step module)
 
 
-def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     return tuple(out) + (hi,)
 
 
@@ -40,11 +40,13 @@ class Buckets:
 
     @staticmethod
     def make(max_batch_size: int, max_num_batched_tokens: int, max_prefill_seqs: int,
-             min_prefill: int = 16) -> "Buckets":
-        """Powers of two: at most 2x padding; O(log) programs per axis."""
-        return Buckets(decode=(0,) + _pow2_buckets(1, max_batch_size),
-                       prefill=(0,) + _pow2_buckets(min(min_prefill, max_num_batched_tokens),
-                                                    max_num_batched_tokens),
+             min_decode: int = 8, min_prefill: int = 16) -> "Buckets":
+        """Decode rows: 8, 16, 32, ... (below ~8 rows a step is bound by reading the weights,
+        so fewer rows cost the same); prefill rows: 16, 64, 256, ... (x4: a full budget is the
+        common case under load). Each program costs seconds to compile on CPU."""
+        return Buckets(decode=(0,) + _geometric(min(min_decode, max_batch_size), max_batch_size, 2),
+                       prefill=(0,) + _geometric(min(min_prefill, max_num_batched_tokens),
+                                                 max_num_batched_tokens, 4),
                        max_prefill_seqs=max_prefill_seqs)
 
     def shapes(self) -> list[tuple[int, int]]:

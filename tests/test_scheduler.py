@@ -373,13 +373,15 @@ def test_bucket_pick_beyond_the_largest_raises():
 
 
 def test_buckets_make_and_shapes():
-    b = Buckets.make(max_batch_size=6, max_num_batched_tokens=40, max_prefill_seqs=3)
-    assert b.decode == (0, 1, 2, 4, 6) and b.prefill == (0, 16, 32, 40) and b.max_prefill_seqs == 3
+    b = Buckets.make(max_batch_size=6, max_num_batched_tokens=40, max_prefill_seqs=3, min_decode=1, min_prefill=4)
+    assert b.decode == (0, 1, 2, 4, 6) and b.prefill == (0, 4, 16, 40) and b.max_prefill_seqs == 3
     assert Buckets.make(1, 8, 1).decode == (0, 1) and Buckets.make(1, 8, 1).prefill == (0, 8)
-    assert Buckets.make(8, 512, 4).prefill == (0, 16, 32, 64, 128, 256, 512)
+    # Defaults: decode rows x2 from 8, prefill rows x4 from 16.
+    assert Buckets.make(64, 512, 4).decode == (0, 8, 16, 32, 64)
+    assert Buckets.make(8, 512, 4).prefill == (0, 16, 64, 256, 512)
     shapes = b.shapes()
     assert (0, 0) not in shapes and len(shapes) == len(set(shapes)) == 5 * 4 - 1
-    assert (6, 40) in shapes and (0, 16) in shapes and (1, 0) in shapes
+    assert (6, 40) in shapes and (0, 16) in shapes and (1, 0) in shapes and (0, 4) in shapes
     # R: room for every decode row and one completing row per prompt segment (possibly padded).
     for td, tp in shapes:
         assert b.num_sample_rows(td, tp) >= td + min(tp, b.max_prefill_seqs)
@@ -417,7 +419,7 @@ def test_build_plan_of_a_hand_made_batch():
 
 
 def test_build_plan_decode_only_and_prefill_only():
-    buckets = Buckets.make(4, 16, 2)
+    buckets = Buckets.make(4, 16, 2, min_decode=1)
     dec = build_plan(Batch([running("a", [1], slot=3, num_computed=BLOCK + 1)], []), buckets, num_slots=4)
     assert (dec.num_decode, dec.num_prefill) == (1, 0) and dec.prefill_tokens.shape == (0,)
     assert dec.pos.tolist() == [BLOCK] and dec.dec_blocks == 2      # position 64 is in the 2nd block
@@ -528,7 +530,7 @@ def test_random_workload_invariants_and_outputs(seed, pipelined, policy):
     num_slots, max_len, vocab = int(rng.integers(1, 9)), 48, 23
     eos = None if seed % 2 else 0
     buckets = Buckets.make(config.max_batch_size, config.max_num_batched_tokens, config.max_prefill_seqs,
-                           min_prefill=int(rng.choice([1, 4, 16])))
+                           min_decode=int(rng.choice([1, 8])), min_prefill=int(rng.choice([1, 4, 16])))
     eng = FakeEngine(config, num_slots, max_len, vocab=vocab, eos_id=eos, pipelined=pipelined, buckets=buckets)
     arrivals: dict[int, list] = {}
     for i in range(300):
