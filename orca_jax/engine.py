@@ -14,8 +14,8 @@ assert there are none.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
+import math
 import os
 import time
 import uuid
@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .models.attention import KV_AXES, KVCache
 from .models.gpt2 import GPTConfig, from_params
+from .sharding.layouts import Layout, get_layout, param_shardings, spec_for
+from .sharding.mesh import single_device_mesh
 from .plan import Buckets, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Status, Usage
 from .sampling import SamplingTensors
@@ -120,18 +124,25 @@ class _InFlight:
 
 class Engine:
     def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
-                 tokenizer=None, kv_sharding=None):
+                 tokenizer=None, mesh: jax.sharding.Mesh | None = None,
+                 layout: str | Layout = "replicated"):
+        """`params` (a pure dict) are placed on `mesh` (default: one device) by the sharding
+        `layout`; the KV buffer follows the same layout; step inputs are replicated."""
         enable_compile_cache()
         self.model_config = config
         self.config = ec = engine_config
         self.tokenizer = tokenizer or ByteTokenizer()
-        model = from_params(config, params)
-        self._graphdef, self._params = nnx.split(model)
-        device = jax.tree.leaves(self._params)[0].devices().pop()
+        self.mesh = mesh or single_device_mesh()
+        self.layout = get_layout(layout)
+        params = jax.device_put(params, param_shardings(config, self.mesh, self.layout))
+        self._graphdef, self._params = nnx.split(from_params(config, params))
 
         self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
-        per_slot = kv_bytes_per_slot(config, self.max_len)
-        budget = kv_budget_bytes(ec, device)
+        kv_shape = KVCache.shape(config.n_layer, 1, self.max_len, config.n_head, config.head_dim)
+        kv_spec = spec_for(KV_AXES, self.layout, self.mesh, kv_shape)
+        kv_shards = math.prod(self.mesh.shape[a] for a in jax.tree.leaves(tuple(kv_spec)))
+        per_slot = kv_bytes_per_slot(config, self.max_len) // kv_shards  # per device
+        budget = kv_budget_bytes(ec, self.mesh.devices.flat[0])
         self.num_slots = min(ec.max_batch_size, budget // per_slot)
         if self.num_slots < 1:
             raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
@@ -146,12 +157,17 @@ class Engine:
         self.scheduler = Scheduler(sched_cfg, self.num_slots, self.max_len)
         self.buckets = Buckets.make(sched_cfg.max_batch_size, sched_cfg.max_num_batched_tokens,
                                     sched_cfg.max_prefill_seqs)
+        self._replicated = NamedSharding(self.mesh, P())
         self._state: DeviceState = init_device_state(
             config.n_layer, self.num_slots, self.max_len, config.n_head, config.head_dim,
-            config.jnp_dtype, kv_sharding)
+            config.jnp_dtype, NamedSharding(self.mesh, kv_spec), self._replicated)
+        # Outputs keep the state's shardings, so each step's donated buffers are reused in place.
+        state_sh = jax.tree.map(lambda x: x.sharding, self._state)
         self.num_compiles = 0
-        self._step = jax.jit(self._traced_step, donate_argnames=("state",))
-        self._sample = jax.jit(self._traced_sample, donate_argnames=("state",))
+        self._step = jax.jit(self._traced_step, donate_argnames=("state",),
+                             out_shardings=(state_sh, self._replicated))
+        self._sample = jax.jit(self._traced_sample, donate_argnames=("state",),
+                               out_shardings=(state_sh, self._replicated))
         self._rng = np.random.default_rng(ec.seed)
         self._outputs: dict[str, _Output] = {}
         self._requests: dict[str, Request] = {}
@@ -166,10 +182,14 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str, engine_config: EngineConfig = EngineConfig(),
-                        dtype: str | None = None, **kw) -> "Engine":
+                        dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                        layout: str | Layout = "replicated") -> "Engine":
+        """Restores the parameters straight into the layout's shardings on `mesh`."""
         from .checkpoints.store import load_checkpoint
-        config, params = load_checkpoint(path, dtype=dtype)
-        return cls(config, params, engine_config, tokenizer=load_tokenizer(path), **kw)
+        mesh = mesh or single_device_mesh()
+        config, params = load_checkpoint(path, mesh=mesh, layout=layout, dtype=dtype)
+        return cls(config, params, engine_config, tokenizer=load_tokenizer(path), mesh=mesh,
+                   layout=layout)
 
     # -- compiled step ----------------------------------------------------------------------
 
@@ -182,7 +202,7 @@ class Engine:
         return run_sample(state, logits, inp)
 
     def _run(self, plan: StepPlan, sampling: SamplingTensors):
-        step_in, sample_in = device_put_inputs(plan, sampling)
+        step_in, sample_in = device_put_inputs(plan, sampling, self._replicated)
         self._state, logits = self._step(self._params, self._state, step_in)
         self._state, out = self._sample(self._state, logits, sample_in)
         return out

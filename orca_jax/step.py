@@ -66,10 +66,10 @@ class SampleInputs:
 
 
 def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype,
-                      kv_sharding=None) -> DeviceState:
+                      kv_sharding=None, other_sharding=None) -> DeviceState:
     kv = KVCache.zeros(num_layers, num_slots, max_len, num_heads, head_dim, dtype, kv_sharding)
-    return DeviceState(kv=kv, last_token=jnp.zeros((num_slots,), jnp.int32),
-                       history=jnp.zeros((num_slots, max_len), jnp.int32))
+    zeros = lambda shape: jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=other_sharding)()
+    return DeviceState(kv=kv, last_token=zeros((num_slots,)), history=zeros((num_slots, max_len)))
 
 
 def run_step(graphdef: nnx.GraphDef, params: nnx.State, state: DeviceState,
