@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
 
 def random_hf_checkpoint(preset: str, seed: int = 0) -> str:
     """A random-weight HF GPT-2 of a preset's shape, saved once under the cache folder."""
+    from .demo_model import orca_home
     from .models.gpt2 import PRESETS
-    home = os.environ.get("ORCA_JAX_HOME", os.path.join(os.path.expanduser("~"), ".cache", "orca-jax"))
+    home = str(orca_home())
     path = os.path.join(home, f"hf-random-{preset}-seed{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
