@@ -180,6 +180,22 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
+def block(c: GPTConfig, p: dict, x: jax.Array, kv: KVCache, l: jax.Array,
+          meta: AttnMeta) -> tuple[jax.Array, KVCache]:
+    """Transformer block `l` (params `p` of that layer) on rows x [T, D]; writes its K, V."""
+    h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
+    qkv = jnp.einsum("td,dahk->tahk", h, p["attn"]["c_attn"]["kernel"])
+    qkv = qkv + p["attn"]["c_attn"]["bias"]                                      # [T, 3, H, K]
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    kv = KVCache(k=write_kv(kv.k, l, k, meta), v=write_kv(kv.v, l, v, meta))
+    a = attend(q, k, v, kv, l, meta, 1.0 / math.sqrt(c.head_dim))                 # [T, H, K]
+    x = x + jnp.einsum("thk,hkd->td", a, p["attn"]["c_proj"]["kernel"]) + p["attn"]["c_proj"]["bias"]
+    h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
+    h = ACTIVATIONS[c.activation](h @ p["mlp"]["c_fc"]["kernel"] + p["mlp"]["c_fc"]["bias"])  # [T, F]
+    x = x + h @ p["mlp"]["c_proj"]["kernel"] + p["mlp"]["c_proj"]["bias"]        # [T, D]
+    return x, kv
+
+
 class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         c = self.config = config
@@ -198,25 +214,13 @@ class GPT(nnx.Module):
         c = self.config
         x = self.wte.embedding[...][tokens] + self.wpe.embedding[...][positions]  # [T, D]
         layers = nnx.to_pure_dict(nnx.state(self.h))  # every leaf [L, ...]
-        scale = 1.0 / math.sqrt(c.head_dim)
-        act = ACTIVATIONS[c.activation]
 
-        def block(carry, inputs):
+        def step(carry, inputs):
             x, kv = carry
             p, l = inputs
-            h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
-            qkv = jnp.einsum("td,dahk->tahk", h, p["attn"]["c_attn"]["kernel"])
-            qkv = qkv + p["attn"]["c_attn"]["bias"]                                  # [T, 3, H, K]
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            kv = KVCache(k=write_kv(kv.k, l, k, meta), v=write_kv(kv.v, l, v, meta))
-            a = attend(q, k, v, kv, l, meta, scale)                                  # [T, H, K]
-            x = x + jnp.einsum("thk,hkd->td", a, p["attn"]["c_proj"]["kernel"]) + p["attn"]["c_proj"]["bias"]
-            h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
-            h = act(h @ p["mlp"]["c_fc"]["kernel"] + p["mlp"]["c_fc"]["bias"])      # [T, F]
-            x = x + h @ p["mlp"]["c_proj"]["kernel"] + p["mlp"]["c_proj"]["bias"]   # [T, D]
-            return (x, kv), None
+            return block(c, p, x, kv, l, meta), None
 
-        (x, kv), _ = jax.lax.scan(block, (x, kv), (layers, jnp.arange(c.n_layer)))
+        (x, kv), _ = jax.lax.scan(step, (x, kv), (layers, jnp.arange(c.n_layer)))
         return x, kv
 
     def logits(self, x: jax.Array) -> jax.Array:
