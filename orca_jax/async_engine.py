@@ -96,15 +96,19 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[RequestOutput] = asyncio.Queue()
         sink = lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out)
-        rid = await asyncio.wrap_future(self._submit(prompt, params, request_id, sink))
-        finished = False
+        submitted = self._submit(prompt, params, request_id, sink)
+        rid, finished = None, False
         try:
+            rid = await asyncio.wrap_future(submitted)
             while not finished:
                 out = await deltas.get()
                 finished = out.finished
                 yield out
         finally:
-            if not finished:  # the consumer went away (cancel, disconnect, deadline)
+            if rid is None:  # cancelled while submitting: abort if the add went through
+                submitted.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() or self.abort(f.result()))
+            elif not finished:  # the consumer went away (cancel, disconnect, deadline)
                 self.abort(rid)
 
     def _submit(self, prompt, params, request_id, sink) -> concurrent.futures.Future:
@@ -117,6 +121,8 @@ class AsyncEngine:
             return fut
 
         def add():
+            if not fut.set_running_or_notify_cancel():  # the caller gave up while queued
+                return
             if self.dead is not None or self._stop:
                 fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'shut down'}"))
                 return
@@ -193,4 +199,7 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            cmd()
+            try:
+                cmd()
+            except Exception:  # a command must never take the loop down with it
+                log.error("engine command failed:\n%s", traceback.format_exc())

@@ -132,6 +132,8 @@ class Engine:
         self.model_config = config
         self.config = ec = engine_config
         self.tokenizer = tokenizer or ByteTokenizer()
+        self._eos_token_id = (config.eos_token_id if config.eos_token_id is not None
+                              else self.tokenizer.eos_token_id)
         self.mesh = mesh or single_device_mesh()
         self.layout = get_layout(layout)
         params = jax.device_put(params, param_shardings(config, self.mesh, self.layout))
@@ -275,7 +277,7 @@ class Engine:
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
-            [r.index for r in rows], len(plan.sample_rows))
+            [r.index for r in rows], len(plan.sample_rows), self._eos_token_id)
         out = self._run(plan, sampling)
         want_lp = any(r.request.params.logprobs is not None for r in rows)
         self.stats.iterations += 1
@@ -310,13 +312,14 @@ class Engine:
         """Detokenize the new token, check every stop condition, emit a delta."""
         p, o = req.params, self._outputs[req.request_id]
         n = len(req.output_ids)
-        eos = self.model_config.eos_token_id if self.model_config.eos_token_id is not None \
-            else self.tokenizer.eos_token_id
+        eos = self._eos_token_id
         stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok == eos and not p.ignore_eos))
         stopped = False
         if not stop_id:  # a stop token stays in token_ids but not in the text
-            emit, stopped = o.stops.push(o.detok.push([tok]))
-            o.text += emit
+            delta = o.detok.push([tok])
+            if n > p.min_tokens:  # vLLM: no stop check of any kind before min_tokens
+                delta, stopped = o.stops.push(delta)
+            o.text += delta
         reason = FinishReason.STOP if stop_id or stopped else None
         if reason is None and n >= p.max_tokens:
             reason = FinishReason.LENGTH

@@ -50,6 +50,7 @@ class SamplingParams:
              f"must be in [0, {MAX_LOGPROBS}]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", len(self.stop_token_ids) <= 15, "takes at most 15 ids"),
         ]
         for name, ok, why in checks:
             if not ok:

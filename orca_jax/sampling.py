@@ -30,6 +30,9 @@ import numpy as np
 
 from orca_jax.request import MAX_LOGPROBS, SamplingParams
 
+MAX_BANNED = 16       # EOS + up to 15 stop_token_ids masked before min_tokens (SamplingParams checks)
+NO_ID = 2**30         # padding of `banned`: out of range, so the masking scatter drops it
+
 # Top logprobs are always computed MAX_LOGPROBS wide (when any row asks): one shape, one
 # program; the host slices each request's own N back out.
 
@@ -37,7 +40,7 @@ from orca_jax.request import MAX_LOGPROBS, SamplingParams
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "step",
+                 "presence_penalty", "frequency_penalty", "seed", "step", "banned",
                  "any_random", "any_penalty", "any_filter", "any_logprobs"],
     meta_fields=[])
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,8 @@ class SamplingTensors:
     frequency_penalty: jax.Array   # [R] f32, 0 => off
     seed: jax.Array                # [R, 2] u32: (high, low) words of the 63-bit request seed
     step: jax.Array                # [R] i32: index of the token being generated (0 = first)
+    banned: jax.Array              # [R, MAX_BANNED] i32: ids masked out before min_tokens
+                                   # (EOS and stop ids; NO_ID pads)
     any_random: jax.Array          # [] bool: some row has temperature > 0
     any_penalty: jax.Array         # [] bool: some row has a penalty
     any_filter: jax.Array          # [] bool: some sampling row uses top_k/top_p/min_p
@@ -60,19 +65,27 @@ class SamplingTensors:
 
     @staticmethod
     def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
-                    num_rows: int) -> SamplingTensors:
+                    num_rows: int, eos_token_id: int | None = None) -> SamplingTensors:
         """Host-side builder (numpy): row i takes params_list[i]; None and rows past the list
         are greedy padding. Flags only count rows that need them: filters on a greedy row
-        cannot change its argmax, so they do not switch on the sort."""
+        cannot change its argmax, so they do not switch on the sort. Until a row has made
+        `min_tokens` tokens, its EOS (unless ignore_eos) and stop ids cannot be drawn (vLLM's
+        and HF's min_new_tokens semantics)."""
         if len(params_list) > num_rows:
             raise ValueError(f"{len(params_list)} rows of params for {num_rows} rows")
         ps = [p or _PADDING for p in params_list] + [_PADDING] * (num_rows - len(params_list))
         seed = np.zeros((num_rows, 2), np.uint32)
         step = np.zeros((num_rows,), np.int32)
+        banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
         for i, p in enumerate(params_list):
             if p is not None:
                 seed[i] = (seeds[i] >> 32) & 0xFFFFFFFF, seeds[i] & 0xFFFFFFFF
                 step[i] = steps[i]
+                if steps[i] < p.min_tokens:
+                    ids = list(p.stop_token_ids)
+                    if eos_token_id is not None and not p.ignore_eos:
+                        ids.append(eos_token_id)
+                    banned[i, :len(ids)] = ids
         col = lambda name, dtype: np.array([getattr(p, name) for p in ps], dtype)
         temperature = col("temperature", np.float32)
         random = temperature > 0
@@ -84,6 +97,7 @@ class SamplingTensors:
             repetition_penalty=col("repetition_penalty", np.float32),
             presence_penalty=col("presence_penalty", np.float32),
             frequency_penalty=col("frequency_penalty", np.float32), seed=seed, step=step,
+            banned=banned,
             any_random=np.bool_(random.any()), any_penalty=np.bool_(any(p.has_penalties for p in ps)),
             any_filter=np.bool_(filtered.any()),
             any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
@@ -157,6 +171,7 @@ def sample(logits: jax.Array, st: SamplingTensors, token_history: jax.Array,
     x = jax.lax.cond(st.any_penalty,
                      lambda: apply_penalties(logits, st, token_history, prompt_len, hist_len),
                      lambda: logits)
+    x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # min_tokens
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)                      # exact, first on ties
 
     def draw():

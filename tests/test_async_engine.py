@@ -231,13 +231,6 @@ def test_shutdown_fails_open_streams_instead_of_hanging(engine):
         run(after())
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: cancelling a stream while its submission is queued cancels the "
-    "concurrent.futures.Future that AsyncEngine._submit's `add` command later resolves; "
-    "fut.set_result raises InvalidStateError on the loop thread, outside the loop's try, so the "
-    "loop thread dies without failing anyone: other open streams hang (and the request that was "
-    "just added is never aborted)"))
 def test_cancel_during_submission_neither_leaks_nor_kills_the_loop(engine, aeng, monkeypatch):
     entered, gate = threading.Event(), threading.Event()
     real_add = engine.add_request

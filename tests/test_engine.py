@@ -507,9 +507,6 @@ def test_min_tokens_defers_eos(model, engine, idle):
     assert got.reason is FinishReason.LENGTH or got.ids[-1] == model.eos
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: min_tokens only defers honouring EOS/stop ids, the EOS token is still sampled "
-    "and emitted mid-output; vLLM and HF (min_new_tokens) mask EOS/stop-id logits instead"))
 def test_min_tokens_masks_eos_like_hf(model, engine, idle):
     m = model.eos_index + 3
     with torch.no_grad(), _torch_one_thread():
