@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import collections
+import numbers
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -38,8 +39,8 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One final output per prompt, in order. Prompts are text or token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
+            prompts = [prompts]  # one prompt (text, or token ids as a list or numpy array)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
