@@ -1,0 +1,263 @@
+"""The server process: one asyncio loop runs the gRPC server and the optional HTTP port in front
+of one AsyncEngine (whose loop runs in its own thread).
+
+    engine = AsyncEngine(Engine.from_checkpoint(path, cfg)).start()
+    server = Server(engine, ServerConfig(grpc_port=50051, http_port=8000), model_name="gpt2")
+    await server.start()            # binds; port 0 picks a free port (server.grpc_port)
+    await server.drain(timeout=30)  # stop accepting, let in-flight requests finish
+    await server.stop()
+
+`serve()` is the whole `orca-jax serve` lifecycle, SIGTERM drain included; `BackgroundServer`
+runs a Server on a private loop in a thread (tests, `orca-jax demo`).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from .. import __version__
+from ..async_engine import AsyncEngine
+from ..proto import generation_pb2 as pb
+from ..request import MAX_LOGPROBS
+from . import security
+from .grpc_api import GenerationService, add_to_server
+from .http_api import CompletionsAPI
+from .inputs import Limits
+from .metrics import ServerMetrics
+
+log = logging.getLogger("orca_jax.server")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # orca_jax.v1.Generation
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Network front end of one engine (the `orca-jax serve` flags)."""
+
+    host: str = "127.0.0.1"               # interface to bind; 0.0.0.0 for every interface
+    grpc_port: int | None = 50051         # None: no gRPC port; 0: any free port
+    http_port: int | None = None          # OpenAI-compatible HTTP; None: off; 0: any free port
+    tls_cert: str | None = None           # PEM certificate chain: TLS on both ports
+    tls_key: str | None = None            # PEM private key of tls_cert
+    auth_token: str | None = None         # require "authorization: Bearer <token>"
+    max_request_bytes: int = 1 << 20      # larger requests: INVALID_ARGUMENT / HTTP 400
+    drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may finish
+    health_poll_s: float = 0.5            # how often gRPC health follows the engine's state
+
+    def __post_init__(self):
+        if self.grpc_port is None and self.http_port is None:
+            raise ValueError("grpc_port and http_port are both off: enable at least one")
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token is empty")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+def model_info(engine: AsyncEngine, model_name: str, max_request_bytes: int) -> pb.ModelInfo:
+    e = engine.engine
+    c = e.model_config
+    eos = c.eos_token_id if c.eos_token_id is not None else e.tokenizer.eos_token_id
+    return pb.ModelInfo(
+        model_name=model_name, architecture="gpt2", max_model_len=e.max_len, vocab_size=c.vocab_size,
+        eos_token_id=-1 if eos is None else eos, max_batch_size=e.num_slots, max_logprobs=MAX_LOGPROBS,
+        num_layers=c.n_layer, hidden_size=c.n_embd, num_heads=c.n_head, num_parameters=c.num_params(),
+        dtype=c.dtype, version=__version__, max_request_bytes=max_request_bytes)
+
+
+class Server:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig = ServerConfig(),
+                 model_name: str = "orca-jax"):
+        self.engine = engine
+        self.config = config
+        self.model_name = model_name
+        e = engine.engine
+        self.tokenizer = e.tokenizer
+        self.limits = Limits(e.max_len, e.model_config.vocab_size, config.max_request_bytes)
+        self.metrics = ServerMetrics(engine, model_name, e.max_len)
+        self.draining = False
+        self.started_at = int(time.time())
+        self.grpc_port: int | None = None     # bound ports, after start()
+        self.http_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._health = health_aio.HealthServicer()
+        self._poll: asyncio.Task | None = None
+        self._token_cache: dict[int, str] = {}
+
+    # -- helpers the APIs share -------------------------------------------------------------
+
+    def health_problem(self) -> str | None:
+        """None when serving; else why not (dead engine, stuck iteration, draining)."""
+        if self.engine.dead is not None:
+            return f"the engine loop failed: {self.engine.dead}"
+        if not self.engine.healthy():
+            return (f"the engine loop is not iterating (stopped, or one iteration has taken over "
+                    f"{self.engine.stuck_after_s:.0f} s)")
+        if self.draining:
+            return "draining: the server is shutting down"
+        return None
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (for logprobs), cached: vocabularies are small."""
+        t = self._token_cache.get(token_id)
+        if t is None:
+            t = self._token_cache[token_id] = self.tokenizer.decode([token_id])
+        return t
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        if c.grpc_port is not None:
+            hard_limit = max(4 * c.max_request_bytes, 4 << 20)  # beyond it gRPC itself refuses
+            interceptors = [security.GrpcBearerAuth(c.auth_token)] if c.auth_token else []
+            self._grpc = grpc.aio.server(interceptors=interceptors, options=[
+                ("grpc.max_receive_message_length", hard_limit),
+                ("grpc.so_reuseport", 0)])
+            add_to_server(GenerationService(self, model_info(self.engine, self.model_name,
+                                                             c.max_request_bytes)), self._grpc)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            reflection.enable_server_reflection(
+                (GENERATION_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME), self._grpc)
+            addr = f"{c.host}:{c.grpc_port}"
+            if c.tls_cert:
+                self.grpc_port = self._grpc.add_secure_port(addr, security.grpc_credentials(c.tls_cert, c.tls_key))
+            else:
+                self.grpc_port = self._grpc.add_insecure_port(addr)
+            await self._grpc.start()
+        if c.http_port is not None:
+            middlewares = [security.http_bearer_auth(c.auth_token)] if c.auth_token else []
+            app = CompletionsAPI(self).app(middlewares)
+            self._http = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                       shutdown_timeout=1.0)
+            await self._http.setup()
+            ssl_ctx = security.http_ssl_context(c.tls_cert, c.tls_key) if c.tls_cert else None
+            site = web.TCPSite(self._http, c.host, c.http_port, ssl_context=ssl_ctx)
+            await site.start()
+            self.http_port = site._server.sockets[0].getsockname()[1]
+        await self._update_health()
+        self._poll = asyncio.create_task(self._follow_health())
+
+    async def _update_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.health_problem() is None
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", GENERATION_SERVICE):
+            await self._health.set(service, status)
+
+    async def _follow_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_poll_s)
+            await self._update_health()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests (UNAVAILABLE / 503), wait for in-flight ones to finish.
+        Returns False if some were still running at the timeout."""
+        timeout = self.config.drain_timeout_s if timeout is None else timeout
+        self.draining = True
+        self.engine.stop_accepting()
+        await self._update_health()
+        deadline = time.monotonic() + timeout
+        while self.engine.num_unfinished() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.engine.num_unfinished()
+        if left:
+            log.warning("drain timeout (%.0f s): %d requests still running", timeout, left)
+        return left == 0
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Close both ports; calls still open get `grace` seconds, then are cancelled."""
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http is not None:
+            await self._http.cleanup()
+
+
+def serve(engine: AsyncEngine, config: ServerConfig, model_name: str,
+          on_ready=None) -> int:
+    """Runs the server until SIGTERM/SIGINT, then drains (stop accepting, let in-flight
+    requests finish up to `config.drain_timeout_s`), stops and returns 0. The caller owns the
+    engine (and shuts it down after)."""
+
+    async def main() -> int:
+        server = Server(engine, config, model_name)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+        log.warning("signal received: draining (up to %.0f s)", config.drain_timeout_s)
+        await server.drain()
+        await server.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+class BackgroundServer:
+    """A Server on its own event loop in a daemon thread: `start()` returns once it is bound."""
+
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, model_name: str = "orca-jax"):
+        self.engine, self.config, self.model_name = engine, config, model_name
+        self.loop = asyncio.new_event_loop()
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="orca-server", daemon=True)
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+
+        async def up():
+            self.server = Server(self.engine, self.config, self.model_name)
+            await self.server.start()
+        self.call(up())
+        return self
+
+    def call(self, coro, timeout: float | None = 60):
+        """Runs a coroutine on the server's loop and returns its result."""
+        fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{_connect_host(self.config.host)}:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{_connect_host(self.config.host)}:{self.server.http_port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

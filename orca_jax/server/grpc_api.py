@@ -1,0 +1,104 @@
+"""The gRPC service `orca_jax.v1.Generation` (see orca_jax/proto/generation.proto).
+
+`Generate` writes one GenerateResponse per engine delta with `context.write` from a plain
+coroutine (not an async-generator handler), so a cancellation from gRPC (client cancel,
+disconnect, deadline) always lands inside our `async with` and aborts the engine request.
+
+Status codes: INVALID_ARGUMENT (bad field; the message starts with its name), RESOURCE_EXHAUSTED
+(waiting queue full), UNAVAILABLE (draining, or the engine stopped before the request was
+accepted), INTERNAL (the engine failed the request while it ran; the server turns unhealthy).
+"""
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import grpc
+
+from ..proto import generation_pb2 as pb
+from ..proto import generation_pb2_grpc as pb_grpc
+from ..request import FinishReason, RequestOutput
+from .inputs import SAMPLING_FIELDS, InvalidArgument, Limits, prepare
+from .stream import ErrorKind, classify, outputs
+
+FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
+          FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.ABORT: pb.FINISH_REASON_ABORT}
+
+
+def sampling_fields(s: pb.SamplingParameters) -> dict:
+    """The fields the caller set (proto3 presence for scalars, non-empty for lists)."""
+    out = {}
+    for name in SAMPLING_FIELDS:
+        field = s.DESCRIPTOR.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.is_repeated:  # `label` is deprecated in protobuf >= 7
+            if len(getattr(s, name)):
+                out[name] = tuple(getattr(s, name))
+        elif field.has_presence:
+            if s.HasField(name):
+                out[name] = getattr(s, name)
+        elif getattr(s, name):  # plain bools: only True differs from the default
+            out[name] = getattr(s, name)
+    return out
+
+
+def _largest_field(request: pb.GenerateRequest) -> str:
+    sizes = {"prompt": len(request.prompt.encode()), "prompt_token_ids": 5 * len(request.prompt_token_ids),
+             "sampling": request.sampling.ByteSize(), "request_id": len(request.request_id)}
+    return max(sizes, key=sizes.get)
+
+
+def response(out: RequestOutput) -> pb.GenerateResponse:
+    lps = [pb.TokenLogprob(token_id=lp["token_id"], logprob=lp["logprob"],
+                           top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"].items()])
+           for lp in (out.logprobs or ())]
+    u = out.usage
+    return pb.GenerateResponse(
+        request_id=out.request_id, token_ids=list(out.token_ids), text=out.text, logprobs=lps,
+        finished=out.finished, finish_reason=FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                       total_tokens=u.total_tokens))
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, server, model_info: pb.ModelInfo):
+        self.server = server            # the owning Server: engine, tokenizer, limits, draining
+        self.model_info = model_info
+
+    @property
+    def limits(self) -> Limits:
+        return self.server.limits
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return self.model_info
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        size = request.ByteSize()
+        if size > self.limits.max_request_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(InvalidArgument(
+                _largest_field(request), f"the request is {size} bytes, over the server's limit of "
+                f"{self.limits.max_request_bytes} bytes (--max-request-bytes)")))
+        try:
+            ids, params = prepare(self.server.tokenizer, self.limits, request.prompt,
+                                  request.prompt_token_ids, sampling_fields(request.sampling))
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        try:
+            async with contextlib.aclosing(outputs(self.server.engine, ids, params, rid)) as stream:
+                async for out in stream:
+                    if out.finish_reason is FinishReason.ERROR:
+                        kind = ErrorKind.UNAVAILABLE if self.server.draining else ErrorKind.INTERNAL
+                        await context.abort(getattr(grpc.StatusCode, kind.grpc_code),
+                                            f"the engine failed this request: {out.error}")
+                    await context.write(response(out))
+        except (ValueError, RuntimeError) as e:  # raised by the submission, before any output
+            kind = classify(e)
+            if kind is None:
+                raise
+            await context.abort(getattr(grpc.StatusCode, kind.grpc_code), str(e))
+
+
+def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
+    pb_grpc.add_GenerationServicer_to_server(service, server)

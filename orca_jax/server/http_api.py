@@ -1,0 +1,317 @@
+"""HTTP on an optional port: OpenAI-compatible completions, models, health, metrics (aiohttp).
+
+    POST /v1/completions   OpenAI legacy completions, streaming (SSE) and not, with `usage`,
+                           `logprobs`, `stop`, `seed`, `n`, several prompts, and vLLM's extra
+                           sampling fields (top_k, min_p, repetition_penalty, ignore_eos, ...)
+    GET  /v1/models        the served model
+    GET  /health           200, or 503 when the engine loop is dead, stuck or draining
+    GET  /metrics          Prometheus text format, vLLM metric names (metrics.py)
+
+Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with 400 (bad
+field, named in `param` and at the start of `message`), 429 (queue full), 503 (draining or
+dead) and 500 (the engine failed the request). A client that disconnects aborts its requests:
+the runner is created with `handler_cancellation=True`, so aiohttp cancels the handler.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from ..request import FinishReason, RequestOutput
+from .inputs import InvalidArgument, prepare
+from .stream import classify, outputs
+
+# OpenAI/vLLM body fields -> the JSON type each must have. Unknown fields are ignored, as vLLM
+# does, so clients that send OpenAI-only fields (`user`, ...) keep working.
+SAMPLING_BODY = {
+    "max_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
+    "min_p": "number", "repetition_penalty": "number", "presence_penalty": "number",
+    "frequency_penalty": "number", "seed": "integer", "stop": "string or list of strings",
+    "stop_token_ids": "list of integers", "ignore_eos": "boolean", "min_tokens": "integer",
+    "logprobs": "integer", "include_stop_str_in_output": "boolean",
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+JSON_TYPES = {
+    "integer": _is_int,
+    "number": lambda v: _is_int(v) or isinstance(v, float),
+    "boolean": lambda v: isinstance(v, bool),
+    "string or list of strings": lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+}
+OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.type = type_ or {400: "invalid_request_error", 429: "rate_limit_error",
+                              503: "service_unavailable", 401: "authentication_error"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
+
+
+def _invalid(field: str, message: str) -> HttpError:
+    return HttpError(400, str(InvalidArgument(field, message)), field)
+
+
+def _from_exception(e: BaseException) -> HttpError:
+    if isinstance(e, InvalidArgument):
+        return HttpError(400, str(e), e.field)
+    kind = classify(e)
+    if kind is None:
+        raise e
+    return HttpError(kind.http_status, str(e), None)
+
+
+def _sampling_fields(body: dict) -> dict:
+    fields: dict[str, Any] = {}
+    for key, kind in SAMPLING_BODY.items():
+        v = body.get(key)
+        if v is None:  # JSON null: the default, as OpenAI's clients send it
+            continue
+        if not JSON_TYPES[kind](v):
+            raise _invalid(key, f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {json.dumps(v)}")
+        fields[key] = v
+    if fields.get("top_k") == -1:  # vLLM spells "off" as -1; ours is 0
+        fields["top_k"] = 0
+    return fields
+
+
+def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of ids, a list of id lists."""
+    p = body.get("prompt")
+    if p is None or p == "" or p == []:
+        raise _invalid("prompt", "the prompt is empty: give text or token ids")
+    if isinstance(p, str):
+        return [(p, None)]
+    if isinstance(p, list):
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [(None, p)]
+        if all(isinstance(x, str) for x in p):
+            return [(x, None) for x in p]
+        if all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+               for x in p):
+            return [(None, x) for x in p]
+    raise _invalid("prompt", "must be a string, a list of strings, a list of token ids or a list "
+                             "of token-id lists")
+
+
+class CompletionsAPI:
+    def __init__(self, server):
+        self.server = server  # the owning Server: engine, tokenizer, limits, metrics, names
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    def app(self, middlewares=()) -> web.Application:
+        app = web.Application(client_max_size=self.server.limits.max_request_bytes,
+                              middlewares=list(middlewares))
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        problem = self.server.health_problem()
+        if problem is None:
+            return web.Response(text="ok\n")
+        return web.json_response({"status": "unhealthy", "reason": problem}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return web.Response(body=self.server.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        s = self.server
+        return web.json_response({"object": "list", "data": [{
+            "id": s.model_name, "object": "model", "created": s.started_at, "owned_by": "orca-jax",
+            "root": s.model_name, "parent": None, "max_model_len": s.limits.max_model_len}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._completions(request)
+        except HttpError as e:
+            return web.json_response(e.body(), status=e.status)
+
+    # -- /v1/completions ------------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict:
+        limit = self.server.limits.max_request_bytes
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _invalid("prompt", f"the request body is over the server's limit of {limit} bytes "
+                                     "(--max-request-bytes)") from None
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HttpError(400, f"body: not valid JSON ({e})", "body") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "body: must be a JSON object", "body")
+        return body
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        s = self.server
+        body = await self._body(request)
+        model = body.get("model")
+        if model is not None and model != s.model_name:
+            raise HttpError(404, f"model: {model!r} is not served here; this server serves "
+                                 f"{s.model_name!r}", "model", "not_found_error")
+        for key in ("echo", "suffix"):
+            if body.get(key):
+                raise _invalid(key, "is not supported")
+        if body.get("logit_bias"):
+            raise _invalid("logit_bias", "is not supported")
+        n = body.get("n", 1) if body.get("n") is not None else 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+            raise _invalid("n", f"must be an integer in [1, 16], got {json.dumps(n)}")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != n:
+            raise _invalid("best_of", "is not supported (only best_of == n)")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _invalid("stream", "must be a boolean")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise _invalid("stream_options", "must be an object")
+        fields = _sampling_fields(body)
+        jobs = []  # (prompt token ids, params) per choice, all validated before any is submitted
+        for text, ids in _prompts(body):
+            try:
+                tokens, params = prepare(s.tokenizer, s.limits, text, ids, fields, ids_field="prompt")
+            except InvalidArgument as e:
+                raise HttpError(400, str(e), e.field) from None
+            for j in range(n):  # n samples of one prompt: distinct seeds when one is given
+                p = params if j == 0 or params.seed is None else \
+                    dataclasses.replace(params, seed=(params.seed + j) % 2**63)
+                jobs.append((tokens, p))
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
+        if stream:
+            return await self._stream(request, jobs, cid, head, bool(opts.get("include_usage")))
+        return await self._complete(jobs, cid, head)
+
+    async def _complete(self, jobs, cid: str, head: dict) -> web.Response:
+        async def one(i, tokens, params):
+            pieces: list[RequestOutput] = []
+            async with contextlib.aclosing(outputs(self.server.engine, tokens, params, f"{cid}-{i}")) as st:
+                async for out in st:
+                    pieces.append(out)
+            return pieces
+
+        try:
+            async with asyncio.TaskGroup() as tg:  # one fails: the others are cancelled (aborted)
+                tasks = [tg.create_task(one(i, t, p)) for i, (t, p) in enumerate(jobs)]
+        except BaseExceptionGroup as eg:
+            raise _from_exception(eg.exceptions[0]) from None
+        choices, prompt_toks, gen_toks = [], 0, 0
+        for i, task in enumerate(tasks):
+            pieces = task.result()
+            last = pieces[-1]
+            if last.finish_reason is FinishReason.ERROR:
+                raise self._engine_failure(last)
+            ids = [t for p in pieces for t in p.token_ids]
+            lps = [lp for p in pieces for lp in (p.logprobs or ())]
+            choices.append({"index": i, "text": "".join(p.text for p in pieces),
+                            "logprobs": self._logprobs(ids, lps) if jobs[i][1].logprobs is not None else None,
+                            "finish_reason": OPENAI_FINISH.get(last.finish_reason)})
+            prompt_toks += last.usage.prompt_tokens
+            gen_toks += last.usage.completion_tokens
+        return web.json_response({**head, "choices": choices, "usage": {
+            "prompt_tokens": prompt_toks, "completion_tokens": gen_toks,
+            "total_tokens": prompt_toks + gen_toks}})
+
+    async def _stream(self, request: web.Request, jobs, cid: str, head: dict,
+                      include_usage: bool) -> web.StreamResponse:
+        streams = [outputs(self.server.engine, t, p, f"{cid}-{i}") for i, (t, p) in enumerate(jobs)]
+        queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+        async def pump(i, st):
+            async for out in st:
+                await queue.put((i, out))
+
+        tasks: list[asyncio.Task] = []
+        try:
+            # The headers wait for every choice's first output, so that a failed submission
+            # still gets its own status (400/429/503) instead of an error inside a 200 stream.
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    firsts = [tg.create_task(anext(st)) for st in streams]
+            except BaseExceptionGroup as eg:
+                raise _from_exception(eg.exceptions[0]) from None
+            for i, f in enumerate(firsts):
+                queue.put_nowait((i, f.result()))
+            tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            usage, left = [], len(jobs)
+            while left:
+                i, out = await queue.get()
+                if out.finish_reason is FinishReason.ERROR:
+                    await _sse(resp, self._engine_failure(out).body())
+                    break
+                lp = None
+                if jobs[i][1].logprobs is not None:
+                    lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()))
+                await _sse(resp, {**head, "choices": [{
+                    "index": i, "text": out.text, "logprobs": lp,
+                    "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]})
+                if out.finished:
+                    left -= 1
+                    usage.append(out.usage)
+            if include_usage and not left:
+                p = sum(u.prompt_tokens for u in usage)
+                c = sum(u.completion_tokens for u in usage)
+                await _sse(resp, {**head, "choices": [], "usage": {
+                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:  # disconnect, cancel or error: every unfinished request is aborted
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for st in streams:
+                await st.aclose()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _engine_failure(self, out: RequestOutput) -> HttpError:
+        if self.server.draining:
+            return HttpError(503, f"the server shut down before the request finished: {out.error}")
+        return HttpError(500, f"the engine failed this request: {out.error}", None, "server_error")
+
+    def _logprobs(self, ids: list[int], lps: list[dict]) -> dict:
+        """OpenAI legacy logprobs: token strings, their logprobs, top alternatives, offsets."""
+        dec = self.server.token_text
+        tokens = [dec(t) for t in ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
+                "top_logprobs": [{dec(t): v for t, v in lp["top"].items()} for lp in lps],
+                "text_offset": offsets}
+
+
+async def _sse(resp: web.StreamResponse, obj: dict) -> None:
+    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")

@@ -1,0 +1,96 @@
+"""API requests -> engine requests: prompt token ids and SamplingParams, validated up front.
+
+Both front ends (gRPC and HTTP) go through `prepare()`, so a bad request is refused with a
+message naming the offending field before it reaches the engine thread. The engine checks the
+same limits again (it is the authority); doing it here as well gives API-shaped messages
+(`max_tokens: ...`) and keeps malformed requests off the engine's command queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..request import SamplingParams
+from ..tokenizer import Tokenizer
+
+
+class InvalidArgument(ValueError):
+    """A request field is wrong: gRPC INVALID_ARGUMENT, HTTP 400. `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a request must fit in; read from the running engine."""
+
+    max_model_len: int            # prompt + max_tokens tokens per KV slot
+    vocab_size: int               # valid token ids are [0, vocab_size)
+    max_request_bytes: int        # serialized request (gRPC) or body (HTTP) size limit
+
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def sampling_params(fields: dict) -> SamplingParams:
+    """SamplingParams(**fields); its ValueError (which starts with the field name) becomes an
+    InvalidArgument for that field."""
+    unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise InvalidArgument(unknown[0], "unknown sampling parameter")
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        msg = str(e)
+        field = msg.split(" ", 1)[0]
+        if field not in SAMPLING_FIELDS:
+            field = "sampling"
+        raise InvalidArgument(field, msg.removeprefix(field).strip()) from None
+
+
+def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
+               ids: Sequence[int] | None, *, text_field: str = "prompt",
+               ids_field: str = "prompt_token_ids") -> tuple[list[int], str]:
+    """The prompt's token ids and the field they came from. Exactly one of text/ids."""
+    if text and ids:
+        raise InvalidArgument(text_field, f"give either {text_field} or {ids_field}, not both")
+    if ids:
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidArgument(ids_field, f"token ids {bad[:5]} are outside the vocabulary "
+                                  f"[0, {limits.vocab_size})")
+        return [int(t) for t in ids], ids_field
+    if not text:
+        raise InvalidArgument(text_field, "the prompt is empty: give prompt text or token ids")
+    out = tokenizer.encode(text)
+    if not out:
+        raise InvalidArgument(text_field, "the prompt encodes to zero tokens")
+    return out, text_field
+
+
+def check_length(limits: Limits, n_prompt: int, params: SamplingParams, prompt_field: str) -> None:
+    """Orca reserves prompt + max_tokens positions in a KV slot at admission: both must fit."""
+    L = limits.max_model_len
+    if n_prompt >= L:
+        raise InvalidArgument(prompt_field, f"the prompt is {n_prompt} tokens; the maximum context "
+                              f"length is {L} tokens, which leaves no room for a new token")
+    if n_prompt + params.max_tokens > L:
+        raise InvalidArgument("max_tokens", f"{params.max_tokens} new tokens with a {n_prompt}-token "
+                              f"prompt need {n_prompt + params.max_tokens} tokens, over the maximum "
+                              f"context length of {L}; use at most {L - n_prompt}")
+    bad = [t for t in params.stop_token_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidArgument("stop_token_ids", f"token ids {bad[:5]} are outside the vocabulary "
+                              f"[0, {limits.vocab_size})")
+
+
+def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequence[int] | None,
+            fields: dict, *, text_field: str = "prompt",
+            ids_field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
+    """Validated (prompt token ids, SamplingParams) or InvalidArgument naming the field."""
+    params = sampling_params(fields)
+    tokens, field = prompt_ids(tokenizer, limits, text, ids, text_field=text_field, ids_field=ids_field)
+    check_length(limits, len(tokens), params, field)
+    return tokens, params
