@@ -1,5 +1,311 @@
-"""`orca-jax serve` and `orca-jax demo` (the serving issue fills this in)."""
+"""`orca-jax serve`, `orca-jax demo` and `orca-jax generate --server` (the network commands).
+
+    orca-jax serve --model DIR --grpc-port 50051 --http-port 8000      # until SIGTERM
+    orca-jax generate --server localhost:50051 --prompt "The orca"     # streams to the terminal
+    orca-jax demo                                                      # server + client burst
+
+Secrets stay out of argv (visible in `ps`): the server reads its bearer token from
+--auth-token-file or $ORCA_JAX_AUTH_TOKEN; `generate --server` sends $ORCA_JAX_AUTH_TOKEN and
+trusts the CA in $ORCA_JAX_TLS_CA (a PEM file; setting it turns TLS on).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .cli import add_engine_flags, add_sampling_flags, engine_config, sampling_params
 
 
 def add_parsers(sub) -> None:
-    pass
+    p = sub.add_parser("serve", help="serve a model over gRPC (and OpenAI-compatible HTTP)",
+                       description="Serve until SIGTERM/SIGINT, then drain: refuse new requests, "
+                                   "let in-flight ones finish (up to --drain-timeout), exit 0.")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: embedded demo model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name in /v1/models and GetModelInfo (default: the checkpoint folder's name)")
+    add_server_flags(p)
+    add_engine_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="start a server on the demo model and stream a burst of requests",
+                       description="Starts the gRPC server on the embedded random-weight model, sends "
+                                   "a burst of concurrent streaming requests, shows them streaming "
+                                   "and prints a latency/throughput summary.")
+    d.add_argument("--model", default=None, help="checkpoint directory (default: embedded demo model)")
+    d.add_argument("--requests", type=int, default=32, help="requests in the burst")
+    d.add_argument("--max-tokens", type=int, default=64, help="longest output (outputs are 1/4 to 1x)")
+    d.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    d.add_argument("--no-live", dest="live", action="store_false",
+                   help="no live table (the default when stdout is not a terminal)")
+    add_engine_flags(d)
+    # A small engine by default: fewer bucket programs to compile on the first run.
+    d.set_defaults(fn=cmd_demo, max_batch_size=16, max_num_batched_tokens=128, max_prefill_seqs=8)
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all)")
+    g.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="OpenAI-compatible HTTP port (default: off; 0: any free port)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate chain: TLS on both ports")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token clients must send (else $ORCA_JAX_AUTH_TOKEN; "
+                        "neither: no check)")
+    g.add_argument("--max-request-bytes", type=int, default=1 << 20,
+                   help="larger requests are refused with INVALID_ARGUMENT / 400")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish")
+    g.add_argument("--stuck-after", type=float, default=60.0,
+                   help="health turns NOT_SERVING / 503 when one iteration runs longer (seconds)")
+
+
+def _auth_token(args) -> str | None:
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
+        return token
+    return os.environ.get("ORCA_JAX_AUTH_TOKEN") or None
+
+
+def _model_dir(args) -> tuple[str, str]:
+    """(checkpoint directory, default served name)."""
+    if args.model is not None:
+        return args.model, Path(args.model).resolve().name
+    from .demo_model import DEMO_DIRNAME, ensure_demo_model
+    print("(no --model: using the embedded demo model; its weights are random)", file=sys.stderr)
+    return ensure_demo_model(), DEMO_DIRNAME
+
+
+def _start_engine(model: str, args, quiet: bool = False):
+    from .async_engine import AsyncEngine
+    from .engine import Engine
+    cfg = engine_config(args)
+    t0 = time.perf_counter()
+    if not quiet:
+        print("starting the engine (compiles every bucket program once; later starts reuse the "
+              "XLA cache) ...", file=sys.stderr, flush=True)
+    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype)
+    if not quiet:
+        print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
+              f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
+              file=sys.stderr, flush=True)
+    return AsyncEngine(engine, stuck_after_s=getattr(args, "stuck_after", 60.0)).start()
+
+
+def cmd_serve(args) -> int:
+    from .server import ServerConfig, serve
+    config = ServerConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),
+                          max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout)
+    model, default_name = _model_dir(args)
+    engine = _start_engine(model, args)
+
+    def ready(server) -> None:
+        parts = [f"grpc={args.host}:{server.grpc_port}"]
+        if server.http_port is not None:
+            parts.append(f"http={'https' if args.tls_cert else 'http'}://{args.host}:{server.http_port}")
+        print("orca-jax serve: ready " + " ".join(parts), flush=True)
+
+    try:
+        return serve(engine, config, args.served_model_name or default_name, on_ready=ready)
+    finally:
+        engine.shutdown()
+
+
+# -- generate --server ------------------------------------------------------------------------
+
+
+def _remote_client(target: str):
+    from .client import AsyncClient
+    ca = os.environ.get("ORCA_JAX_TLS_CA")
+    return AsyncClient(target, token=os.environ.get("ORCA_JAX_AUTH_TOKEN") or None,
+                       root_certificates=Path(ca).read_bytes() if ca else None)
+
+
+def cmd_generate_remote(args) -> int:
+    """`orca-jax generate --server HOST:PORT`: the same prompts and sampling flags as offline
+    generation, sent to a running server; one prompt streams to the terminal."""
+    import grpc
+
+    from .client import sampling_kwargs
+    params = sampling_kwargs(sampling_params(args))
+    prompts: list = list(args.prompt)
+    for ids in args.prompt_ids:
+        prompts.append([int(t) for t in ids.split(",") if t.strip()])
+    if not prompts:
+        raise SystemExit("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+
+    async def run() -> None:
+        async with _remote_client(args.server) as client:
+            if len(prompts) == 1:
+                n, reason = 0, None
+                async for d in client.stream(prompts[0], **params):
+                    print(d.text, end="", flush=True)
+                    n, reason = d.usage.completion_tokens, d.finish_reason
+                from .client import FINISH_NAMES
+                print(f"\n--- {FINISH_NAMES[reason]}, {n} tokens", file=sys.stderr)
+                return
+            outs = await asyncio.gather(*[client.generate(p, **params) for p in prompts])
+            for i, out in enumerate(outs):
+                print(f"--- [{i}] {prompts[i]!r} ({out.finish_reason}, {out.completion_tokens} "
+                      f"tokens)\n{out.text}")
+
+    try:
+        asyncio.run(run())
+    except grpc.RpcError as e:
+        print(f"\norca-jax generate: error from {args.server}: {e.code().name}: {e.details()}",
+              file=sys.stderr)
+        return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+def demo_workload(n: int, max_tokens: int, max_len: int, seed: int, tokenizer) -> list[tuple[str, dict]]:
+    """Mixed-length prompts cut from the demo corpus, mixed output lengths, seeded sampling;
+    prompt + output always fit in `max_len` tokens."""
+    import random
+    rng = random.Random(seed)
+    words = (Path(__file__).with_name("demo_corpus.txt")).read_text(encoding="utf-8").split()
+    out = []
+    for i in range(n):
+        k = rng.randint(3, 40)
+        start = rng.randrange(len(words) - k)
+        prompt = " ".join(words[start:start + k])
+        m = rng.randint(max(1, max_tokens // 4), max_tokens)
+        n_prompt = len(tokenizer.encode(prompt))
+        if n_prompt + 1 > max_len:
+            continue
+        m = min(m, max_len - n_prompt)
+        out.append((prompt, dict(max_tokens=m, temperature=0.8, top_p=0.95, seed=seed + i,
+                                 ignore_eos=True)))
+    return out
+
+
+class _Live:
+    """A table of the first rows of the burst, redrawn in place (ANSI) while they stream."""
+
+    def __init__(self, n: int, enabled: bool):
+        self.enabled = enabled
+        self.rows = min(n, max(4, shutil.get_terminal_size((100, 24)).lines - 8))
+        self.width = shutil.get_terminal_size((100, 24)).columns
+        self.text = [""] * n
+        self.tokens = [0] * n
+        self.limit = [0] * n
+        self.drawn = 0
+
+    def draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        out = [f"\x1b[{self.drawn}F"] if self.drawn else []
+        for i in range(self.rows):
+            bar = "#" * (10 * self.tokens[i] // max(1, self.limit[i]))
+            head = f"[{i:2d}] {bar:<10} {self.tokens[i]:3d}/{self.limit[i]:<3d} "
+            tail = _printable(self.text[i])[-(self.width - len(head) - 1):]
+            out.append("\x1b[2K" + head + tail + "\n")
+        more = len(self.text) - self.rows
+        out.append("\x1b[2K" + (f"... and {more} more streaming concurrently\n" if more > 0 else "\n"))
+        sys.stdout.write("".join(out))
+        sys.stdout.flush()
+        self.drawn = self.rows + 1
+
+
+def _printable(text: str) -> str:
+    """Random weights emit control bytes: keep them off the terminal."""
+    return "".join(c if c.isprintable() else " " if c in "\n\t" else "\u00b7" for c in text)
+
+
+async def run_burst(target: str, work, live: _Live) -> list[dict]:
+    """Sends every request at once over one channel; per request: times and token count."""
+    from .client import AsyncClient
+
+    async def one(i, prompt, params):
+        t0 = time.perf_counter()
+        times, n = [], 0
+        async for d in client.stream(prompt, **params):
+            if d.token_ids:
+                times.append(time.perf_counter())
+            n = d.usage.completion_tokens
+            live.text[i] += d.text
+            live.tokens[i] = n
+        return {"start": t0, "first": times[0], "end": time.perf_counter(), "tokens": n}
+
+    async def redraw():
+        while True:
+            live.draw()
+            await asyncio.sleep(0.1)
+
+    async with AsyncClient(target) as client:
+        for i, (_, params) in enumerate(work):
+            live.limit[i] = params["max_tokens"]
+        painter = asyncio.create_task(redraw())
+        try:
+            results = await asyncio.gather(*[one(i, p, s) for i, (p, s) in enumerate(work)])
+        finally:
+            painter.cancel()
+        live.draw(final=True)
+    return results
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def summarize(results: list[dict], wall: float) -> str:
+    ttft = [r["first"] - r["start"] for r in results]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+    e2e = [r["end"] - r["start"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    ms = lambda xs, q: 1000 * _pct(xs, q)
+    return "\n".join([
+        f"{len(results)} requests, {tokens} tokens in {wall:.2f} s: "
+        f"{tokens / wall:.0f} tokens/s, {len(results) / wall:.1f} requests/s",
+        f"  TTFT  p50 {ms(ttft, .5):7.1f} ms   p90 {ms(ttft, .9):7.1f} ms   p99 {ms(ttft, .99):7.1f} ms",
+        f"  TPOT  p50 {ms(tpot, .5):7.1f} ms   p90 {ms(tpot, .9):7.1f} ms   mean {1000 * statistics.mean(tpot):7.1f} ms"
+        if tpot else "  TPOT  -",
+        f"  e2e   p50 {ms(e2e, .5):7.1f} ms   p90 {ms(e2e, .9):7.1f} ms   p99 {ms(e2e, .99):7.1f} ms",
+    ])
+
+
+def cmd_demo(args) -> int:
+    from .server import BackgroundServer, ServerConfig
+    if args.requests < 1 or args.max_tokens < 1:
+        raise ValueError("--requests and --max-tokens must be >= 1")
+    model, name = _model_dir(args)
+    engine = _start_engine(model, args)
+    server = BackgroundServer(engine, ServerConfig(grpc_port=0), name).start()
+    try:
+        print(f"gRPC server on {server.grpc_target}: sending {args.requests} concurrent streaming "
+              f"requests (batch of {engine.engine.num_slots})\n", flush=True)
+        work = demo_workload(args.requests, args.max_tokens, engine.engine.max_len, args.seed,
+                             engine.engine.tokenizer)
+        live = _Live(len(work), args.live and sys.stdout.isatty())
+        stats0 = len(engine.engine.stats.batch_sizes)
+        t0 = time.perf_counter()
+        results = asyncio.run(run_burst(server.grpc_target, work, live))
+        wall = time.perf_counter() - t0
+        if not live.enabled:  # plain output: a few finished texts, then the summary
+            for i in range(min(4, len(work))):
+                print(f"[{i}] {_printable(work[i][0][:40])}... -> {_printable(live.text[i][:70])}")
+        batches = engine.engine.stats.batch_sizes[stats0:]
+        print("\n" + summarize(results, wall))
+        if batches:
+            print(f"  engine: {len(batches)} iterations, mean batch {statistics.mean(batches):.1f} "
+                  f"requests (Orca's iteration-level scheduling: requests join and leave every step)")
+        print(f"\n(weights are random, so the text is noise.) Next: `orca-jax serve --http-port 8000` "
+              f"and `orca-jax generate --server localhost:50051 --prompt 'The orca'`")
+    finally:
+        server.stop()
+        engine.shutdown()
+    return 0
