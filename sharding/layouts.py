@@ -2,21 +2,48 @@
 
 A parameter or buffer declares the *logical* axes of each dimension (`PARAM_AXES` in
 `models/gpt2.py`, `KV_AXES` in `models/attention.py`); a `Layout` maps those names to mesh
-axes. Trying a new layout is a new entry in `LAYOUTS`, never a code change in the model.
+axes. Trying a new layout is a new entry in `LAYOUTS` or a small JSON/TOML rules file
+(`load_layout`, format in docs/distributed.md), never a code change in the model or engine.
 
-Resolution rules of `spec_for`, chosen so that every layout is valid on every mesh:
+A rule maps a logical axis to one mesh axis (``"tensor"``), to several (``("data", "tensor")``:
+the dimension splits over their product, in that order), or to None (replicated).
+
+Resolution rules of `Layout.resolve` / `spec_for`, chosen so that every layout is valid on
+every mesh:
 * a mesh axis missing from the mesh, or of size 1, means "replicated" for that dimension;
 * a mesh axis is used at most once per array (the first dimension that asks gets it);
-* a dimension whose size the mesh axis does not divide stays replicated (XLA's `NamedSharding`
-  requires even tiling; e.g. GPT-2's vocab 50257 cannot split over 4 devices).
+* a mesh axis whose size (times the axes already chosen for the dimension) does not divide
+  the dimension is skipped (XLA's `NamedSharding` requires even tiling; e.g. GPT-2's vocab
+  50257 cannot split over 4 devices, so it stays replicated).
+
+`resolve` is pure Python over a ``{axis: size}`` dict, so `sharding/plan.py` computes the
+same placement as the engine without a device.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Mapping, Union
 
 import jax
 
+from ..models.attention import KV_AXES
 from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
+
+MeshAxes = Union[str, tuple[str, ...], None]  # what one dimension is split over
+
+
+def _logical_names() -> frozenset[str]:
+    leaves = jax.tree.leaves(PARAM_AXES, is_leaf=lambda x: isinstance(x, tuple))
+    return frozenset(a for axes in [*leaves, KV_AXES] for a in axes if a is not None)
+
+
+# Every logical axis name a rule may mention: a typo in a rules file is an error, not a
+# silently replicated dimension.
+LOGICAL_AXES = _logical_names()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,54 +51,155 @@ class Layout:
     """A named set of logical-axis rules."""
 
     name: str                                   # key in LAYOUTS, shown in logs and `plan`
-    rules: tuple[tuple[str, str | None], ...]   # (logical axis, mesh axis or None); first match wins
+    rules: tuple[tuple[str, MeshAxes], ...]     # (logical axis, mesh axis/axes or None); first match wins
+    description: str = ""                       # one line for `orca-jax plan` and the docs
 
-    def mesh_axis(self, logical: str | None) -> str | None:
+    def mesh_axis(self, logical: str | None) -> MeshAxes:
         for name, mesh_axis in self.rules:
             if name == logical:
                 return mesh_axis
         return None
 
+    def resolve(self, logical_axes: tuple[str | None, ...], mesh_shape: Mapping[str, int],
+                shape: tuple[int, ...] | None = None) -> tuple[MeshAxes, ...]:
+        """Mesh axes of each dimension (a PartitionSpec's entries) on a mesh of `mesh_shape`."""
+        used: set[str] = set()
+        out: list[MeshAxes] = []
+        for i, logical in enumerate(logical_axes):
+            want = self.mesh_axis(logical)
+            want = (want,) if isinstance(want, str) else tuple(want or ())
+            chosen, n = [], 1
+            for axis in want:
+                size = mesh_shape.get(axis, 1)
+                if size == 1 or axis in used or (shape is not None and shape[i] % (n * size)):
+                    continue
+                chosen.append(axis)
+                n *= size
+            used.update(chosen)
+            out.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        """The rules-file form of this layout (see `load_layout`)."""
+        rules = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.rules}
+        return {"name": self.name, "description": self.description, "rules": rules}
+
+
+_TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
+# Pipeline stages: the stacked layer axis splits into contiguous blocks, stage p holding layers
+# [p L/P, (p+1) L/P) and their KV (Orca §4.3, inter-layer parallelism). NOTE the engine does
+# not run stages yet: on a mesh with a `pipeline` axis GSPMD gathers each layer's weights
+# across stages inside the layer loop (correct, slow). See docs/distributed.md, "Not yet".
+_PP = (("layers", "pipeline"),)
 
 LAYOUTS: dict[str, Layout] = {
-    # Every device holds everything (data parallel only).
-    "replicated": Layout("replicated", ()),
+    "replicated": Layout("replicated", (), "every device holds everything (data parallel only)"),
     # Megatron-LM tensor parallelism (Shoeybi et al. 2019, §3): QKV columns and MLP-in columns
     # split by head / hidden unit, out-projections split by rows, so each block needs one
     # all-reduce after attention and one after the MLP. The (tied) embedding splits by vocab.
-    "megatron": Layout("megatron", (("heads", "tensor"), ("kv_heads", "tensor"),
-                                    ("mlp", "tensor"), ("vocab", "tensor"))),
+    # The KV buffer splits by head like the QKV projection, so attention needs no collective.
+    "megatron": Layout("megatron", _TP + (("vocab", "tensor"),) + _PP,
+                       "Megatron tensor parallelism over `tensor` (heads, MLP, vocab); layers over `pipeline`"),
+    # Same without splitting the embedding: no all-reduce after the token lookup and no
+    # all-gather of the [R, V] logits before sampling, at the cost of V*D bytes on every device.
+    "megatron-vocab-replicated": Layout(
+        "megatron-vocab-replicated", _TP + _PP,
+        "Megatron over `tensor` but the embedding / LM head replicated; layers over `pipeline`"),
+    # Small models: every device holds all the weights and a share of the KV buffer's slots, so
+    # the batch can grow with the number of devices. Every device still computes every row
+    # (activations are not split); the per-slot KV reads become local masked gathers plus an
+    # all-reduce of the gathered block (GSPMD), so this trades link traffic for KV memory.
+    "slots": Layout("slots", (("slots", ("data", "tensor")),),
+                    "weights replicated; KV buffer split by slot over `data` x `tensor`"),
 }
 
 
-def get_layout(layout: str | Layout) -> Layout:
+def get_layout(layout: str | Path | Layout) -> Layout:
+    """A shipped layout by name, a `Layout`, or a rules file (``*.json`` / ``*.toml``)."""
     if isinstance(layout, Layout):
         return layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
-    return LAYOUTS[layout]
+    key = str(layout)
+    if key in LAYOUTS:
+        return LAYOUTS[key]
+    if key.endswith((".json", ".toml")) or Path(key).is_file():
+        return load_layout(key)
+    raise ValueError(f"unknown layout {key!r}; known: {sorted(LAYOUTS)}, or a path to a "
+                     ".json/.toml rules file (see docs/distributed.md)")
+
+
+_FILE_KEYS = {"name", "description", "base", "rules"}
+
+
+def layout_from_dict(d: Mapping, default_name: str = "custom") -> Layout:
+    """A Layout from the rules-file form::
+
+        {"name": "my-layout", "base": "megatron", "description": "...",
+         "rules": {"vocab": null, "slots": "data", "mlp": ["tensor", "data"]}}
+
+    `base` (optional) starts from a shipped layout's rules; `rules` then add to or override
+    them, one entry per logical axis: a mesh axis name, a list of them, or null / an empty
+    list (replicated; TOML has no null).
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a layout must be a table/object, got {type(d).__name__}")
+    extra = set(d) - _FILE_KEYS
+    if extra:
+        raise ValueError(f"unknown layout keys {sorted(extra)}; allowed: {sorted(_FILE_KEYS)}")
+    rules: dict[str, MeshAxes] = {}
+    if d.get("base") is not None:
+        if d["base"] not in LAYOUTS:
+            raise ValueError(f"layout base {d['base']!r} is not a shipped layout: {sorted(LAYOUTS)}")
+        rules.update(LAYOUTS[d["base"]].rules)
+    given = d.get("rules", {})
+    if not isinstance(given, Mapping):
+        raise ValueError("layout 'rules' must map logical axis -> mesh axis, list of mesh axes, or null")
+    for logical, axes in given.items():
+        if logical not in LOGICAL_AXES:
+            raise ValueError(f"unknown logical axis {logical!r} in layout rules; known: {sorted(LOGICAL_AXES)}")
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            names = axes
+        elif axes is None or isinstance(axes, str):
+            names = () if axes is None else (axes,)
+        else:
+            raise ValueError(f"rule for {logical!r} must be a mesh axis name, a list of them, or null; got {axes!r}")
+        for a in names:
+            if not isinstance(a, str) or not re.fullmatch(r"[A-Za-z_]\w*", a):
+                raise ValueError(f"mesh axis {a!r} (rule for {logical!r}) is not an identifier")
+        if len(set(names)) != len(names):
+            raise ValueError(f"rule for {logical!r} names a mesh axis twice: {axes!r}")
+        rules[logical] = axes
+    name = d.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"layout name must be a non-empty string, got {name!r}")
+    return Layout(name, tuple(rules.items()), str(d.get("description", "")))
+
+
+def load_layout(path: str | Path) -> Layout:
+    """A Layout from a JSON or TOML rules file (format: `layout_from_dict`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"layout file {p} does not exist")
+    text = p.read_text()
+    try:
+        d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"layout file {p} is not valid {p.suffix.lstrip('.').upper() or 'JSON'}: {e}") from e
+    try:
+        return layout_from_dict(d, default_name=p.stem)
+    except ValueError as e:
+        raise ValueError(f"layout file {p}: {e}") from e
 
 
 def spec_for(logical_axes: tuple[str | None, ...], layout: str | Layout, mesh: jax.sharding.Mesh,
              shape: tuple[int, ...] | None = None) -> jax.P:
     """PartitionSpec for an array whose dimensions have `logical_axes` (and `shape`, if known)."""
-    layout = get_layout(layout)
-    used: set[str] = set()
-    spec = []
-    for i, logical in enumerate(logical_axes):
-        axis = layout.mesh_axis(logical)
-        size = mesh.shape.get(axis, 1) if axis else 1
-        if (axis is None or size == 1 or axis in used
-                or (shape is not None and shape[i] % size)):
-            spec.append(None)
-        else:
-            used.add(axis)
-            spec.append(axis)
-    return jax.P(*spec)
+    return jax.P(*get_layout(layout).resolve(logical_axes, dict(mesh.shape), shape))
 
 
 def param_shardings(config: GPTConfig, mesh: jax.sharding.Mesh, layout: str | Layout) -> dict:
     """Tree of `NamedSharding` matching the params tree (same structure as `PARAM_AXES`)."""
+    layout = get_layout(layout)
     shapes = abstract_params(config)
     return jax.tree.map(
         lambda axes, a: jax.NamedSharding(mesh, spec_for(axes, layout, mesh, a.shape)),
