@@ -71,6 +71,8 @@ def test_bench_offline_and_online(tmp_path, monkeypatch, hf_gpt2_dir, capsys):
                  "--rates", "40", "--systems", "hf", "--out", str(tmp_path / "replay"), *ENGINE]) == 0
     again = json.loads((tmp_path / "replay" / "results.json").read_text())
     assert again["workload"]["prompt_len"] == rep["workload"]["prompt_len"]
+    # Without --goodput, online goodput is against the sweep's normalized-latency SLO.
+    assert again["runs"][0]["metrics"]["goodput"]["slos_ms"] == {"norm": again["sweep"]["slo_normalized_latency_ms"]}
 
 
 def test_bench_rejects_bad_input(tmp_path, monkeypatch, hf_gpt2_dir, capsys):

@@ -110,9 +110,12 @@ def test_request_flops_by_hand():
 def test_max_throughput_under_slo():
     pts = [(1.0, 10.0), (2.0, 20.0), (3.0, 60.0)]
     # Crosses 40 between (2, 20) and (3, 60): 2 + (40 - 20) / (60 - 20) * 1 = 2.5.
-    assert max_throughput_under_slo(pts, 40.0) == {"throughput": 2.5, "how": "interpolated", "lower_bound": False}
-    assert max_throughput_under_slo(pts, 20.0) == {"throughput": 2.0, "how": "measured", "lower_bound": False}
-    assert max_throughput_under_slo(pts, 100.0) == {"throughput": 3.0, "how": "measured", "lower_bound": True}
+    assert max_throughput_under_slo(pts, 40.0) == {"throughput": 2.5, "latency": 40.0, "how": "interpolated",
+                                                   "lower_bound": False}
+    assert max_throughput_under_slo(pts, 20.0) == {"throughput": 2.0, "latency": 20.0, "how": "measured",
+                                                   "lower_bound": False}
+    assert max_throughput_under_slo(pts, 100.0) == {"throughput": 3.0, "latency": 60.0, "how": "measured",
+                                                    "lower_bound": True}
     assert max_throughput_under_slo(pts, 5.0) is None
     # Overloaded: throughput falls past the knee; the best measured point wins.
     pts = [(1.0, 10.0), (3.0, 20.0), (2.5, 50.0)]

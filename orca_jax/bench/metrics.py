@@ -167,23 +167,24 @@ def max_throughput_under_slo(points: Sequence[tuple[float, float]], slo: float) 
     points: (throughput, latency) of one system, in order of increasing offered rate.
     Candidates are the measured points within the SLO and, where the curve crosses the SLO
     between two consecutive points, the throughput linearly interpolated at latency == slo.
-    Returns {"throughput", "how": "measured"|"interpolated", "lower_bound"} or None when no
-    point meets the SLO. lower_bound is True when the highest-rate point still meets it: the
+    Returns {"throughput", "latency", "how": "measured"|"interpolated", "lower_bound"} or None
+    when no point meets the SLO. lower_bound is True when the highest-rate point still meets it: the
     sweep did not reach the system's limit, so the true maximum is at least this.
     """
     best = None
     for i, (tput, lat) in enumerate(points):
         if lat <= slo and (best is None or tput > best[0]):
-            best = (tput, "measured")
+            best = (tput, lat, "measured")
         if i + 1 < len(points):
             t2, l2 = points[i + 1]
             if lat <= slo < l2:
                 x = tput + (slo - lat) / (l2 - lat) * (t2 - tput)
                 if best is None or x > best[0]:
-                    best = (x, "interpolated")
+                    best = (x, slo, "interpolated")
     if best is None:
         return None
-    return {"throughput": best[0], "how": best[1], "lower_bound": points[-1][1] <= slo}
+    return {"throughput": best[0], "latency": best[1], "how": best[2],
+            "lower_bound": points[-1][1] <= slo}
 
 
 def throughput_ratio(num: dict | None, den: dict | None) -> dict:

@@ -154,16 +154,20 @@ def plot_sweep(sweep: dict, labels: dict[str, str], title: str, path: str | Path
         xs = [p["request_throughput"] for p in pts]
         ys = [p["median_normalized_latency_ms"] for p in pts]
         line, = ax.plot(xs, ys, marker="o", label=labels[s])
+        for p, x, y in zip(pts, xs, ys):  # the offered rate beside each point
+            ax.annotate(f"{p['rate']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=6, color=line.get_color())
         b = sweep["max_throughput_under_slo"].get(s)
-        if b is not None:
-            ax.plot([b["throughput"]], [sweep["slo_normalized_latency_ms"]], marker="*",
-                    markersize=12, color=line.get_color(), linestyle="none")
+        if b is not None:  # the max throughput within the SLO
+            ax.plot([b["throughput"]], [b["latency"]], marker="*", markersize=13,
+                    color=line.get_color(), markeredgecolor="black", linestyle="none")
     ax.axhline(sweep["slo_normalized_latency_ms"], color="grey", linestyle="--", linewidth=1,
                label=f"SLO {sweep['slo_normalized_latency_ms']:.0f} ms/token")
     ax.set_yscale("log")
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("median normalized latency (ms/token)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title + "\n(numbers: offered rate in req/s; stars: max throughput within the SLO)",
+                 fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

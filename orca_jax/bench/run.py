@@ -78,7 +78,8 @@ def add_parser(sub) -> None:
         g.add_argument("--out", default=None, help="results folder (default: bench-results/<workload>)")
         g.add_argument("--plot", default=None, help="PNG path (default: <out>/<workload>.png)")
         g.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS",
-                       help="SLOs for goodput, as vLLM's --goodput: ttft, tpot, e2el, norm (normalized latency)")
+                       help="SLOs for goodput, as vLLM's --goodput: ttft, tpot, e2el, norm (normalized "
+                            "latency); online default: norm:<the sweep's SLO>")
         g.add_argument("--no-progress", dest="progress", action="store_false")
         add_engine_flags(w)
         # Bench defaults: a static batch must be able to form in one iteration (see engine_config).
@@ -227,7 +228,6 @@ def _log(msg: str) -> None:
 # -- the command -------------------------------------------------------------------------------
 
 def cmd_bench(args) -> int:
-    from ..checkpoints.store import load_config
     import logging
     logging.getLogger("orca_jax").setLevel(logging.WARNING)  # the report says it all
     online = args.workload != "offline"
@@ -237,11 +237,57 @@ def cmd_bench(args) -> int:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     slos = parse_slos(args.goodput)
     rates = [float(r) for r in args.rates.split(",")] if online else [None]
-    if online and (not rates or min(rates) <= 0):
+    if online and min(rates) <= 0:
         raise ValueError(f"--rates must be positive numbers, got {args.rates!r}")
     out_dir = Path(args.out or Path("bench-results") / args.workload)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    hf_dir, ckpt, cfg, base = _prepare(args, out_dir)
+    _log("measuring the fp32 matmul ceiling ...")
+    ceiling = matmul_ceiling_gflops()
+    runs, described, timelines = _run_in_process(args, [s for s in systems if s != "vllm"], rates,
+                                                 hf_dir, ckpt, base, slos)
+    if "vllm" in systems:
+        r = _run_vllm(args, hf_dir, base)
+        if r is not None:
+            runs.append(r)
+            described["vllm"] = {"script": r["info"].pop("script"), "python": args.vllm_python}
+    if not runs:
+        raise ValueError("no system produced a result")
+    flops = {}
+    for r in runs:
+        key = tuple(r.pop("lengths"))
+        if key not in flops:
+            flops[key] = sum(request_flops(cfg.n_layer, cfg.n_embd, cfg.mlp_dim, cfg.vocab_size, p, o)
+                             for p, o in key)
+        r["model_flops"] = flops[key]
+        r["achieved_gflops"] = flops[key] / r["metrics"]["duration_s"] / 1e9
+        r["mfu"] = r["achieved_gflops"] / ceiling["ceiling"]
+
+    sweep = report.sweep_summary(runs, args.slo) if online else None
+    if online and not slos:  # goodput against the sweep's SLO, request by request
+        for r, records in zip(runs, timelines):
+            r["metrics"]["goodput"] = summarize(records, {"norm": sweep["slo_normalized_latency_ms"]})["goodput"]
+    rep = {
+        "schema": report.SCHEMA, "command": command_line(args),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
+        "machine": machine_info(ceiling),
+        "model": {"hf_dir": hf_dir, "checkpoint": ckpt, "preset": None if args.hf_model else args.preset,
+                  "params": cfg.num_params(), "dtype": args.dtype or cfg.dtype, "n_layer": cfg.n_layer,
+                  "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
+        "workload": {**base.summary(), "rates": rates if online else None,
+                     "trace_file": str(out_dir / "trace.json")},
+        "engine": dataclasses.asdict(engine_config(args, base, "iteration"))
+        | {"policy": "per system (orca: iteration, static: static)"},
+        "systems": described, "runs": runs, "sweep": sweep}
+    report.write_json(rep, out_dir / "results.json")
+    _print_report(args, rep, base, out_dir)
+    return 0
+
+
+def _prepare(args, out_dir: Path):
+    """The HF checkpoint, its orca-jax conversion, its config, and the saved trace."""
+    from ..checkpoints.store import load_config
     hf_dir = args.hf_model or random_hf_checkpoint(args.preset)
     _log(f"model: {hf_dir}")
     ckpt = converted_checkpoint(hf_dir)
@@ -253,74 +299,73 @@ def cmd_bench(args) -> int:
     if max(t for r in base.requests for t in r.prompt_ids) >= cfg.vocab_size:
         raise ValueError(f"the trace has token ids outside the model's vocabulary ({cfg.vocab_size})")
     base.save(out_dir / "trace.json")
-    ecfg = engine_config(args, base, "iteration")
-    if "static" in systems and (ecfg.max_num_batched_tokens < ecfg.max_batch_size * base.max_prompt_len
-                                or ecfg.max_prefill_seqs < ecfg.max_batch_size):
+    ecfg = engine_config(args, base, "static")
+    if "static" in args.systems and (ecfg.max_num_batched_tokens < ecfg.max_batch_size * base.max_prompt_len
+                                     or ecfg.max_prefill_seqs < ecfg.max_batch_size):
         _log(f"warning: --max-num-batched-tokens {ecfg.max_num_batched_tokens} / --max-prefill-seqs "
              f"{ecfg.max_prefill_seqs} cap the static policy's batches below --max-batch-size "
              f"{ecfg.max_batch_size} (it admits only into an empty batch, within one iteration)")
+    return hf_dir, ckpt, cfg, base
 
-    _log("measuring the fp32 matmul ceiling ...")
-    ceiling = matmul_ceiling_gflops()
-    runs, described = [], {}
-    for name in systems:
-        label = SYSTEMS[name]
-        traces = [base if r is None else base.at_rate(r) for r in rates]
-        if name == "vllm":
-            script = find_peers_script(args.peers_dir)
-            why = vllm_skip_reason(args.vllm_python, script, base)
-            if why:
-                _log(f"vllm: skipped: {why}")
-                continue
-            _log("vllm: running ../shared/peers/vllm_cpu_offline.py (starts its own engine) ...")
-            t0 = time.perf_counter()
-            try:
-                r = run_vllm_offline(args.vllm_python, script, hf_dir, base)
-            except RuntimeError as e:
-                _log(f"vllm: failed: {e}")
-                continue
-            n_in = sum(q.prompt_len for q in base.requests)
-            metrics = summarize_aggregate(r["seconds"], r["requests"], n_in, r["output_tokens"])
-            runs.append(_run_entry(name, None, metrics, {"peer_output": r, "wall_seconds": time.perf_counter() - t0},
-                                   [(q.prompt_len, q.output_len) for q in base.requests], cfg, ceiling))
-            described[name] = {"script": str(script), "python": args.vllm_python}
-            continue
-        _log(f"{name}: building {label} ...")
+
+def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
+    """Build and warm every in-process system, then run them rate by rate, interleaved, so a
+    change in the machine's background load mid-run hits all systems alike."""
+    built, described = {}, {}
+    for name in names:
+        _log(f"{name}: building {SYSTEMS[name]} ...")
+        t0 = time.perf_counter()
         if name in ("orca", "static"):
-            system = EngineSystem(name, ckpt, engine_config(args, base, "iteration" if name == "orca" else "static"),
-                                  dtype=args.dtype)
+            built[name] = EngineSystem(name, ckpt, engine_config(args, base, "iteration" if name == "orca" else "static"),
+                                       dtype=args.dtype)
         else:
-            system = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)
-        system.warm(base)
-        described[name] = system.describe()
-        for rate, trace in zip(rates, traces):
-            desc = f"{name}" + (f" @ {rate:g} req/s" if rate is not None else "")
+            built[name] = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)
+        built[name].warm(base)
+        described[name] = built[name].describe()
+        _log(f"{name}: ready in {time.perf_counter() - t0:.0f} s (load, compile, warm-up)")
+    runs, timelines = [], []
+    for rate in rates:
+        trace = base if rate is None else base.at_rate(rate)
+        for name, system in built.items():
+            desc = name + (f" @ {rate:g} req/s" if rate is not None else "")
             with _progress(args, len(trace), desc) as bar:
                 records, info = system.run(trace, Clock(skip_idle=not getattr(args, "wall_clock", False)), bar)
-            metrics = summarize(records, slos)
-            runs.append(_run_entry(name, rate, metrics, info,
-                                   [(r.prompt_len, r.output_len) for r in records if r.completed], cfg, ceiling))
+            runs.append({"system": name, "label": SYSTEMS[name], "rate": rate,
+                         "metrics": summarize(records, slos), "info": info,
+                         "lengths": [(r.prompt_len, r.output_len) for r in records if r.completed]})
+            timelines.append(records)
+    for system in built.values():
         system.close()
-        del system
-        gc.collect()
+    built.clear()
+    gc.collect()
+    order = sorted(range(len(runs)), key=lambda i: list(SYSTEMS).index(runs[i]["system"]))  # stable
+    return [runs[i] for i in order], described, [timelines[i] for i in order]
 
-    if not runs:
-        raise ValueError("no system produced a result")
-    sweep = report.sweep_summary(runs, args.slo) if online else None
-    rep = {
-        "schema": report.SCHEMA, "command": command_line(args),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-        "machine": machine_info(ceiling),
-        "model": {"hf_dir": hf_dir, "checkpoint": ckpt, "preset": None if args.hf_model else args.preset,
-                  "params": cfg.num_params(), "dtype": args.dtype or cfg.dtype, "n_layer": cfg.n_layer,
-                  "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
-        "workload": {**base.summary(), "rates": rates if online else None,
-                     "trace_file": str(out_dir / "trace.json")},
-        "engine": dataclasses.asdict(ecfg) | {"policy": "per system (orca: iteration, static: static)"},
-        "systems": described, "runs": runs, "sweep": sweep}
-    report.write_json(rep, out_dir / "results.json")
-    labels = {s: SYSTEMS[s] for s in SYSTEMS}
-    model_name = rep["model"]["preset"] or Path(hf_dir).name
+
+def _run_vllm(args, hf_dir: str, base: workloads.Trace) -> dict | None:
+    script = find_peers_script(args.peers_dir)
+    why = vllm_skip_reason(args.vllm_python, script, base)
+    if why:
+        _log(f"vllm: skipped: {why}")
+        return None
+    _log("vllm: running ../shared/peers/vllm_cpu_offline.py (it starts its own engine: minutes) ...")
+    t0 = time.perf_counter()
+    try:
+        r = run_vllm_offline(args.vllm_python, script, hf_dir, base)
+    except RuntimeError as e:
+        _log(f"vllm: failed: {e}")
+        return None
+    n_in = sum(q.prompt_len for q in base.requests)
+    return {"system": "vllm", "label": SYSTEMS["vllm"], "rate": None,
+            "metrics": summarize_aggregate(r["seconds"], r["requests"], n_in, r["output_tokens"]),
+            "info": {"peer_output": r, "wall_seconds": time.perf_counter() - t0, "script": str(script)},
+            "lengths": [(q.prompt_len, q.output_len) for q in base.requests]}
+
+
+def _print_report(args, rep: dict, base: workloads.Trace, out_dir: Path) -> None:
+    online, runs, sweep = rep["sweep"] is not None, rep["runs"], rep["sweep"]
+    labels = dict(SYSTEMS)
+    model_name = rep["model"]["preset"] or Path(rep["model"]["hf_dir"]).name
     title = (f"{model_name} ({rep['model']['dtype']}), {args.workload}, {len(base)} requests; "
              f"{os.cpu_count()} CPUs; {rep['date'][:10]}")
     plot = Path(args.plot or out_dir / f"{args.workload}.png")
@@ -332,21 +377,14 @@ def cmd_bench(args) -> int:
     except ImportError:
         _log("no plot: matplotlib is not installed (pip install 'orca-jax[bench]')")
         plot = None
-
+    p, o, c = rep["workload"]["prompt_len"], rep["workload"]["output_len"], rep["machine"]["matmul_gflops"]
     print(f"\n## orca-jax bench {args.workload}: {model_name}, {len(base)} requests "
-          f"(prompt {base.summary()['prompt_len']['min']}-{base.summary()['prompt_len']['max']}, "
-          f"output {base.summary()['output_len']['min']}-{base.summary()['output_len']['max']} tokens)\n")
-    print(f"fp32 matmul ceiling: {ceiling['ceiling']:.0f} GFLOP/s (XLA {ceiling['xla']:.0f}"
-          + (f", torch {ceiling['torch']:.0f}" if ceiling["torch"] else "") + ")\n")
+          f"(prompt {p['min']}-{p['max']}, output {o['min']}-{o['max']} tokens)\n")
+    print(f"fp32 matmul ceiling: {c['ceiling']:.0f} GFLOP/s (XLA {c['xla']:.0f}"
+          + (f", torch {c['torch']:.0f}" if c["torch"] else "") + ")\n")
     print(report.sweep_table(runs) if online else report.offline_table(runs))
     if online:
         print("\n" + report.sweep_text(sweep, labels))
-    print(f"\nresults: {out_dir / 'results.json'}  trace: {out_dir / 'trace.json'}  plot: {plot}")
-    return 0
+    print(f"\nresults: {out_dir / 'results.json'}  trace: {out_dir / 'trace.json'}  plot: {plot or '-'}")
 
 
-def _run_entry(name, rate, metrics, info, lengths, cfg, ceiling) -> dict:
-    flops = sum(request_flops(cfg.n_layer, cfg.n_embd, cfg.mlp_dim, cfg.vocab_size, p, o) for p, o in lengths)
-    gflops = flops / metrics["duration_s"] / 1e9
-    return {"system": name, "label": SYSTEMS[name], "rate": rate, "metrics": metrics, "info": info,
-            "model_flops": flops, "achieved_gflops": gflops, "mfu": gflops / ceiling["ceiling"]}
