@@ -13,6 +13,7 @@ runs a Server on a private loop in a thread (tests, `orca-jax demo`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -29,12 +30,13 @@ from grpc_reflection.v1alpha import reflection
 from .. import __version__
 from ..async_engine import AsyncEngine
 from ..proto import generation_pb2 as pb
-from ..request import MAX_LOGPROBS
+from ..request import MAX_LOGPROBS, FinishReason, RequestOutput
 from . import security
 from .grpc_api import GenerationService, add_to_server
 from .http_api import CompletionsAPI
 from .inputs import Limits
 from .metrics import ServerMetrics
+from .stream import ErrorKind, outputs
 
 log = logging.getLogger("orca_jax.server")
 
@@ -93,7 +95,9 @@ class Server:
         self.tokenizer = e.tokenizer
         self.limits = Limits(e.max_len, e.model_config.vocab_size, config.max_request_bytes)
         self.metrics = ServerMetrics(engine, model_name, e.max_len)
-        self.draining = False
+        self.draining = False       # SIGTERM: refusing new requests, finishing in-flight ones
+        self.closing = False        # drain timed out: the leftovers are being aborted
+        self.active: set[str] = set()  # engine request ids of in-flight calls
         self.started_at = int(time.time())
         self.grpc_port: int | None = None     # bound ports, after start()
         self.http_port: int | None = None
@@ -114,6 +118,27 @@ class Server:
                     f"{self.engine.stuck_after_s:.0f} s)")
         if self.draining:
             return "draining: the server is shutting down"
+        return None
+
+    async def outputs(self, prompt, params, request_id: str):
+        """`stream.outputs`, tracked in `self.active` so that a timed-out drain can abort it."""
+        self.active.add(request_id)
+        try:
+            async with contextlib.aclosing(outputs(self.engine, prompt, params, request_id)) as st:
+                async for out in st:
+                    yield out
+        finally:
+            self.active.discard(request_id)
+
+    def failure(self, out: RequestOutput) -> tuple[ErrorKind, str] | None:
+        """How a final output that is not a normal finish must be reported, or None."""
+        if out.finish_reason is FinishReason.ERROR and self.draining:
+            return ErrorKind.UNAVAILABLE, f"the server shut down before the request finished ({out.error})"
+        if out.finish_reason is FinishReason.ERROR:
+            return ErrorKind.INTERNAL, f"the engine failed this request: {out.error}"
+        if out.finish_reason is FinishReason.ABORT and self.closing:
+            return ErrorKind.UNAVAILABLE, ("the server shut down before the request finished "
+                                           "(drain timeout)")
         return None
 
     def token_text(self, token_id: int) -> str:
@@ -181,7 +206,13 @@ class Server:
             await asyncio.sleep(0.05)
         left = self.engine.num_unfinished()
         if left:
-            log.warning("drain timeout (%.0f s): %d requests still running", timeout, left)
+            log.warning("drain timeout (%.0f s): aborting %d requests", timeout, left)
+            self.closing = True  # their calls end with UNAVAILABLE, not a normal "abort" finish
+            for rid in list(self.active):
+                self.engine.abort(rid)
+            deadline = time.monotonic() + 2.0  # let the handlers send their errors
+            while self.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         return left == 0
 
     async def stop(self, grace: float = 1.0) -> None:

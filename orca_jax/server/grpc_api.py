@@ -6,7 +6,8 @@ disconnect, deadline) always lands inside our `async with` and aborts the engine
 
 Status codes: INVALID_ARGUMENT (bad field; the message starts with its name), RESOURCE_EXHAUSTED
 (waiting queue full), UNAVAILABLE (draining, or the engine stopped before the request was
-accepted), INTERNAL (the engine failed the request while it ran; the server turns unhealthy).
+accepted, or the drain timed out while it ran), INTERNAL (the engine failed the request while
+it ran; the server turns unhealthy).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..proto import generation_pb2 as pb
 from ..proto import generation_pb2_grpc as pb_grpc
 from ..request import FinishReason, RequestOutput
 from .inputs import SAMPLING_FIELDS, InvalidArgument, Limits, prepare
-from .stream import ErrorKind, classify, outputs
+from .stream import classify
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
           FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.ABORT: pb.FINISH_REASON_ABORT}
@@ -86,12 +87,11 @@ class GenerationService(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
         try:
-            async with contextlib.aclosing(outputs(self.server.engine, ids, params, rid)) as stream:
+            async with contextlib.aclosing(self.server.outputs(ids, params, rid)) as stream:
                 async for out in stream:
-                    if out.finish_reason is FinishReason.ERROR:
-                        kind = ErrorKind.UNAVAILABLE if self.server.draining else ErrorKind.INTERNAL
-                        await context.abort(getattr(grpc.StatusCode, kind.grpc_code),
-                                            f"the engine failed this request: {out.error}")
+                    failed = self.server.failure(out) if out.finished else None
+                    if failed is not None:
+                        await context.abort(getattr(grpc.StatusCode, failed[0].grpc_code), failed[1])
                     await context.write(response(out))
         except (ValueError, RuntimeError) as e:  # raised by the submission, before any output
             kind = classify(e)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from ..request import FinishReason, RequestOutput
 from .inputs import InvalidArgument, prepare
-from .stream import classify, outputs
+from .stream import classify
 
 # OpenAI/vLLM body fields -> the JSON type each must have. Unknown fields are ignored, as vLLM
 # does, so clients that send OpenAI-only fields (`user`, ...) keep working.
@@ -206,13 +206,13 @@ class CompletionsAPI:
         created = int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
         if stream:
-            return await self._stream(request, jobs, cid, head, bool(opts.get("include_usage")))
-        return await self._complete(jobs, cid, head)
+            return await self._stream(request, jobs, n, cid, head, bool(opts.get("include_usage")))
+        return await self._complete(jobs, n, cid, head)
 
-    async def _complete(self, jobs, cid: str, head: dict) -> web.Response:
+    async def _complete(self, jobs, n: int, cid: str, head: dict) -> web.Response:
         async def one(i, tokens, params):
             pieces: list[RequestOutput] = []
-            async with contextlib.aclosing(outputs(self.server.engine, tokens, params, f"{cid}-{i}")) as st:
+            async with contextlib.aclosing(self.server.outputs(tokens, params, f"{cid}-{i}")) as st:
                 async for out in st:
                     pieces.append(out)
             return pieces
@@ -226,22 +226,23 @@ class CompletionsAPI:
         for i, task in enumerate(tasks):
             pieces = task.result()
             last = pieces[-1]
-            if last.finish_reason is FinishReason.ERROR:
-                raise self._engine_failure(last)
+            if self._failure(last) is not None:
+                raise self._failure(last)
             ids = [t for p in pieces for t in p.token_ids]
             lps = [lp for p in pieces for lp in (p.logprobs or ())]
             choices.append({"index": i, "text": "".join(p.text for p in pieces),
                             "logprobs": self._logprobs(ids, lps) if jobs[i][1].logprobs is not None else None,
                             "finish_reason": OPENAI_FINISH.get(last.finish_reason)})
-            prompt_toks += last.usage.prompt_tokens
+            if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
+                prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
         return web.json_response({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_toks, "completion_tokens": gen_toks,
             "total_tokens": prompt_toks + gen_toks}})
 
-    async def _stream(self, request: web.Request, jobs, cid: str, head: dict,
+    async def _stream(self, request: web.Request, jobs, n: int, cid: str, head: dict,
                       include_usage: bool) -> web.StreamResponse:
-        streams = [outputs(self.server.engine, t, p, f"{cid}-{i}") for i, (t, p) in enumerate(jobs)]
+        streams = [self.server.outputs(t, p, f"{cid}-{i}") for i, (t, p) in enumerate(jobs)]
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
         async def pump(i, st):
@@ -266,8 +267,9 @@ class CompletionsAPI:
             usage, left = [], len(jobs)
             while left:
                 i, out = await queue.get()
-                if out.finish_reason is FinishReason.ERROR:
-                    await _sse(resp, self._engine_failure(out).body())
+                failed = self._failure(out) if out.finished else None
+                if failed is not None:
+                    await _sse(resp, failed.body())
                     break
                 lp = None
                 if jobs[i][1].logprobs is not None:
@@ -277,10 +279,10 @@ class CompletionsAPI:
                     "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]})
                 if out.finished:
                     left -= 1
-                    usage.append(out.usage)
+                    usage.append((i, out.usage))
             if include_usage and not left:
-                p = sum(u.prompt_tokens for u in usage)
-                c = sum(u.completion_tokens for u in usage)
+                p = sum(u.prompt_tokens for i, u in usage if i % n == 0)  # once per prompt
+                c = sum(u.completion_tokens for _, u in usage)
                 await _sse(resp, {**head, "choices": [], "usage": {
                     "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
             await resp.write(b"data: [DONE]\n\n")
@@ -295,10 +297,9 @@ class CompletionsAPI:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _engine_failure(self, out: RequestOutput) -> HttpError:
-        if self.server.draining:
-            return HttpError(503, f"the server shut down before the request finished: {out.error}")
-        return HttpError(500, f"the engine failed this request: {out.error}", None, "server_error")
+    def _failure(self, out: RequestOutput) -> HttpError | None:
+        failed = self.server.failure(out)
+        return None if failed is None else HttpError(failed[0].http_status, failed[1])
 
     def _logprobs(self, ids: list[int], lps: list[dict]) -> dict:
         """OpenAI legacy logprobs: token strings, their logprobs, top alternatives, offsets."""
