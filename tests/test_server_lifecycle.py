@@ -190,3 +190,45 @@ def test_demo_runs_a_burst_and_exits_cleanly(demo_model_dir):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "12 requests" in out.stdout and "tokens/s" in out.stdout and "TTFT" in out.stdout
+
+
+def test_drain_timeout_fails_leftover_requests_with_unavailable(fresh_server, monkeypatch):
+    """In-flight requests that outlive the drain timeout end with UNAVAILABLE (gRPC) or 503
+    (HTTP), not with a silent "abort" finish; requests during the drain are refused."""
+    bg = fresh_server
+    eng = bg.engine.engine
+    step = eng.step
+
+    def slow():  # 120 tokens take > 2.4 s: longer than the drain timeout below
+        time.sleep(0.02)
+        return step()
+    monkeypatch.setattr(eng, "step", slow)
+    errors, http_result = [], {}
+
+    def grpc_call():
+        with Client(bg.grpc_target, timeout=30) as c:
+            try:
+                c.generate("The orca", **LONG)
+            except grpc.RpcError as e:
+                errors.append(e)
+
+    def http_call():
+        http_result["r"] = http_status(bg.http_url + "/v1/completions", {"prompt": "The orca", **LONG})
+
+    threads = [threading.Thread(target=grpc_call), threading.Thread(target=http_call)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: bg.engine.snapshot.num_running == 2)
+    drained = bg.call(bg.server.drain(timeout=0.3))
+    for t in threads:
+        t.join(30)
+    assert drained is False
+    assert [e.code() for e in errors] == [grpc.StatusCode.UNAVAILABLE], errors
+    assert "drain timeout" in errors[0].details()
+    status, body = http_result["r"]
+    assert status == 503 and "drain timeout" in body
+    with Client(bg.grpc_target, timeout=10) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("The orca", max_tokens=2)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+    assert bg.engine.num_unfinished() == 0
