@@ -203,11 +203,12 @@ class _Explain:
         self.lines.append(text)
 
 
-def _link(mesh_shape, axis: str | None, acc: Accelerator) -> tuple[float, str]:
-    """Bandwidth of the link that a group along `axis` communicates over."""
-    if axis is None:
+def _link(mesh_shape, axes: tuple[str, ...], acc: Accelerator) -> tuple[float, str]:
+    """Bandwidth of the link a group split over `axes` communicates over: NVLink when the
+    devices it spans fit in one node (see `mesh.physical_order`), else the network."""
+    if not axes:
         return acc.link_bw, "none"
-    if axis_span(dict(mesh_shape), axis) <= acc.per_node:
+    if max(axis_span(dict(mesh_shape), a) for a in axes) <= acc.per_node:
         return acc.link_bw, "NVLink"
     return acc.net_bw, "inter-node network"
 
@@ -245,7 +246,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     if M > c.n_positions:
         raise ValueError(f"context {M} exceeds the model's {c.n_positions} positions")
     b = DTYPE_BYTES[dtype]
-    V, D, L, F = c.vocab_size, c.n_embd, c.n_layer, c.mlp_dim
+    V, D, L = c.vocab_size, c.n_embd, c.n_layer
     n_dev = math.prod(mesh_shape.values())
     ex = _Explain()
     notes: list[str] = []
@@ -308,14 +309,13 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
                      "does not run stages yet: see docs/distributed.md, 'Not yet'")
 
     # -- one iteration --------------------------------------------------------------------------
-    def axis_of(p: Placement, dim: int) -> str | None:
-        names = _mesh_names(p.spec[dim])
-        return names[-1] if names else None
+    def axes_of(p: Placement, dim: int) -> tuple[str, ...]:
+        return _mesh_names(p.spec[dim])
 
-    tp_bw, tp_link = _link(mesh_shape, axis_of(cproj, 1) or axis_of(fc2, 1), acc)
-    pp_bw, pp_link = _link(mesh_shape, axis_of(cattn, 0), acc)
-    sl_bw, sl_link = _link(mesh_shape, axis_of(kvb, 1), acc)
-    voc_bw, _ = _link(mesh_shape, axis_of(wte, 0), acc)
+    tp_bw, tp_link = _link(mesh_shape, axes_of(cproj, 1) or axes_of(fc2, 1), acc)
+    pp_bw, pp_link = _link(mesh_shape, axes_of(cattn, 0), acc)
+    sl_bw, sl_link = _link(mesh_shape, axes_of(kvb, 1), acc)
+    voc_bw, _ = _link(mesh_shape, axes_of(wte, 0), acc)
     peak = acc.flops_32 if b == 4 else acc.flops_16
     layer_w = sum(params[k].bytes_per_device for k in params if k.startswith("h."))
     matmul_elems = sum(params[k].bytes_per_device // b for k in
@@ -331,7 +331,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
         f_att = 4 * pairs * D * L // (kv_layer * kv_head)
         f_head = 2 * R * V * D // t_vocab
         flops = f_mm + f_att + f_head
-        ex(f"FLOPs = 2 T x matmul weights/device + 4 x pairs x D x L / (layer x head shards) + 2 R V D / vocab shards")
+        ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x D x L / (layer x head shards) + 2 R V D / vocab shards")
         ex(f"      = 2 x {T} x {matmul_elems} + 4 x {pairs} x {D} x {L} / ({kv_layer} x {kv_head}) + "
            f"2 x {R} x {V} x {D} / {t_vocab} = {flops:.4g}")
         kv_r = kv_read_tokens * 2 * D * b * L // (kv_layer * kv_head * kv_slot)
@@ -406,7 +406,8 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
                    "params": {k: {"shape": list(p.shape), "spec": [list(_mesh_names(a)) or None for a in p.spec],
                                   "bytes_per_device": p.bytes_per_device} for k, p in params.items()}},
         "parallelism": {"devices": n_dev, "tensor_heads": t_attn, "tensor_mlp": t_mlp, "vocab": t_vocab,
-                        "stages": stages, "kv_slots": kv_slot, "tensor_link": tp_link, "pipeline_link": pp_link},
+                        "stages": stages, "kv_slots": kv_slot, "tensor_link": tp_link, "pipeline_link": pp_link,
+                        "slot_link": sl_link},
         "decode": dec, "prefill": pre, "notes": notes, "explain": ex.lines,
     }
 

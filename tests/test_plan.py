@@ -143,7 +143,8 @@ def test_gpt3_175b_on_16_a100_40gb_the_papers_setup():
     assert m["kv_bytes_per_slot_per_device"] == 2 * L * 2048 * D * 2 // 16 == 576 * 2**20
     assert m["fits"] and 20 <= m["max_slots"] <= 30
     assert p["parallelism"] == {"devices": 16, "tensor_heads": 8, "tensor_mlp": 8, "vocab": 1, "stages": 2,
-                                "kv_slots": 1, "tensor_link": "NVLink", "pipeline_link": "inter-node network"}
+                                "kv_slots": 1, "tensor_link": "NVLink", "pipeline_link": "inter-node network",
+                                "slot_link": "none"}
     assert p["decode"]["bound"] == "memory" and p["prefill"]["bound"] == "compute"
     assert any("vocab=50257" in n for n in p["notes"])
     alone = make_plan("gpt3-175b", "data=1", "replicated", "a100-40gb")

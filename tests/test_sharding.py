@@ -28,7 +28,7 @@ from orca_jax.models.attention import KV_AXES
 from orca_jax.models.gpt2 import PARAM_AXES
 from orca_jax.request import SamplingParams
 from orca_jax.sampling import SamplingTensors
-from orca_jax.sharding.layouts import LAYOUTS, Layout, get_layout, layout_from_dict, load_layout, spec_for
+from orca_jax.sharding.layouts import LAYOUTS, get_layout, layout_from_dict, load_layout, spec_for
 from orca_jax.sharding.mesh import axis_span, make_mesh, physical_order
 from orca_jax.sharding.plan import make_plan, param_shapes
 from orca_jax.step import device_put_inputs
