@@ -107,8 +107,8 @@ PRESETS: dict[str, GPTConfig] = {
     # GPT-3 shapes (Brown et al. 2020, Table 2.1), GPT-2 block structure, 2048 positions.
     "gpt3-13b": GPTConfig(n_positions=2048, n_embd=5120, n_layer=40, n_head=40),
     "gpt3-175b": GPTConfig(n_positions=2048, n_embd=12288, n_layer=96, n_head=96),
-    # Orca's largest evaluated model (Table 2 of the paper).
-    "gpt3-341b": GPTConfig(n_positions=2048, n_embd=13312, n_layer=120, n_head=104),
+    # Orca's largest evaluated model (Table 1 of the paper: 120 layers, hidden 15360).
+    "gpt3-341b": GPTConfig(n_positions=2048, n_embd=15360, n_layer=120, n_head=120),
 }
 
 # Logical axes of every parameter (same tree as the params); a sharding layout maps them to

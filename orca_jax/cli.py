@@ -1,4 +1,4 @@
-"""`orca-jax` command line: convert, generate, bench, serve, demo.
+"""`orca-jax` command line: convert, generate, bench, serve, demo, plan.
 
 Each subcommand has --help. Heavy imports (jax, flax) happen inside the subcommands so that
 `orca-jax --help` is instant.
@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", default=None,
                    help="HOST:PORT of a running `orca-jax serve` (gRPC): stream from it instead")
 
-    from . import bench, serve_cli
+    from . import bench, plan_cli, serve_cli
     bench.add_parser(sub)
     serve_cli.add_parsers(sub)  # serve, demo
+    plan_cli.add_parser(sub)
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

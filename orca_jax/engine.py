@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 import uuid
@@ -27,10 +26,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .models.attention import KV_AXES, KVCache
 from .models.gpt2 import GPTConfig, from_params
-from .sharding.layouts import Layout, get_layout, param_shardings, spec_for
+from .sharding.layouts import Layout, get_layout, param_shardings
 from .sharding.mesh import single_device_mesh
+from .sharding.plan import fit_kv_slots, kv_bytes_per_device
 from .plan import Buckets, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Status, Usage
 from .sampling import SamplingTensors
@@ -77,11 +76,6 @@ def enable_compile_cache() -> str | None:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
-
-
-def kv_bytes_per_slot(c: GPTConfig, max_len: int) -> int:
-    """K and V of every layer for one slot, plus its token history (int32)."""
-    return 2 * c.n_layer * max_len * c.n_embd * jnp.dtype(c.jnp_dtype).itemsize + 4 * max_len
 
 
 def kv_budget_bytes(cfg: EngineConfig, device) -> int:
@@ -140,17 +134,19 @@ class Engine:
         self._graphdef, self._params = nnx.split(from_params(config, params))
 
         self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
-        kv_shape = KVCache.shape(config.n_layer, 1, self.max_len, config.n_head, config.head_dim)
-        kv_spec = spec_for(KV_AXES, self.layout, self.mesh, kv_shape)
-        kv_shards = math.prod(self.mesh.shape[a] for a in jax.tree.leaves(tuple(kv_spec)))
-        per_slot = kv_bytes_per_slot(config, self.max_len) // kv_shards  # per device
+        # Slots: as many as the per-device budget holds (a layout may split them over devices).
         budget = kv_budget_bytes(ec, self.mesh.devices.flat[0])
-        self.num_slots = min(ec.max_batch_size, budget // per_slot)
+        itemsize = jnp.dtype(config.jnp_dtype).itemsize
+        self.num_slots, kv_axes = fit_kv_slots(config, self.layout, self.mesh.shape, self.max_len,
+                                               budget, ec.max_batch_size, itemsize)
         if self.num_slots < 1:
+            one = kv_bytes_per_device(config, self.layout, self.mesh.shape, 1, self.max_len, itemsize)
             raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
-                             f"({per_slot} bytes for max_model_len={self.max_len}); raise "
+                             f"({one} bytes for max_model_len={self.max_len}); raise "
                              "--kv-memory or lower --max-model-len")
-        self.kv_bytes = self.num_slots * per_slot
+        kv_spec = P(*kv_axes)
+        self.kv_bytes = kv_bytes_per_device(config, self.layout, self.mesh.shape, self.num_slots,
+                                            self.max_len, itemsize)
         sched_cfg = SchedulerConfig(
             max_batch_size=self.num_slots,
             max_num_batched_tokens=max(ec.max_num_batched_tokens, self.num_slots),
