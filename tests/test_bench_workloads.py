@@ -105,3 +105,30 @@ def test_parse_range():
             parse_range(bad)
     with pytest.raises(ValueError):
         workloads.orca(0, 100)
+
+
+def parse_bench(argv):
+    import argparse
+
+    from orca_jax.bench.run import add_parser
+    ap = argparse.ArgumentParser()
+    add_parser(ap.add_subparsers(dest="cmd"))
+    return ap.parse_args(["bench", *argv])
+
+
+def test_cli_builds_each_workload(tmp_path):
+    from orca_jax.bench.run import command_line, make_trace
+    t = make_trace(parse_bench(["offline"]), 50257)
+    assert (len(t), t.max_prompt_len, t.max_total_len) == (64, 128, 192)  # the peers' defaults
+    t = make_trace(parse_bench(["orca", "--requests", "300"]), 1000)
+    assert t.params == {"prompt_len": [32, 512], "output_len": [1, 128]}
+    args = parse_bench(["sharegpt-like", "--requests", "50", "--prompt-median", "20", "--prompt-len", "2:64"])
+    t = make_trace(args, 1000)
+    assert t.kind == "sharegpt-like" and all(2 <= r.prompt_len <= 64 for r in t.requests)
+    # The recorded command line parses back to the same arguments.
+    again = parse_bench(command_line(args).split()[2:])
+    assert vars(again) == vars(args)
+    t.save(tmp_path / "t.json")
+    assert make_trace(parse_bench(["sharegpt-like", "--trace", str(tmp_path / "t.json")]), 1000) == t
+    with pytest.raises(ValueError, match="not 'orca'"):
+        make_trace(parse_bench(["orca", "--trace", str(tmp_path / "t.json")]), 1000)

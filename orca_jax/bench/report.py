@@ -164,6 +164,10 @@ def plot_sweep(sweep: dict, labels: dict[str, str], title: str, path: str | Path
     ax.axhline(sweep["slo_normalized_latency_ms"], color="grey", linestyle="--", linewidth=1,
                label=f"SLO {sweep['slo_normalized_latency_ms']:.0f} ms/token")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("median normalized latency (ms/token)")
     ax.set_title(title + "\n(numbers: offered rate in req/s; stars: max throughput within the SLO)",

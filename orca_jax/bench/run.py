@@ -26,7 +26,7 @@ from pathlib import Path
 from . import report, workloads
 from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
 from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
-                      matmul_ceiling_gflops, run_vllm_offline, vllm_skip_reason)
+                      matmul_ceiling_gflops, passive_omp, run_vllm_offline, vllm_skip_reason)
 
 DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
 
@@ -230,6 +230,7 @@ def _log(msg: str) -> None:
 def cmd_bench(args) -> int:
     import logging
     logging.getLogger("orca_jax").setLevel(logging.WARNING)  # the report says it all
+    omp_set_here = passive_omp()  # before anything imports torch
     online = args.workload != "offline"
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -247,8 +248,9 @@ def cmd_bench(args) -> int:
     ceiling = matmul_ceiling_gflops()
     runs, described, timelines = _run_in_process(args, [s for s in systems if s != "vllm"], rates,
                                                  hf_dir, ckpt, base, slos)
-    if "vllm" in systems:
-        r = _run_vllm(args, hf_dir, base)
+    if "vllm" in systems:  # the peer runs with the caller's own environment
+        env = {k: v for k, v in os.environ.items() if not (omp_set_here and k == "OMP_WAIT_POLICY")}
+        r = _run_vllm(args, hf_dir, base, env)
         if r is not None:
             runs.append(r)
             described["vllm"] = {"script": r["info"].pop("script"), "python": args.vllm_python}
@@ -342,7 +344,7 @@ def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
     return [runs[i] for i in order], described, [timelines[i] for i in order]
 
 
-def _run_vllm(args, hf_dir: str, base: workloads.Trace) -> dict | None:
+def _run_vllm(args, hf_dir: str, base: workloads.Trace, env: dict) -> dict | None:
     script = find_peers_script(args.peers_dir)
     why = vllm_skip_reason(args.vllm_python, script, base)
     if why:
@@ -351,7 +353,7 @@ def _run_vllm(args, hf_dir: str, base: workloads.Trace) -> dict | None:
     _log("vllm: running ../shared/peers/vllm_cpu_offline.py (it starts its own engine: minutes) ...")
     t0 = time.perf_counter()
     try:
-        r = run_vllm_offline(args.vllm_python, script, hf_dir, base)
+        r = run_vllm_offline(args.vllm_python, script, hf_dir, base, env)
     except RuntimeError as e:
         _log(f"vllm: failed: {e}")
         return None
