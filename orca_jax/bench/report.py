@@ -116,7 +116,7 @@ def sweep_text(sweep: dict, labels: dict[str, str]) -> str:
         if b is None:
             lines.append(f"- {labels[s]}: never met the SLO in this sweep")
         else:
-            more = ", at least (not saturated)" if b["lower_bound"] else ""
+            more = "; still under the SLO at the highest rate, so at least this" if b["lower_bound"] else ""
             lines.append(f"- {labels[s]}: {b['throughput']:.2f} req/s ({b['how']}{more})")
     for k, v in sweep["ratios"].items():
         other = labels[k.removeprefix("orca_vs_")]

@@ -28,6 +28,11 @@ from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
 from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
                       matmul_ceiling_gflops, passive_omp, run_vllm_offline, vllm_skip_reason)
 
+ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike. Bench defaults: --max-batch-size 16, "
+                 "--max-prefill-seqs = --max-batch-size, --max-num-batched-tokens = --max-batch-size x the "
+                 "longest prompt (so the static policy can form a full batch), --max-model-len = the "
+                 "longest prompt + output. --policy and --no-warmup are ignored: each system sets its "
+                 "policy and every engine is warmed up before timing. See docs/benchmarks.md.")
 DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
 
 
@@ -40,7 +45,7 @@ def add_parser(sub) -> None:
              "orca": "the Orca paper's trace (Poisson arrivals, uniform lengths): a rate sweep",
              "sharegpt-like": "Poisson arrivals, heavy-tailed (log-normal) lengths: a rate sweep"}
     for kind in workloads.KINDS:
-        w = wsub.add_parser(kind, help=helps[kind], description=helps[kind])
+        w = wsub.add_parser(kind, help=helps[kind], description=helps[kind], epilog=ENGINE_EPILOG)
         g = w.add_argument_group("model")
         g.add_argument("--hf-model", default=None,
                        help="Hugging Face GPT-2 directory; default: a random-weight --preset model")
