@@ -132,7 +132,8 @@ class RequestOutput:
     """A result (or, while streaming, a delta): what the APIs hand back to users."""
 
     request_id: str
-    token_ids: Sequence[int]              # all tokens so far (final) or the new ones (delta)
+    token_ids: Sequence[int]              # Engine.step / AsyncEngine: the new tokens (a delta);
+                                          # LLM.generate: all of the request's tokens
     text: str                             # likewise
     finished: bool
     finish_reason: FinishReason | None

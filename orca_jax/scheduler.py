@@ -11,8 +11,9 @@
 
 A request joins the batch the iteration after it arrives and leaves it (`finish`) the
 iteration it finishes. The `static` policy is the paper's baseline (FasterTransformer-style
-request-level batching): a new batch is formed only when the previous one has completely
-finished.
+request-level batching): a new batch of up to `max_batch_size` requests is formed only when the
+previous one has completely finished; its prompts are prefilled within the token budget over
+as many iterations as they need.
 
 Chunked prefill keeps the step shapes bounded: at most one request per iteration can be
 stopped mid-prompt by the budget, so at most one prefill segment per step continues a prompt
@@ -136,14 +137,18 @@ class Scheduler:
             if req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs:
                 prefills.append(Chunk(req, req.num_computed, min(req.prompt_len - req.num_computed, budget)))
                 budget -= prefills[-1].length
-        admit = cfg.policy == "iteration" or not self.running
-        while (admit and self.waiting and budget > 0 and self._free_slots
-               and len(self.running) < cfg.max_batch_size and len(prefills) < cfg.max_prefill_seqs):
+        # Static batching forms a whole batch at once, even if its prompts take several
+        # iterations to prefill; iteration-level scheduling admits only what it runs now.
+        static = cfg.policy == "static"
+        admit = not static or not self.running
+        while (admit and self.waiting and self._free_slots and len(self.running) < cfg.max_batch_size
+               and (static or (budget > 0 and len(prefills) < cfg.max_prefill_seqs))):
             req = self.waiting.popleft()
             req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
             self.running.append(req)
-            prefills.append(Chunk(req, 0, min(req.prompt_len, budget)))
-            budget -= prefills[-1].length
+            if budget > 0 and len(prefills) < cfg.max_prefill_seqs:
+                prefills.append(Chunk(req, 0, min(req.prompt_len, budget)))
+                budget -= prefills[-1].length
         for req in decodes:
             req.num_computed += 1
         for c in prefills:

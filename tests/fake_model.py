@@ -206,7 +206,7 @@ class FakeEngine:
             iteration=self.iteration + 1, waiting_before=waiting_before, running_before=running_before,
             decodes=[r.request_id for r in batch.decodes],
             chunks=[(c.request.request_id, c.start, c.length) for c in batch.prefills],
-            admitted=[c.request.request_id for c in batch.prefills if c.request.request_id not in running_ids],
+            admitted=[r.request_id for r in sch.running if r.request_id not in running_ids],
             num_tokens=batch.num_tokens, slots={r.request_id: r.slot for r in sch.running},
             free_slots=sch.num_free_slots, waiting_after=[r.request_id for r in sch.waiting], plan=None)
         self.records.append(rec)

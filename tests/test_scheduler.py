@@ -512,6 +512,8 @@ def check_iteration(eng: FakeEngine, rec: StepRecord) -> None:
     if rec.waiting_after:
         if c.policy == "static" and rec.running_before:
             assert not rec.admitted
+        elif c.policy == "static":  # a static batch takes every request that has a slot
+            assert rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size
         else:
             assert (rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size
                     or rec.num_tokens >= c.max_num_batched_tokens or len(rec.chunks) >= c.max_prefill_seqs)
@@ -563,3 +565,18 @@ def test_random_workload_invariants_and_outputs(seed, pipelined, policy):
             assert r.finish_reason is (FinishReason.STOP if want[-1] == eos else FinishReason.LENGTH)
     assert sum(len(r.admitted) for r in eng.records) == len(eng.joined)
     assert eng.scheduler.num_free_slots == num_slots and not eng.scheduler.has_work()
+
+
+def test_static_batch_is_the_whole_max_batch_even_when_prompts_exceed_one_budget():
+    """The baseline is not handicapped by the per-iteration token budget: it forms a batch of
+    max_batch_size requests and prefills their prompts over as many iterations as needed."""
+    sch = Scheduler(cfg(max_batch_size=4, max_num_batched_tokens=8, policy="static"), num_slots=4, max_len=32)
+    for i in range(6):
+        sch.add(request(f"r{i}", [1] * 6))
+    first = sch.schedule()
+    assert [r.request_id for r in sch.running] == ["r0", "r1", "r2", "r3"]
+    assert [(c.request.request_id, c.start, c.length) for c in first.prefills] == [("r0", 0, 6), ("r1", 0, 2)]
+    second = sch.schedule()  # r1 continues first, then r2 starts: still one continuing chunk
+    assert [(c.request.request_id, c.start, c.length) for c in second.prefills] == [("r1", 2, 4), ("r2", 0, 3)]
+    assert [r.request_id for r in second.decodes] == ["r0"]
+    assert [r.request_id for r in sch.waiting] == ["r4", "r5"]
