@@ -204,7 +204,7 @@ class _Live:
         self.limit = [0] * n
         self.drawn = 0
 
-    def draw(self, final: bool = False) -> None:
+    def draw(self) -> None:
         if not self.enabled:
             return
         out = [f"\x1b[{self.drawn}F"] if self.drawn else []
@@ -253,7 +253,7 @@ async def run_burst(target: str, work, live: _Live) -> list[dict]:
             results = await asyncio.gather(*[one(i, p, s) for i, (p, s) in enumerate(work)])
         finally:
             painter.cancel()
-        live.draw(final=True)
+        live.draw()
     return results
 
 

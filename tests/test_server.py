@@ -178,13 +178,12 @@ def test_64_concurrent_streams_match_offline_greedy(served):
     work, ref = served.work, served.reference
     baseline = server_tasks(served)
 
-    async def one(client, prompt, max_tokens):
-        deltas = [d async for d in client.stream(prompt, max_tokens=max_tokens, temperature=0.0)]
-        return deltas
+    async def one(prompt, max_tokens):  # one client (its own channel, connection) each
+        async with AsyncClient(served.grpc_target, timeout=120) as client:
+            return [d async for d in client.stream(prompt, max_tokens=max_tokens, temperature=0.0)]
 
     async def burst():
-        async with AsyncClient(served.grpc_target, timeout=120) as client:
-            return await asyncio.gather(*[one(client, p, m) for p, m in work])
+        return await asyncio.gather(*[one(p, m) for p, m in work])
 
     t0 = time.perf_counter()
     results = asyncio.run(burst())
