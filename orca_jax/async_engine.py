@@ -59,6 +59,7 @@ class AsyncEngine:
         self.dead: str | None = None
         self.snapshot = EngineSnapshot(0, 0, 0.0, 0, time.monotonic(), 0)
         self._listeners: list[Callable[[RequestOutput], None]] = []
+        self._iteration_listeners: list[Callable[[int, int], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -88,6 +89,10 @@ class AsyncEngine:
         """`fn(output)` is called on the loop thread for every final output (metrics)."""
         self._listeners.append(fn)
 
+    def add_iteration_listener(self, fn: Callable[[int, int], None]) -> None:
+        """`fn(batch_size, num_tokens)` is called on the loop thread after every iteration."""
+        self._iteration_listeners.append(fn)
+
     # -- requests -------------------------------------------------------------------------------
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
@@ -113,8 +118,8 @@ class AsyncEngine:
 
     def _submit(self, prompt, params, request_id, sink) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self.dead is not None:
-            fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead}"))
+        if self.dead is not None or not self._thread.is_alive():
+            fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'not started'}"))
             return fut
         if not self._accepting:
             fut.set_exception(EngineDeadError("the server is shutting down"))
@@ -136,8 +141,8 @@ class AsyncEngine:
 
         self._commands.put(add)
         self._wake.set()
-        if self.dead is not None or not self._thread.is_alive():
-            self._run_commands()  # the loop is gone: fail the command here rather than hang
+        if not self._thread.is_alive() and not fut.done():  # the loop ended meanwhile
+            fut.cancel() or fut.set_exception(EngineDeadError("the engine is not running"))
         return fut
 
     def abort(self, request_id: str) -> None:
@@ -157,7 +162,7 @@ class AsyncEngine:
             sink(out)
         if out.finished:
             for fn in self._listeners:
-                fn(out)
+                _call_safely(fn, out)
 
     def _loop(self) -> None:
         eng = self.engine
@@ -169,6 +174,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                iters0, tokens0 = eng.stats.iterations, eng.stats.tokens
                 outs = eng.step()
             except Exception as e:  # fail everyone, mark unhealthy, never hang
                 self._fail_all(f"{type(e).__name__}: {e}")
@@ -176,7 +182,11 @@ class AsyncEngine:
                 return
             for out in outs:
                 self._emit(out)
-            self._publish(eng.stats.batch_sizes[-1] if eng.stats.batch_sizes else 0)
+            n = eng.stats.last_batch_size if eng.stats.iterations > iters0 else 0
+            if n:  # a step that only read back the last results launched no iteration
+                for fn in self._iteration_listeners:
+                    _call_safely(fn, n, eng.stats.tokens - tokens0)
+            self._publish(n)
         self._fail_all("the engine was shut down")
 
     def _publish(self, batch_size: int) -> None:
@@ -203,3 +213,11 @@ class AsyncEngine:
                 cmd()
             except Exception:  # a command must never take the loop down with it
                 log.error("engine command failed:\n%s", traceback.format_exc())
+
+
+def _call_safely(fn, *args) -> None:
+    """Listeners (metrics) must never take the engine loop down."""
+    try:
+        fn(*args)
+    except Exception:
+        log.error("listener %r failed:\n%s", fn, traceback.format_exc())

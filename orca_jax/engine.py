@@ -95,7 +95,9 @@ class EngineStats:
     padded_tokens: int = 0           # rows computed including bucket padding
     host_seconds: float = 0.0        # scheduling, packing, dispatch and post-processing
     device_wait_seconds: float = 0.0  # blocked on the device's results
-    batch_sizes: list[int] = dataclasses.field(default_factory=list)
+    batch_size_sum: int = 0          # requests per iteration, summed (mean = sum / iterations)
+    last_batch_size: int = 0
+    max_batch_size_seen: int = 0
 
 
 @dataclasses.dataclass
@@ -279,7 +281,10 @@ class Engine:
         self.stats.iterations += 1
         self.stats.tokens += plan.num_tokens
         self.stats.padded_tokens += plan.num_decode + plan.num_prefill
-        self.stats.batch_sizes.append(len(batch.decodes) + len(batch.prefills))
+        n = len(batch.decodes) + len(batch.prefills)
+        self.stats.batch_size_sum += n
+        self.stats.last_batch_size = n
+        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, n)
         return _InFlight(plan, out.ids, (out.logprob, out.top_ids, out.top_logprobs) if want_lp else None)
 
     def _process(self, f: _InFlight) -> list[RequestOutput]:

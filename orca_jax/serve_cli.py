@@ -291,17 +291,18 @@ def cmd_demo(args) -> int:
         work = demo_workload(args.requests, args.max_tokens, engine.engine.max_len, args.seed,
                              engine.engine.tokenizer)
         live = _Live(len(work), args.live and sys.stdout.isatty())
-        stats0 = len(engine.engine.stats.batch_sizes)
+        st = engine.engine.stats
+        iters0, sum0 = st.iterations, st.batch_size_sum
         t0 = time.perf_counter()
         results = asyncio.run(run_burst(server.grpc_target, work, live))
         wall = time.perf_counter() - t0
         if not live.enabled:  # plain output: a few finished texts, then the summary
             for i in range(min(4, len(work))):
                 print(f"[{i}] {_printable(work[i][0][:40])}... -> {_printable(live.text[i][:70])}")
-        batches = engine.engine.stats.batch_sizes[stats0:]
+        iters = st.iterations - iters0
         print("\n" + summarize(results, wall))
-        if batches:
-            print(f"  engine: {len(batches)} iterations, mean batch {statistics.mean(batches):.1f} "
+        if iters:
+            print(f"  engine: {iters} iterations, mean batch {(st.batch_size_sum - sum0) / iters:.1f} "
                   f"requests (Orca's iteration-level scheduling: requests join and leave every step)")
         print(f"\n(weights are random, so the text is noise.) Next: `orca-jax serve --http-port 8000` "
               f"and `orca-jax generate --server localhost:50051 --prompt 'The orca'`")

@@ -32,8 +32,9 @@ class FakeEngine:
     def __init__(self, clock):
         self.clock, self.running = clock, []
         self.num_compiles = 0
-        self.stats = types.SimpleNamespace(iterations=0, batch_sizes=[], host_seconds=0.0,
-                                           device_wait_seconds=0.0, tokens=0, padded_tokens=0)
+        self.stats = types.SimpleNamespace(iterations=0, batch_size_sum=0, max_batch_size_seen=0,
+                                           host_seconds=0.0, device_wait_seconds=0.0, tokens=0,
+                                           padded_tokens=0)
 
     def add_request(self, prompt, params, request_id):
         self.running.append({"id": request_id, "want": params.max_tokens, "got": 0, "prompt": len(prompt)})
@@ -44,7 +45,8 @@ class FakeEngine:
     def step(self):
         self.clock.t += 1.0
         self.stats.iterations += 1
-        self.stats.batch_sizes.append(len(self.running))
+        self.stats.batch_size_sum += len(self.running)
+        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, len(self.running))
         outs = []
         for r in list(self.running):
             r["got"] += 1

@@ -212,7 +212,7 @@ def test_48_staggered_requests_match_hf_generate(model, engine, idle):
     drain(engine, acc)
 
     assert engine.num_compiles == before
-    assert max(engine.stats.batch_sizes) >= 6  # many requests did share iterations
+    assert engine.stats.max_batch_size_seen >= 6  # many requests did share iterations
     for req, (p, m) in zip(reqs, work):
         got = acc[req.request_id]
         assert got.reason is FinishReason.LENGTH

@@ -111,7 +111,8 @@ class EngineSystem:
         got = [0] * len(records)               # output tokens seen per request
         queue, i = _by_arrival(trace), 0
         st = eng.stats
-        it0, bs0, compiles0 = st.iterations, len(st.batch_sizes), eng.num_compiles
+        it0, bs0, compiles0 = st.iterations, st.batch_size_sum, eng.num_compiles
+        st.max_batch_size_seen = 0
         host0, wait0, tok0, pad0 = st.host_seconds, st.device_wait_seconds, st.tokens, st.padded_tokens
         clock.start()
         while i < len(queue) or eng.has_unfinished():
@@ -133,10 +134,10 @@ class EngineSystem:
                 got[idx] = n
                 if o.finished:
                     progress.update(1)
-        sizes = st.batch_sizes[bs0:]
-        info = {"iterations": st.iterations - it0,
-                "mean_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
-                "max_batch_size_seen": max(sizes, default=0),
+        iters = st.iterations - it0
+        info = {"iterations": iters,
+                "mean_batch_size": (st.batch_size_sum - bs0) / iters if iters else 0.0,
+                "max_batch_size_seen": st.max_batch_size_seen,
                 "host_seconds": st.host_seconds - host0,
                 "device_wait_seconds": st.device_wait_seconds - wait0,
                 "compiles_during_run": eng.num_compiles - compiles0,

@@ -75,9 +75,9 @@ class ServerMetrics:
         self.batch = Histogram("orca_jax:iteration_batch_size", "Requests in each engine iteration.",
                                lab, buckets=_powers_of_two(engine.engine.num_slots),
                                registry=reg).labels(model_name)
-        self._batches_seen = 0
         reg.register(_EngineGauges(self))
         engine.add_listener(self._on_finished)
+        engine.add_iteration_listener(lambda batch_size, _tokens: self.batch.observe(batch_size))
 
     def _on_finished(self, out: RequestOutput) -> None:
         """Runs on the engine thread for every final output: cheap, and never raises (an
@@ -102,24 +102,8 @@ class ServerMetrics:
         except Exception:  # noqa: BLE001 - metrics must never take the engine down
             log.exception("metrics listener failed")
 
-    def _observe_new_iterations(self) -> None:
-        """Feeds the batch-size histogram from the engine's per-iteration record.
-
-        The engine keeps one entry per iteration in `stats.batch_sizes`; a scrape observes the
-        entries added since the previous one (Prometheus histograms are cumulative, so when an
-        iteration is observed does not matter). Appends from the engine thread are atomic.
-        """
-        sizes = self.engine.engine.stats.batch_sizes
-        n = len(sizes)
-        if n < self._batches_seen:  # the engine trimmed its record: start over from here
-            self._batches_seen = 0
-        for b in sizes[self._batches_seen:n]:
-            self.batch.observe(b)
-        self._batches_seen = n
-
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
-        self._observe_new_iterations()
         return generate_latest(self.registry)
 
 
