@@ -37,7 +37,7 @@ assert BLOCK == attention.BLOCK, "orca_jax.plan.BLOCK and models.attention.BLOCK
 class DeviceState:
     """Everything a step updates in place (donated): allocated once at start-up."""
 
-    kv: KVCache              # [L, S, M, H, K] x 2
+    kv: KVCache              # [L, S, H, M, K] x 2
     last_token: jax.Array    # [S] int32: the latest sampled token of each slot
     history: jax.Array       # [S, M] int32: prompt + output ids of each slot (for penalties)
 
@@ -69,7 +69,7 @@ def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype
                       kv_sharding=None, other_sharding=None) -> DeviceState:
     kv = KVCache.zeros(num_layers, num_slots, max_len, num_heads, head_dim, dtype, kv_sharding)
     zeros = lambda shape: jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=other_sharding)()
-    return DeviceState(kv=kv, last_token=zeros((num_slots,)), history=zeros((num_slots, max_len)))
+    return DeviceState(kv=kv, last_token=zeros((num_slots,)), history=zeros((num_slots, kv.max_len)))
 
 
 def run_step(graphdef: nnx.GraphDef, params: nnx.State, state: DeviceState,

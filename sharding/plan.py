@@ -27,7 +27,7 @@ import dataclasses
 import math
 from typing import Mapping
 
-from ..models.attention import KV_AXES
+from ..models.attention import KV_AXES, KVCache
 from ..models.gpt2 import PARAM_AXES, GPTConfig
 from .layouts import Layout, MeshAxes, get_layout
 from .mesh import axis_span, parse_mesh_spec
@@ -143,8 +143,8 @@ def param_placements(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str
 
 def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], slots: int,
                  max_len: int, itemsize: int) -> Placement:
-    """The K (or V) buffer [L, S, M, H, K]."""
-    shape = (c.n_layer, slots, max_len, c.n_head, c.head_dim)
+    """The K (or V) buffer [L, S, H, M, K]."""
+    shape = KVCache.shape(c.n_layer, slots, max_len, c.n_head, c.head_dim)
     return place("kv.k", shape, KV_AXES, get_layout(layout), mesh_shape, itemsize)
 
 
@@ -157,7 +157,7 @@ def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, slots: int, max_len: i
                         itemsize: int) -> int:
     """K + V + slot state that one device holds for `slots` slots."""
     return (2 * kv_placement(c, layout, mesh_shape, slots, max_len, itemsize).bytes_per_device
-            + slot_state_bytes(slots, max_len))
+            + slot_state_bytes(slots, KVCache.shape(1, 1, max_len, 1, 1)[3]))
 
 
 def fit_kv_slots(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], max_len: int,
@@ -292,7 +292,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
                               params["h.attn.c_attn.kernel"], params["wte.embedding"])
     t_attn, t_mlp = cproj.dim_shards(1, mesh_shape), fc2.dim_shards(1, mesh_shape)
     stages, t_vocab = cattn.dim_shards(0, mesh_shape), wte.dim_shards(0, mesh_shape)
-    kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 1, 3))
+    kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 1, 2))  # [L, S, H, M, K]
     if any(lg == "embed" and p.dim_shards(i, mesh_shape) > 1
            for p in params.values() for i, lg in enumerate(p.logical)):
         notes.append("the layout splits the embed axis of a weight: the collectives that needs "

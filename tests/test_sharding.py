@@ -45,13 +45,13 @@ MESHES = ["tensor=2", "tensor=4"]
 def test_rules_may_name_several_mesh_axes():
     mesh = {"data": 2, "tensor": 4}
     slots = LAYOUTS["slots"]
-    assert slots.resolve(KV_AXES, mesh, (2, 8, 128, 4, 16)) == (None, ("data", "tensor"), None, None, None)
+    assert slots.resolve(KV_AXES, mesh, (2, 8, 4, 128, 16)) == (None, ("data", "tensor"), None, None, None)
     # An axis that does not divide (with those already chosen) is skipped, the rest still split.
-    assert slots.resolve(KV_AXES, mesh, (2, 4, 128, 4, 16))[1] == "data"
-    assert slots.resolve(KV_AXES, {"data": 3, "tensor": 4}, (2, 4, 128, 4, 16))[1] == "tensor"
-    assert slots.resolve(KV_AXES, mesh, (2, 3, 128, 4, 16))[1] is None
-    assert slots.resolve(KV_AXES, {"tensor": 4}, (2, 8, 128, 4, 16))[1] == "tensor"
-    assert spec_for(KV_AXES, "slots", make_mesh("data=2,tensor=4"), (2, 8, 128, 4, 16)) == \
+    assert slots.resolve(KV_AXES, mesh, (2, 4, 4, 128, 16))[1] == "data"
+    assert slots.resolve(KV_AXES, {"data": 3, "tensor": 4}, (2, 4, 4, 128, 16))[1] == "tensor"
+    assert slots.resolve(KV_AXES, mesh, (2, 3, 4, 128, 16))[1] is None
+    assert slots.resolve(KV_AXES, {"tensor": 4}, (2, 8, 4, 128, 16))[1] == "tensor"
+    assert spec_for(KV_AXES, "slots", make_mesh("data=2,tensor=4"), (2, 8, 4, 128, 16)) == \
         jax.P(None, ("data", "tensor"), None, None, None)
 
 
@@ -63,7 +63,7 @@ def test_shipped_layouts():
     assert LAYOUTS["megatron"].resolve(("vocab", "embed"), mesh, (1000, 64)) == ("tensor", None)
     assert LAYOUTS["megatron-vocab-replicated"].resolve(("vocab", "embed"), mesh, (1000, 64)) == (None, None)
     assert LAYOUTS["slots"].resolve(kernel, mesh, shape) == (None,) * 5
-    assert LAYOUTS["replicated"].resolve(KV_AXES, mesh, (4, 8, 128, 4, 16)) == (None,) * 5
+    assert LAYOUTS["replicated"].resolve(KV_AXES, mesh, (4, 8, 4, 128, 16)) == (None,) * 5
     for layout in LAYOUTS.values():
         assert layout.description and get_layout(layout.name) is layout
 
@@ -81,7 +81,7 @@ def test_layout_rules_file_json_and_toml(tmp_path):
     assert mine.resolve(("embed", "mlp"), {"data": 2, "tensor": 4}, (64, 256)) == (None, ("tensor", "data"))
     # A file layout drives placement like a shipped one, and round-trips through to_dict.
     mesh = make_mesh("data=2,tensor=4")
-    assert spec_for(KV_AXES, tmp_path / "dp.json", mesh, (2, 8, 128, 4, 16)) == jax.P(None, "data", None, "tensor", None)
+    assert spec_for(KV_AXES, tmp_path / "dp.json", mesh, (2, 8, 4, 128, 16)) == jax.P(None, "data", "tensor", None, None)
     assert layout_from_dict(dp.to_dict()) == dp
 
 
@@ -212,7 +212,7 @@ def test_slot_split_kv_gives_the_same_logits(ckpt):
     mesh = make_mesh("tensor=4")
     config, params = load_checkpoint(ckpt, mesh=mesh, layout="slots")
     ids = list(range(5, 75))  # 70 tokens: two attention blocks
-    kv4 = jax.NamedSharding(mesh, spec_for(KV_AXES, "slots", mesh, (2, 4, 128, 4, 16)))
+    kv4 = jax.NamedSharding(mesh, spec_for(KV_AXES, "slots", mesh, (2, 4, 4, 128, 16)))
     assert kv4.spec[1] == "tensor"
     got = decode_logits(config, params, ids, kv_sharding=kv4)
     config1, params1 = load_checkpoint(ckpt)
