@@ -28,11 +28,11 @@ from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
 from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
                       matmul_ceiling_gflops, passive_omp, run_vllm_offline, vllm_skip_reason)
 
-ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike. Bench defaults: --max-batch-size 16, "
-                 "--max-prefill-seqs = --max-batch-size, --max-num-batched-tokens = --max-batch-size x the "
-                 "longest prompt (so the static policy can form a full batch), --max-model-len = the "
-                 "longest prompt + output. --policy and --no-warmup are ignored: each system sets its "
-                 "policy and every engine is warmed up before timing. See docs/benchmarks.md.")
+ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike. Bench defaults: the engine's "
+                 "(--max-batch-size 64, --max-num-batched-tokens 512, --max-prefill-seqs 16), "
+                 "--max-model-len = the longest prompt + output. --policy and --no-warmup are ignored: "
+                 "each system sets its policy and every engine is warmed up before timing. "
+                 "See docs/benchmarks.md.")
 DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
 
 
@@ -87,8 +87,8 @@ def add_parser(sub) -> None:
                             "latency); online default: norm:<the sweep's SLO>")
         g.add_argument("--no-progress", dest="progress", action="store_false")
         add_engine_flags(w)
-        # Bench defaults: a static batch must be able to form in one iteration (see engine_config).
-        w.set_defaults(fn=cmd_bench, max_batch_size=16, max_num_batched_tokens=None,
+        # None: take the engine's defaults (engine_config).
+        w.set_defaults(fn=cmd_bench, max_batch_size=64, max_num_batched_tokens=None,
                        max_prefill_seqs=None)
 
 
@@ -156,17 +156,15 @@ def make_trace(args, vocab_size: int) -> workloads.Trace:
 
 
 def engine_config(args, trace: workloads.Trace, policy: str):
-    """The EngineConfig both orca-jax systems share (only `policy` differs).
-
-    Defaults make a full static batch admissible in one iteration: the static policy admits
-    only while the batch is empty, within one iteration's token budget and prefill-segment
-    cap, so a budget below max_batch_size x longest prompt would cap the baseline's batches
-    (an artifact, not the policy). Iteration-level scheduling gets the same knobs."""
+    """The EngineConfig both orca-jax systems share (only `policy` differs). The static policy
+    forms a whole batch of up to max_batch_size requests and prefills it over as many
+    iterations as the token budget needs, so the engine's defaults serve both."""
     from ..engine import EngineConfig
     B = args.max_batch_size
+    default = EngineConfig()
     return EngineConfig(
-        max_batch_size=B, max_prefill_seqs=args.max_prefill_seqs or B,
-        max_num_batched_tokens=args.max_num_batched_tokens or max(B, B * trace.max_prompt_len),
+        max_batch_size=B, max_prefill_seqs=min(args.max_prefill_seqs or default.max_prefill_seqs, B),
+        max_num_batched_tokens=max(args.max_num_batched_tokens or default.max_num_batched_tokens, B),
         max_waiting=max(args.max_waiting, len(trace)), policy=policy,
         max_model_len=args.max_model_len or trace.max_total_len,
         kv_memory=int(args.kv_memory) if args.kv_memory else None,
@@ -306,12 +304,6 @@ def _prepare(args, out_dir: Path):
     if max(t for r in base.requests for t in r.prompt_ids) >= cfg.vocab_size:
         raise ValueError(f"the trace has token ids outside the model's vocabulary ({cfg.vocab_size})")
     base.save(out_dir / "trace.json")
-    ecfg = engine_config(args, base, "static")
-    if "static" in args.systems and (ecfg.max_num_batched_tokens < ecfg.max_batch_size * base.max_prompt_len
-                                     or ecfg.max_prefill_seqs < ecfg.max_batch_size):
-        _log(f"warning: --max-num-batched-tokens {ecfg.max_num_batched_tokens} / --max-prefill-seqs "
-             f"{ecfg.max_prefill_seqs} cap the static policy's batches below --max-batch-size "
-             f"{ecfg.max_batch_size} (it admits only into an empty batch, within one iteration)")
     return hf_dir, ckpt, cfg, base
 
 
