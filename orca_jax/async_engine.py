@@ -141,8 +141,8 @@ class AsyncEngine:
 
         self._commands.put(add)
         self._wake.set()
-        if not self._thread.is_alive() and not fut.done():  # the loop ended meanwhile
-            fut.cancel() or fut.set_exception(EngineDeadError("the engine is not running"))
+        if not self._thread.is_alive():  # the loop ended meanwhile: `add` sees it and fails
+            self._run_commands()
         return fut
 
     def abort(self, request_id: str) -> None:

@@ -31,7 +31,7 @@ from .sharding.layouts import Layout, get_layout, param_shardings
 from .sharding.mesh import single_device_mesh
 from .sharding.plan import fit_kv_slots, kv_bytes_per_device
 from .plan import Buckets, StepPlan, build_plan
-from .request import FinishReason, Request, RequestOutput, SamplingParams, Status, Usage
+from .request import FinishReason, Request, RequestOutput, SamplingParams, Usage
 from .sampling import SamplingTensors
 from .scheduler import Batch, Scheduler, SchedulerConfig
 from .step import DeviceState, device_put_inputs, init_device_state, run_sample, run_step
@@ -362,9 +362,6 @@ class Engine:
         return outputs
 
     # -- introspection ------------------------------------------------------------------------
-
-    def request(self, request_id: str) -> Request | None:
-        return self._requests.get(request_id)
 
     @property
     def device_state(self) -> DeviceState:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import add_engine_flags, add_sampling_flags, engine_config, sampling_params
+from .cli import add_engine_flags, engine_config, sampling_params
 
 
 def add_parsers(sub) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fake_model import V, FakeEngine, StepRecord, expected_output
+from fake_model import FakeEngine, StepRecord, expected_output
 from orca_jax.plan import BLOCK, Buckets, SampleRow, build_plan
 from orca_jax.request import FinishReason, Request, SamplingParams, Status
 from orca_jax.scheduler import Batch, Chunk, QueueFullError, Scheduler, SchedulerConfig
