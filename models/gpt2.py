@@ -211,23 +211,40 @@ class GPT(nnx.Module):
                  meta: AttnMeta) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [T] int32. Returns hidden states [T, D] (before ln_f) and the
         KV buffer with this step's keys and values written in."""
-        c = self.config
-        x = self.wte.embedding[...][tokens] + self.wpe.embedding[...][positions]  # [T, D]
-        layers = nnx.to_pure_dict(nnx.state(self.h))  # every leaf [L, ...]
-
-        def step(carry, inputs):
-            x, kv = carry
-            p, l = inputs
-            return block(c, p, x, kv, l, meta), None
-
-        (x, kv), _ = jax.lax.scan(step, (x, kv), (layers, jnp.arange(c.n_layer)))
-        return x, kv
+        params = nnx.to_pure_dict(nnx.state(self))
+        return decoder(self.config, params["h"], embed(params, tokens, positions), kv, meta)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """x: [R, D] hidden states of the rows that sample. Returns float32 logits [R, V]."""
-        h = layer_norm(x, {"scale": self.ln_f.scale[...], "bias": self.ln_f.bias[...]},
-                       self.config.layer_norm_epsilon)
-        return jnp.einsum("rd,vd->rv", h, self.wte.embedding[...], preferred_element_type=jnp.float32)
+        return lm_head(self.config, nnx.to_pure_dict(nnx.state(self)), x)
+
+
+# The forward pass as pure functions over the params dict: a pipeline stage runs `embed` (first
+# stage), `decoder` over its own slice of the stacked layers, and `lm_head` (last stage).
+
+def embed(params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token + position embeddings of T rows: [T, D]."""
+    return params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][positions]
+
+
+def decoder(c: GPTConfig, layers: dict, x: jax.Array, kv: KVCache,
+            meta: AttnMeta) -> tuple[jax.Array, KVCache]:
+    """The stacked blocks `layers` (every leaf [L', ...]) over x [T, D], L' = kv's layers."""
+
+    def step(carry, inputs):
+        x, kv = carry
+        p, l = inputs
+        return block(c, p, x, kv, l, meta), None
+
+    n = jax.tree.leaves(layers)[0].shape[0]
+    (x, kv), _ = jax.lax.scan(step, (x, kv), (layers, jnp.arange(n)))
+    return x, kv
+
+
+def lm_head(c: GPTConfig, params: dict, x: jax.Array) -> jax.Array:
+    """Final LayerNorm and the tied LM head on x [R, D]: float32 logits [R, V]."""
+    h = layer_norm(x, params["ln_f"], c.layer_norm_epsilon)
+    return jnp.einsum("rd,vd->rv", h, params["wte"]["embedding"], preferred_element_type=jnp.float32)
 
 
 def init_params(config: GPTConfig, seed: int = 0) -> dict:

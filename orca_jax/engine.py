@@ -6,6 +6,9 @@
                     read back the PREVIOUS step's ids   # host work overlaps device work
                     detokenize, stop checks, finish     # requests leave the batch at once
 
+On a mesh with a `pipeline` axis the step runs as one program per stage (sharding/pipeline.py)
+and up to `n_stages` iterations are in flight, each with different requests (Orca §4.3).
+
 Everything with a shape is allocated once at start-up: the KV buffer (sized from a memory
 budget), and one compiled program per bucket shape, all compiled by `warmup()`. A compile
 after warm-up is a performance bug; `num_compiles` counts traces of the step so tests can
@@ -13,23 +16,25 @@ assert there are none.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
 import os
 import time
 import uuid
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .models.gpt2 import GPTConfig, from_params
-from .sharding.layouts import Layout, get_layout, param_shardings
+from .models.gpt2 import GPTConfig
+from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
-from .sharding.plan import fit_kv_slots, kv_bytes_per_device
+from .sharding.pipeline import Stage, split_stages, stage_keys, stage_params
+from .sharding.plan import fit_kv_slots, kv_bytes_per_device, kv_placement
 from .plan import Buckets, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Usage
 from .sampling import SamplingTensors
@@ -113,6 +118,7 @@ class _Output:
 
 @dataclasses.dataclass
 class _InFlight:
+    batch: Batch
     plan: StepPlan
     ids: jax.Array
     logprobs: tuple | None
@@ -121,9 +127,13 @@ class _InFlight:
 class Engine:
     def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
                  tokenizer=None, mesh: jax.sharding.Mesh | None = None,
-                 layout: str | Layout = "replicated"):
+                 layout: str | Layout = "replicated",
+                 broadcast: Callable[[StepPlan, SamplingTensors], None] | None = None):
         """`params` (a pure dict) are placed on `mesh` (default: one device) by the sharding
-        `layout`; the KV buffer follows the same layout; step inputs are replicated."""
+        `layout`; the KV buffer follows the same layout; step inputs are replicated. A
+        `pipeline` axis of the mesh splits the layers into stages (sharding/pipeline.py).
+        `broadcast(plan, sampling)` runs before every dispatch (warm-up included): the leader of
+        a multi-process mesh sends each plan to its followers (sharding/multihost.py)."""
         enable_compile_cache()
         self.model_config = config
         self.config = ec = engine_config
@@ -132,88 +142,120 @@ class Engine:
                               else self.tokenizer.eos_token_id)
         self.mesh = mesh or single_device_mesh()
         self.layout = get_layout(layout)
-        params = jax.device_put(params, param_shardings(config, self.mesh, self.layout))
-        self._graphdef, self._params = nnx.split(from_params(config, params))
+        self.broadcast = broadcast
+        self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
+        self.n_stages = len(self.stages)
+        stage_config = config.replace(n_layer=config.n_layer // self.n_stages)
+        self._params = []  # per stage: the sub-tree it holds, on its sub-mesh
+        for st in self.stages:
+            sh = param_shardings(stage_config, st.mesh, self.layout)
+            self._params.append(jax.device_put(stage_params(params, st), {k: sh[k] for k in stage_keys(st)}))
+        del params
 
         self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
         # Slots: as many as the per-device budget holds (a layout may split them over devices).
         budget = kv_budget_bytes(ec, self.mesh.devices.flat[0])
         itemsize = jnp.dtype(config.jnp_dtype).itemsize
-        self.num_slots, kv_axes = fit_kv_slots(config, self.layout, self.mesh.shape, self.max_len,
-                                               budget, ec.max_batch_size, itemsize)
+        kv_layout = pipelined(self.layout)
+        self.num_slots, _ = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
+                                         budget, ec.max_batch_size, itemsize)
+        if jax.process_count() > 1:  # every process must allocate the same buffer
+            from jax.experimental import multihost_utils
+            self.num_slots = int(np.min(multihost_utils.process_allgather(np.int32(self.num_slots))))
         if self.num_slots < 1:
-            one = kv_bytes_per_device(config, self.layout, self.mesh.shape, 1, self.max_len, itemsize)
+            one = kv_bytes_per_device(config, kv_layout, self.mesh.shape, 1, self.max_len, itemsize)
             raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
                              f"({one} bytes for max_model_len={self.max_len}); raise "
                              "--kv-memory or lower --max-model-len")
-        kv_spec = P(*kv_axes)
-        self.kv_bytes = kv_bytes_per_device(config, self.layout, self.mesh.shape, self.num_slots,
+        self.kv_bytes = kv_bytes_per_device(config, kv_layout, self.mesh.shape, self.num_slots,
                                             self.max_len, itemsize)
         sched_cfg = SchedulerConfig(
             max_batch_size=self.num_slots,
             max_num_batched_tokens=max(ec.max_num_batched_tokens, self.num_slots),
             max_prefill_seqs=min(ec.max_prefill_seqs, self.num_slots),
-            max_waiting=ec.max_waiting, policy=ec.policy)
+            max_waiting=ec.max_waiting, policy=ec.policy, n_workers=self.n_stages)
         self.scheduler = Scheduler(sched_cfg, self.num_slots, self.max_len)
         self.buckets = Buckets.make(sched_cfg.max_batch_size, sched_cfg.max_num_batched_tokens,
                                     sched_cfg.max_prefill_seqs)
-        self._replicated = NamedSharding(self.mesh, P())
-        self._state: DeviceState = init_device_state(
-            config.n_layer, self.num_slots, self.max_len, config.n_head, config.head_dim,
-            config.jnp_dtype, NamedSharding(self.mesh, kv_spec), self._replicated)
+        self._states: list[DeviceState] = []
+        for st in self.stages:
+            kv_spec = kv_placement(stage_config, self.layout, dict(st.mesh.shape), self.num_slots,
+                                   self.max_len, itemsize).spec
+            self._states.append(init_device_state(
+                stage_config.n_layer, self.num_slots, self.max_len, config.n_head, config.head_dim,
+                config.jnp_dtype, NamedSharding(st.mesh, P(*kv_spec)), st.replicated, slot_state=st.last))
         # Outputs keep the state's shardings, so each step's donated buffers are reused in place.
-        state_sh = jax.tree.map(lambda x: x.sharding, self._state)
         self.num_compiles = 0
-        self._step = jax.jit(self._traced_step, donate_argnames=("state",),
-                             out_shardings=(state_sh, self._replicated))
+        self._steps = []
+        for st, state in zip(self.stages, self._states):
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            fn = functools.partial(self._traced_step, stage_config, st.first, st.last)
+            self._steps.append(jax.jit(fn, donate_argnames=("state",),
+                                       out_shardings=(state_sh, st.replicated)))
+        last = self.stages[-1]
         self._sample = jax.jit(self._traced_sample, donate_argnames=("state",),
-                               out_shardings=(state_sh, self._replicated))
+                               out_shardings=(jax.tree.map(lambda x: x.sharding, self._states[-1]),
+                                              last.replicated))
+        # Iterations whose results are not read back yet: 1 (the host prepares N+1 while the
+        # device runs N) or, with pipeline stages, n_stages - 1 besides the one being launched.
+        self._keep_in_flight = max(1, self.n_stages - 1)
         self._rng = np.random.default_rng(ec.seed)
         self._outputs: dict[str, _Output] = {}
         self._requests: dict[str, Request] = {}
         self._held: list[RequestOutput] = []    # static policy: finals wait for the batch
-        self._in_flight: _InFlight | None = None
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
         self.stats = EngineStats()
         self.warmup_seconds = 0.0
-        log.info("KV buffer: %d slots x %d tokens (%.1f MiB), %d step programs",
-                 self.num_slots, self.max_len, self.kv_bytes / 2**20, len(self.buckets.shapes()))
+        log.info("KV buffer: %d slots x %d tokens (%.1f MiB per device), %d step programs x %d "
+                 "stage(s)", self.num_slots, self.max_len, self.kv_bytes / 2**20,
+                 len(self.buckets.shapes()), self.n_stages)
         if ec.warmup:
             self.warmup()
 
     @classmethod
     def from_checkpoint(cls, path: str, engine_config: EngineConfig = EngineConfig(),
                         dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                        layout: str | Layout = "replicated") -> "Engine":
+                        layout: str | Layout = "replicated", broadcast=None) -> "Engine":
         """Restores the parameters straight into the layout's shardings on `mesh`."""
         from .checkpoints.store import load_checkpoint
         mesh = mesh or single_device_mesh()
-        config, params = load_checkpoint(path, mesh=mesh, layout=layout, dtype=dtype)
+        # pipelined: each stage's layers are restored onto that stage's devices only
+        config, params = load_checkpoint(path, mesh=mesh, layout=pipelined(layout), dtype=dtype)
         return cls(config, params, engine_config, tokenizer=load_tokenizer(path), mesh=mesh,
-                   layout=layout)
+                   layout=layout, broadcast=broadcast)
 
     # -- compiled step ----------------------------------------------------------------------
 
-    def _traced_step(self, params, state, inp):
+    def _traced_step(self, config, first, last, params, state, inp, x):
         self.num_compiles += 1  # runs at trace time only: one per compiled program
-        return run_step(self._graphdef, params, state, inp)
+        return run_step(config, params, state, inp, x, first=first, last=last)
 
     def _traced_sample(self, state, logits, inp):
         self.num_compiles += 1
         return run_sample(state, logits, inp)
 
-    def _run(self, plan: StepPlan, sampling: SamplingTensors):
-        step_in, sample_in = device_put_inputs(plan, sampling, self._replicated)
-        self._state, logits = self._step(self._params, self._state, step_in)
-        self._state, out = self._sample(self._state, logits, sample_in)
+    def run_plan(self, plan: StepPlan, sampling: SamplingTensors):
+        """Dispatch one iteration (asynchronous): every stage in turn, then sampling. Returns
+        the device arrays of the sampled ids. Followers of a multi-process mesh call this with
+        the leader's plans; everyone else goes through `step`."""
+        if self.broadcast is not None:
+            self.broadcast(plan, sampling)
+        x = None  # activations [T, D] handed from stage to stage; the last stage's logits
+        for i, st in enumerate(self.stages):
+            step_in, sample_in = device_put_inputs(plan, sampling if st.last else None, st.replicated)
+            if x is not None:
+                x = jax.device_put(x, st.replicated)
+            self._states[i], x = self._steps[i](self._params[i], self._states[i], step_in, x)
+        self._states[-1], out = self._sample(self._states[-1], x, sample_in)
         return out
 
     def warmup(self) -> None:
         """Compile the program of every bucket shape now, not while serving."""
         t0 = time.perf_counter()
         for td, tp in self.buckets.shapes():
-            plan = _dummy_plan(td, tp, self.buckets, self.num_slots)
-            self._run(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
-        jax.block_until_ready(self._state)
+            plan = _dummy_plan(td, tp, self.buckets, self.num_slots, self.n_stages > 1)
+            self.run_plan(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
+        jax.block_until_ready(self._states)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
 
@@ -252,7 +294,7 @@ class Engine:
         return self._final_output(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None or bool(self._held)
+        return self.scheduler.has_work() or bool(self._in_flight) or bool(self._held)
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -260,23 +302,23 @@ class Engine:
         """Run one iteration; returns the deltas of every request that made progress."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        launched = self._launch(batch) if batch else None
+        if batch:
+            self._in_flight.append(self._launch(batch))
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None:
-            outputs = self._process(self._in_flight)
-        self._in_flight = launched
+        if len(self._in_flight) > self._keep_in_flight or (self._in_flight and not batch):
+            outputs = self._process(self._in_flight.popleft())
         if self.config.policy == "static":
             outputs = self._hold_finals(outputs)
         self.stats.host_seconds += time.perf_counter() - t0
         return outputs
 
     def _launch(self, batch: Batch) -> _InFlight:
-        plan = build_plan(batch, self.buckets, self.num_slots)
+        plan = build_plan(batch, self.buckets, self.num_slots, host_decode_tokens=self.n_stages > 1)
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
             [r.index for r in rows], len(plan.sample_rows), self._eos_token_id)
-        out = self._run(plan, sampling)
+        out = self.run_plan(plan, sampling)
         want_lp = any(r.request.params.logprobs is not None for r in rows)
         self.stats.iterations += 1
         self.stats.tokens += plan.num_tokens
@@ -285,13 +327,14 @@ class Engine:
         self.stats.batch_size_sum += n
         self.stats.last_batch_size = n
         self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, n)
-        return _InFlight(plan, out.ids, (out.logprob, out.top_ids, out.top_logprobs) if want_lp else None)
+        return _InFlight(batch, plan, out.ids, (out.logprob, out.top_ids, out.top_logprobs) if want_lp else None)
 
     def _process(self, f: _InFlight) -> list[RequestOutput]:
         t0 = time.perf_counter()
         ids = np.asarray(f.ids)
         lps = None if f.logprobs is None else [np.asarray(x) for x in f.logprobs]
         self.stats.device_wait_seconds += time.perf_counter() - t0
+        self.scheduler.complete(f.batch)
         now = time.monotonic()
         outs = []
         for i, row in enumerate(f.plan.rows):
@@ -364,11 +407,12 @@ class Engine:
     # -- introspection ------------------------------------------------------------------------
 
     @property
-    def device_state(self) -> DeviceState:
-        return self._state
+    def device_states(self) -> list[DeviceState]:
+        """Each stage's state (one entry without pipeline stages)."""
+        return self._states
 
 
-def _dummy_plan(td: int, tp: int, buckets: Buckets, num_slots: int) -> StepPlan:
+def _dummy_plan(td: int, tp: int, buckets: Buckets, num_slots: int, host_tokens: bool) -> StepPlan:
     """An all-padding plan of shape (td, tp): compiles a bucket's program, writes nothing."""
     R = buckets.num_sample_rows(td, tp)
     z = lambda n: np.zeros(n, np.int32)
@@ -377,4 +421,5 @@ def _dummy_plan(td: int, tp: int, buckets: Buckets, num_slots: int) -> StepPlan:
                     seg=np.full(tp, -1, np.int32), dec_blocks=np.int32(1), hist_seg=np.int32(-2),
                     hist_slot=np.int32(0), hist_len=np.int32(0), hist_blocks=np.int32(0),
                     sample_rows=z(R), sample_slot=np.full(R, num_slots, np.int32),
-                    sample_pos=z(R), prompt_len=z(R), rows=[], num_tokens=0)
+                    sample_pos=z(R), prompt_len=z(R), rows=[], num_tokens=0,
+                    decode_tokens=z(td) if host_tokens else None)

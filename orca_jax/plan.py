@@ -94,9 +94,13 @@ class StepPlan:
     prompt_len: np.ndarray             # [R] int32
     rows: list[SampleRow]              # the real sampling rows, in order
     num_tokens: int                    # real (unpadded) tokens
+    decode_tokens: np.ndarray | None = None  # [Td] int32 (pipelined engines; else read on device)
 
 
-def build_plan(batch: Batch, buckets: Buckets, num_slots: int) -> StepPlan:
+def build_plan(batch: Batch, buckets: Buckets, num_slots: int,
+               host_decode_tokens: bool = False) -> StepPlan:
+    """`host_decode_tokens`: send each decode row's input token (its request's last output
+    token, which the host must already have: pipelined engines) instead of reading it on device."""
     S = num_slots
     td = Buckets.pick(len(batch.decodes), buckets.decode)
     tp = Buckets.pick(sum(c.length for c in batch.prefills), buckets.prefill)
@@ -141,4 +145,12 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int) -> StepPlan:
         dec_blocks=np.int32(dec_blocks), hist_seg=np.int32(hist_seg), hist_slot=np.int32(hist_slot),
         hist_len=np.int32(hist_len), hist_blocks=np.int32(-(-hist_len // BLOCK)),
         sample_rows=sample_rows, sample_slot=sample_slot, sample_pos=sample_pos,
-        prompt_len=prompt_len, rows=rows, num_tokens=batch.num_tokens)
+        prompt_len=prompt_len, rows=rows, num_tokens=batch.num_tokens,
+        decode_tokens=_decode_tokens(batch, td) if host_decode_tokens else None)
+
+
+def _decode_tokens(batch: Batch, td: int) -> np.ndarray:
+    out = np.zeros(td, np.int32)
+    # the token at position num_computed - 1 (IndexError if its iteration is still in flight)
+    out[:len(batch.decodes)] = [r.output_ids[r.num_computed - 1 - r.prompt_len] for r in batch.decodes]
+    return out

@@ -92,6 +92,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     num_computed: int = 0                      # tokens whose KV has been scheduled into the slot
+    in_flight: int = 0                         # scheduled iterations whose results are not back
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None

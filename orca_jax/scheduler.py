@@ -15,6 +15,12 @@ request-level batching): a new batch of up to `max_batch_size` requests is forme
 previous one has completely finished; its prompts are prefilled within the token budget over
 as many iterations as they need.
 
+Pipelines (Orca §4.3): with `n_workers` > 1 iterations in flight, a request in one of them is
+skipped until `complete()` reports that iteration's results back, so each iteration in flight
+has different requests and the stages work on them at once. With one worker the engine still
+dispatches iteration N+1 before reading N back, and N+1 may hold the same requests: their
+next input token is read on device.
+
 Chunked prefill keeps the step shapes bounded: at most one request per iteration can be
 stopped mid-prompt by the budget, so at most one prefill segment per step continues a prompt
 that is already partly in its slot (what the attention kernel's history path expects).
@@ -42,6 +48,8 @@ class SchedulerConfig:
     max_prefill_seqs: int = 16           # prompt segments per iteration at most
     max_waiting: int = 1024              # waiting queue bound; beyond it add() raises QueueFullError
     policy: Literal["iteration", "static"] = "iteration"  # static = request-level baseline
+    n_workers: int = 1                   # iterations in flight (pipeline stages); > 1: a request
+                                         # is not scheduled again until its result is back
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -54,6 +62,8 @@ class SchedulerConfig:
             raise ValueError(f"max_prefill_seqs must be in [1, max_batch_size], got {self.max_prefill_seqs}")
         if self.max_waiting < 1:  # every request waits at least until the next schedule()
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        if self.n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
         if self.policy not in ("iteration", "static"):
             raise ValueError(f"policy must be 'iteration' or 'static', got {self.policy!r}")
 
@@ -85,6 +95,9 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.decodes or self.prefills)
+
+    def requests(self) -> list[Request]:
+        return self.decodes + [c.request for c in self.prefills]
 
 
 class Scheduler:
@@ -130,10 +143,11 @@ class Scheduler:
     def schedule(self) -> Batch:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        decodes = [r for r in self.running if not r.in_prefill and self._wants_token(r)]
+        ready = [r for r in self.running if not (cfg.n_workers > 1 and r.in_flight)]
+        decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)]
         budget -= len(decodes)
         prefills: list[Chunk] = []
-        for req in self.running:  # a prompt started in an earlier iteration goes on first
+        for req in ready:  # a prompt started in an earlier iteration goes on first
             if req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs:
                 prefills.append(Chunk(req, req.num_computed, min(req.prompt_len - req.num_computed, budget)))
                 budget -= prefills[-1].length
@@ -151,9 +165,16 @@ class Scheduler:
                 budget -= prefills[-1].length
         for req in decodes:
             req.num_computed += 1
+            req.in_flight += 1
         for c in prefills:
             c.request.num_computed += c.length
+            c.request.in_flight += 1
         return Batch(decodes, prefills)
+
+    def complete(self, batch: Batch) -> None:
+        """The results of `batch` are back on the host: its requests may be scheduled again."""
+        for req in batch.requests():
+            req.in_flight -= 1
 
     def _wants_token(self, req: Request) -> bool:
         """A decode row feeds the last sampled token and samples the next; stop once every

@@ -2,14 +2,18 @@
 
 `run_step` is a pure function over explicit pytrees: model parameters, the donated
 `DeviceState` (KV buffer, last sampled token and token history of every slot) and one
-iteration's `StepInputs`. Every weight-bearing op runs once on the flattened [T, D] rows; only
+iteration's `StepInputs`. With pipeline stages (sharding/pipeline.py) it is one stage's
+program: the first embeds the tokens, each runs its own layers over its own slice of the KV
+buffer, the last computes the logits; activations [T, D] go from stage to stage. Every weight-bearing op runs once on the flattened [T, D] rows; only
 attention is split per request (models/attention.py); the LM head runs only on the rows that
 sample; sampling happens on device (a second program, shared by every shape with the same R), so only the sampled ids (and optional logprobs)
 travel back to the host.
 
 Decode rows read their input token from `last_token[slot]` on device, written by the
 iteration that sampled it: the host can schedule and dispatch iteration N+1 before it has
-read iteration N's tokens back (JAX dispatch is asynchronous).
+read iteration N's tokens back (JAX dispatch is asynchronous). Pipelined engines instead send
+decode tokens from the host (`StepInputs.decode_tokens`): a stage-0 read of the last stage's
+`last_token` would wait for the previous iteration and serialize the stages.
 
 Legend: T = Td + Tp rows, R sampling rows, S slots, M slot length, V vocab.
 """
@@ -21,10 +25,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from .models import attention
+from .models import attention, gpt2
 from .models.attention import AttnMeta, KVCache
+from .models.gpt2 import GPTConfig
 from .plan import BLOCK, StepPlan
 from .sampling import SampleOutput, SamplingTensors, sample
 
@@ -37,13 +41,13 @@ assert BLOCK == attention.BLOCK, "orca_jax.plan.BLOCK and models.attention.BLOCK
 class DeviceState:
     """Everything a step updates in place (donated): allocated once at start-up."""
 
-    kv: KVCache              # [L, S, H, M, K] x 2
-    last_token: jax.Array    # [S] int32: the latest sampled token of each slot
-    history: jax.Array       # [S, M] int32: prompt + output ids of each slot (for penalties)
+    kv: KVCache                   # [L, S, H, M, K] x 2 (a stage: its own L' layers)
+    last_token: jax.Array | None  # [S] int32: the latest sampled token of each slot (last stage)
+    history: jax.Array | None     # [S, M] int32: prompt + output ids of each slot (last stage)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["prefill_tokens", "meta", "sample_rows"], meta_fields=[])
+                   data_fields=["prefill_tokens", "meta", "sample_rows", "decode_tokens"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
     """What the forward program needs: one per (Td, Tp) bucket."""
@@ -51,6 +55,7 @@ class StepInputs:
     prefill_tokens: jax.Array   # [Tp] int32
     meta: AttnMeta
     sample_rows: jax.Array      # [R] int32 rows whose logits are computed
+    decode_tokens: jax.Array | None = None  # [Td] int32 from the host; None: read last_token
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -66,24 +71,35 @@ class SampleInputs:
 
 
 def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype,
-                      kv_sharding=None, other_sharding=None) -> DeviceState:
+                      kv_sharding=None, other_sharding=None, slot_state: bool = True) -> DeviceState:
+    """A stage's state; only the last (sampling) stage keeps `last_token` and `history`."""
     kv = KVCache.zeros(num_layers, num_slots, max_len, num_heads, head_dim, dtype, kv_sharding)
+    if not slot_state:
+        return DeviceState(kv=kv, last_token=None, history=None)
     zeros = lambda shape: jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=other_sharding)()
     return DeviceState(kv=kv, last_token=zeros((num_slots,)), history=zeros((num_slots, kv.max_len)))
 
 
-def run_step(graphdef: nnx.GraphDef, params: nnx.State, state: DeviceState,
-             inp: StepInputs) -> tuple[DeviceState, jax.Array]:
-    """The model over one iteration's rows; returns the updated state and logits [R, V]."""
-    model = nnx.merge(graphdef, params)
+def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInputs,
+             x: jax.Array | None = None, *, first: bool = True,
+             last: bool = True) -> tuple[DeviceState, jax.Array]:
+    """One stage of the model over one iteration's rows (the whole model if `first` and
+    `last`). Returns the updated state and the activations [T, D] for the next stage, or, on
+    the last stage, the logits [R, V] f32 of the sampling rows."""
     meta = inp.meta
     td = meta.num_decode
-    # Decode rows feed the token sampled for their slot by an earlier step (padding: slot S,
-    # clipped: its row is never read).
-    dec_tokens = jnp.take(state.last_token, meta.slot[:td], mode="clip")
-    tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])                   # [T]
-    hidden, kv = model(tokens, meta.pos, state.kv, meta)                          # [T, D]
-    logits = model.logits(hidden[inp.sample_rows])                                # [R, V] f32
+    if first or last:
+        # Decode rows feed the token sampled for their slot by an earlier step (padding: slot
+        # S, clipped: its row is never read).
+        dec_tokens = (inp.decode_tokens if inp.decode_tokens is not None
+                      else jnp.take(state.last_token, meta.slot[:td], mode="clip"))
+        tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])               # [T]
+    if first:
+        x = gpt2.embed(params, tokens, meta.pos)                                   # [T, D]
+    x, kv = gpt2.decoder(config, params["h"], x, state.kv, meta)                  # [T, D]
+    if not last:
+        return dataclasses.replace(state, kv=kv), x
+    logits = gpt2.lm_head(config, params, x[inp.sample_rows])                     # [R, V] f32
     history = state.history.at[meta.slot, meta.pos].set(tokens, mode="drop")
     return DeviceState(kv=kv, last_token=state.last_token, history=history), logits
 
@@ -98,13 +114,15 @@ def run_sample(state: DeviceState, logits: jax.Array,
     return DeviceState(kv=state.kv, last_token=last_token, history=history), out
 
 
-def device_put_inputs(plan: StepPlan, sampling: SamplingTensors,
-                      sharding=None) -> tuple[StepInputs, SampleInputs]:
-    """One host-to-device transfer of every array of the step's inputs."""
+def device_put_inputs(plan: StepPlan, sampling: SamplingTensors | None,
+                      sharding=None) -> tuple[StepInputs, SampleInputs | None]:
+    """One host-to-device transfer of every array of the step's inputs (to one stage; the
+    sampling inputs only where `sampling` is given: the last stage)."""
     meta = AttnMeta(slot=plan.slot, pos=plan.pos, seg=plan.seg, dec_blocks=plan.dec_blocks,
                     hist_seg=plan.hist_seg, hist_slot=plan.hist_slot, hist_len=plan.hist_len,
                     hist_blocks=plan.hist_blocks, num_decode=plan.num_decode)
-    inputs = (StepInputs(plan.prefill_tokens, meta, plan.sample_rows),
+    inputs = (StepInputs(plan.prefill_tokens, meta, plan.sample_rows, plan.decode_tokens),
+              None if sampling is None else
               SampleInputs(plan.sample_slot, plan.sample_pos, plan.prompt_len, sampling))
     leaves, treedef = jax.tree.flatten(inputs)
     leaves = jax.device_put([np.asarray(x) for x in leaves], sharding)

@@ -87,9 +87,9 @@ class Layout:
 
 _TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
 # Pipeline stages: the stacked layer axis splits into contiguous blocks, stage p holding layers
-# [p L/P, (p+1) L/P) and their KV (Orca §4.3, inter-layer parallelism). NOTE the engine does
-# not run stages yet: on a mesh with a `pipeline` axis GSPMD gathers each layer's weights
-# across stages inside the layer loop (correct, slow). See docs/distributed.md, "Not yet".
+# [p L/P, (p+1) L/P) and their KV (Orca §4.3, inter-layer parallelism; sharding/pipeline.py).
+# The engine always runs a `pipeline` axis as stages (see `pipelined`); the rule is spelled out
+# here so that `orca-jax plan` and the rules files read the same as what runs.
 _PP = (("layers", "pipeline"),)
 
 LAYOUTS: dict[str, Layout] = {
@@ -112,6 +112,15 @@ LAYOUTS: dict[str, Layout] = {
     "slots": Layout("slots", (("slots", ("data", "tensor")),),
                     "weights replicated; KV buffer split by slot over `data` x `tensor`"),
 }
+
+
+def pipelined(layout: str | Layout) -> Layout:
+    """`layout` as the engine runs it on a mesh with a `pipeline` axis: layers split into
+    stages over it whatever the layout's own rule for "layers" (the other rules then place
+    each stage's arrays on its sub-mesh)."""
+    layout = get_layout(layout)
+    rules = tuple(r for r in layout.rules if r[0] != "layers")
+    return dataclasses.replace(layout, rules=_PP + rules)
 
 
 def get_layout(layout: str | Path | Layout) -> Layout:

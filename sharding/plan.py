@@ -29,7 +29,7 @@ from typing import Mapping
 
 from ..models.attention import KV_AXES, KVCache
 from ..models.gpt2 import PARAM_AXES, GPTConfig
-from .layouts import Layout, MeshAxes, get_layout
+from .layouts import Layout, MeshAxes, get_layout, pipelined
 from .mesh import axis_span, parse_mesh_spec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -234,7 +234,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
         config = PRESETS[config]
     c = config
     mesh_shape = parse_mesh_spec(mesh)
-    layout = get_layout(layout)
+    layout = pipelined(layout)  # as the engine runs it: a pipeline axis always splits layers
     if isinstance(accelerator, str) and accelerator.lower() not in ACCELERATORS:
         raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}")
     acc = ACCELERATORS[accelerator.lower()] if isinstance(accelerator, str) else accelerator
@@ -304,9 +304,6 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
                          "copies and compute the same thing")
     ex(f"== parallelism == heads split {t_attn}-way, MLP {t_mlp}-way, vocab {t_vocab}-way, layers {stages}-way "
        f"(pipeline stages), KV slots {kv_slot}-way, {n_dev} devices")
-    if stages > 1:
-        notes.append("pipeline stages are planned (Orca keeps one micro-batch per stage in flight), but the engine "
-                     "does not run stages yet: see docs/distributed.md, 'Not yet'")
 
     # -- one iteration --------------------------------------------------------------------------
     def axes_of(p: Placement, dim: int) -> tuple[str, ...]:

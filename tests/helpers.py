@@ -36,6 +36,14 @@ def make_hf_gpt2(path: Path, seed: int = 0, max_shard_size=None, **overrides):
     return model
 
 
+def converted_gpt2(folder: Path, seed: int = 0, **overrides) -> str:
+    """A random HF GPT-2 saved in `folder`/hf and converted to `folder`/ckpt; returns the latter."""
+    from orca_jax.checkpoints.hf_gpt2 import convert_hf_gpt2
+    make_hf_gpt2(folder / "hf", seed=seed, **overrides)
+    convert_hf_gpt2(folder / "hf", folder / "ckpt", progress=False)
+    return str(folder / "ckpt")
+
+
 def hf_logits(model, ids) -> np.ndarray:
     """Reference logits [T, V] from HF PyTorch (float32, CPU)."""
     import torch

@@ -373,7 +373,7 @@ def test_no_compilation_after_warmup(engine, small_engine, idle):
 
 
 def test_kv_buffer_is_donated_not_copied(engine, idle):
-    state = engine.device_state
+    state = engine.device_states[0]
     k, v = state.kv.k, state.kv.v
     ptrs = (k.unsafe_buffer_pointer(), v.unsafe_buffer_pointer())
     engine.add_request(list(range(1, 60)), greedy(6))
@@ -381,7 +381,7 @@ def test_kv_buffer_is_donated_not_copied(engine, idle):
     acc = {}
     while engine.has_unfinished():
         step(engine, acc)
-        kv = engine.device_state.kv
+        kv = engine.device_states[0].kv
         assert (kv.k.unsafe_buffer_pointer(), kv.v.unsafe_buffer_pointer()) == ptrs
     assert k.is_deleted() and v.is_deleted(), "the step did not donate the KV buffer"
     assert engine.stats.iterations > 5

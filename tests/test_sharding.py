@@ -19,9 +19,8 @@ import re
 import jax
 import numpy as np
 import pytest
-from helpers import decode_logits, make_hf_gpt2
+from helpers import converted_gpt2, decode_logits
 
-from orca_jax.checkpoints.hf_gpt2 import convert_hf_gpt2
 from orca_jax.checkpoints.store import load_checkpoint
 from orca_jax.engine import Engine, EngineConfig, _dummy_plan
 from orca_jax.models.attention import KV_AXES
@@ -36,7 +35,7 @@ from orca_jax.step import device_put_inputs
 MODEL = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
 EC = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4,
                   max_model_len=128, warmup=False)
-MESHES = ["tensor=2", "tensor=4"]
+MESHES = ["tensor=2", "tensor=4", "pipeline=2", "tensor=2,pipeline=2"]
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -138,10 +137,7 @@ def test_mesh_places_tensor_innermost_and_pipeline_outermost():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("sharding-model")
-    make_hf_gpt2(d / "hf", seed=1, **MODEL)
-    convert_hf_gpt2(d / "hf", d / "ckpt", progress=False)
-    return str(d / "ckpt")
+    return converted_gpt2(tmp_path_factory.mktemp("sharding-model"), seed=1, **MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +194,10 @@ def test_greedy_outputs_equal_single_device(engines, reference, spec, layout):
 def test_engine_places_state_by_layout(engines, layout):
     eng = engines("tensor=4", layout)
     mesh = eng.mesh
-    kernel = eng._params["h"]["mlp"]["c_fc"]["kernel"]
+    kernel = eng._params[0]["h"]["mlp"]["c_fc"]["kernel"]
     kernel = kernel[...] if not isinstance(kernel, jax.Array) else kernel
     assert kernel.sharding.spec == spec_for(PARAM_AXES["h"]["mlp"]["c_fc"]["kernel"], layout, mesh, kernel.shape)
-    k = eng.device_state.kv.k
+    k = eng.device_states[0].kv.k
     want = spec_for(KV_AXES, layout, mesh, k.shape)
     assert k.sharding.spec == want
 
@@ -260,10 +256,10 @@ def _collectives(lines):
 
 
 def _step_hlo(engine: Engine, td: int, tp: int) -> str:
-    plan = _dummy_plan(td, tp, engine.buckets, engine.num_slots)
+    plan = _dummy_plan(td, tp, engine.buckets, engine.num_slots, False)
     step_in, _ = device_put_inputs(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)),
-                                   engine._replicated)
-    return engine._step.lower(engine._params, engine._state, step_in).compile().as_text()
+                                   engine.stages[0].replicated)
+    return engine._steps[0].lower(engine._params[0], engine._states[0], step_in, None).compile().as_text()
 
 
 def _layer_loop(comps) -> tuple[list[str], list[str]]:

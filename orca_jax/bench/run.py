@@ -90,6 +90,8 @@ def add_parser(sub) -> None:
         # None: take the engine's defaults (engine_config).
         w.set_defaults(fn=cmd_bench, max_batch_size=64, max_num_batched_tokens=None,
                        max_prefill_seqs=None)
+    from .stages import add_parser as add_stages
+    add_stages(wsub)
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -283,7 +285,8 @@ def cmd_bench(args) -> int:
         "workload": {**base.summary(), "rates": rates if online else None,
                      "trace_file": str(out_dir / "trace.json")},
         "engine": dataclasses.asdict(engine_config(args, base, "iteration"))
-        | {"policy": "per system (orca: iteration, static: static)"},
+        | {"policy": "per system (orca: iteration, static: static)", "mesh": args.mesh or "one device",
+           "layout": args.layout},
         "systems": described, "runs": runs, "sweep": sweep}
     report.write_json(rep, out_dir / "results.json")
     _print_report(args, rep, base, out_dir)
@@ -310,13 +313,15 @@ def _prepare(args, out_dir: Path):
 def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
     """Build and warm every in-process system, then run them rate by rate, interleaved, so a
     change in the machine's background load mid-run hits all systems alike."""
+    from ..cli import placement
+    mesh, layout = placement(args)
     built, described = {}, {}
     for name in names:
         _log(f"{name}: building {SYSTEMS[name]} ...")
         t0 = time.perf_counter()
         if name in ("orca", "static"):
             built[name] = EngineSystem(name, ckpt, engine_config(args, base, "iteration" if name == "orca" else "static"),
-                                       dtype=args.dtype)
+                                       dtype=args.dtype, mesh=mesh, layout=layout)
         else:
             built[name] = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)
         built[name].warm(base)

@@ -84,10 +84,11 @@ class _NoProgress:
 class EngineSystem:
     """orca-jax's Engine driven in-process; `policy` picks iteration-level or static."""
 
-    def __init__(self, name: str, checkpoint: str, engine_config, dtype: str | None = None):
+    def __init__(self, name: str, checkpoint: str, engine_config, dtype: str | None = None,
+                 mesh=None, layout: str = "megatron"):
         from ..engine import Engine
         self.name = name
-        self.engine = Engine.from_checkpoint(checkpoint, engine_config, dtype=dtype)
+        self.engine = Engine.from_checkpoint(checkpoint, engine_config, dtype=dtype, mesh=mesh, layout=layout)
         self._runs = 0
 
     def describe(self) -> dict:

@@ -1,0 +1,73 @@
+"""Pipeline stages (Orca's inter-layer parallelism, §4.3): the mesh's `pipeline` axis cut into
+sub-meshes, each holding a contiguous block of layers.
+
+    mesh tensor=2,pipeline=2 (4 devices)   ->   stage 0: layers [0, L/2) on a tensor=2 sub-mesh
+                                                stage 1: layers [L/2, L) on the other tensor=2 sub-mesh
+
+Stage 0 also holds the embeddings, the last stage the final LayerNorm and the (tied) LM head and
+samples; the layout's rules place each stage's arrays on its own sub-mesh (tensor parallelism
+inside a stage). The engine runs one jitted program per stage and hands the [T, D] activations
+from stage to stage with a device-to-device copy. JAX dispatch is asynchronous, so while stage
+1 runs iteration N, stage 0 can already run iteration N+1: the scheduler keeps `n_stages`
+iterations in flight, each with different requests (a request's next token depends on its
+previous one), which is what keeps the stages busy without micro-batching one iteration.
+
+A mesh without a `pipeline` axis (or with pipeline=1) is one stage holding everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+PIPELINE = "pipeline"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    mesh: jax.sharding.Mesh     # the sub-mesh: the full mesh's axes without `pipeline`
+    layers: tuple[int, int]     # [start, stop) of the model's layers
+    first: bool                 # holds the embeddings
+    last: bool                  # holds ln_f + the LM head, and samples
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.P())
+
+
+def num_stages(mesh: jax.sharding.Mesh) -> int:
+    return dict(mesh.shape).get(PIPELINE, 1)
+
+
+def split_stages(mesh: jax.sharding.Mesh, n_layer: int) -> list[Stage]:
+    """One Stage per index of the `pipeline` axis, layers split evenly."""
+    n = num_stages(mesh)
+    if n_layer % n:
+        raise ValueError(f"the model's {n_layer} layers do not split evenly into pipeline={n} stages")
+    if n == 1:
+        return [Stage(0, mesh, (0, n_layer), True, True)]
+    axis = mesh.axis_names.index(PIPELINE)
+    names = tuple(a for a in mesh.axis_names if a != PIPELINE)
+    per = n_layer // n
+    stages = []
+    for p in range(n):
+        devices = np.take(mesh.devices, p, axis=axis)
+        sub = jax.sharding.Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+        stages.append(Stage(p, sub, (p * per, (p + 1) * per), p == 0, p == n - 1))
+    return stages
+
+
+def stage_keys(stage: Stage) -> tuple[str, ...]:
+    """Top-level params a stage holds: its layers, plus the embeddings (first) and ln_f and
+    the tied LM head (last); a 1-stage model holds all four."""
+    return (("wte", "wpe") if stage.first else ()) + ("h",) + (
+        ("ln_f",) + (() if stage.first else ("wte",)) if stage.last else ())
+
+
+def stage_params(params: dict, stage: Stage) -> dict:
+    """The part of the params tree one stage holds (its layers sliced out of the stack)."""
+    a, b = stage.layers
+    return {k: jax.tree.map(lambda x: x if (a, b) == (0, len(x)) else x[a:b], params[k]) if k == "h" else params[k]
+            for k in stage_keys(stage)}

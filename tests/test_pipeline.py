@@ -1,0 +1,146 @@
+"""Pipeline parallelism (sharding/pipeline.py): stages on sub-meshes, n_stages iterations in
+flight with different requests, nothing compiled after warm-up, stages measured overlapping.
+
+Greedy outputs on `pipeline=2` and `tensor=2,pipeline=2` equal the 1-device engine's under
+every layout in tests/test_sharding.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orca_jax.bench.stages import stage_activity_from_runs
+from orca_jax.engine import Engine, EngineConfig
+from orca_jax.models.gpt2 import GPTConfig, init_params
+from orca_jax.request import Request, SamplingParams
+from orca_jax.scheduler import Scheduler, SchedulerConfig
+from orca_jax.sharding.mesh import make_mesh
+
+CFG = GPTConfig(vocab_size=512, n_positions=128, n_embd=64, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
+EC = EngineConfig(max_batch_size=8, max_num_batched_tokens=32, max_prefill_seqs=4, max_model_len=128,
+                  kv_memory=1 << 26, warmup=False)
+
+
+def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), seed=0)
+
+
+def test_scheduler_skips_requests_in_flight_with_several_workers():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4,
+                                  n_workers=2), num_slots=4, max_len=64)
+    a, b = _req("a", 5), _req("b", 3)
+    s.add(a)
+    first = s.schedule()
+    assert first.requests() == [a]
+    s.add(b)
+    second = s.schedule()            # `a` is in flight: only the newcomer runs
+    assert second.requests() == [b]
+    assert not s.schedule()          # both in flight: nothing to do until results are back
+    s.complete(first)
+    third = s.schedule()
+    assert third.decodes == [a] and not third.prefills
+    s.complete(second)
+    assert s.schedule().decodes == [b]
+
+
+def test_one_worker_reschedules_requests_in_flight():
+    """Without stages the engine overlaps host and device by scheduling N+1 before N is back."""
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4),
+                  num_slots=4, max_len=64)
+    a = _req("a", 5)
+    s.add(a)
+    s.schedule()
+    assert s.schedule().decodes == [a]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, seed=3)
+
+
+def test_stages_hold_their_layers_on_their_devices(params):
+    eng = Engine(CFG, params, EC, mesh=make_mesh("tensor=2,pipeline=2"), layout="megatron")
+    assert eng.n_stages == 2 and [st.layers for st in eng.stages] == [(0, 2), (2, 4)]
+    assert set(eng._params[0]) == {"wte", "wpe", "h"} and set(eng._params[1]) == {"h", "ln_f", "wte"}
+    for st, p, state in zip(eng.stages, eng._params, eng.device_states):
+        devices = set(st.mesh.devices.flat)
+        assert len(devices) == 2
+        kernel = p["h"]["mlp"]["c_fc"]["kernel"]
+        assert kernel.shape[0] == 2 and set(kernel.sharding.device_set) == devices
+        assert kernel.sharding.spec[2] == "tensor"  # megatron inside the stage
+        np.testing.assert_array_equal(np.asarray(kernel), params["h"]["mlp"]["c_fc"]["kernel"][st.layers[0]:st.layers[1]])
+        assert state.kv.k.shape[0] == 2 and set(state.kv.k.sharding.device_set) == devices
+        assert (state.history is None) == (not st.last)  # the sampling stage keeps the slot state
+    assert not set(eng.stages[0].mesh.devices.flat) & set(eng.stages[1].mesh.devices.flat)
+
+
+def test_iterations_in_flight_hold_different_requests(params):
+    eng = Engine(CFG, params, EC, mesh=make_mesh("pipeline=2"), layout="megatron")
+    batches, in_flight = [], []
+    schedule = eng.scheduler.schedule
+
+    def recording_schedule():
+        b = schedule()
+        batches.append({r.request_id for r in b.requests()})
+        return b
+
+    eng.scheduler.schedule = recording_schedule
+    for i in range(6):
+        eng.add_request(list(range(1, 4 + 3 * i)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                        request_id=str(i))
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            done.setdefault(o.request_id, []).extend(o.token_ids)
+        in_flight.append(len(eng._in_flight))
+    assert all(len(v) == 6 for v in done.values()) and len(done) == 6
+    assert max(in_flight) == 1  # after step() returns: one in flight, the next launched beside it
+    for prev, cur in zip(batches, batches[1:]):
+        assert not prev & cur, "consecutive iterations (both in flight) must not share a request"
+    # both halves of the requests progress: iterations alternate between two groups
+    assert sum(1 for b in batches if b) >= 2 * 6
+
+
+def test_no_compiles_after_warmup_with_stages(params):
+    eng = Engine(CFG, params, EngineConfig(**{**EC.__dict__, "warmup": True}), mesh=make_mesh("pipeline=2"),
+                 layout="megatron")
+    shapes = len(eng.buckets.shapes())
+    compiled = eng.num_compiles
+    assert compiled >= 2 * shapes  # one program per stage and bucket shape, plus sampling
+    for i in range(5):
+        eng.add_request(list(range(1, 30 + 7 * i)), SamplingParams(max_tokens=9, temperature=0.8, seed=i))
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.num_compiles == compiled
+
+
+def test_stage_activity_counts_overlap():
+    # device 0 = stage 0, device 1 = stage 1; stage 0 runs iteration 2 while stage 1 runs 1
+    runs = [(0, 0.0, 1.0), (1, 1.0, 2.0), (0, 1.2, 2.2), (1, 2.2, 3.2), (0, 3.5, 4.0)]
+    a = stage_activity_from_runs(runs, [{0}, {1}])
+    assert a["window_s"] == pytest.approx(4.0)
+    assert a["busy"] == pytest.approx([2.5 / 4, 2.0 / 4])
+    assert a["overlap"] == pytest.approx(0.8 / 4)
+    assert a["overlapped_starts"] == 1 and a["stage0_periods"] == 3
+
+
+@pytest.mark.slow  # profiles a real pipelined engine (~30 s)
+def test_profiled_stages_overlap(tmp_path):
+    import glob
+
+    import jax
+
+    from orca_jax.bench.stages import stage_activity, _stage_devices
+    cfg = GPTConfig(vocab_size=1024, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+    eng = Engine(cfg, init_params(cfg), EngineConfig(max_batch_size=16, max_num_batched_tokens=64, max_prefill_seqs=4,
+                                                      max_model_len=128, kv_memory=1 << 27),
+                 mesh=make_mesh("pipeline=2"), layout="megatron")
+    for i in range(16):
+        eng.add_request(list(range(1, 20 + i)), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    jax.profiler.start_trace(str(tmp_path))
+    while eng.has_unfinished():
+        eng.step()
+    jax.profiler.stop_trace()
+    path = glob.glob(str(tmp_path / "**" / "*.xplane.pb"), recursive=True)[0]
+    a = stage_activity(path, _stage_devices(eng))
+    assert a["overlap"] > 0.05 and a["overlapped_starts"] > 0, a
