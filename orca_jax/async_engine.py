@@ -79,6 +79,14 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
 
+    def fail(self, error: str) -> None:
+        """From any thread: the engine cannot go on (e.g. a follower process of its mesh died).
+        Health turns false now; the loop fails every request with `error` as soon as it is
+        between iterations, and later submissions raise EngineDeadError."""
+        if self.dead is None:
+            self.dead = error
+        self._wake.set()
+
     def healthy(self) -> bool:
         """False when the loop died, or has been inside one iteration for too long."""
         if self.dead is not None or not self._thread.is_alive():
@@ -167,6 +175,9 @@ class AsyncEngine:
     def _loop(self) -> None:
         eng = self.engine
         while not self._stop:
+            if self.dead is not None:  # `fail` was called
+                self._fail_all(self.dead)
+                return
             self._run_commands()
             if not eng.has_unfinished():
                 self._publish(0)
@@ -177,7 +188,7 @@ class AsyncEngine:
                 iters0, tokens0 = eng.stats.iterations, eng.stats.tokens
                 outs = eng.step()
             except Exception as e:  # fail everyone, mark unhealthy, never hang
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._fail_all(self.dead or f"{type(e).__name__}: {e}")  # `fail`'s reason first
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 return
             for out in outs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -30,6 +31,33 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="compile bucket programs lazily instead of at start-up")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="cast parameters (default: as stored)")
+    g = p.add_argument_group("distributed (docs/distributed.md)")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=4 or tensor=2,pipeline=2 (default: one device). "
+                        "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N gives N devices")
+    g.add_argument("--layout", default="megatron",
+                   help="sharding layout: replicated, megatron, megatron-vocab-replicated, slots, "
+                        "or a .json/.toml rules file (default: megatron)")
+
+
+def add_multiprocess_flags(p: argparse.ArgumentParser) -> None:
+    """Several processes, one mesh (launch/: local.sh, slurm.sbatch, k8s/)."""
+    g = p.add_argument_group("several processes (docs/launch.md)")
+    g.add_argument("--coordinator", default=os.environ.get("ORCA_JAX_COORDINATOR"),
+                   help="HOST:PORT of process 0's JAX coordinator ($ORCA_JAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, default=int(os.environ.get("ORCA_JAX_NUM_PROCESSES", 1)),
+                   help="processes in the group ($ORCA_JAX_NUM_PROCESSES; default 1)")
+    g.add_argument("--process-id", type=int, default=int(os.environ.get("ORCA_JAX_PROCESS_ID", 0)),
+                   help="this process's index; 0 schedules and serves ($ORCA_JAX_PROCESS_ID)")
+    g.add_argument("--control-port", type=int, default=None,
+                   help="port on process 0 for the per-iteration plans (default: coordinator port + 1)")
+
+
+def placement(args):
+    """(mesh, layout) from --mesh / --layout."""
+    from .sharding.layouts import get_layout
+    from .sharding.mesh import make_mesh
+    return (make_mesh(args.mesh) if args.mesh else None), get_layout(args.layout)
 
 
 def engine_config(args):
@@ -93,7 +121,8 @@ def cmd_generate(args) -> int:
         model = ensure_demo_model()
         print(f"(no --model: using the embedded demo model at {model}; its weights are random)",
               file=sys.stderr)
-    engine = Engine.from_checkpoint(model, engine_config(args), dtype=args.dtype)
+    mesh, layout = placement(args)
+    engine = Engine.from_checkpoint(model, engine_config(args), dtype=args.dtype, mesh=mesh, layout=layout)
     reqs = [engine.add_request(p, params) for p in prompts]
     index = {r.request_id: i for i, r in enumerate(reqs)}
     texts = [""] * len(reqs)

@@ -14,12 +14,13 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from .cli import add_engine_flags, engine_config, sampling_params
+from .cli import add_engine_flags, add_multiprocess_flags, engine_config, placement, sampling_params
 
 
 def add_parsers(sub) -> None:
@@ -31,6 +32,7 @@ def add_parsers(sub) -> None:
                    help="name in /v1/models and GetModelInfo (default: the checkpoint folder's name)")
     add_server_flags(p)
     add_engine_flags(p)
+    add_multiprocess_flags(p)
     p.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="start a server on the demo model and stream a burst of requests",
@@ -85,7 +87,7 @@ def _model_dir(args) -> tuple[str, str]:
     return ensure_demo_model(), DEMO_DIRNAME
 
 
-def _start_engine(model: str, args, quiet: bool = False):
+def _start_engine(model: str, args, quiet: bool = False, broadcast=None):
     from .async_engine import AsyncEngine
     from .engine import Engine
     cfg = engine_config(args)
@@ -93,7 +95,9 @@ def _start_engine(model: str, args, quiet: bool = False):
     if not quiet:
         print("starting the engine (compiles every bucket program once; later starts reuse the "
               "XLA cache) ...", file=sys.stderr, flush=True)
-    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype)
+    mesh, layout = placement(args)
+    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype, mesh=mesh, layout=layout,
+                                    broadcast=broadcast)
     if not quiet:
         print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
               f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
@@ -106,8 +110,29 @@ def cmd_serve(args) -> int:
     config = ServerConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),
                           max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout)
+    leader = None
+    if args.num_processes > 1:
+        from .sharding import multihost
+        if not args.coordinator:
+            raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (or $ORCA_JAX_COORDINATOR)")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+        address = multihost.control_address(args.coordinator, args.control_port)
+        if args.process_id != 0:
+            return _follow(args, address)
+        print(f"process 0 of {args.num_processes}: waiting for the followers on "
+              f"{address[0]}:{address[1]} ...", file=sys.stderr, flush=True)
+        leader = multihost.Leader(address, args.num_processes - 1)
     model, default_name = _model_dir(args)
-    engine = _start_engine(model, args)
+    try:
+        engine = _start_engine(model, args, broadcast=leader.send if leader else None)
+    except BaseException:
+        if leader:
+            leader.close()
+        raise
+    if leader:
+        leader.watch(engine.fail)
 
     def ready(server) -> None:
         parts = [f"grpc={args.host}:{server.grpc_port}"]
@@ -119,6 +144,34 @@ def cmd_serve(args) -> int:
         return serve(engine, config, args.served_model_name or default_name, on_ready=ready)
     finally:
         engine.shutdown()
+        if leader:
+            leader.close()
+
+
+def _follow(args, address) -> int:
+    """Process k > 0 of a group: build the same engine, run the leader's plans until it stops."""
+    import dataclasses
+    import jax
+
+    from .engine import Engine
+    from .sharding import multihost
+    follower = multihost.Follower(address)
+    model, _ = _model_dir(args)
+    mesh, layout = placement(args)
+    # No warm-up of its own: the leader's warm-up plans arrive like any other.
+    cfg = dataclasses.replace(engine_config(args), warmup=False)
+    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype, mesh=mesh, layout=layout)
+    print(f"process {jax.process_index()}: following the leader", file=sys.stderr, flush=True)
+    # A supervisor's SIGTERM reaches every process of the group at once; the leader drains
+    # (its plans keep coming) and then says stop, so followers wait for that or for its loss.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        follower.run(engine)
+    except multihost.LeaderLostError as e:
+        print(f"orca-jax serve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- generate --server ------------------------------------------------------------------------

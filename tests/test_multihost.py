@@ -1,101 +1,43 @@
-"""Two processes on localhost, 2 virtual CPU devices each, one global `tensor=4` mesh.
+"""Two real processes on localhost serve one model over gRPC (sharding/multihost.py).
 
-Each process runs `jax.distributed.initialize` (gloo CPU collectives), places the same
-parameters by the megatron layout (every tensor group spans both processes), and:
-
-* computes prefill logits with the jitted model on the global mesh: they must equal the
-  single-device logits computed here;
-* serves the same greedy requests in lockstep (`sharding.multihost.lockstep_step`: process 0
-  broadcasts arrivals and aborts, every scheduler decides the same): token ids equal a
-  1-device engine's.
-
-This file is also the worker: ``python tests/test_multihost.py PROCESS_ID N PORT OUT``.
+`orca-jax serve --num-processes 2` twice, 2 virtual CPU devices each, gloo collectives, one
+global `tensor=4` mesh (every tensor group spans both processes): process 0 schedules, serves
+and sends each iteration's plan to process 1. Concurrent mixed greedy requests (chunked prompts,
+different lengths) must come back token for token as a 1-device engine in this process makes
+them. Then the follower is killed: the leader must stay up, fail requests with a clear error
+(UNAVAILABLE, naming the lost follower) and report unhealthy on gRPC health and HTTP /health,
+not hang; SIGTERM still stops it.
 """
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+import time
+import urllib.error
+import urllib.request
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import converted_gpt2
 
-MODEL = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-EC = dict(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4, max_model_len=128,
-          warmup=False, kv_memory=1 << 28)
-PROMPT = list(range(3, 43))
-# (arrival iteration, prompt length, max new tokens)
-SCHEDULE = [(0, 1, 6), (0, 17, 5), (0, 70, 4), (2, 5, 6), (3, 30, 3), (3, 8, 12)]
-ABORTS = {5: ["5"]}  # iteration -> request ids aborted before it (a client went away)
+from orca_jax.client import Client
+from orca_jax.engine import Engine, EngineConfig
+from orca_jax.request import SamplingParams
 
-
-def _params(config):
-    """The same random host params in every process (numpy, seeded)."""
-    import jax
-
-    from orca_jax.models.gpt2 import abstract_params
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype), abstract_params(config))
-
-
-def _prompts():
-    rng = np.random.default_rng(1)
-    return [rng.integers(1, MODEL["vocab_size"], size=n).tolist() for _, n, _ in SCHEDULE]
-
-
-def _serve(engine, step) -> list[list[int]]:
-    """Runs SCHEDULE and ABORTS through `step(arrivals, aborts) -> outputs`; returns each
-    request's token ids."""
-    from orca_jax.request import SamplingParams
-    prompts, out, it = _prompts(), [[] for _ in SCHEDULE], 0
-    while it <= max(a for a, _, _ in SCHEDULE) or engine.has_unfinished():
-        arrivals = [(str(i), prompts[i], SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
-                    for i, (a, _, m) in enumerate(SCHEDULE) if a == it]
-        for o in step(arrivals, ABORTS.get(it, [])):
-            out[int(o.request_id)].extend(o.token_ids)
-        it += 1
-    return out
-
-
-def _worker(process_id: int, n: int, port: int, out: str) -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, str(Path(__file__).parent))
-    from orca_jax.sharding import multihost
-    multihost.initialize(f"127.0.0.1:{port}", n, process_id)
-
-    import jax
-    import jax.numpy as jnp
-    from helpers import _forward, _kv
-    from jax.experimental import multihost_utils
-
-    from orca_jax.models.attention import AttnMeta
-
-    from orca_jax.engine import Engine, EngineConfig
-    from orca_jax.models.gpt2 import GPTConfig
-    from orca_jax.sharding.layouts import param_shardings
-    from orca_jax.sharding.mesh import make_mesh
-
-    assert jax.process_count() == n and jax.device_count() == 2 * n
-    config = GPTConfig(**MODEL)
-    mesh = make_mesh("tensor=4")
-    params = jax.device_put(_params(config), param_shardings(config, mesh, "megatron"))
-    kernel = params["h"]["mlp"]["c_fc"]["kernel"]
-    assert not kernel.is_fully_addressable  # each process holds 2 of the 4 shards
-    # helpers.prefill_logits, but the result is a global array: gather it instead of np.asarray.
-    T = len(PROMPT)
-    i32 = lambda x: jnp.asarray(x, jnp.int32)
-    meta = AttnMeta(slot=i32([1] * T), pos=i32(range(T)), seg=i32([0] * T), dec_blocks=i32(0),
-                    hist_seg=i32(-2), hist_slot=i32(0), hist_len=i32(0), hist_blocks=i32(0), num_decode=0)
-    kv = _kv(config, 4, jax.NamedSharding(mesh, jax.P()))
-    logits = multihost_utils.process_allgather(_forward(config, params)(PROMPT, kv, meta)[0], tiled=True)
-
-    engine = Engine(config, _params(config), EngineConfig(**EC), mesh=mesh, layout="megatron")
-    tokens = _serve(engine, lambda arrivals, aborts: multihost.lockstep_step(engine, arrivals, aborts))
-    Path(out).write_text(json.dumps({"logits": np.asarray(logits).tolist(), "tokens": tokens}))
+MODEL = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+ENGINE_FLAGS = ["--max-batch-size", "8", "--max-num-batched-tokens", "64", "--max-prefill-seqs", "4",
+                "--max-model-len", "128", "--kv-memory", "1e8"]
+EC = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4, max_model_len=128,
+                  kv_memory=int(1e8), warmup=False)
+# (prompt length, max new tokens): prompts longer than the 64-token budget are chunked
+REQUESTS = [(1, 6), (17, 5), (70, 4), (5, 9), (30, 3), (8, 12), (100, 7), (3, 10)]
 
 
 def _free_port() -> int:
@@ -104,51 +46,104 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two extra JAX processes compiling: ~40-70 s on 2 cores
-def test_two_processes_one_global_mesh(tmp_path):
-    import jax
-    from helpers import prefill_logits
-
-    from orca_jax.engine import Engine, EngineConfig
-    from orca_jax.models.gpt2 import GPTConfig
-
-    port, n = _free_port(), 2
-    env = {**os.environ, "ORCA_JAX_COMPILE_CACHE": "off", "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(n), str(port), str(tmp_path / f"{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(n)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(n)]
-
-    config = GPTConfig(**MODEL)
-    one = jax.devices()[0]
-    with jax.default_device(one):
-        want = prefill_logits(config, jax.device_put(_params(config), one), PROMPT)
-    engine = Engine(config, _params(config), EngineConfig(**EC))
-
-    def local_step(arrivals, aborts):
-        for rid in aborts:
-            engine.abort(rid)
-        for rid, ids, params in arrivals:
-            engine.add_request(ids, params, request_id=rid)
-        return engine.step()
-
-    want_tokens = _serve(engine, local_step)
-    for r in results:
-        np.testing.assert_allclose(np.asarray(r["logits"]), want, atol=2e-5, rtol=0)
-        assert r["tokens"] == want_tokens
-    assert 0 < len(want_tokens[5]) < 12  # the abort cut request 5 short    assert results[0]["tokens"] == results[1]["tokens"]
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(1, MODEL["vocab_size"], size=n).tolist() for n, _ in REQUESTS]
 
 
-if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def _http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return converted_gpt2(tmp_path_factory.mktemp("multihost-model"), seed=2, **MODEL)
+
+
+def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONUNBUFFERED": "1"}
+    coord, control = f"127.0.0.1:{_free_port()}", str(_free_port())
+    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "orca_jax.cli", "serve", "--model", ckpt, "--mesh", "tensor=4",
+         "--layout", "megatron", "--grpc-port", "0", "--http-port", "0", "--coordinator", coord,
+         "--num-processes", "2", "--process-id", str(i), "--control-port", control, *ENGINE_FLAGS],
+        env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in (1, 0)][::-1]
+    leader, follower = procs
+
+    def log(i: int) -> str:
+        logs[i].flush()
+        return (tmp_path / f"process{i}.log").read_text()
+
+    try:
+        def ready():
+            for i, p in enumerate(procs):
+                assert p.poll() is None, f"process {i} exited early:\n{log(i)[-3000:]}"
+            return re.search(r"ready grpc=(\S+) http=(\S+)", log(0))
+        m = _wait(ready, 180, "the leader to be ready")
+        target, http = m.group(1), m.group(2)
+        assert "following the leader" in log(1)
+
+        # Concurrent mixed requests over gRPC == a 1-device engine in this process.
+        prompts = _prompts()
+
+        def call(i: int) -> list[int]:
+            with Client(target) as c:
+                return c.generate(prompts[i], max_tokens=REQUESTS[i][1], temperature=0.0,
+                                  ignore_eos=True).token_ids
+        with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
+            got = list(pool.map(call, range(len(REQUESTS))))
+        engine = Engine.from_checkpoint(ckpt, EC)
+        reqs = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+                for p, (_, n) in zip(prompts, REQUESTS)]
+        want = {r.request_id: [] for r in reqs}
+        while engine.has_unfinished():
+            for o in engine.step():
+                want[o.request_id] += o.token_ids
+        assert got == [want[r.request_id] for r in reqs]
+        assert _health(target) == health_pb2.HealthCheckResponse.SERVING
+
+        # A follower dies: clear errors and unhealthy, not a hang and not a dead leader.
+        follower.send_signal(signal.SIGKILL)
+        follower.wait(10)
+        _wait(lambda: _http(http + "/health")[0] == 503, 20, "/health to turn 503")
+        status, body = _http(http + "/health")
+        assert "follower process 1 of 2 is gone" in body
+        _wait(lambda: _health(target) == health_pb2.HealthCheckResponse.NOT_SERVING, 20, "gRPC NOT_SERVING")
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err, Client(target) as c:
+            c.generate(prompts[0], max_tokens=4, temperature=0.0)
+        assert time.monotonic() - t0 < 10
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "follower process 1 of 2 is gone" in err.value.details()
+        assert leader.poll() is None, "the leader must stay up to report the failure"
+
+        leader.send_signal(signal.SIGTERM)
+        leader.wait(60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
