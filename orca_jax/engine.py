@@ -145,6 +145,10 @@ class Engine:
         self.broadcast = broadcast
         self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
         self.n_stages = len(self.stages)
+        if self.n_stages > 1 and jax.process_count() > 1:
+            raise ValueError("pipeline stages in a multi-process mesh are not supported: handing "
+                             "activations between sub-meshes of different processes needs JAX "
+                             "cross-host transfers; across processes use tensor (or data) axes")
         stage_config = config.replace(n_layer=config.n_layer // self.n_stages)
         self._params = []  # per stage: the sub-tree it holds, on its sub-mesh
         for st in self.stages:
