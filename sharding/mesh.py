@@ -72,7 +72,10 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = math.prod(axes.values())
     if n > len(devices):
-        raise ValueError(f"mesh {spec!r} needs {n} devices but only {len(devices)} are available")
+        raise ValueError(f"mesh {spec!r} needs {n} devices but only {len(devices)} are available"
+                         + (f" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n} in the "
+                            "environment gives that many virtual devices)"
+                            if devices and devices[0].platform == "cpu" else ""))
     order = physical_order(axes)
     # jax.make_mesh keeps any topology-aware device ordering (TPU rings); then present the
     # axes in the order the spec gave them.

@@ -255,11 +255,13 @@ def _collectives(lines):
     return [(m.group(2), m.group(1)) for m in map(COLLECTIVE.search, lines) if m]
 
 
-def _step_hlo(engine: Engine, td: int, tp: int) -> str:
-    plan = _dummy_plan(td, tp, engine.buckets, engine.num_slots, False)
-    step_in, _ = device_put_inputs(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)),
-                                   engine.stages[0].replicated)
-    return engine._steps[0].lower(engine._params[0], engine._states[0], step_in, None).compile().as_text()
+def _step_hlo(engine: Engine, td: int, tp: int, stage: int = 0) -> str:
+    """The compiled forward program of one pipeline stage (the whole model without stages)."""
+    st = engine.stages[stage]
+    plan = _dummy_plan(td, tp, engine.buckets, engine.num_slots, engine.n_stages > 1)
+    step_in, _ = device_put_inputs(plan, None, st.replicated)
+    x = None if st.first else jax.device_put(np.zeros((td + tp, MODEL["n_embd"]), np.float32), st.replicated)
+    return engine._steps[stage].lower(engine._params[stage], engine._states[stage], step_in, x).compile().as_text()
 
 
 def _layer_loop(comps) -> tuple[list[str], list[str]]:
@@ -271,6 +273,19 @@ def _layer_loop(comps) -> tuple[list[str], list[str]]:
     in_body = _closure(comps, body, skip_while_bodies=True)
     nested = [re.search(r"body=%([\w.\-]+)", i).group(1) for i in in_body if " while(" in i]
     return in_body, [ins for b in nested for ins in _closure(comps, b)]
+
+
+def test_pipeline_stages_run_their_layers_with_megatron_inside_and_no_weight_traffic(engines):
+    """tensor=2,pipeline=2: each stage's program holds its layer loop with the two Megatron
+    all-reduces of [T, D] and nothing else: no collective crosses stages (the hand-off is a
+    device_put between programs) and no weight is gathered."""
+    eng = engines("tensor=2,pipeline=2", "megatron-vocab-replicated")
+    T, D = 8 + 16, MODEL["n_embd"]
+    for stage in range(2):  # one layer per stage (XLA unrolls a 1-step scan)
+        comps = _computations(_step_hlo(eng, 8, 16, stage))
+        everything = _collectives([ins for lines in comps.values() for ins in lines])
+        assert [kind for kind, _ in everything] == ["all-reduce", "all-reduce"], everything
+        assert all(shape.startswith(f"f32[{T},{D}]") for _, shape in everything), everything
 
 
 @pytest.mark.parametrize("layout", ["megatron", "megatron-vocab-replicated"])
