@@ -17,7 +17,8 @@ as many iterations as they need.
 
 Pipelines (Orca §4.3): with `n_workers` > 1 iterations in flight, a request in one of them is
 skipped until `complete()` reports that iteration's results back, so each iteration in flight
-has different requests and the stages work on them at once. With one worker the engine still
+has different requests and the stages work on them at once; each iteration takes at most
+1/n_workers of the running and waiting requests, so the groups stay balanced. With one worker the engine still
 dispatches iteration N+1 before reading N back, and N+1 may hold the same requests: their
 next input token is read on device.
 
@@ -144,11 +145,17 @@ class Scheduler:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         ready = [r for r in self.running if not (cfg.n_workers > 1 and r.in_flight)]
-        decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)]
+        # With several iterations in flight, each takes its share of the requests, so that
+        # every stage has work (one iteration holding everyone would leave the others idle).
+        cap = cfg.max_batch_size
+        if cfg.n_workers > 1:
+            cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_workers))
+        decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)][:cap]
         budget -= len(decodes)
         prefills: list[Chunk] = []
         for req in ready:  # a prompt started in an earlier iteration goes on first
-            if req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs:
+            if (req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs
+                    and len(decodes) + len(prefills) < cap):
                 prefills.append(Chunk(req, req.num_computed, min(req.prompt_len - req.num_computed, budget)))
                 budget -= prefills[-1].length
         # Static batching forms a whole batch at once, even if its prompts take several
@@ -156,7 +163,8 @@ class Scheduler:
         static = cfg.policy == "static"
         admit = not static or not self.running
         while (admit and self.waiting and self._free_slots and len(self.running) < cfg.max_batch_size
-               and (static or (budget > 0 and len(prefills) < cfg.max_prefill_seqs))):
+               and (static or (budget > 0 and len(prefills) < cfg.max_prefill_seqs
+                               and len(decodes) + len(prefills) < cap))):
             req = self.waiting.popleft()
             req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
             self.running.append(req)

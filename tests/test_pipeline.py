@@ -43,6 +43,18 @@ def test_scheduler_skips_requests_in_flight_with_several_workers():
     assert s.schedule().decodes == [b]
 
 
+def test_several_workers_split_the_requests_between_iterations():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=8,
+                                  n_workers=2), num_slots=8, max_len=64)
+    reqs = [_req(str(i), 3) for i in range(6)]
+    for r in reqs:
+        s.add(r)
+    first, second = s.schedule(), s.schedule()
+    assert first.requests() == reqs[:3] and second.requests() == reqs[3:]  # FCFS halves
+    s.complete(first)
+    assert s.schedule().decodes == reqs[:3]
+
+
 def test_one_worker_reschedules_requests_in_flight():
     """Without stages the engine overlaps host and device by scheduling N+1 before N is back."""
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4),
@@ -95,6 +107,7 @@ def test_iterations_in_flight_hold_different_requests(params):
         in_flight.append(len(eng._in_flight))
     assert all(len(v) == 6 for v in done.values()) and len(done) == 6
     assert max(in_flight) == 1  # after step() returns: one in flight, the next launched beside it
+    assert max(len(b) for b in batches) <= 3  # each iteration takes half of the 6 requests
     for prev, cur in zip(batches, batches[1:]):
         assert not prev & cur, "consecutive iterations (both in flight) must not share a request"
     # both halves of the requests progress: iterations alternate between two groups

@@ -50,7 +50,9 @@ def cmd_stages(args) -> int:
     from ..sharding.mesh import parse_mesh_spec
     need = max(math.prod(parse_mesh_spec(s).values()) for s in specs)
     flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" not in __import__("sys").modules and "device_count" not in flags:
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized() and "device_count" not in flags:
+        # read when the CPU backend starts (no effect on GPUs)
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     import jax
 
