@@ -1,14 +1,12 @@
 """One request's outputs as an async iterator, safe to cancel at any point; error kinds.
 
 `AsyncEngine.generate` submits through a `concurrent.futures.Future` that it awaits with
-`asyncio.wrap_future`. Cancelling the caller while that submission is still queued (a client
-that disconnects or whose deadline passes within the first iteration) cancels the future, and
-the engine thread's `set_result` on it then raises InvalidStateError and kills the engine loop.
-Until the engine guards against that, `outputs()` never lets a cancellation reach the
+`asyncio.wrap_future`; the engine thread skips a submission whose future was cancelled while
+queued (`set_running_or_notify_cancel`). `outputs()` still never lets a cancellation reach the
 submission: it shields the first step and aborts by request id instead (or, if the first step
-has not run yet, cancels it before it submits anything). Commands run on the engine thread in
-order, so the abort comes right after the submission and the slot is freed within one
-iteration.
+has not run yet, cancels it before it submits anything), so there is one way a request leaves.
+Commands run on the engine thread in order, so the abort comes right after the submission and
+the slot is freed within one iteration.
 """
 from __future__ import annotations
 
