@@ -6,11 +6,13 @@ and sends each iteration's plan to process 1. Concurrent mixed greedy requests (
 different lengths) must come back token for token as a 1-device engine in this process makes
 them. Then the follower is killed: the leader must stay up, fail requests with a clear error
 (UNAVAILABLE, naming the lost follower) and report unhealthy on gRPC health and HTTP /health,
-not hang; SIGTERM still stops it.
+not hang; SIGTERM still stops it. A slow test checks the clean stop: SIGTERM to both
+processes drains a request in flight and both exit 0.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
@@ -79,7 +81,10 @@ def ckpt(tmp_path_factory) -> str:
     return converted_gpt2(tmp_path_factory.mktemp("multihost-model"), seed=2, **MODEL)
 
 
-def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tmp_path):
+@contextlib.contextmanager
+def serving_group(ckpt: str, tmp_path):
+    """Two `orca-jax serve` processes (2 virtual CPU devices each) on one tensor=4 mesh;
+    yields (leader, follower, grpc target, http url, log(i)); kills what is left at the end."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONUNBUFFERED": "1"}
     coord, control = f"127.0.0.1:{_free_port()}", str(_free_port())
@@ -89,7 +94,6 @@ def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tm
          "--layout", "megatron", "--grpc-port", "0", "--http-port", "0", "--coordinator", coord,
          "--num-processes", "2", "--process-id", str(i), "--control-port", control, *ENGINE_FLAGS],
         env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in (1, 0)][::-1]
-    leader, follower = procs
 
     def log(i: int) -> str:
         logs[i].flush()
@@ -101,9 +105,19 @@ def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tm
                 assert p.poll() is None, f"process {i} exited early:\n{log(i)[-3000:]}"
             return re.search(r"ready grpc=(\S+) http=(\S+)", log(0))
         m = _wait(ready, 180, "the leader to be ready")
-        target, http = m.group(1), m.group(2)
         assert "following the leader" in log(1)
+        yield procs[0], procs[1], m.group(1), m.group(2), log
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
 
+
+def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tmp_path):
+    with serving_group(ckpt, tmp_path) as (leader, follower, target, http, log):
         # Concurrent mixed requests over gRPC == a 1-device engine in this process.
         prompts = _prompts()
 
@@ -140,10 +154,19 @@ def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tm
 
         leader.send_signal(signal.SIGTERM)
         leader.wait(60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
+
+
+@pytest.mark.slow  # another 2-process start-up (~30 s)
+def test_sigterm_stops_the_whole_group_cleanly(ckpt, tmp_path):
+    """Supervisors signal every process: followers keep following while the leader drains a
+    request in flight, then everyone exits 0 (followers leave jax.distributed first)."""
+    with serving_group(ckpt, tmp_path) as (leader, follower, target, http, log):
+        with Client(target) as c:
+            stream = c.stream(_prompts()[0], max_tokens=40, temperature=0.0, ignore_eos=True)
+            first = next(stream)
+            follower.send_signal(signal.SIGTERM)
+            leader.send_signal(signal.SIGTERM)
+            rest = list(stream)
+        assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 40  # drained, not cut
+        assert leader.wait(60) == 0, log(0)[-3000:]
+        assert follower.wait(60) == 0, log(1)[-3000:]
