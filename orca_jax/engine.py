@@ -188,8 +188,9 @@ class Engine:
             self._states.append(init_device_state(
                 stage_config.n_layer, self.num_slots, self.max_len, config.n_head, config.head_dim,
                 config.jnp_dtype, NamedSharding(st.mesh, P(*kv_spec)), st.replicated, slot_state=st.last))
-        # Outputs keep the state's shardings, so each step's donated buffers are reused in place.
         self.num_compiles = 0
+        # One forward program per stage (per bucket shape). Outputs keep the state's shardings,
+        # so each step's donated buffers are reused in place.
         self._steps = []
         for st, state in zip(self.stages, self._states):
             state_sh = jax.tree.map(lambda x: x.sharding, state)
