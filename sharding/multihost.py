@@ -57,7 +57,11 @@ def initialize(coordinator: str, num_processes: int, process_id: int,
     device."""
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_enable_recoverability", True)
+    try:  # experimental in JAX 0.10: without it a dead peer aborts this process
+        jax.config.update("jax_enable_recoverability", True)
+    except AttributeError:
+        log.warning("this JAX has no jax_enable_recoverability: a dead follower will abort the "
+                    "leader after the heartbeat timeout instead of leaving it up to report it")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
     jax.devices()  # every process creates its backend now (a rendezvous), before anything else
