@@ -17,13 +17,14 @@ assert there are none.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
 import time
 import uuid
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .models.gpt2 import GPTConfig
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
-from .sharding.pipeline import Stage, split_stages, stage_keys, stage_params
+from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
 from .sharding.plan import fit_kv_slots, kv_bytes_per_device, kv_placement
 from .plan import Buckets, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Usage
-from .sampling import SamplingTensors
+from .sampling import SampleOutput, SamplingTensors
 from .scheduler import Batch, Scheduler, SchedulerConfig
 from .step import DeviceState, device_put_inputs, init_device_state, run_sample, run_step
 from .tokenizer import ByteTokenizer, IncrementalDetokenizer, StopStringMatcher, load_tokenizer
@@ -120,20 +121,22 @@ class _Output:
 class _InFlight:
     batch: Batch
     plan: StepPlan
-    ids: jax.Array
-    logprobs: tuple | None
+    out: SampleOutput | concurrent.futures.Future  # device arrays, or the last stage's reply
+    want_logprobs: bool
 
 
 class Engine:
     def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
                  tokenizer=None, mesh: jax.sharding.Mesh | None = None,
                  layout: str | Layout = "replicated",
-                 broadcast: Callable[[StepPlan, SamplingTensors], None] | None = None):
+                 peers=None):
         """`params` (a pure dict) are placed on `mesh` (default: one device) by the sharding
         `layout`; the KV buffer follows the same layout; step inputs are replicated. A
         `pipeline` axis of the mesh splits the layers into stages (sharding/pipeline.py).
-        `broadcast(plan, sampling)` runs before every dispatch (warm-up included): the leader of
-        a multi-process mesh sends each plan to its followers (sharding/multihost.py)."""
+        `peers` (sharding/multihost.py `Leader`): the other processes of a multi-process mesh;
+        `peers.send_plan(plan, sampling)` runs before every dispatch (warm-up included), and
+        when the pipeline's later stages live in other processes, `peers.forward(x)` hands
+        them stage 0's activations and returns a future of the last stage's sampled ids."""
         enable_compile_cache()
         self.model_config = config
         self.config = ec = engine_config
@@ -142,18 +145,17 @@ class Engine:
                               else self.tokenizer.eos_token_id)
         self.mesh = mesh or single_device_mesh()
         self.layout = get_layout(layout)
-        self.broadcast = broadcast
+        self.peers = peers
         self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
         self.n_stages = len(self.stages)
-        if self.n_stages > 1 and jax.process_count() > 1:
-            raise ValueError("pipeline stages in a multi-process mesh are not supported: handing "
-                             "activations between sub-meshes of different processes needs JAX "
-                             "cross-host transfers; across processes use tensor (or data) axes")
+        # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
+        self.local_stages = local_stages(self.stages)
+        self.remote_stages = len(self.local_stages) < self.n_stages
         stage_config = config.replace(n_layer=config.n_layer // self.n_stages)
-        self._params = []  # per stage: the sub-tree it holds, on its sub-mesh
-        for st in self.stages:
+        self._params = []  # per local stage: the sub-tree it holds, on its sub-mesh
+        for st in self.local_stages:
             sh = param_shardings(stage_config, st.mesh, self.layout)
-            self._params.append(jax.device_put(stage_params(params, st), {k: sh[k] for k in stage_keys(st)}))
+            self._params.append(local_stage_params(params, st, {k: sh[k] for k in stage_keys(st)}))
         del params
 
         self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
@@ -182,7 +184,7 @@ class Engine:
         self.buckets = Buckets.make(sched_cfg.max_batch_size, sched_cfg.max_num_batched_tokens,
                                     sched_cfg.max_prefill_seqs)
         self._states: list[DeviceState] = []
-        for st in self.stages:
+        for st in self.local_stages:
             kv_spec = kv_placement(stage_config, self.layout, dict(st.mesh.shape), self.num_slots,
                                    self.max_len, itemsize).spec
             self._states.append(init_device_state(
@@ -192,15 +194,14 @@ class Engine:
         # One forward program per stage (per bucket shape). Outputs keep the state's shardings,
         # so each step's donated buffers are reused in place.
         self._steps = []
-        for st, state in zip(self.stages, self._states):
+        for st, state in zip(self.local_stages, self._states):
             state_sh = jax.tree.map(lambda x: x.sharding, state)
             fn = functools.partial(self._traced_step, stage_config, st.first, st.last)
             self._steps.append(jax.jit(fn, donate_argnames=("state",),
                                        out_shardings=(state_sh, st.replicated)))
-        last = self.stages[-1]
         self._sample = jax.jit(self._traced_sample, donate_argnames=("state",),
                                out_shardings=(jax.tree.map(lambda x: x.sharding, self._states[-1]),
-                                              last.replicated))
+                                              self.local_stages[-1].replicated))
         # Iterations whose results are not read back yet: 1 (the host prepares N+1 while the
         # device runs N) or, with pipeline stages, n_stages - 1 besides the one being launched.
         self._keep_in_flight = max(1, self.n_stages - 1)
@@ -220,14 +221,14 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str, engine_config: EngineConfig = EngineConfig(),
                         dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                        layout: str | Layout = "replicated", broadcast=None) -> "Engine":
+                        layout: str | Layout = "replicated", peers=None) -> "Engine":
         """Restores the parameters straight into the layout's shardings on `mesh`."""
         from .checkpoints.store import load_checkpoint
         mesh = mesh or single_device_mesh()
         # pipelined: each stage's layers are restored onto that stage's devices only
         config, params = load_checkpoint(path, mesh=mesh, layout=pipelined(layout), dtype=dtype)
         return cls(config, params, engine_config, tokenizer=load_tokenizer(path), mesh=mesh,
-                   layout=layout, broadcast=broadcast)
+                   layout=layout, peers=peers)
 
     # -- compiled step ----------------------------------------------------------------------
 
@@ -239,18 +240,22 @@ class Engine:
         self.num_compiles += 1
         return run_sample(state, logits, inp)
 
-    def run_plan(self, plan: StepPlan, sampling: SamplingTensors):
-        """Dispatch one iteration (asynchronous): every stage in turn, then sampling. Returns
-        the device arrays of the sampled ids. Followers of a multi-process mesh call this with
-        the leader's plans; everyone else goes through `step`."""
-        if self.broadcast is not None:
-            self.broadcast(plan, sampling)
-        x = None  # activations [T, D] handed from stage to stage; the last stage's logits
-        for i, st in enumerate(self.stages):
+    def run_plan(self, plan: StepPlan, sampling: SamplingTensors, x=None):
+        """Dispatch one iteration (asynchronous): every local stage in turn, then sampling.
+        Returns the sampled ids (a SampleOutput of device arrays) or, when later stages run in
+        other processes, a future of them. Followers of a multi-process mesh call this with
+        the leader's plans (and, on a later stage, the previous stage's activations `x`);
+        everyone else goes through `step`."""
+        if self.peers is not None:
+            self.peers.send_plan(plan, sampling)
+        # x: activations [T, D] handed from stage to stage; the last stage's logits
+        for i, st in enumerate(self.local_stages):
             step_in, sample_in = device_put_inputs(plan, sampling if st.last else None, st.replicated)
             if x is not None:
                 x = jax.device_put(x, st.replicated)
             self._states[i], x = self._steps[i](self._params[i], self._states[i], step_in, x)
+        if not self.local_stages[-1].last:
+            return self.peers.forward(x)
         self._states[-1], out = self._sample(self._states[-1], x, sample_in)
         return out
 
@@ -332,12 +337,13 @@ class Engine:
         self.stats.batch_size_sum += n
         self.stats.last_batch_size = n
         self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, n)
-        return _InFlight(batch, plan, out.ids, (out.logprob, out.top_ids, out.top_logprobs) if want_lp else None)
+        return _InFlight(batch, plan, out, want_lp)
 
     def _process(self, f: _InFlight) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        ids = np.asarray(f.ids)
-        lps = None if f.logprobs is None else [np.asarray(x) for x in f.logprobs]
+        out = f.out.result() if isinstance(f.out, concurrent.futures.Future) else f.out
+        ids = np.asarray(out.ids)
+        lps = [np.asarray(x) for x in (out.logprob, out.top_ids, out.top_logprobs)] if f.want_logprobs else None
         self.stats.device_wait_seconds += time.perf_counter() - t0
         self.scheduler.complete(f.batch)
         now = time.monotonic()
@@ -413,7 +419,7 @@ class Engine:
 
     @property
     def device_states(self) -> list[DeviceState]:
-        """Each stage's state (one entry without pipeline stages)."""
+        """Each local stage's state (one entry without pipeline stages)."""
         return self._states
 
 

@@ -87,7 +87,7 @@ def _model_dir(args) -> tuple[str, str]:
     return ensure_demo_model(), DEMO_DIRNAME
 
 
-def _start_engine(model: str, args, quiet: bool = False, broadcast=None):
+def _start_engine(model: str, args, quiet: bool = False, peers=None):
     from .async_engine import AsyncEngine
     from .engine import Engine
     cfg = engine_config(args)
@@ -97,7 +97,7 @@ def _start_engine(model: str, args, quiet: bool = False, broadcast=None):
               "XLA cache) ...", file=sys.stderr, flush=True)
     mesh, layout = placement(args)
     engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype, mesh=mesh, layout=layout,
-                                    broadcast=broadcast)
+                                    peers=peers)
     if not quiet:
         print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
               f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
@@ -126,7 +126,7 @@ def cmd_serve(args) -> int:
         leader = multihost.Leader(address, args.num_processes - 1)
     model, default_name = _model_dir(args)
     try:
-        engine = _start_engine(model, args, broadcast=leader.send if leader else None)
+        engine = _start_engine(model, args, peers=leader)
     except BaseException:
         if leader:
             leader.close()

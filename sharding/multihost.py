@@ -8,7 +8,11 @@ same steps (JAX's multi-controller runtime).
         engine.run_plan(plan) <==== one SPMD program, collectives over gloo / NCCL ====>
 
 Every process runs `initialize` (jax.distributed), builds the same mesh over all processes'
-devices and the same Engine. Only the leader has a scheduler that matters and servers; it sends
+devices and the same Engine. With a pipeline split over processes (2 stages, each the devices
+of one process: `--mesh tensor=K,pipeline=2`), each process runs only its own stage: the leader
+runs stage 0 and sends its activations after the plan; the follower runs stage 1 and sampling
+and sends the sampled ids back (`Leader.forward`), while the leader already runs stage 0 of
+the next iteration. Only the leader has a scheduler that matters and servers; it sends
 each iteration's StepPlan and sampling tensors (numpy, a few KB) to every follower over a plain
 TCP connection (`multiprocessing.connection`, HMAC-authenticated), which costs tens of
 microseconds, 25-50x less than a JAX broadcast collective, and reports a dead peer within
@@ -25,15 +29,19 @@ server's stuck-iteration check (`--stuck-after`) then reports unhealthy.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
 import pickle
+import queue
 import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener, wait
 
 import jax
+import numpy as np
 
 log = logging.getLogger("orca_jax")
 
@@ -125,35 +133,72 @@ class Leader:
             self._conns[int(conn.recv())] = conn  # each follower says its process id first
         log.info("leader: followers %s connected", sorted(self._conns))
 
-    def send(self, plan, sampling) -> None:
-        """The Engine's `broadcast` hook: runs before each iteration is dispatched."""
+        # Everything to the followers goes through one ordered queue and thread: a plan, then
+        # (pipeline split over processes) the activations of that plan's stage 0, then the
+        # next plan. Replies (the last stage's sampled ids) come back in the same order.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._on_lost = None
+        threading.Thread(target=self._send_loop, name="orca-plans", daemon=True).start()
+        threading.Thread(target=self._receive_loop, name="orca-followers", daemon=True).start()
+
+    def send_plan(self, plan, sampling) -> None:
+        """The Engine's hook before each iteration is dispatched: every follower gets the plan."""
         if self.lost is not None:
             raise FollowerLostError(self.lost)
-        data = _wire_plan(plan, sampling)
-        for pid, conn in self._conns.items():
-            try:
-                conn.send_bytes(data)
-            except OSError as e:
-                self._lose(pid, e)
-                raise FollowerLostError(self.lost) from e
+        self._outbox.put(_wire_plan(plan, sampling))
+
+    def forward(self, x: jax.Array) -> concurrent.futures.Future:
+        """Stage 0's activations to the process of the last stage (once computed, off this
+        thread); the future resolves to that stage's SampleOutput (numpy)."""
+        if self.lost is not None:
+            raise FollowerLostError(self.lost)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending.append(fut)
+        self._outbox.put(x)
+        return fut
 
     def watch(self, on_lost) -> None:
         """Call `on_lost(message)` (from a thread) as soon as a follower's connection closes."""
+        self._on_lost = on_lost
+        if self.lost is not None:
+            on_lost(self.lost)
 
-        def run():
-            conns = {conn: pid for pid, conn in self._conns.items()}
-            while self.lost is None and conns:
-                for conn in wait(list(conns)):
-                    try:  # followers never write after their id: readable means EOF
-                        conn.recv_bytes()
-                    except (EOFError, OSError) as e:
-                        if self._closing:  # a follower leaving after our stop message
-                            return
-                        self._lose(conns.pop(conn), e)
-                        on_lost(self.lost)
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            if self.lost is not None:
+                continue
+            if isinstance(item, jax.Array):  # waits for stage 0 here, not on the engine thread
+                item = pickle.dumps(np.asarray(item), protocol=pickle.HIGHEST_PROTOCOL)
+            for pid, conn in self._conns.items():
+                try:
+                    conn.send_bytes(item)
+                except OSError as e:
+                    self._lost_now(pid, e)
+                    break
+
+    def _receive_loop(self) -> None:
+        conns = {conn: pid for pid, conn in self._conns.items()}
+        while self.lost is None and conns:
+            for conn in wait(list(conns)):
+                try:  # followers only ever send the last stage's results: else readable = EOF
+                    reply = pickle.loads(conn.recv_bytes())
+                    self._pending.popleft().set_result(reply)
+                except (EOFError, OSError) as e:
+                    if self._closing:  # a follower leaving after our stop message
                         return
+                    self._lost_now(conns.pop(conn), e)
+                    return
 
-        threading.Thread(target=run, name="orca-followers", daemon=True).start()
+    def _lost_now(self, pid: int, e: BaseException) -> None:
+        self._lose(pid, e)
+        if self._on_lost is not None:  # first, so that its message is the one requests get
+            self._on_lost(self.lost)
+        while self._pending:
+            self._pending.popleft().set_exception(FollowerLostError(self.lost))
 
     def _lose(self, pid: int, e: BaseException) -> None:
         if self.lost is None:
@@ -166,11 +211,8 @@ class Leader:
         (they close their connection after `jax.distributed.shutdown`): the coordination
         service lives in this process and must outlive their shutdown calls."""
         self._closing = True
-        for conn in self._conns.values():
-            try:
-                conn.send_bytes(_STOP)
-            except OSError:
-                pass
+        self._outbox.put(_STOP)
+        self._outbox.put(None)
         deadline = time.monotonic() + timeout_s
         for conn in self._conns.values():
             try:
@@ -200,18 +242,28 @@ class Follower:
         self._conn.send(jax.process_index())
         log.info("follower %d: connected to the leader at %s:%d", jax.process_index(), *address)
 
+    def _recv(self) -> bytes:
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError) as e:
+            raise LeaderLostError(f"the leader at {self.address[0]}:{self.address[1]} went "
+                                  f"away ({type(e).__name__})") from e
+
     def run(self, engine) -> None:
         """Run the leader's plans on `engine` until it says stop. Raises LeaderLostError if
         the leader goes away without saying so."""
         with self._conn:
             while True:
-                try:
-                    data = self._conn.recv_bytes()
-                except (EOFError, OSError) as e:
-                    raise LeaderLostError(f"the leader at {self.address[0]}:{self.address[1]} went "
-                                          f"away ({type(e).__name__})") from e
+                data = self._recv()
                 if data == _STOP:
                     jax.block_until_ready(engine.device_states)
                     jax.distributed.shutdown()  # while the leader's coordination service is up
                     return
-                engine.run_plan(*pickle.loads(data))
+                plan, sampling = pickle.loads(data)
+                if not engine.local_stages[0].first:  # a later pipeline stage: stage 0's output
+                    x = pickle.loads(self._recv())
+                    out = engine.run_plan(plan, sampling, x)
+                    self._conn.send_bytes(pickle.dumps(jax.tree.map(np.asarray, out),
+                                                       protocol=pickle.HIGHEST_PROTOCOL))
+                else:
+                    engine.run_plan(plan, sampling)

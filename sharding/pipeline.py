@@ -17,6 +17,7 @@ A mesh without a `pipeline` axis (or with pipeline=1) is one stage holding every
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -71,3 +72,37 @@ def stage_params(params: dict, stage: Stage) -> dict:
     a, b = stage.layers
     return {k: jax.tree.map(lambda x: x if (a, b) == (0, len(x)) else x[a:b], params[k]) if k == "h" else params[k]
             for k in stage_keys(stage)}
+
+
+def local_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages this process runs: all of them in one process, or when one stage spans every
+    process (tensor parallelism across processes: SPMD); its own stage when the pipeline is
+    split over processes, one stage per process. Only 2 such stages are supported: the
+    activations go from process 0 to process 1 over the leader's control connection."""
+    if jax.process_count() == 1 or len(stages) == 1:
+        return stages
+    owners = [{d.process_index for d in st.mesh.devices.flat} for st in stages]
+    if len(stages) != 2 or any(len(o) != 1 for o in owners) or owners[0] == owners[1]:
+        raise ValueError(
+            f"pipeline stages over {jax.process_count()} processes: each stage must be the "
+            f"devices of exactly one process and there must be 2 stages (got "
+            f"{[sorted(o) for o in owners]}); e.g. --mesh tensor=K,pipeline=2 with 2 processes "
+            "of K devices each, or use tensor axes across processes")
+    return [st for st, o in zip(stages, owners) if jax.process_index() in o]
+
+
+def local_stage_params(params: dict, stage: Stage, shardings: dict) -> dict:
+    """`stage_params` placed on the stage's sub-mesh by `shardings`. When the params are
+    global arrays of a multi-process mesh with the layers split over `pipeline`, the shards
+    this process holds are exactly its stage's: they become the stage's arrays in place."""
+    keys = stage_keys(stage)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable
+           for k in keys for x in jax.tree.leaves(params[k])):
+        return jax.device_put(stage_params(params, stage), shardings)
+    a, b = stage.layers
+
+    def local(key, x, sharding):
+        shape = (b - a,) + x.shape[1:] if key == "h" else x.shape
+        return jax.make_array_from_single_device_arrays(shape, sharding, [s.data for s in x.addressable_shards])
+
+    return {k: jax.tree.map(functools.partial(local, k), params[k], shardings[k]) for k in keys}

@@ -1,8 +1,10 @@
 """Two real processes on localhost serve one model over gRPC (sharding/multihost.py).
 
-`orca-jax serve --num-processes 2` twice, 2 virtual CPU devices each, gloo collectives, one
-global `tensor=4` mesh (every tensor group spans both processes): process 0 schedules, serves
-and sends each iteration's plan to process 1. Concurrent mixed greedy requests (chunked prompts,
+`orca-jax serve --num-processes 2` twice, 2 virtual CPU devices each, gloo collectives, on
+one global `tensor=4` mesh (every tensor group spans both processes: process 0 schedules,
+serves and sends each iteration's plan to process 1, both run every program) and on
+`tensor=2,pipeline=2` (one stage per process: process 0 runs stage 0 and sends the
+activations, process 1 runs stage 1 and sampling and sends the ids back). Concurrent mixed greedy requests (chunked prompts,
 different lengths) must come back token for token as a 1-device engine in this process makes
 them. Then the follower is killed: the leader must stay up, fail requests with a clear error
 (UNAVAILABLE, naming the lost follower) and report unhealthy on gRPC health and HTTP /health,
@@ -82,15 +84,15 @@ def ckpt(tmp_path_factory) -> str:
 
 
 @contextlib.contextmanager
-def serving_group(ckpt: str, tmp_path):
-    """Two `orca-jax serve` processes (2 virtual CPU devices each) on one tensor=4 mesh;
+def serving_group(ckpt: str, tmp_path, mesh: str = "tensor=4"):
+    """Two `orca-jax serve` processes (2 virtual CPU devices each) on one 4-device mesh;
     yields (leader, follower, grpc target, http url, log(i)); kills what is left at the end."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONUNBUFFERED": "1"}
     coord, control = f"127.0.0.1:{_free_port()}", str(_free_port())
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "orca_jax.cli", "serve", "--model", ckpt, "--mesh", "tensor=4",
+        [sys.executable, "-m", "orca_jax.cli", "serve", "--model", ckpt, "--mesh", mesh,
          "--layout", "megatron", "--grpc-port", "0", "--http-port", "0", "--coordinator", coord,
          "--num-processes", "2", "--process-id", str(i), "--control-port", control, *ENGINE_FLAGS],
         env=env, stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in (1, 0)][::-1]
@@ -116,8 +118,9 @@ def serving_group(ckpt: str, tmp_path):
             f.close()
 
 
-def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tmp_path):
-    with serving_group(ckpt, tmp_path) as (leader, follower, target, http, log):
+@pytest.mark.parametrize("mesh", ["tensor=4", "tensor=2,pipeline=2"])
+def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tmp_path, mesh):
+    with serving_group(ckpt, tmp_path, mesh) as (leader, follower, target, http, log):
         # Concurrent mixed requests over gRPC == a 1-device engine in this process.
         prompts = _prompts()
 
@@ -156,11 +159,12 @@ def test_two_processes_serve_like_one_and_a_dead_follower_fails_cleanly(ckpt, tm
         leader.wait(60)
 
 
-@pytest.mark.slow  # another 2-process start-up (~30 s)
-def test_sigterm_stops_the_whole_group_cleanly(ckpt, tmp_path):
+@pytest.mark.slow  # another 2-process start-up (~30 s) per mesh
+@pytest.mark.parametrize("mesh", ["tensor=4", "tensor=2,pipeline=2"])
+def test_sigterm_stops_the_whole_group_cleanly(ckpt, tmp_path, mesh):
     """Supervisors signal every process: followers keep following while the leader drains a
     request in flight, then everyone exits 0 (followers leave jax.distributed first)."""
-    with serving_group(ckpt, tmp_path) as (leader, follower, target, http, log):
+    with serving_group(ckpt, tmp_path, mesh) as (leader, follower, target, http, log):
         with Client(target) as c:
             stream = c.stream(_prompts()[0], max_tokens=40, temperature=0.0, ignore_eos=True)
             first = next(stream)
