@@ -153,11 +153,25 @@ class Scheduler:
         decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)][:cap]
         budget -= len(decodes)
         prefills: list[Chunk] = []
+        # At most one prompt may be cut by the budget at a time (the attention kernel reads one
+        # continuing chunk per step); with iterations in flight it may not be ready, so a chunk
+        # that would leave a second prompt unfinished waits instead.
+        cut = {r for r in self.running if 0 < r.num_computed < r.prompt_len}
+
+        def may_cut(req: Request, length: int) -> bool:
+            return req.num_computed + length == req.prompt_len or not (cut - {req})
+
+        def add_chunk(req: Request, length: int) -> None:
+            nonlocal budget
+            prefills.append(Chunk(req, req.num_computed, length))
+            budget -= length
+            (cut.discard if req.num_computed + length == req.prompt_len else cut.add)(req)
+
         for req in ready:  # a prompt started in an earlier iteration goes on first
+            length = min(req.prompt_len - req.num_computed, budget)
             if (req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs
-                    and len(decodes) + len(prefills) < cap):
-                prefills.append(Chunk(req, req.num_computed, min(req.prompt_len - req.num_computed, budget)))
-                budget -= prefills[-1].length
+                    and (req in cut or len(decodes) + len(prefills) < cap) and may_cut(req, length)):
+                add_chunk(req, length)
         # Static batching forms a whole batch at once, even if its prompts take several
         # iterations to prefill; iteration-level scheduling admits only what it runs now.
         static = cfg.policy == "static"
@@ -165,12 +179,13 @@ class Scheduler:
         while (admit and self.waiting and self._free_slots and len(self.running) < cfg.max_batch_size
                and (static or (budget > 0 and len(prefills) < cfg.max_prefill_seqs
                                and len(decodes) + len(prefills) < cap))):
+            if not static and not may_cut(self.waiting[0], min(self.waiting[0].prompt_len, budget)):
+                break  # FCFS: no overtaking of a prompt that waits for the cut one
             req = self.waiting.popleft()
             req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
             self.running.append(req)
             if budget > 0 and len(prefills) < cfg.max_prefill_seqs:
-                prefills.append(Chunk(req, 0, min(req.prompt_len, budget)))
-                budget -= prefills[-1].length
+                add_chunk(req, min(req.prompt_len, budget))
         for req in decodes:
             req.num_computed += 1
             req.in_flight += 1

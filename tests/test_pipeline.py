@@ -55,6 +55,40 @@ def test_several_workers_split_the_requests_between_iterations():
     assert s.schedule().decodes == reqs[:3]
 
 
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_workers):
+    """Random arrivals, a small budget, n_workers iterations in flight (as the engine keeps
+    them): build_plan never sees two chunks continuing a prompt (its assertion), every
+    request finishes. A prompt cut while in flight used to meet a second cut prompt."""
+    from orca_jax.plan import Buckets, build_plan
+    from orca_jax.request import FinishReason
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        cfg = SchedulerConfig(max_batch_size=8, max_num_batched_tokens=16, max_prefill_seqs=4,
+                              n_workers=n_workers)
+        s = Scheduler(cfg, num_slots=8, max_len=96)
+        buckets = Buckets.make(8, 16, 4)
+        in_flight, done, added = [], 0, 0
+        for it in range(300):
+            if added < 30 and rng.random() < 0.4:
+                s.add(_req(str(added), int(rng.integers(1, 40)), int(rng.integers(1, 8))))
+                added += 1
+            batch = s.schedule()
+            if batch:
+                in_flight.append((batch, build_plan(batch, buckets, 8, host_decode_tokens=n_workers > 1)))
+            if in_flight and (len(in_flight) > max(1, n_workers - 1) or not batch):
+                b, plan = in_flight.pop(0)
+                s.complete(b)
+                for row in plan.rows:
+                    if row.request.finished:
+                        continue
+                    row.request.output_ids.append(1)
+                    if len(row.request.output_ids) >= row.request.params.max_tokens:
+                        s.finish(row.request, FinishReason.LENGTH)
+                        done += 1
+        assert done == added, (seed, done, added)
+
+
 def test_one_worker_reschedules_requests_in_flight():
     """Without stages the engine overlaps host and device by scheduling N+1 before N is back."""
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4),
