@@ -146,6 +146,10 @@ class Engine:
         self.mesh = mesh or single_device_mesh()
         self.layout = get_layout(layout)
         self.peers = peers
+        if {d.process_index for d in self.mesh.devices.flat} != set(range(jax.process_count())):
+            raise ValueError(f"the mesh {dict(self.mesh.shape)} does not span the devices of all "
+                             f"{jax.process_count()} processes; give --mesh over every process's "
+                             "devices (e.g. tensor=N x devices per process)")
         self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
         self.n_stages = len(self.stages)
         # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
@@ -160,7 +164,8 @@ class Engine:
 
         self.max_len = min(ec.max_model_len or config.n_positions, config.n_positions)
         # Slots: as many as the per-device budget holds (a layout may split them over devices).
-        budget = kv_budget_bytes(ec, self.mesh.devices.flat[0])
+        budget = kv_budget_bytes(ec, next(d for d in self.mesh.devices.flat  # one of this process's
+                                          if d.process_index == jax.process_index()))
         itemsize = jnp.dtype(config.jnp_dtype).itemsize
         kv_layout = pipelined(self.layout)
         self.num_slots, _ = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
@@ -262,9 +267,14 @@ class Engine:
     def warmup(self) -> None:
         """Compile the program of every bucket shape now, not while serving."""
         t0 = time.perf_counter()
+        replies = []  # later stages in other processes compile theirs too: wait for them
         for td, tp in self.buckets.shapes():
             plan = _dummy_plan(td, tp, self.buckets, self.num_slots, self.n_stages > 1)
-            self.run_plan(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
+            out = self.run_plan(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
+            if isinstance(out, concurrent.futures.Future):
+                replies.append(out)
+        for fut in replies:
+            fut.result()
         jax.block_until_ready(self._states)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)

@@ -116,11 +116,13 @@ class Leader:
         done = threading.Event()
 
         def accept():
-            try:
-                while len(accepted) < num_followers:
+            while len(accepted) < num_followers:
+                try:
                     accepted.append(listener.accept())
-            except OSError:  # closed on timeout
-                pass
+                except OSError:  # closed on timeout
+                    break
+                except Exception as e:  # a stray connection (port probe, wrong key): keep going
+                    log.warning("leader: refused a control connection: %s: %s", type(e).__name__, e)
             done.set()
 
         threading.Thread(target=accept, name="orca-accept", daemon=True).start()
@@ -138,9 +140,11 @@ class Leader:
         # next plan. Replies (the last stage's sampled ids) come back in the same order.
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._lock = threading.Lock()  # `lost` and `_pending` change together
         self._on_lost = None
         threading.Thread(target=self._send_loop, name="orca-plans", daemon=True).start()
-        threading.Thread(target=self._receive_loop, name="orca-followers", daemon=True).start()
+        self._receiver = threading.Thread(target=self._receive_loop, name="orca-followers", daemon=True)
+        self._receiver.start()
 
     def send_plan(self, plan, sampling) -> None:
         """The Engine's hook before each iteration is dispatched: every follower gets the plan."""
@@ -151,10 +155,11 @@ class Leader:
     def forward(self, x: jax.Array) -> concurrent.futures.Future:
         """Stage 0's activations to the process of the last stage (once computed, off this
         thread); the future resolves to that stage's SampleOutput (numpy)."""
-        if self.lost is not None:
-            raise FollowerLostError(self.lost)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending.append(fut)
+        with self._lock:
+            if self.lost is not None:
+                raise FollowerLostError(self.lost)
+            self._pending.append(fut)
         self._outbox.put(x)
         return fut
 
@@ -169,41 +174,55 @@ class Leader:
             item = self._outbox.get()
             if item is None:
                 return
-            if self.lost is not None:
+            if self.lost is not None and item != _STOP:  # the stop still reaches live followers
                 continue
-            if isinstance(item, jax.Array):  # waits for stage 0 here, not on the engine thread
-                item = pickle.dumps(np.asarray(item), protocol=pickle.HIGHEST_PROTOCOL)
-            for pid, conn in self._conns.items():
-                try:
-                    conn.send_bytes(item)
-                except OSError as e:
-                    self._lost_now(pid, e)
-                    break
+            pid = None
+            try:
+                if isinstance(item, jax.Array):  # waits for stage 0 here, not on the engine thread
+                    item = pickle.dumps(np.asarray(item), protocol=pickle.HIGHEST_PROTOCOL)
+                for pid, conn in self._conns.items():
+                    try:
+                        conn.send_bytes(item)
+                    except OSError:
+                        if item != _STOP:
+                            raise
+            except Exception as e:  # a dead follower, or stage 0 failed on the device
+                self._lost_now(pid, e)
 
     def _receive_loop(self) -> None:
         conns = {conn: pid for pid, conn in self._conns.items()}
-        while self.lost is None and conns:
+        while conns:
             for conn in wait(list(conns)):
-                try:  # followers only ever send the last stage's results: else readable = EOF
+                pid = conns[conn]
+                try:  # followers only send the last stage's results; readable otherwise = EOF
                     reply = pickle.loads(conn.recv_bytes())
-                    self._pending.popleft().set_result(reply)
+                    with self._lock:
+                        fut = self._pending.popleft() if self._pending else None
+                    if fut is not None:
+                        fut.set_result(reply)
                 except (EOFError, OSError) as e:
-                    if self._closing:  # a follower leaving after our stop message
-                        return
-                    self._lost_now(conns.pop(conn), e)
-                    return
+                    del conns[conn]
+                    if not self._closing:  # else: a follower leaving after our stop message
+                        self._lost_now(pid, e)
+                except Exception as e:  # an unreadable reply: the group is out of step
+                    self._lost_now(pid, e)
 
-    def _lost_now(self, pid: int, e: BaseException) -> None:
-        self._lose(pid, e)
-        if self._on_lost is not None:  # first, so that its message is the one requests get
+    def _lost_now(self, pid: int | None, e: BaseException) -> None:
+        with self._lock:
+            first = self.lost is None
+            self._lose(pid, e)
+            pending, self._pending = list(self._pending), collections.deque()
+        if first and self._on_lost is not None:  # first, so that its message is the one requests get
             self._on_lost(self.lost)
-        while self._pending:
-            self._pending.popleft().set_exception(FollowerLostError(self.lost))
+        for fut in pending:
+            fut.set_exception(FollowerLostError(self.lost))
 
-    def _lose(self, pid: int, e: BaseException) -> None:
+    def _lose(self, pid: int | None, e: BaseException) -> None:
         if self.lost is None:
-            self.lost = (f"follower process {pid} of {len(self._conns) + 1} is gone "
-                         f"({type(e).__name__}): the multi-process mesh is broken; restart the group")
+            who = f"follower process {pid} of {len(self._conns) + 1} is gone" if pid is not None else \
+                "the leader could not hand work to its followers"
+            self.lost = (f"{who} ({type(e).__name__}: {e}): the multi-process mesh is broken; "
+                         "restart the group")
             log.error("%s", self.lost)
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -213,13 +232,8 @@ class Leader:
         self._closing = True
         self._outbox.put(_STOP)
         self._outbox.put(None)
-        deadline = time.monotonic() + timeout_s
+        self._receiver.join(timeout_s)  # it ends once every follower has closed its connection
         for conn in self._conns.values():
-            try:
-                if wait([conn], max(0.0, deadline - time.monotonic())):
-                    conn.recv_bytes()
-            except (EOFError, OSError):
-                pass
             conn.close()
 
 
@@ -261,7 +275,10 @@ class Follower:
                     return
                 plan, sampling = pickle.loads(data)
                 if not engine.local_stages[0].first:  # a later pipeline stage: stage 0's output
-                    x = pickle.loads(self._recv())
+                    data = self._recv()
+                    if data == _STOP:  # the leader failed between the plan and its activations
+                        raise LeaderLostError("the leader stopped in the middle of an iteration")
+                    x = pickle.loads(data)
                     out = engine.run_plan(plan, sampling, x)
                     self._conn.send_bytes(pickle.dumps(jax.tree.map(np.asarray, out),
                                                        protocol=pickle.HIGHEST_PROTOCOL))
