@@ -154,6 +154,21 @@ def serves_normally(served):
     assert out.completion_tokens == 3 and out.finish_reason == "length"
 
 
+def recovers(served, baseline):
+    """After a test's disruption: nothing running or reserved, no leftover server task, the
+    engine healthy and serving."""
+    wait_idle(served)
+    wait_tasks(served, baseline)
+    assert served.engine.healthy()
+    serves_normally(served)
+
+
+async def cancel_all(tasks):
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def long_request(**kw):
     return dict(max_tokens=120, ignore_eos=True, temperature=0.0, **kw)
 
@@ -320,15 +335,10 @@ def test_async_cancel_before_the_first_token(served, delay):
                     pass
             tasks = [asyncio.create_task(consume()) for _ in range(20)]
             await asyncio.sleep(delay)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
 
     asyncio.run(go())
-    wait_idle(served)
-    wait_tasks(served, baseline)
-    assert served.engine.healthy()
-    serves_normally(served)
+    recovers(served, baseline)
 
 
 def test_client_disconnect_frees_the_slot(served):
@@ -365,9 +375,7 @@ def test_deadline_exceeded_frees_the_slot(served):
         with pytest.raises(grpc.RpcError) as e:
             c.generate("The orca", timeout=0.15, **long_request())
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_idle(served)
-    wait_tasks(served, baseline)
-    serves_normally(served)
+    recovers(served, baseline)
 
 
 @pytest.fixture
@@ -412,14 +420,10 @@ def test_full_queue_is_resource_exhausted_and_429(served, slow_steps):
                                                    {"prompt": "The orca", "max_tokens": 2})
             assert status == 429 and "queue is full" in body["error"]["message"]
             assert not any(t.done() for t in tasks)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(tasks)
 
     asyncio.run(go())
-    wait_idle(served)
-    wait_tasks(served, baseline)
-    serves_normally(served)
+    recovers(served, baseline)
 
 
 # -- bad input --------------------------------------------------------------------------------
