@@ -168,7 +168,7 @@ class Engine:
                                           if d.process_index == jax.process_index()))
         itemsize = jnp.dtype(config.jnp_dtype).itemsize
         kv_layout = pipelined(self.layout)
-        self.num_slots, _ = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
+        self.num_slots = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
                                          budget, ec.max_batch_size, itemsize)
         if jax.process_count() > 1:  # every process must allocate the same buffer
             from jax.experimental import multihost_utils

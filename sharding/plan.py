@@ -27,8 +27,10 @@ import dataclasses
 import math
 from typing import Mapping
 
+import jax
+
 from ..models.attention import KV_AXES, KVCache
-from ..models.gpt2 import PARAM_AXES, GPTConfig
+from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
 from .layouts import Layout, MeshAxes, get_layout, pipelined
 from .mesh import axis_span, parse_mesh_spec
 
@@ -71,20 +73,8 @@ ACCELERATORS = {
 
 
 def param_shapes(c: GPTConfig) -> dict:
-    """Shapes of every parameter, same tree as `PARAM_AXES` (mirrors models/gpt2.py; the test
-    checks it against `abstract_params`)."""
-    V, P, D, L, H, K, F = c.vocab_size, c.n_positions, c.n_embd, c.n_layer, c.n_head, c.head_dim, c.mlp_dim
-    ln = {"scale": (L, D), "bias": (L, D)}
-    return {
-        "wte": {"embedding": (V, D)},
-        "wpe": {"embedding": (P, D)},
-        "h": {"ln_1": ln, "ln_2": ln,
-              "attn": {"c_attn": {"kernel": (L, D, 3, H, K), "bias": (L, 3, H, K)},
-                       "c_proj": {"kernel": (L, H, K, D), "bias": (L, D)}},
-              "mlp": {"c_fc": {"kernel": (L, D, F), "bias": (L, F)},
-                      "c_proj": {"kernel": (L, F, D), "bias": (L, D)}}},
-        "ln_f": {"scale": (D,), "bias": (D,)},
-    }
+    """Shapes of every parameter, same tree as `PARAM_AXES` (no allocation: `eval_shape`)."""
+    return jax.tree.map(lambda a: a.shape, abstract_params(c))
 
 
 def _mesh_names(axes: MeshAxes) -> tuple[str, ...]:
@@ -149,26 +139,26 @@ def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, in
 
 
 def slot_state_bytes(slots: int, max_len: int) -> int:
-    """The engine's per-slot token history [S, M] and last token [S], int32, replicated."""
-    return 4 * slots * max_len + 4 * slots
+    """The engine's per-slot token history [S, M] and last token [S], int32, replicated (M is
+    `max_len` rounded up to whole attention blocks, as allocated)."""
+    return 4 * slots * KVCache.shape(1, 1, max_len, 1, 1)[3] + 4 * slots
 
 
 def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, slots: int, max_len: int,
                         itemsize: int) -> int:
     """K + V + slot state that one device holds for `slots` slots."""
     return (2 * kv_placement(c, layout, mesh_shape, slots, max_len, itemsize).bytes_per_device
-            + slot_state_bytes(slots, KVCache.shape(1, 1, max_len, 1, 1)[3]))
+            + slot_state_bytes(slots, max_len))
 
 
 def fit_kv_slots(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], max_len: int,
-                 budget_bytes: int, max_slots: int, itemsize: int | None = None
-                 ) -> tuple[int, tuple[MeshAxes, ...]]:
+                 budget_bytes: int, max_slots: int, itemsize: int | None = None) -> int:
     """The most slots (<= max_slots) whose per-device KV buffer and slot state fit in
-    `budget_bytes`, and the KV buffer's PartitionSpec entries for that many slots.
+    `budget_bytes`.
 
     A layout that splits slots over n devices gives each 1/n of them, but only when n divides
     the count (even tiling), so the answer is not monotonic in the budget: this tries every
-    count from `max_slots` down. Returns (0, spec) when not even one slot fits.
+    count from `max_slots` down. Returns 0 when not even one slot fits.
     """
     itemsize = itemsize or DTYPE_BYTES[c.dtype]
     layout = get_layout(layout)
@@ -177,8 +167,8 @@ def fit_kv_slots(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, in
         dict(mesh_shape).values() or [1]) + slot_state_bytes(1, max_len)
     for s in range(min(max_slots, budget_bytes // cheapest), 0, -1):
         if kv_bytes_per_device(c, layout, mesh_shape, s, max_len, itemsize) <= budget_bytes:
-            return s, kv_placement(c, layout, mesh_shape, s, max_len, itemsize).spec
-    return 0, kv_placement(c, layout, mesh_shape, 1, max_len, itemsize).spec
+            return s
+    return 0
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -282,7 +272,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     ex(f"HBM usable: {_fmt(acc.hbm_bytes)} x (1 - reserve {reserve}) = {_fmt(hbm_usable)}; "
        f"needed: params {_fmt(p_dev)} + KV {_fmt(kv_dev)} + state {_fmt(state_dev)} = {_fmt(need)}")
     left = hbm_usable - p_dev
-    max_slots, max_spec = fit_kv_slots(c, layout, mesh_shape, M, max(left, 0), 1 << 16, b) if left > 0 else (0, ())
+    max_slots = fit_kv_slots(c, layout, mesh_shape, M, left, 1 << 16, b) if left > 0 else 0
     ex(f"max slots: most S with 2 x KV(S) / shards + state(S) <= {_fmt(max(left, 0))} left after the params -> {max_slots}")
     if left <= 0:
         notes.append(f"the parameters alone ({_fmt(p_dev)} per device) exceed the usable HBM ({_fmt(hbm_usable)})")
