@@ -339,7 +339,7 @@ class Engine:
             [r.request.params for r in rows], [r.request.seed for r in rows],
             [r.index for r in rows], len(plan.sample_rows), self._eos_token_id)
         out = self.run_plan(plan, sampling)
-        want_lp = any(r.request.params.logprobs is not None for r in rows)
+        want_lp = bool(sampling.any_logprobs)
         self.stats.iterations += 1
         self.stats.tokens += plan.num_tokens
         self.stats.padded_tokens += plan.num_decode + plan.num_prefill

@@ -88,19 +88,19 @@ def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInput
     the last stage, the logits [R, V] f32 of the sampling rows."""
     meta = inp.meta
     td = meta.num_decode
-    if first or last:
+    if first:
         # Decode rows feed the token sampled for their slot by an earlier step (padding: slot
         # S, clipped: its row is never read).
         dec_tokens = (inp.decode_tokens if inp.decode_tokens is not None
                       else jnp.take(state.last_token, meta.slot[:td], mode="clip"))
         tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])               # [T]
-    if first:
         x = gpt2.embed(params, tokens, meta.pos)                                   # [T, D]
     x, kv = gpt2.decoder(config, params["h"], x, state.kv, meta)                  # [T, D]
     if not last:
         return dataclasses.replace(state, kv=kv), x
     logits = gpt2.lm_head(config, params, x[inp.sample_rows])                     # [R, V] f32
-    history = state.history.at[meta.slot, meta.pos].set(tokens, mode="drop")
+    # Prompt tokens into the history (decode rows' tokens were written when they were sampled).
+    history = state.history.at[meta.slot[td:], meta.pos[td:]].set(inp.prefill_tokens, mode="drop")
     return DeviceState(kv=kv, last_token=state.last_token, history=history), logits
 
 

@@ -27,13 +27,12 @@ PIPELINE = "pipeline"
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    index: int
     mesh: jax.sharding.Mesh     # the sub-mesh: the full mesh's axes without `pipeline`
     layers: tuple[int, int]     # [start, stop) of the model's layers
     first: bool                 # holds the embeddings
     last: bool                  # holds ln_f + the LM head, and samples
 
-    @property
+    @functools.cached_property  # asked for on every iteration
     def replicated(self) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(self.mesh, jax.P())
 
@@ -48,7 +47,7 @@ def split_stages(mesh: jax.sharding.Mesh, n_layer: int) -> list[Stage]:
     if n_layer % n:
         raise ValueError(f"the model's {n_layer} layers do not split evenly into pipeline={n} stages")
     if n == 1:
-        return [Stage(0, mesh, (0, n_layer), True, True)]
+        return [Stage(mesh, (0, n_layer), True, True)]
     axis = mesh.axis_names.index(PIPELINE)
     names = tuple(a for a in mesh.axis_names if a != PIPELINE)
     per = n_layer // n
@@ -56,7 +55,7 @@ def split_stages(mesh: jax.sharding.Mesh, n_layer: int) -> list[Stage]:
     for p in range(n):
         devices = np.take(mesh.devices, p, axis=axis)
         sub = jax.sharding.Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-        stages.append(Stage(p, sub, (p * per, (p + 1) * per), p == 0, p == n - 1))
+        stages.append(Stage(sub, (p * per, (p + 1) * per), p == 0, p == n - 1))
     return stages
 
 
