@@ -60,6 +60,15 @@ def placement(args):
     return (make_mesh(args.mesh) if args.mesh else None), get_layout(args.layout)
 
 
+def build_engine(args, model: str, cfg=None, peers=None):
+    """`Engine.from_checkpoint` with the engine and distributed flags (`cfg`: instead of
+    `engine_config(args)`)."""
+    from .engine import Engine
+    mesh, layout = placement(args)
+    return Engine.from_checkpoint(model, cfg or engine_config(args), dtype=args.dtype, mesh=mesh,
+                                  layout=layout, peers=peers)
+
+
 def engine_config(args):
     from .engine import EngineConfig
     return EngineConfig(
@@ -114,15 +123,13 @@ def cmd_generate(args) -> int:
         prompts.append([int(t) for t in ids.split(",") if t.strip()])
     if not prompts:
         raise SystemExit("give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    from .engine import Engine
     model = args.model
     if model is None:
         from .demo_model import ensure_demo_model
         model = ensure_demo_model()
         print(f"(no --model: using the embedded demo model at {model}; its weights are random)",
               file=sys.stderr)
-    mesh, layout = placement(args)
-    engine = Engine.from_checkpoint(model, engine_config(args), dtype=args.dtype, mesh=mesh, layout=layout)
+    engine = build_engine(args, model)
     reqs = [engine.add_request(p, params) for p in prompts]
     index = {r.request_id: i for i, r in enumerate(reqs)}
     texts = [""] * len(reqs)

@@ -141,7 +141,7 @@ class Engine:
         self.model_config = config
         self.config = ec = engine_config
         self.tokenizer = tokenizer or ByteTokenizer()
-        self._eos_token_id = (config.eos_token_id if config.eos_token_id is not None
+        self.eos_token_id = (config.eos_token_id if config.eos_token_id is not None
                               else self.tokenizer.eos_token_id)
         self.mesh = mesh or single_device_mesh()
         self.layout = get_layout(layout)
@@ -337,7 +337,7 @@ class Engine:
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
-            [r.index for r in rows], len(plan.sample_rows), self._eos_token_id)
+            [r.index for r in rows], len(plan.sample_rows), self.eos_token_id)
         out = self.run_plan(plan, sampling)
         want_lp = bool(sampling.any_logprobs)
         self.stats.iterations += 1
@@ -377,7 +377,7 @@ class Engine:
         """Detokenize the new token, check every stop condition, emit a delta."""
         p, o = req.params, self._outputs[req.request_id]
         n = len(req.output_ids)
-        eos = self._eos_token_id
+        eos = self.eos_token_id
         stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok == eos and not p.ignore_eos))
         stopped = False
         if not stop_id:  # a stop token stays in token_ids but not in the text

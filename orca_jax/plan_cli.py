@@ -16,22 +16,19 @@ from pathlib import Path
 
 def _model(arg: str):
     """A preset name, an orca-jax checkpoint directory, or its config.json."""
-    from .models.gpt2 import PRESETS, GPTConfig
+    from .checkpoints.errors import CheckpointError
+    from .checkpoints.store import load_config
+    from .models.gpt2 import PRESETS
     if arg in PRESETS:
         return PRESETS[arg], arg
     path = Path(arg)
-    cfg = path / "config.json" if path.is_dir() else path
-    if not cfg.is_file():
+    if not (path / "config.json").is_file() and not path.is_file():
         raise ValueError(f"--model {arg!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          "nor an orca-jax checkpoint directory / config.json")
     try:
-        d = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg} is not valid JSON: {e}") from e
-    if d.get("architecture") != "gpt2":
-        raise ValueError(f"{cfg} is not an orca-jax GPT-2 config (convert a Hugging Face checkpoint "
-                         "first with `orca-jax convert`)")
-    return GPTConfig.from_dict(d), str(path)
+        return load_config(path if path.is_dir() else path.parent), str(path)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from e
 
 
 def cmd_plan(args) -> int:

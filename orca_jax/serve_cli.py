@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import add_engine_flags, add_multiprocess_flags, engine_config, placement, sampling_params
+from .cli import add_engine_flags, add_multiprocess_flags, build_engine, engine_config, sampling_params
 
 
 def add_parsers(sub) -> None:
@@ -87,21 +87,15 @@ def _model_dir(args) -> tuple[str, str]:
     return ensure_demo_model(), DEMO_DIRNAME
 
 
-def _start_engine(model: str, args, quiet: bool = False, peers=None):
+def _start_engine(model: str, args, peers=None):
     from .async_engine import AsyncEngine
-    from .engine import Engine
-    cfg = engine_config(args)
     t0 = time.perf_counter()
-    if not quiet:
-        print("starting the engine (compiles every bucket program once; later starts reuse the "
-              "XLA cache) ...", file=sys.stderr, flush=True)
-    mesh, layout = placement(args)
-    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype, mesh=mesh, layout=layout,
-                                    peers=peers)
-    if not quiet:
-        print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
-              f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
-              file=sys.stderr, flush=True)
+    print("starting the engine (compiles every bucket program once; later starts reuse the "
+          "XLA cache) ...", file=sys.stderr, flush=True)
+    engine = build_engine(args, model, peers=peers)
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
+          f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
+          file=sys.stderr, flush=True)
     return AsyncEngine(engine, stuck_after_s=getattr(args, "stuck_after", 60.0)).start()
 
 
@@ -153,14 +147,11 @@ def _follow(args, address) -> int:
     import dataclasses
     import jax
 
-    from .engine import Engine
     from .sharding import multihost
     follower = multihost.Follower(address)
     model, _ = _model_dir(args)
-    mesh, layout = placement(args)
     # No warm-up of its own: the leader's warm-up plans arrive like any other.
-    cfg = dataclasses.replace(engine_config(args), warmup=False)
-    engine = Engine.from_checkpoint(model, cfg, dtype=args.dtype, mesh=mesh, layout=layout)
+    engine = build_engine(args, model, dataclasses.replace(engine_config(args), warmup=False))
     print(f"process {jax.process_index()}: following the leader", file=sys.stderr, flush=True)
     # A supervisor's SIGTERM reaches every process of the group at once; the leader drains
     # (its plans keep coming) and then says stop, so followers wait for that or for its loss.

@@ -107,7 +107,6 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_ids)
         self.read_offset = len(self.ids)
         self.prefix_offset = max(len(self.ids) - 5, 0)  # a few prompt tokens of context
-        self.text = ""  # everything emitted so far
 
     def push(self, new_ids: Sequence[int]) -> str:
         """Appends `new_ids`; returns the newly completed text (possibly '')."""
@@ -129,7 +128,6 @@ class IncrementalDetokenizer:
             return ""  # nothing new yet (e.g. a skipped special token), or a character in flight
         delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.text += delta
         return delta
 
 

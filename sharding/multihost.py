@@ -45,7 +45,6 @@ import numpy as np
 
 log = logging.getLogger("orca_jax")
 
-LEADER = 0
 _STOP = b"stop"
 
 
@@ -78,10 +77,6 @@ def initialize(coordinator: str, num_processes: int, process_id: int,
 def _has_accelerator_plugin() -> bool:
     import importlib.util
     return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-
-
-def is_leader() -> bool:
-    return jax.process_index() == LEADER
 
 
 def control_address(coordinator: str, port: int | None = None) -> tuple[str, int]:

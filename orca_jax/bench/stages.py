@@ -56,11 +56,10 @@ def cmd_stages(args) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     import jax
 
-    from ..engine import EngineConfig
     from ..sharding.mesh import make_mesh
     from . import workloads
     from .metrics import summarize
-    from .run import converted_checkpoint, random_hf_checkpoint
+    from .run import converted_checkpoint, engine_config, random_hf_checkpoint
     from .systems import Clock, EngineSystem
 
     hf_dir = args.hf_model or random_hf_checkpoint(args.preset)
@@ -70,11 +69,7 @@ def cmd_stages(args) -> int:
     trace = workloads.offline(args.requests, args.prompt_len, args.output_len, vocab, args.seed)
     short = workloads.offline(args.profile_requests, args.prompt_len, str(args.profile_output_len),
                               vocab, args.seed + 1)
-    ec = EngineConfig(max_batch_size=args.max_batch_size,
-                      max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_batch_size),
-                      max_prefill_seqs=min(args.max_prefill_seqs, args.max_batch_size),
-                      max_model_len=trace.max_total_len, kv_memory=int(args.kv_memory) if args.kv_memory else None,
-                      kv_memory_fraction=args.kv_memory_fraction)
+    ec = engine_config(args, trace, "iteration")
     results = []
     for spec in specs:
         t0 = time.perf_counter()

@@ -77,7 +77,7 @@ class ServerConfig:
 def model_info(engine: AsyncEngine, model_name: str, max_request_bytes: int) -> pb.ModelInfo:
     e = engine.engine
     c = e.model_config
-    eos = c.eos_token_id if c.eos_token_id is not None else e.tokenizer.eos_token_id
+    eos = e.eos_token_id
     return pb.ModelInfo(
         model_name=model_name, architecture="gpt2", max_model_len=e.max_len, vocab_size=c.vocab_size,
         eos_token_id=-1 if eos is None else eos, max_batch_size=e.num_slots, max_logprobs=MAX_LOGPROBS,
