@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import os
+import shutil
 import platform
 import shlex
 import subprocess
@@ -113,14 +114,26 @@ def random_hf_checkpoint(preset: str, seed: int = 0) -> str:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions,
                                        n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
                                        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=home)
-    model.save_pretrained(tmp, safe_serialization=True)
-    try:
-        os.replace(tmp, path)  # atomic: a concurrent first run keeps one complete copy
-    except OSError:
-        pass
+    _build_once(path, lambda d: model.save_pretrained(d, safe_serialization=True))
     return str(path)
+
+
+def _build_once(target: Path, build) -> None:
+    """`build(folder)` in a temporary folder beside `target`, then one rename: a concurrent
+    first run keeps one complete copy, and the temporary folder never stays behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        work = tmp / target.name
+        build(work)
+        work.chmod(0o755)  # mkdtemp-like permissions would hide it from other users
+        try:
+            os.replace(work, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def converted_checkpoint(hf_dir: str) -> str:
@@ -133,13 +146,7 @@ def converted_checkpoint(hf_dir: str) -> str:
         key.update(f"{f.name}:{f.stat().st_mtime_ns}".encode())
     out = orca_home() / "bench-checkpoints" / f"{src.name}-{key.hexdigest()[:10]}"
     if not (out / "config.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent)) / "ckpt"
-        convert_hf_gpt2(src, tmp, progress=False)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            pass
+        _build_once(out, lambda d: convert_hf_gpt2(src, d, progress=False))
     return str(out)
 
 
