@@ -161,15 +161,17 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, st: SamplingTensors, token_history: jax.Array,
+def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: jax.Array,
            prompt_len: jax.Array, hist_len: jax.Array) -> SampleOutput:
-    """Pick one token per row of [R, V] float32 logits. The history arrays ([R, M], [R], [R])
-    are only read when some row has a penalty."""
+    """Pick one token per row of [R, V] float32 logits. The token history of each row (slot
+    `slots[r]` of `history` [S, M]; lengths [R], [R]) is gathered and read only when some row
+    has a penalty: a greedy batch copies none of it."""
     R = logits.shape[0]
     N = min(MAX_LOGPROBS, logits.shape[1])
     logits = logits.astype(jnp.float32)
     x = jax.lax.cond(st.any_penalty,
-                     lambda: apply_penalties(logits, st, token_history, prompt_len, hist_len),
+                     lambda: apply_penalties(logits, st, jnp.take(history, slots, axis=0, mode="clip"),
+                                             prompt_len, hist_len),
                      lambda: logits)
     x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # min_tokens
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)                      # exact, first on ties

@@ -107,8 +107,7 @@ def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInput
 def run_sample(state: DeviceState, logits: jax.Array,
                inp: SampleInputs) -> tuple[DeviceState, SampleOutput]:
     """Sample one token per row and record it as its slot's next input token."""
-    rows_history = jnp.take(state.history, inp.sample_slot, axis=0, mode="clip")  # [R, M]
-    out = sample(logits, inp.sampling, rows_history, inp.prompt_len, inp.sample_pos + 1)
+    out = sample(logits, inp.sampling, state.history, inp.sample_slot, inp.prompt_len, inp.sample_pos + 1)
     last_token = state.last_token.at[inp.sample_slot].set(out.ids, mode="drop")
     history = state.history.at[inp.sample_slot, inp.sample_pos + 1].set(out.ids, mode="drop")
     return DeviceState(kv=state.kv, last_token=last_token, history=history), out

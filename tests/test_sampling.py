@@ -25,7 +25,9 @@ def run(logits, st, history=None, prompt_len=None, hist_len=None):
     if history is None:  # no penalties asked: any history will do
         R = len(logits)
         history, prompt_len, hist_len = np.zeros((R, 1), np.int32), np.ones(R, np.int32), np.ones(R, np.int32)
-    return jax.device_get(sample_jit(jnp.asarray(logits), st, history, prompt_len, hist_len))
+    history = jnp.asarray(history)  # row r's history is slot r
+    return jax.device_get(sample_jit(jnp.asarray(logits), st, history, jnp.arange(history.shape[0]),
+                                     prompt_len, hist_len))
 
 
 def log_softmax(x):
@@ -253,7 +255,7 @@ def test_no_recompile_across_param_values():
     @jax.jit
     def step(logits, st, hist, plen, hlen):
         traces.append(1)
-        return sample(logits, st, hist, plen, hlen)
+        return sample(logits, st, hist, jnp.arange(hist.shape[0]), plen, hlen)
 
     logits = jnp.asarray(make_logits(4))
     hist, lens = jnp.zeros((4, 3), jnp.int32), jnp.full(4, 2, jnp.int32)
