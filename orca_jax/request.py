@@ -56,15 +56,6 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def has_penalties(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
-
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"        # EOS, a stop token id or a stop string

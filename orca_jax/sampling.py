@@ -86,19 +86,18 @@ class SamplingTensors:
                     if eos_token_id is not None and not p.ignore_eos:
                         ids.append(eos_token_id)
                     banned[i, :len(ids)] = ids
-        col = lambda name, dtype: np.array([getattr(p, name) for p in ps], dtype)
-        temperature = col("temperature", np.float32)
+        col = lambda name, dtype: np.array([getattr(p, name) for p in ps], dtype)  # one pass each
+        temperature, top_k, top_p, min_p = (col("temperature", np.float32), col("top_k", np.int32),
+                                            col("top_p", np.float32), col("min_p", np.float32))
+        rep, pres, freq = (col("repetition_penalty", np.float32), col("presence_penalty", np.float32),
+                           col("frequency_penalty", np.float32))
         random = temperature > 0
-        filtered = random & ((col("top_k", np.int32) > 0) | (col("top_p", np.float32) < 1)
-                             | (col("min_p", np.float32) > 0))
+        filtered = random & ((top_k > 0) | (top_p < 1) | (min_p > 0))
         return SamplingTensors(
-            temperature=temperature, top_k=col("top_k", np.int32), top_p=col("top_p", np.float32),
-            min_p=col("min_p", np.float32),
-            repetition_penalty=col("repetition_penalty", np.float32),
-            presence_penalty=col("presence_penalty", np.float32),
-            frequency_penalty=col("frequency_penalty", np.float32), seed=seed, step=step,
-            banned=banned,
-            any_random=np.bool_(random.any()), any_penalty=np.bool_(any(p.has_penalties for p in ps)),
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
+            presence_penalty=pres, frequency_penalty=freq, seed=seed, step=step, banned=banned,
+            any_random=np.bool_(random.any()),
+            any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
             any_filter=np.bool_(filtered.any()),
             any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
 
