@@ -48,7 +48,10 @@ class EngineSnapshot:
 
 class AsyncEngine:
     def __init__(self, engine: Engine, stuck_after_s: float = 60.0):
-        self.engine = engine
+        self.engine = engine  # touched by the loop thread only
+        # What servers read about the model: fixed at start-up, safe from any thread.
+        self.tokenizer, self.model_config = engine.tokenizer, engine.model_config
+        self.max_len, self.num_slots, self.eos_token_id = engine.max_len, engine.num_slots, engine.eos_token_id
         self.stuck_after_s = stuck_after_s
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -185,19 +188,17 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                iters0, tokens0 = eng.stats.iterations, eng.stats.tokens
-                outs = eng.step()
+                result = eng.step()
             except Exception as e:  # fail everyone, mark unhealthy, never hang
                 self._fail_all(self.dead or f"{type(e).__name__}: {e}")  # `fail`'s reason first
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 return
-            for out in outs:
+            for out in result:
                 self._emit(out)
-            n = eng.stats.last_batch_size if eng.stats.iterations > iters0 else 0
-            if n:  # a step that only read back the last results launched no iteration
+            if result.batch_size:  # a step that only read back the last results launched none
                 for fn in self._iteration_listeners:
-                    _call_safely(fn, n, eng.stats.tokens - tokens0)
-            self._publish(n)
+                    _call_safely(fn, result.batch_size, result.num_tokens)
+            self._publish(result.batch_size)
         self._fail_all("the engine was shut down")
 
     def _publish(self, batch_size: int) -> None:

@@ -6,10 +6,41 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
+import numbers
 import time
 from typing import Sequence
 
-MAX_LOGPROBS = 20  # top-N alternatives a request may ask for (OpenAI caps legacy completions at 5)
+from .stops import StopAutomaton, stop_automaton
+
+# What one request may ask for (docs/serving.md, "Limits"). Every bound keeps a request's cost
+# to the engine (device arrays, per-token host work) small and independent of hostile input.
+MAX_LOGPROBS = 20          # top-N alternatives a request may ask for (OpenAI caps legacy completions at 5)
+MAX_STOP_STRINGS = 32      # stop strings per request: their automaton (orca_jax/stops.py) is at
+MAX_STOP_STRING_CHARS = 128  # most 4096 states, ~0.6 MiB, built in ~20 ms
+MAX_STOP_TOKEN_IDS = 15    # EOS + these fill the sampler's MAX_BANNED = 16 columns
+INT32_MAX = 2**31 - 1      # integer fields become int32 device arrays
+FLOAT32_MAX = 3.4028234663852886e38  # float fields become float32 device arrays
+SEED_LIMIT = 2**63         # seeds are split into two uint32 words on device
+GREEDY_BELOW = 1e-5        # vLLM's _SAMPLING_EPS: a smaller temperature samples greedily
+
+
+def is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def valid_unicode(s: str) -> bool:
+    """False for strings with lone surrogates (they have no UTF-8 form: JSON "\\ud800")."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +65,33 @@ class SamplingParams:
 
     def __post_init__(self):
         # Accept lists from JSON/gRPC callers; store tuples so the params stay hashable.
-        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        _check("stop", isinstance(stop, (list, tuple)), "must be a string or a list of strings", stop)
+        _check("stop_token_ids", isinstance(self.stop_token_ids, (list, tuple)),
+               "must be a list of integers", self.stop_token_ids)
+        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # Types first, so that every range check below compares numbers, and every number
+        # that passes fits the int32/float32 device arrays the step builds from it.
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if not (v is None and name in ("seed", "logprobs")):
+                _check(name, is_int(v), "must be an integer", v)
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            _check(name, _is_real(v) and math.isfinite(v) and abs(v) <= FLOAT32_MAX,
+                   "must be a finite number (within float32's range)", v)
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            _check(name, isinstance(getattr(self, name), bool), "must be a boolean", getattr(self, name))
+        _check("stop", all(isinstance(s, str) for s in self.stop), "must be a string or a list of strings",
+               self.stop)
+        _check("stop_token_ids", all(is_int(t) for t in self.stop_token_ids), "must be a list of integers",
+               self.stop_token_ids)
+        ids = self.stop_token_ids
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("max_tokens", 1 <= self.max_tokens <= INT32_MAX, f"must be in [1, {INT32_MAX}]"),
             ("temperature", self.temperature >= 0.0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_k", 0 <= self.top_k <= INT32_MAX, f"must be in [0, {INT32_MAX}] (0 disables it)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0.0, "must be > 0"),
@@ -48,13 +100,41 @@ class SamplingParams:
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"must be in [0, {MAX_LOGPROBS}]"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be in [0, 2**63)"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("stop_token_ids", len(self.stop_token_ids) <= 15, "takes at most 15 ids"),
+            ("seed", self.seed is None or 0 <= self.seed < SEED_LIMIT, "must be in [0, 2**63)"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"takes at most {MAX_STOP_STRINGS} strings"),
+            ("stop", all(self.stop), "must be non-empty strings"),
+            ("stop", all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+             f"strings must be at most {MAX_STOP_STRING_CHARS} characters"),
+            ("stop", all(valid_unicode(s) for s in self.stop), "must be valid Unicode (no lone surrogates)"),
+            ("stop_token_ids", len(ids) <= MAX_STOP_TOKEN_IDS, f"takes at most {MAX_STOP_TOKEN_IDS} ids"),
+            ("stop_token_ids", all(0 <= t <= INT32_MAX for t in ids),
+             f"must be integers in [0, {INT32_MAX}]"),
         ]
         for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+            _check(name, ok, why, getattr(self, name))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        if 0.0 < self.temperature < GREEDY_BELOW:  # 1/temperature would overflow the logits
+            object.__setattr__(self, "temperature", 0.0)
+
+    @functools.cached_property
+    def stop_automaton(self) -> StopAutomaton | None:
+        """The stop strings' matcher, built on first use (servers: in a worker thread) and
+        kept with the params, shared by requests with the same stop list."""
+        return stop_automaton(self.stop) if self.stop else None
+
+
+_INT_FIELDS = ("max_tokens", "top_k", "min_tokens", "logprobs", "seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+
+
+def _check(name: str, ok: bool, why: str, value) -> None:
+    """The one error of SamplingParams: a ValueError that starts with the field's name."""
+    if not ok:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise ValueError(f"{name} {why}, got {shown}")
 
 
 class FinishReason(str, enum.Enum):
@@ -70,7 +150,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclasses.dataclass(eq=False)  # identity: two requests are never "equal"
+@dataclasses.dataclass(eq=False, slots=True)  # identity: two requests are never "equal"
 class Request:
     """One request's host-side state. Positions [0, num_computed) are in its KV slot."""
 
@@ -90,10 +170,10 @@ class Request:
     error: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_len: int = dataclasses.field(init=False)  # read per row per iteration: a field
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self):
+        self.prompt_len = len(self.prompt_ids)
 
     @property
     def max_total_len(self) -> int:
@@ -109,7 +189,7 @@ class Request:
         return self.status is Status.FINISHED
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request per iteration, cheaply
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -119,7 +199,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request per iteration, cheaply
 class RequestOutput:
     """A result (or, while streaming, a delta): what the APIs hand back to users."""
 

@@ -1,19 +1,19 @@
-"""Tokenizers, streaming detokenization and stop strings (host side; no JAX).
+"""Tokenizers and streaming detokenization (host side; no JAX).
 
 `load_tokenizer` picks, in order: `tokenizer.json` (HF `tokenizers`), `vocab.json` +
 `merges.txt` (GPT-2 byte-level BPE), else a byte tokenizer (ids 0..255 are UTF-8 bytes), so
 every checkpoint can at least round-trip text.
 
-Streaming has two hazards, both handled here rather than in the servers:
-* a byte-level BPE token can end in the middle of a UTF-8 character, so decoding the tokens
-  so far yields U+FFFD until the next token completes it: `IncrementalDetokenizer` holds such
-  text back;
-* a stop string can arrive split over several tokens: `StopStringMatcher` holds back any
-  suffix that may be the start of one, so no client ever sees part of a stop string.
+Streaming hazard handled here rather than in the servers: a byte-level BPE token can end in
+the middle of a UTF-8 character, so decoding the tokens so far yields U+FFFD until the next
+token completes it: `IncrementalDetokenizer` holds such text back. (Stop strings split over
+tokens: orca_jax/stops.py.)
 """
 from __future__ import annotations
 
+import codecs
 import json
+import random
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -25,6 +25,7 @@ EOS_FALLBACK = "<|endoftext|>"  # GPT-2's end-of-text token, used when no config
 class Tokenizer(Protocol):
     vocab_size: int
     eos_token_id: int | None
+    max_token_bytes: int | None  # UTF-8 bytes of the longest token (None: no bound from text length)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -32,19 +33,73 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A `tokenizers.Tokenizer`; `decode` skips special tokens (as vLLM does by default)."""
+    """A `tokenizers.Tokenizer`; `decode` skips special tokens (as vLLM does by default).
+
+    `token_bytes` (byte-level BPE tokenizers, GPT-2's family): each id's bytes, b"" for special
+    tokens, so that decoding a stream is concatenating bytes and decoding UTF-8: the streaming
+    detokenizer then costs a list lookup per token instead of two `decode` calls. It is built
+    only when the decoder is plain ByteLevel and checked against `decode` on sample ids."""
 
     def __init__(self, tok: tokenizers.Tokenizer, eos_token: str | None = None):
         self._tok = tok
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
         eos = tok.token_to_id(eos_token or EOS_FALLBACK)
         self.eos_token_id: int | None = eos
+        self.token_bytes: list[bytes] | None = _byte_level_table(tok, self.vocab_size)
+        # The longest token's UTF-8 bytes (at most 4 per character): a text of more bytes than
+        # this times the context cannot fit it, which the servers check before tokenizing.
+        # None with a normalizer, which may drop characters before they become tokens.
+        self.max_token_bytes: int | None = (
+            None if tok.normalizer is not None else max(map(len, self.token_bytes)) if self.token_bytes
+            else 4 * max(map(len, tok.get_vocab())))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): a long prompt being tokenized in a
+        # server's worker thread must not stall the engine thread and the event loop.
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's `bytes_to_unicode`: the printable character ByteLevel maps each byte to."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def _byte_level_table(tok: tokenizers.Tokenizer, vocab_size: int) -> list[bytes] | None:
+    """Each id's bytes as the ByteLevel decoder makes them: a token whose characters are all
+    in GPT-2's byte alphabet maps through it, any other (an added token) is its UTF-8 text;
+    special tokens are skipped. Checked against `decode`, every added token included."""
+    if type(tok.decoder).__name__ != "ByteLevel" or tok.normalizer is not None:
+        return None
+    to_byte = _gpt2_unicode_to_byte()
+    added = tok.get_added_tokens_decoder()  # id -> AddedToken
+    table = []
+    for i in range(vocab_size):
+        piece = tok.id_to_token(i)
+        if piece is None or (i in added and added[i].special):
+            table.append(b"")
+        elif all(ch in to_byte for ch in piece):
+            table.append(bytes(to_byte[ch] for ch in piece))
+        else:
+            table.append(piece.encode("utf-8"))
+    rng = random.Random(0)  # the table must decode exactly as `decode` does
+    samples = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, 12))] for _ in range(200)]
+    samples += [list(range(min(vocab_size, 4096)))] + [[i] for i in added] + [
+        [i, rng.randrange(vocab_size), i] for i in added]
+    for ids in samples:
+        if b"".join(table[i] for i in ids).decode("utf-8", "replace") != tok.decode(ids, skip_special_tokens=True):
+            return None
+    return table
 
 
 class ByteTokenizer:
@@ -52,6 +107,7 @@ class ByteTokenizer:
 
     vocab_size = 256
     eos_token_id = None
+    max_token_bytes = 1
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -104,17 +160,26 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids)
+        # Byte-level tokenizers: bytes in, UTF-8 out, split characters held by the decoder.
+        self._bytes = getattr(tokenizer, "token_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._bytes else None
+        # Others: a window of ids, with a few prompt tokens of context.
+        self.ids: list[int] = [] if self._bytes else list(prompt_ids[-5:])
         self.read_offset = len(self.ids)
-        self.prefix_offset = max(len(self.ids) - 5, 0)  # a few prompt tokens of context
+        self.prefix_offset = 0
 
     def push(self, new_ids: Sequence[int]) -> str:
         """Appends `new_ids`; returns the newly completed text (possibly '')."""
+        if self._utf8 is not None:
+            table, n = self._bytes, len(self._bytes)
+            return self._utf8.decode(b"".join([table[i] if 0 <= i < n else b"" for i in new_ids]))
         self.ids.extend(int(i) for i in new_ids)
         return self._emit(final=False)
 
     def flush(self) -> str:
         """End of stream: returns whatever is still held back (with U+FFFD for broken bytes)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
@@ -129,53 +194,3 @@ class IncrementalDetokenizer:
         delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return delta
-
-
-class StopStringMatcher:
-    """Filters a stream of text deltas for stop strings.
-
-    `push(delta)` returns (text safe to emit, stopped). Text that might be the start of a stop
-    string is held back until it is ruled out; `flush()` releases it at the end of the stream.
-    When several stop strings match, the one that *ends* first wins (ties: the longer one),
-    which is what a client would see token by token, so the result does not depend on how the
-    text was split into deltas.
-    """
-
-    def __init__(self, stops: Sequence[str], include_stop_str_in_output: bool = False):
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
-        self.stops = tuple(stops)
-        self.include = include_stop_str_in_output
-        self.held = ""
-        self.stopped = False
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        buf = self.held + delta
-        match = None  # (end, -start) of the winning stop string
-        for s in self.stops:
-            i = buf.find(s)
-            if i >= 0 and (match is None or (i + len(s), -i) < match):
-                match = (i + len(s), -i)
-        if match is not None:
-            end, start = match[0], -match[1]
-            self.stopped, self.held = True, ""
-            return buf[:end if self.include else start], True
-        hold = self._partial_suffix(buf)
-        self.held = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold], False
-
-    def flush(self) -> str:
-        """End of stream without a stop: the held-back text is not a stop string after all."""
-        out, self.held = self.held, ""
-        return "" if self.stopped else out
-
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
-        longest = min(len(buf), max((len(s) - 1 for s in self.stops), default=0))
-        for n in range(longest, 0, -1):
-            tail = buf[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0

@@ -308,3 +308,57 @@ def test_failing_step_fails_requests_and_marks_the_engine_dead(model, engine, mo
     finally:
         fresh.shutdown(TIMEOUT)
     assert again.ids == offline[0].ids and again.text == offline[0].text
+
+
+@pytest.mark.parametrize("stage", ["prepare", "output"])
+def test_a_failure_pinned_on_one_request_fails_only_that_request(model, engine, monkeypatch, stage):
+    """A request whose own inputs (`prepare`) or outputs (`output`) raise inside an iteration
+    fails alone, with a clear error and its slot freed; the others in the same iterations
+    finish with exactly their offline tokens, and the engine stays healthy."""
+    _, work, offline = model
+    victim = "victim"
+
+    def hook(where, req):
+        if where == stage and req.request_id == victim and len(req.output_ids) >= 2:
+            raise OverflowError("injected: this request's data cannot go on device")
+    monkeypatch.setattr(engine, "fault_hook", hook)
+    aeng = AsyncEngine(engine).start()
+    try:
+        async def main():
+            doomed = asyncio.create_task(collect(aeng.generate("doomed", greedy(30), victim)))
+            others = [asyncio.create_task(collect(aeng.generate(p, sp))) for p, sp in work]
+            return await doomed, await asyncio.gather(*others)
+
+        doomed, others = run(main())
+        assert doomed.final.finish_reason is FinishReason.ERROR
+        assert "OverflowError: injected" in doomed.final.error and len(doomed.ids) < 30
+        for got, want in zip(others, offline):
+            assert got.ids == want.ids and got.text == want.text
+            assert got.final.finish_reason == want.final.finish_reason
+        assert aeng.healthy() and aeng.dead is None
+        again = run(collect(aeng.generate(*work[0])))  # and it goes on serving
+        assert again.ids == offline[0].ids
+    finally:
+        aeng.shutdown(TIMEOUT)
+    assert engine.scheduler.num_free_slots == engine.num_slots
+
+
+def test_a_host_failure_that_blames_everyone_is_the_engines(model, engine, monkeypatch):
+    """If every request of an iteration fails alone too, the fault is not theirs: everyone
+    fails and the engine is marked dead (health false, a server exits 3), instead of each
+    request being failed in turn while health stays green."""
+    def hook(where, req):
+        if where == "prepare":
+            raise RuntimeError("injected: the host path is broken for everyone")
+    monkeypatch.setattr(engine, "fault_hook", hook)
+    aeng = AsyncEngine(engine).start()
+    try:
+        async def main():
+            streams = [asyncio.create_task(collect(aeng.generate(p, greedy(10)))) for p in ("a", "bb", "ccc")]
+            return await asyncio.gather(*streams)
+        for s in run(main()):
+            assert s.final.finish_reason is FinishReason.ERROR and "broken for everyone" in s.final.error
+        assert aeng.dead is not None and not aeng.healthy()
+    finally:
+        aeng.shutdown(TIMEOUT)
+    assert engine.scheduler.num_free_slots == engine.num_slots

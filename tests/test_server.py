@@ -5,6 +5,7 @@ tokens per slot, 64 waiting requests at most. The offline greedy reference is co
 `LLM.generate` on the same Engine before the server takes it over.
 """
 import asyncio
+import math
 import json
 import random
 import re
@@ -265,6 +266,12 @@ def test_openai_client(served):
     chunks = list(client.completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expect.text
+    # streamed logprobs: text_offset runs on across chunks, as in the whole completion (vLLM)
+    streamed = list(client.completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0,
+                                              stream=True, logprobs=2))
+    offsets = [o for c in streamed if c.choices and c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    assert offsets == choice.logprobs.text_offset and len(offsets) == n
     assert chunks[-1].usage.completion_tokens == n
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expect.finish_reason.value
 
@@ -369,7 +376,7 @@ def test_client_disconnect_frees_the_slot(served):
     serves_normally(served)
 
 
-def test_deadline_exceeded_frees_the_slot(served):
+def test_deadline_exceeded_frees_the_slot(served, slow_steps):
     baseline = server_tasks(served)
     with Client(served.grpc_target) as c:
         with pytest.raises(grpc.RpcError) as e:
@@ -447,11 +454,22 @@ BAD = [
     ("presence_penalty", "The orca", {"presence_penalty": 3.0}, "presence_penalty"),
     ("stop_token_ids outside vocab", "The orca", {"stop_token_ids": [5000]}, "stop_token_ids"),
     ("oversize message", HUGE_PROMPT, {}, "prompt"),
+    # Every number must fit the step's device arrays (int32, finite float32): one such request
+    # used to fail inside the step and take the engine down for everyone.
+    ("top_k over int32", "The orca", {"top_k": 2**31}, "top_k"),
+    ("max_tokens over int32", "The orca", {"max_tokens": 2**31}, "max_tokens"),
+    ("temperature infinite", "The orca", {"temperature": float("inf")}, "temperature"),
+    ("repetition_penalty infinite", "The orca", {"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ("top_p nan", "The orca", {"top_p": float("nan")}, "top_p"),
+    ("too many stop strings", "The orca", {"stop": [f"s{i}" for i in range(33)]}, "stop"),
+    ("stop string too long", "The orca", {"stop": ["x" * 129]}, "stop"),
 ]
 
 
 @pytest.mark.parametrize("case,prompt,fields,field", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_grpc(served, case, prompt, fields, field):
+    if any(isinstance(v, int) and v >= 2**31 for v in fields.values()):
+        pytest.skip("the proto's int32 fields cannot carry it")
     with Client(served.grpc_target, timeout=30) as c:
         with pytest.raises(grpc.RpcError) as e:
             c.generate(prompt, **fields)
@@ -464,6 +482,14 @@ def test_bad_input_grpc(served, case, prompt, fields, field):
 HTTP_FIELD = {"prompt_token_ids": "prompt"}
 HTTP_ONLY = [
     ("temperature not a number", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("NaN literal", b'{"prompt": "x", "temperature": NaN}', "body"),
+    ("Infinity literal", b'{"prompt": "x", "repetition_penalty": Infinity}', "body"),
+    ("number over float range", b'{"prompt": "x", "temperature": 1e400}', "temperature"),
+    ("deep nesting", b"[" * 100_000, "body"),
+    ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt"),
+    ("lone surrogate in a stop string", b'{"prompt": "x", "stop": ["\\udfff"]}', "stop"),
+    ("too many choices", {"prompt": ["a"] * 9, "n": 16}, "prompt"),
+    ("max_tokens as a string", {"prompt": "x", "max_tokens": "8"}, "max_tokens"),
     ("prompt of mixed types", {"prompt": ["a", 1]}, "prompt"),
     ("n 0", {"prompt": "x", "n": 0}, "n"),
     ("echo", {"prompt": "x", "echo": True}, "echo"),
@@ -473,9 +499,12 @@ HTTP_ONLY = [
 
 @pytest.mark.parametrize("case,prompt,fields,field", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_http(served, case, prompt, fields, field):
+    if any(isinstance(v, float) and not math.isfinite(v) for v in fields.values()):
+        pytest.skip("JSON has no non-finite numbers (HTTP_ONLY sends the literals)")
     status, body = http(served, "/v1/completions", {"model": "demo", "prompt": prompt, **fields})
     assert status == 400, body
-    field = HTTP_FIELD.get(field, field)
+    # The body, not a field, is over the size limit; token-id prompts are `prompt` in OpenAI's API.
+    field = "body" if case == "oversize message" else HTTP_FIELD.get(field, field)
     assert body["error"]["param"] == field and body["error"]["message"].startswith(f"{field}:"), body
     serves_normally(served)
 
@@ -484,6 +513,7 @@ def test_bad_input_http(served, case, prompt, fields, field):
 def test_bad_input_http_only(served, case, body, field):
     status, resp = http(served, "/v1/completions", body)
     assert status == 400 and resp["error"]["message"].startswith(f"{field}:"), resp
+    assert resp["error"]["param"] == field, resp
     serves_normally(served)
 
 

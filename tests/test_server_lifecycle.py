@@ -109,6 +109,48 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(demo_model_dir):
             proc.wait()
 
 
+# `orca-jax serve` whose device step breaks on the first real iteration (warm-up plans carry no
+# tokens): what a supervisor sees when an engine dies for good.
+BREAKING_SERVE = """
+import sys
+from orca_jax.cli import main
+from orca_jax.runner import ModelRunner
+real = ModelRunner.run
+def run(self, plan, sampling, x=None):
+    if plan.num_tokens:
+        raise RuntimeError("injected: the device is gone")
+    return real(self, plan, sampling, x)
+ModelRunner.run = run
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_3_when_its_engine_dies(demo_model_dir):
+    """Every request fails with a clear error (no hang), health turns 503, then the process
+    closes its ports and exits with status 3 (ENGINE_FAILED_EXIT) for its supervisor to
+    restart it."""
+    from orca_jax.server.app import ENGINE_FAILED_EXIT
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BREAKING_SERVE, "serve", "--model", demo_model_dir, "--grpc-port", "0",
+         "--http-port", "0", "--served-model-name", "demo", *ENGINE_FLAGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        line = ""
+        deadline = time.monotonic() + 240
+        while "ready" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            line = proc.stdout.readline()
+        url = dict(p.split("=", 1) for p in line.split() if "=" in p)["http"]
+        status, body = http_status(url + "/v1/completions", {"prompt": "The orca", "max_tokens": 4})
+        assert status == 500 and "injected: the device is gone" in json.loads(body)["error"]["message"]
+        assert proc.wait(30) == ENGINE_FAILED_EXIT
+        assert "exit status 3 asks the supervisor for a restart" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def fresh_server(demo_model_dir):
     """Its own engine (this test breaks it), quick to call stuck, health followed every 50 ms."""

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from orca_jax.demo_model import EOS, train_demo_tokenizer
-from orca_jax.tokenizer import (ByteTokenizer, HFTokenizer, IncrementalDetokenizer,
-                                StopStringMatcher, load_tokenizer)
+from orca_jax.stops import StopStringMatcher
+from orca_jax.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, load_tokenizer
 
 TEXT = "Orcas hunt in pods — 虎鲸 live in every ocean 🐋! Ünïcödé «quotes» ok."
 
@@ -138,3 +138,33 @@ def test_detokenizer_and_stop_matcher_together(tok_dir):
     assert stopped and "".join(emitted) == TEXT[:TEXT.index("虎鲸")]
     with pytest.raises(ValueError, match="non-empty"):
         StopStringMatcher([""])
+
+
+def test_stop_matching_agrees_with_a_naive_search_however_the_text_is_split():
+    """The Aho-Corasick matcher against the definition: the stop string that ends first wins
+    (ties: the longer), text before it is emitted, nothing after; random stop sets over a
+    small alphabet (so overlaps and shared prefixes are common), random delta splits."""
+    def naive(stops, text, include):
+        hits = [(i + len(s), i) for s in stops for i in range(len(text)) if text.startswith(s, i)]
+        if not hits:
+            return text, False
+        end, start = min(hits)
+        return text[:end if include else start], True
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = list({"".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
+                      for _ in range(rng.randint(1, 4))})
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 4))))
+        deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        include = rng.random() < 0.5
+        m, got, stopped = StopStringMatcher(stops, include), "", False
+        for d in deltas:
+            emitted, stopped = m.push(d)
+            got += emitted
+            if stopped:
+                break
+        if not stopped:
+            got += m.flush()
+        assert (got, stopped) == naive(stops, text, include), (stops, deltas, include)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import threading
@@ -36,7 +37,7 @@ from .grpc_api import GenerationService, add_to_server
 from .http_api import CompletionsAPI
 from .inputs import Limits
 from .metrics import ServerMetrics
-from .stream import ErrorKind, outputs
+from .stream import ErrorKind
 
 log = logging.getLogger("orca_jax.server")
 
@@ -54,6 +55,11 @@ class ServerConfig:
     tls_key: str | None = None            # PEM private key of tls_cert
     auth_token: str | None = None         # require "authorization: Bearer <token>"
     max_request_bytes: int = 1 << 20      # larger requests: INVALID_ARGUMENT / HTTP 400
+    max_connections: int = 1024           # open HTTP connections / concurrent gRPC calls; beyond:
+                                          # HTTP 503 and close, gRPC RESOURCE_EXHAUSTED
+    idle_timeout_s: float = 30.0          # a connection with no request in flight for this long
+                                          # (or whose request headers take this long) is closed
+    body_timeout_s: float = 30.0          # an HTTP body not received within this: 408
     drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may finish
     health_poll_s: float = 0.5            # how often gRPC health follows the engine's state
 
@@ -70,17 +76,19 @@ class ServerConfig:
             raise ValueError("auth_token is empty")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.idle_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("idle_timeout_s and body_timeout_s must be > 0")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 
 
 def model_info(engine: AsyncEngine, model_name: str, max_request_bytes: int) -> pb.ModelInfo:
-    e = engine.engine
-    c = e.model_config
-    eos = e.eos_token_id
+    c, eos = engine.model_config, engine.eos_token_id
     return pb.ModelInfo(
-        model_name=model_name, architecture="gpt2", max_model_len=e.max_len, vocab_size=c.vocab_size,
-        eos_token_id=-1 if eos is None else eos, max_batch_size=e.num_slots, max_logprobs=MAX_LOGPROBS,
+        model_name=model_name, architecture="gpt2", max_model_len=engine.max_len, vocab_size=c.vocab_size,
+        eos_token_id=-1 if eos is None else eos, max_batch_size=engine.num_slots, max_logprobs=MAX_LOGPROBS,
         num_layers=c.n_layer, hidden_size=c.n_embd, num_heads=c.n_head, num_parameters=c.num_params(),
         dtype=c.dtype, version=__version__, max_request_bytes=max_request_bytes)
 
@@ -91,10 +99,9 @@ class Server:
         self.engine = engine
         self.config = config
         self.model_name = model_name
-        e = engine.engine
-        self.tokenizer = e.tokenizer
-        self.limits = Limits(e.max_len, e.model_config.vocab_size, config.max_request_bytes)
-        self.metrics = ServerMetrics(engine, model_name, e.max_len)
+        self.tokenizer = engine.tokenizer
+        self.limits = Limits(engine.max_len, engine.model_config.vocab_size, config.max_request_bytes)
+        self.metrics = ServerMetrics(engine, model_name, engine.max_len)
         self.draining = False       # SIGTERM: refusing new requests, finishing in-flight ones
         self.closing = False        # drain timed out: the leftovers are being aborted
         self.active: set[str] = set()  # engine request ids of in-flight calls
@@ -103,6 +110,7 @@ class Server:
         self.http_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
+        self._http_listener: asyncio.Server | None = None
         self._health = health_aio.HealthServicer()
         self._poll: asyncio.Task | None = None
         self._token_cache: dict[int, str] = {}
@@ -121,10 +129,11 @@ class Server:
         return None
 
     async def outputs(self, prompt, params, request_id: str):
-        """`stream.outputs`, tracked in `self.active` so that a timed-out drain can abort it."""
+        """`AsyncEngine.generate`'s deltas (submission errors raise from the first one; closing
+        or cancelling aborts), tracked in `self.active` so that a timed-out drain can abort it."""
         self.active.add(request_id)
         try:
-            async with contextlib.aclosing(outputs(self.engine, prompt, params, request_id)) as st:
+            async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as st:
                 async for out in st:
                     yield out
         finally:
@@ -155,9 +164,13 @@ class Server:
         if c.grpc_port is not None:
             hard_limit = max(4 * c.max_request_bytes, 4 << 20)  # beyond it gRPC itself refuses
             interceptors = [security.GrpcBearerAuth(c.auth_token)] if c.auth_token else []
-            self._grpc = grpc.aio.server(interceptors=interceptors, options=[
-                ("grpc.max_receive_message_length", hard_limit),
-                ("grpc.so_reuseport", 0)])
+            idle_ms = int(c.idle_timeout_s * 1000)
+            self._grpc = grpc.aio.server(
+                interceptors=interceptors, maximum_concurrent_rpcs=c.max_connections, options=[
+                    ("grpc.max_receive_message_length", hard_limit),
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_connection_idle_ms", idle_ms),        # idle connections close
+                    ("grpc.server_handshake_timeout_ms", idle_ms)])  # so do half-open ones
             add_to_server(GenerationService(self, model_info(self.engine, self.model_name,
                                                              c.max_request_bytes)), self._grpc)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -173,13 +186,24 @@ class Server:
         if c.http_port is not None:
             middlewares = [security.http_bearer_auth(c.auth_token)] if c.auth_token else []
             app = CompletionsAPI(self).app(middlewares)
+            # keepalive_timeout: aiohttp closes a connection idle (or still sending its request
+            # headers) that long after it opened or after its last response; lingering_time:
+            # how long it reads an unread body (a refused or timed-out request's) before closing.
             self._http = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                       shutdown_timeout=1.0)
+                                       shutdown_timeout=1.0, keepalive_timeout=c.idle_timeout_s,
+                                       lingering_time=1.0)
             await self._http.setup()
             ssl_ctx = security.http_ssl_context(c.tls_cert, c.tls_key) if c.tls_cert else None
-            site = web.TCPSite(self._http, c.host, c.http_port, ssl_context=ssl_ctx)
-            await site.start()
-            self.http_port = site._server.sockets[0].getsockname()[1]
+            handler = self._http.server
+
+            def connection():  # over the limit: only /health is answered, then it is closed
+                if len(handler.connections) >= c.max_connections:
+                    return _OverLimit(self)
+                return handler()
+            tls = {"ssl_handshake_timeout": c.idle_timeout_s} if ssl_ctx else {}
+            self._http_listener = await asyncio.get_running_loop().create_server(
+                connection, c.host, c.http_port, ssl=ssl_ctx, reuse_address=True, **tls)
+            self.http_port = self._http_listener.sockets[0].getsockname()[1]
         await self._update_health()
         self._poll = asyncio.create_task(self._follow_health())
 
@@ -222,15 +246,78 @@ class Server:
             self._poll = None
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._http_listener is not None:
+            self._http_listener.close()
         if self._http is not None:
             await self._http.cleanup()
+
+
+class _OverLimit(asyncio.Protocol):
+    """An HTTP connection over `max_connections`. It may still ask for `GET /health` (so that
+    a flood of connections never fails a liveness probe and gets the server restarted);
+    anything else is answered 503. Either way the connection then closes, after a second in
+    which what the client still sends is read and dropped (closing with unread data would
+    reset the connection before the client reads the answer)."""
+
+    LINGER_S = 1.0
+
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.head = b""
+        self.transport = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(self.LINGER_S, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            return  # answered: dropping the rest
+        self.head += data[:8192]
+        if b"\r\n" in self.head or len(self.head) >= 8192:
+            self._answer()
+
+    def _answer(self) -> None:
+        if self.head is None or self.transport is None:
+            return
+        method, _, rest = self.head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        self.head = None
+        if method == b"GET" and path == b"/health":
+            problem = self.server.health_problem()
+            status, body = ("200 OK", b"ok\n") if problem is None else (
+                "503 Service Unavailable", json.dumps({"status": "unhealthy", "reason": problem}).encode())
+        else:
+            status, body = "503 Service Unavailable", json.dumps({"error": {
+                "message": "the server has too many open connections; retry", "type":
+                "service_unavailable", "param": None, "code": 503}}).encode()
+        self.transport.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                             f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.LINGER_S, self.transport.close)
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+
+ENGINE_FAILED_EXIT = 3  # `orca-jax serve`'s exit status when its engine died: restart it
 
 
 def serve(engine: AsyncEngine, config: ServerConfig, model_name: str,
           on_ready=None) -> int:
     """Runs the server until SIGTERM/SIGINT, then drains (stop accepting, let in-flight
-    requests finish up to `config.drain_timeout_s`), stops and returns 0. The caller owns the
-    engine (and shuts it down after)."""
+    requests finish up to `config.drain_timeout_s`), stops and returns 0. If the engine dies
+    (a step failed in a way no request can be blamed for, or a follower process was lost),
+    every request has already failed with a clear error; the ports close after a second (so
+    that handlers send those errors) and it returns ENGINE_FAILED_EXIT, for a supervisor
+    (systemd, Kubernetes, SLURM) to restart the process. The caller owns the engine (and
+    shuts it down after)."""
 
     async def main() -> int:
         server = Server(engine, config, model_name)
@@ -241,7 +328,15 @@ def serve(engine: AsyncEngine, config: ServerConfig, model_name: str,
             loop.add_signal_handler(sig, stop.set)
         if on_ready is not None:
             on_ready(server)
-        await stop.wait()
+        while not stop.is_set() and engine.dead is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.health_poll_s)
+        if engine.dead is not None:
+            log.error("the engine failed (%s): closing the ports; exit status %d asks the "
+                      "supervisor for a restart", engine.dead, ENGINE_FAILED_EXIT)
+            await asyncio.sleep(1.0)
+            await server.stop()
+            return ENGINE_FAILED_EXIT
         log.warning("signal received: draining (up to %.0f s)", config.drain_timeout_s)
         await server.drain()
         await server.stop()

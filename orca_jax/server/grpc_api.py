@@ -15,11 +15,12 @@ import contextlib
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..proto import generation_pb2 as pb
 from ..proto import generation_pb2_grpc as pb_grpc
 from ..request import FinishReason, RequestOutput
-from .inputs import SAMPLING_FIELDS, InvalidArgument, Limits, prepare
+from .inputs import MAX_REQUEST_ID_CHARS, SAMPLING_FIELDS, InvalidArgument, Limits, prepare_async
 from .stream import classify
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -75,14 +76,21 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self.model_info
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid "
+                                f"orca_jax.v1.GenerateRequest ({request.error})")
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(InvalidArgument(
+                "request_id", f"is {len(request.request_id)} characters; at most "
+                f"{MAX_REQUEST_ID_CHARS}")))
         size = request.ByteSize()
         if size > self.limits.max_request_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(InvalidArgument(
                 _largest_field(request), f"the request is {size} bytes, over the server's limit of "
                 f"{self.limits.max_request_bytes} bytes (--max-request-bytes)")))
         try:
-            ids, params = prepare(self.server.tokenizer, self.limits, request.prompt,
-                                  request.prompt_token_ids, sampling_fields(request.sampling))
+            ids, params = await prepare_async(self.server.tokenizer, self.limits, request.prompt,
+                                              request.prompt_token_ids, sampling_fields(request.sampling))
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -93,12 +101,41 @@ class GenerationService(pb_grpc.GenerationServicer):
                     if failed is not None:
                         await context.abort(getattr(grpc.StatusCode, failed[0].grpc_code), failed[1])
                     await context.write(response(out))
-        except (ValueError, RuntimeError) as e:  # raised by the submission, before any output
-            kind = classify(e)
-            if kind is None:
+        except Exception as e:  # a submission error (before any output), or a bug: never UNKNOWN
+            if isinstance(e, grpc.aio.AbortError):  # context.abort above: already answered
                 raise
+            kind = classify(e)
             await context.abort(getattr(grpc.StatusCode, kind.grpc_code), str(e))
 
 
+class Malformed:
+    """What a request that fails to parse becomes, so that the handler can answer it with
+    INVALID_ARGUMENT (grpc's own answer to a deserializer error is UNKNOWN)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _parse(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return Malformed(str(e) or "DecodeError")
+    return parse
+
+
 def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
-    pb_grpc.add_GenerationServicer_to_server(service, server)
+    """The generated `add_GenerationServicer_to_server`, with parse errors handed to the
+    methods instead of failing the call as UNKNOWN."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_parse(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, request_deserializer=_parse(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

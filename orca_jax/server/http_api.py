@@ -18,48 +18,43 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from ..request import FinishReason, RequestOutput
-from .inputs import InvalidArgument, prepare
+from ..request import FinishReason, RequestOutput, is_int
+from .inputs import InvalidArgument, prepare_async
 from .stream import classify
 
-# OpenAI/vLLM body fields -> the JSON type each must have. Unknown fields are ignored, as vLLM
-# does, so clients that send OpenAI-only fields (`user`, ...) keep working.
-SAMPLING_BODY = {
-    "max_tokens": "integer", "temperature": "number", "top_p": "number", "top_k": "integer",
-    "min_p": "number", "repetition_penalty": "number", "presence_penalty": "number",
-    "frequency_penalty": "number", "seed": "integer", "stop": "string or list of strings",
-    "stop_token_ids": "list of integers", "ignore_eos": "boolean", "min_tokens": "integer",
-    "logprobs": "integer", "include_stop_str_in_output": "boolean",
-}
+log = logging.getLogger("orca_jax.server")
+
+# OpenAI/vLLM body fields that become SamplingParams (which checks their types and ranges).
+# Unknown fields are ignored, as vLLM does, so clients that send OpenAI-only fields (`user`,
+# ...) keep working.
+SAMPLING_BODY = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                 "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
+                 "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output")
+MAX_N = 16            # samples of one prompt
+MAX_CHOICES = 128     # prompts x n in one request
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-JSON_TYPES = {
-    "integer": _is_int,
-    "number": lambda v: _is_int(v) or isinstance(v, float),
-    "boolean": lambda v: isinstance(v, bool),
-    "string or list of strings": lambda v: isinstance(v, str) or (
-        isinstance(v, list) and all(isinstance(x, str) for x in v)),
-    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
-}
 OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               408: "timeout_error", 415: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
 
 
 class HttpError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.type = type_ or {400: "invalid_request_error", 429: "rate_limit_error",
-                              503: "service_unavailable", 401: "authentication_error"}.get(status, "server_error")
+        self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error" if status < 500
+                                             else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -71,26 +66,56 @@ def _invalid(field: str, message: str) -> HttpError:
 
 
 def _from_exception(e: BaseException) -> HttpError:
+    if isinstance(e, HttpError):
+        return e
     if isinstance(e, InvalidArgument):
         return HttpError(400, str(e), e.field)
-    kind = classify(e)
-    if kind is None:
-        raise e
-    return HttpError(kind.http_status, str(e), None)
+    return HttpError(classify(e).http_status, str(e), None)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error leaves as OpenAI's JSON error body: aiohttp's own (404 for an unknown path,
+    405, 413) and, as a last resort, an unexpected exception (500, logged)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        return web.json_response(HttpError(e.status, message).body(), status=e.status)
+    except HttpError as e:
+        resp = web.json_response(e.body(), status=e.status)
+        if e.status == 408:  # the rest of the body may still trickle in: do not wait for it
+            resp.force_close()
+        return resp
+    except Exception as e:
+        log.error("unexpected error in %s %s", request.method, request.path, exc_info=e)
+        return web.json_response(HttpError(500, f"internal error: {type(e).__name__}").body(),
+                                 status=500)
 
 
 def _sampling_fields(body: dict) -> dict:
-    fields: dict[str, Any] = {}
-    for key, kind in SAMPLING_BODY.items():
-        v = body.get(key)
-        if v is None:  # JSON null: the default, as OpenAI's clients send it
-            continue
-        if not JSON_TYPES[kind](v):
-            raise _invalid(key, f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {json.dumps(v)}")
-        fields[key] = v
+    fields = {k: body[k] for k in SAMPLING_BODY if body.get(k) is not None}  # null: the default
     if fields.get("top_k") == -1:  # vLLM spells "off" as -1; ours is 0
         fields["top_k"] = 0
     return fields
+
+
+def _parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body, or a 400 naming `body`. Strict JSON: the NaN and
+    Infinity literals Python accepts are refused (no sampling field may be non-finite)."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+    try:  # strict UTF-8 first: json.loads(bytes) lets encoded surrogates through
+        body = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise HttpError(400, "body: JSON nested too deeply", "body") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the literals above
+        raise HttpError(400, f"body: not valid JSON ({e})", "body") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "body: must be a JSON object", "body")
+    return body
 
 
 def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
@@ -101,12 +126,11 @@ def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
     if isinstance(p, str):
         return [(p, None)]
     if isinstance(p, list):
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        if all(is_int(x) for x in p):
             return [(None, p)]
         if all(isinstance(x, str) for x in p):
             return [(x, None) for x in p]
-        if all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-               for x in p):
+        if all(isinstance(x, list) and all(is_int(t) for t in x) for x in p):
             return [(None, x) for x in p]
     raise _invalid("prompt", "must be a string, a list of strings, a list of token ids or a list "
                              "of token-id lists")
@@ -120,7 +144,7 @@ class CompletionsAPI:
 
     def app(self, middlewares=()) -> web.Application:
         app = web.Application(client_max_size=self.server.limits.max_request_bytes,
-                              middlewares=list(middlewares))
+                              middlewares=[json_errors, *middlewares])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -144,33 +168,32 @@ class CompletionsAPI:
             "id": s.model_name, "object": "model", "created": s.started_at, "owned_by": "orca-jax",
             "root": s.model_name, "parent": None, "max_model_len": s.limits.max_model_len}]})
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return await self._completions(request)
-        except HttpError as e:
-            return web.json_response(e.body(), status=e.status)
-
     # -- /v1/completions ------------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> dict:
-        limit = self.server.limits.max_request_bytes
+        c = self.server.config
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):  # a 1 MB gzip bomb inflates on the event loop
+            raise HttpError(415, f"body: Content-Encoding {encoding!r} is not accepted; send the "
+                                 "body uncompressed", "body")
         try:
-            raw = await request.read()
+            async with asyncio.timeout(c.body_timeout_s):  # a client trickling its body
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise _invalid("prompt", f"the request body is over the server's limit of {limit} bytes "
-                                     "(--max-request-bytes)") from None
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HttpError(400, f"body: not valid JSON ({e})", "body") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "body: must be a JSON object", "body")
-        return body
+            raise HttpError(400, f"body: the request body is over the server's limit of "
+                                 f"{c.max_request_bytes} bytes (--max-request-bytes)", "body") from None
+        except TimeoutError:
+            raise HttpError(408, f"body: not received within {c.body_timeout_s:.0f} s",
+                            "body", "timeout_error") from None
+        return await asyncio.to_thread(_parse_body, raw)  # a 1 MiB body: off the event loop
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions (an HttpError raised anywhere here: json_errors answers it)."""
         s = self.server
         body = await self._body(request)
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _invalid("model", "must be a string")
         if model is not None and model != s.model_name:
             raise HttpError(404, f"model: {model!r} is not served here; this server serves "
                                  f"{s.model_name!r}", "model", "not_found_error")
@@ -180,22 +203,28 @@ class CompletionsAPI:
         if body.get("logit_bias"):
             raise _invalid("logit_bias", "is not supported")
         n = body.get("n", 1) if body.get("n") is not None else 1
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
-            raise _invalid("n", f"must be an integer in [1, 16], got {json.dumps(n)}")
+        if not is_int(n) or not 1 <= n <= MAX_N:
+            raise _invalid("n", f"must be an integer in [1, {MAX_N}], got {json.dumps(n)[:40]}")
         best_of = body.get("best_of")
         if best_of is not None and best_of != n:
             raise _invalid("best_of", "is not supported (only best_of == n)")
-        stream = body.get("stream", False)
+        stream = body.get("stream")
+        stream = False if stream is None else stream  # null: the default, as for every field
         if not isinstance(stream, bool):
             raise _invalid("stream", "must be a boolean")
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise _invalid("stream_options", "must be an object")
         fields = _sampling_fields(body)
+        prompts = _prompts(body)
+        if len(prompts) * n > MAX_CHOICES:
+            raise _invalid("prompt", f"{len(prompts)} prompts x n={n} make {len(prompts) * n} "
+                                     f"choices; one request may have at most {MAX_CHOICES}")
         jobs = []  # (prompt token ids, params) per choice, all validated before any is submitted
-        for text, ids in _prompts(body):
+        for text, ids in prompts:
             try:
-                tokens, params = prepare(s.tokenizer, s.limits, text, ids, fields, ids_field="prompt")
+                tokens, params = await prepare_async(s.tokenizer, s.limits, text, ids, fields,
+                                                     ids_field="prompt")
             except InvalidArgument as e:
                 raise HttpError(400, str(e), e.field) from None
             for j in range(n):  # n samples of one prompt: distinct seeds when one is given
@@ -265,6 +294,7 @@ class CompletionsAPI:
                                                "Cache-Control": "no-cache"})
             await resp.prepare(request)
             usage, left = [], len(jobs)
+            text_offset = [0] * len(jobs)  # per choice: characters of token text sent so far
             while left:
                 i, out = await queue.get()
                 failed = self._failure(out) if out.finished else None
@@ -272,8 +302,9 @@ class CompletionsAPI:
                     await _sse(resp, failed.body())
                     break
                 lp = None
-                if jobs[i][1].logprobs is not None:
-                    lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()))
+                if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
+                    lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()), text_offset[i])
+                    text_offset[i] += sum(map(len, lp["tokens"]))
                 await _sse(resp, {**head, "choices": [{
                     "index": i, "text": out.text, "logprobs": lp,
                     "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]})
@@ -301,11 +332,12 @@ class CompletionsAPI:
         failed = self.server.failure(out)
         return None if failed is None else HttpError(failed[0].http_status, failed[1])
 
-    def _logprobs(self, ids: list[int], lps: list[dict]) -> dict:
-        """OpenAI legacy logprobs: token strings, their logprobs, top alternatives, offsets."""
+    def _logprobs(self, ids: list[int], lps: list[dict], start: int = 0) -> dict:
+        """OpenAI legacy logprobs: token strings, their logprobs, top alternatives, and each
+        token's offset in the completion's text (from `start`: a stream's earlier chunks)."""
         dec = self.server.token_text
         tokens = [dec(t) for t in ids]
-        offsets, pos = [], 0
+        offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
             pos += len(t)

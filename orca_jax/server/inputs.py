@@ -1,17 +1,25 @@
 """API requests -> engine requests: prompt token ids and SamplingParams, validated up front.
 
 Both front ends (gRPC and HTTP) go through `prepare()`, so a bad request is refused with a
-message naming the offending field before it reaches the engine thread. The engine checks the
-same limits again (it is the authority); doing it here as well gives API-shaped messages
-(`max_tokens: ...`) and keeps malformed requests off the engine's command queue.
+message naming the offending field before it reaches the engine thread. The numbers are
+checked once, by `SamplingParams` (every value that passes fits the step's device arrays);
+the engine checks lengths again (it is the authority); doing it here as well gives
+API-shaped messages (`max_tokens: ...`) and keeps malformed requests off the engine's command
+queue. `prepare_async` runs it in a worker thread: tokenizing a 1 MiB prompt takes about a
+second, during which the event loop must keep streaming everyone else's tokens.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 from typing import Sequence
 
-from ..request import SamplingParams
+from ..request import SamplingParams, valid_unicode
 from ..tokenizer import Tokenizer
+
+MAX_REQUEST_ID_CHARS = 256  # a client's own request id (gRPC `request_id`)
 
 
 class InvalidArgument(ValueError):
@@ -57,13 +65,20 @@ def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
     if text and ids:
         raise InvalidArgument(text_field, f"give either {text_field} or {ids_field}, not both")
     if ids:
-        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < limits.vocab_size)]
         if bad:
             raise InvalidArgument(ids_field, f"token ids {bad[:5]} are outside the vocabulary "
                                   f"[0, {limits.vocab_size})")
         return [int(t) for t in ids], ids_field
     if not text:
         raise InvalidArgument(text_field, "the prompt is empty: give prompt text or token ids")
+    if not valid_unicode(text):
+        raise InvalidArgument(text_field, "is not valid Unicode (it holds a lone surrogate)")
+    most = limits.max_model_len * (tokenizer.max_token_bytes or len(text))
+    if len(text) > most:  # characters <= bytes: it cannot fit, whatever it tokenizes to
+        raise InvalidArgument(text_field, f"the prompt is {len(text)} characters; the maximum "
+                              f"context length is {limits.max_model_len} tokens of at most "
+                              f"{most // limits.max_model_len} bytes each")
     out = tokenizer.encode(text)
     if not out:
         raise InvalidArgument(text_field, "the prompt encodes to zero tokens")
@@ -93,4 +108,16 @@ def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequenc
     params = sampling_params(fields)
     tokens, field = prompt_ids(tokenizer, limits, text, ids, text_field=text_field, ids_field=ids_field)
     check_length(limits, len(tokens), params, field)
+    params.stop_automaton  # built here, in a worker thread, not on the engine thread
     return tokens, params
+
+
+# Tokenizing has threads of its own: long prompts queue here, not in front of the event loop's
+# other work in the default executor (JSON bodies).
+_PREPARE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="orca-prepare")
+
+
+async def prepare_async(*args, **kwargs) -> tuple[list[int], SamplingParams]:
+    """`prepare` in a worker thread (the `tokenizers` encoder releases the GIL)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _PREPARE, functools.partial(prepare, *args, **kwargs))
