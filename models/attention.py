@@ -4,8 +4,8 @@ Every weight-bearing op of a step runs on the flattened token matrix; only atten
 per request, because each request attends to its own keys and values. A step's T rows are
 laid out as ``[Td decode rows | Tp prefill rows]``:
 
-* decode rows (one token per request) read their whole history from the KV buffer, up to the
-  step's context bucket ``C`` (never ``max_len``);
+* decode rows (one token per request) read their whole history from the KV buffer, in
+  BLOCK-sized pieces up to the step's longest context (a runtime trip count, never ``max_len``);
 * prefill rows attend causally within their own segment (a prompt or a chunk of one) of this
   step; at most one segment per step continues a chunked prompt and also reads the first
   ``hist_len`` positions of its slot from the buffer (chunked prefill).
@@ -25,6 +25,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from ..plan import BLOCK  # the plan's conventions (also PAD_SEG, NO_HIST_SEG) are this kernel's
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -59,7 +61,6 @@ class KVCache:
 KV_AXES = ("layers", "slots", "kv_heads", "length", "head_dim")
 
 
-BLOCK = 64  # context positions per attention block; a slot's max length is a multiple of it
 
 
 @functools.partial(
@@ -72,7 +73,7 @@ class AttnMeta:
     """Per-step attention metadata, padded to the step's bucket shape.
 
     Padding rows have ``slot == S`` (out of range: their KV writes are dropped), ``pos == 0``
-    and ``seg == -1``; their outputs are computed but never read. Context lengths are runtime
+    and ``seg == PAD_SEG``; their outputs are computed but never read. Context lengths are runtime
     values (loop trip counts over BLOCK-sized pieces of the buffer), so they add no compiled
     programs: only the row counts Td and Tp are shapes.
     """
@@ -81,14 +82,14 @@ class AttnMeta:
     pos: jax.Array          # [T] int32 absolute position of each row
     seg: jax.Array          # [Tp] int32 segment (request) id of each prefill row
     dec_blocks: jax.Array   # [] int32 blocks the decode rows read: ceil(max(pos + 1) / BLOCK)
-    hist_seg: jax.Array     # [] int32 segment that continues a chunked prompt (-2: none)
+    hist_seg: jax.Array     # [] int32 segment that continues a chunked prompt (NO_HIST_SEG: none)
     hist_slot: jax.Array    # [] int32 its slot
     hist_len: jax.Array     # [] int32 its positions already in the buffer (0: none)
     hist_blocks: jax.Array  # [] int32 ceil(hist_len / BLOCK)
     num_decode: int         # Td, static
 
 
-def write_kv(kv_layer: jax.Array, l: jax.Array, new: jax.Array, meta: AttnMeta) -> jax.Array:
+def write_kv(kv_layer: jax.Array, l: int, new: jax.Array, meta: AttnMeta) -> jax.Array:
     """Scatters this step's rows `new` [T,H,K] into layer `l` of `kv_layer` [L,S,H,M,K]."""
     return kv_layer.at[l, meta.slot, :, meta.pos].set(new.astype(kv_layer.dtype), mode="drop")
 

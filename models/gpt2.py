@@ -1,9 +1,11 @@
 """GPT-2 architecture in Flax NNX: learned positions, pre-LN, GELU-tanh, tied embeddings.
 
 Follows Hugging Face `modeling_gpt2.py` numerically; parameter names stay HF's
-(`h.attn.c_attn.kernel`, ...). Layers are stacked on a leading `L` axis and run with
-`jax.lax.scan`, so compile time does not grow with depth (one program per bucket shape,
-whether the model has 2 layers or 96).
+(`h.attn.c_attn.kernel`, ...). Layer parameters are stored stacked on a leading `L` axis (what
+checkpoints hold and what sharding layouts and pipeline stages split) and run unrolled over
+per-layer arrays, split once at start-up by `unstack_layers`: XLA CPU cannot fuse a slice of a
+stacked array (a `lax.scan` step, or even a static index) into a dot, so it would copy every
+layer's weights on every step: more than half of a batch-1 decode step (docs/benchmarks.md).
 
 The forward pass takes a flattened step: T rows of (token, position) from any number of
 requests, plus the KV buffer and attention metadata (see `attention.py`); it returns the
@@ -180,7 +182,7 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def block(c: GPTConfig, p: dict, x: jax.Array, kv: KVCache, l: jax.Array,
+def block(c: GPTConfig, p: dict, x: jax.Array, kv: KVCache, l: int,
           meta: AttnMeta) -> tuple[jax.Array, KVCache]:
     """Transformer block `l` (params `p` of that layer) on rows x [T, D]; writes its K, V."""
     h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
@@ -212,7 +214,8 @@ class GPT(nnx.Module):
         """tokens, positions: [T] int32. Returns hidden states [T, D] (before ln_f) and the
         KV buffer with this step's keys and values written in."""
         params = nnx.to_pure_dict(nnx.state(self))
-        return decoder(self.config, params["h"], embed(params, tokens, positions), kv, meta)
+        layers = unstack_layers(params["h"])
+        return decoder(self.config, layers, embed(params, tokens, positions), kv, meta)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """x: [R, D] hidden states of the rows that sample. Returns float32 logits [R, V]."""
@@ -220,24 +223,26 @@ class GPT(nnx.Module):
 
 
 # The forward pass as pure functions over the params dict: a pipeline stage runs `embed` (first
-# stage), `decoder` over its own slice of the stacked layers, and `lm_head` (last stage).
+# stage), `decoder` over its own layers, and `lm_head` (last stage).
 
 def embed(params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token + position embeddings of T rows: [T, D]."""
     return params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][positions]
 
 
-def decoder(c: GPTConfig, layers: dict, x: jax.Array, kv: KVCache,
+def unstack_layers(h: dict) -> list[dict]:
+    """Stacked layer params (every leaf [L, ...]: the checkpoint layout) -> L per-layer dicts.
+    Run it once, outside the step: inside a jitted step the slices are copies."""
+    n = jax.tree.leaves(h)[0].shape[0]
+    return [jax.tree.map(lambda x: x[l], h) for l in range(n)]
+
+
+def decoder(c: GPTConfig, layers: list[dict], x: jax.Array, kv: KVCache,
             meta: AttnMeta) -> tuple[jax.Array, KVCache]:
-    """The stacked blocks `layers` (every leaf [L', ...]) over x [T, D], L' = kv's layers."""
-
-    def step(carry, inputs):
-        x, kv = carry
-        p, l = inputs
-        return block(c, p, x, kv, l, meta), None
-
-    n = jax.tree.leaves(layers)[0].shape[0]
-    (x, kv), _ = jax.lax.scan(step, (x, kv), (layers, jnp.arange(n)))
+    """The blocks `layers` (one params dict per layer) over x [T, D], unrolled; layer l reads
+    and writes layer l of kv [L', ...], L' = len(layers)."""
+    for l, p in enumerate(layers):
+        x, kv = block(c, p, x, kv, l, meta)
     return x, kv
 
 

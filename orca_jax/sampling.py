@@ -28,81 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orca_jax.request import MAX_LOGPROBS, SamplingParams
-
-MAX_BANNED = 16       # EOS + up to 15 stop_token_ids masked before min_tokens (SamplingParams checks)
-NO_ID = 2**30         # padding of `banned`: out of range, so the masking scatter drops it
+from orca_jax.plan import MAX_BANNED, NO_ID, SamplingTensors
+from orca_jax.request import MAX_LOGPROBS
 
 # Top logprobs are always computed MAX_LOGPROBS wide (when any row asks): one shape, one
 # program; the host slices each request's own N back out.
 
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "seed", "step", "banned",
-                 "any_random", "any_penalty", "any_filter", "any_logprobs"],
-    meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class SamplingTensors:
-    """Per-row sampling parameters. Padding rows are greedy with no penalties."""
-
-    temperature: jax.Array         # [R] f32, 0 => greedy
-    top_k: jax.Array               # [R] i32, 0 => off
-    top_p: jax.Array               # [R] f32, 1 => off
-    min_p: jax.Array               # [R] f32, 0 => off
-    repetition_penalty: jax.Array  # [R] f32, 1 => off
-    presence_penalty: jax.Array    # [R] f32, 0 => off
-    frequency_penalty: jax.Array   # [R] f32, 0 => off
-    seed: jax.Array                # [R, 2] u32: (high, low) words of the 63-bit request seed
-    step: jax.Array                # [R] i32: index of the token being generated (0 = first)
-    banned: jax.Array              # [R, MAX_BANNED] i32: ids masked out before min_tokens
-                                   # (EOS and stop ids; NO_ID pads)
-    any_random: jax.Array          # [] bool: some row has temperature > 0
-    any_penalty: jax.Array         # [] bool: some row has a penalty
-    any_filter: jax.Array          # [] bool: some sampling row uses top_k/top_p/min_p
-    any_logprobs: jax.Array        # [] bool: some row wants logprobs (sampled + top MAX_LOGPROBS)
-
-    @staticmethod
-    def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
-                    num_rows: int, eos_token_id: int | None = None) -> SamplingTensors:
-        """Host-side builder (numpy): row i takes params_list[i]; None and rows past the list
-        are greedy padding. Flags only count rows that need them: filters on a greedy row
-        cannot change its argmax, so they do not switch on the sort. Until a row has made
-        `min_tokens` tokens, its EOS (unless ignore_eos) and stop ids cannot be drawn (vLLM's
-        and HF's min_new_tokens semantics)."""
-        if len(params_list) > num_rows:
-            raise ValueError(f"{len(params_list)} rows of params for {num_rows} rows")
-        ps = [p or _PADDING for p in params_list] + [_PADDING] * (num_rows - len(params_list))
-        seed = np.zeros((num_rows, 2), np.uint32)
-        step = np.zeros((num_rows,), np.int32)
-        banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
-        for i, p in enumerate(params_list):
-            if p is not None:
-                seed[i] = (seeds[i] >> 32) & 0xFFFFFFFF, seeds[i] & 0xFFFFFFFF
-                step[i] = steps[i]
-                if steps[i] < p.min_tokens:
-                    ids = list(p.stop_token_ids)
-                    if eos_token_id is not None and not p.ignore_eos:
-                        ids.append(eos_token_id)
-                    banned[i, :len(ids)] = ids
-        col = lambda name, dtype: np.array([getattr(p, name) for p in ps], dtype)  # one pass each
-        temperature, top_k, top_p, min_p = (col("temperature", np.float32), col("top_k", np.int32),
-                                            col("top_p", np.float32), col("min_p", np.float32))
-        rep, pres, freq = (col("repetition_penalty", np.float32), col("presence_penalty", np.float32),
-                           col("frequency_penalty", np.float32))
-        random = temperature > 0
-        filtered = random & ((top_k > 0) | (top_p < 1) | (min_p > 0))
-        return SamplingTensors(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
-            presence_penalty=pres, frequency_penalty=freq, seed=seed, step=step, banned=banned,
-            any_random=np.bool_(random.any()),
-            any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
-            any_filter=np.bool_(filtered.any()),
-            any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
-
-
-_PADDING = SamplingParams(temperature=0.0)
+# The host builds SamplingTensors (numpy, plan.py); here they become a pytree for the programs.
+jax.tree_util.register_dataclass(SamplingTensors)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -173,7 +106,9 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
                                              prompt_len, hist_len),
                      lambda: logits)
     x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # min_tokens
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)                      # exact, first on ties
+    # Exact, first index on ties (lax.top_k's order). XLA CPU's argmax reduction is slower:
+    # 9.7 vs 6.4 ms at R = 64, 0.9 vs 0.5 ms at R = 8, inside this program (docs/benchmarks.md).
+    greedy = jax.lax.top_k(x, 1)[1][:, 0].astype(jnp.int32)
 
     def draw():
         random = st.temperature > 0

@@ -42,6 +42,15 @@ def test_greedy_is_argmax():
     np.testing.assert_array_equal(out.logprob, 0)  # nobody asked for logprobs: not computed
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    logits = np.zeros((3, V), np.float32)
+    logits[0, [9, 3, 12]] = 2.0
+    logits[1, [V - 1, V - 2]] = 1.0
+    logits[2] = -np.inf                       # everything banned: argmax says 0
+    out = run(logits, tensors([SamplingParams(temperature=0.0)] * 3))
+    np.testing.assert_array_equal(out.ids, [3, V - 2, 0])
+
+
 def test_greedy_row_in_sampling_batch_is_argmax():
     logits = make_logits(4, scale=0.1)  # flat: sampling rows would rarely hit the argmax
     params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.0, top_k=3),

@@ -1,0 +1,104 @@
+"""A decode step against this machine's floors, measured in one run.
+
+    python -m orca_jax.bench.decode_step --preset gpt2-small --batches 1,8,64
+
+Ceilings, best of 7, taken before and after the steps (the lower of each sets the floors):
+read bandwidth = a jitted sum over 1 GiB; matmul = a jitted 2048^3 matmul in the model's dtype.
+For each batch B: B requests (32 random prompt tokens, greedy, EOS ignored) decode in steady
+state; one number per round is the wall time of `--steps` engine.step() calls / steps (host
+work overlapped with the device, as when serving); the median over `--rounds` is reported.
+A step's floor is max((weights + KV it attends over) / bandwidth, FLOPs / matmul ceiling).
+Random weights; no checkpoint needed. See docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..engine import Engine, EngineConfig
+from ..models.gpt2 import PRESETS, GPTConfig, init_params
+from ..plan import BLOCK
+from ..request import SamplingParams
+
+PROMPT = 32
+
+
+def _best(f, *args, n: int = 7) -> float:
+    f(*args).block_until_ready()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        f(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def ceilings(dtype) -> tuple[float, float]:
+    """(read bytes/s, matmul FLOP/s) of this machine through XLA."""
+    big = jnp.ones((1 << 28,), jnp.float32)                                  # 1 GiB
+    bandwidth = big.nbytes / _best(jax.jit(jnp.sum), big)
+    a = jnp.ones((2048, 2048), dtype)
+    return bandwidth, 2 * 2048**3 / _best(jax.jit(lambda x: x @ x), a)
+
+
+def floor_seconds(c: GPTConfig, batch: int, context: int, bandwidth: float, flops: float) -> float:
+    """Weights (layers + tied LM head) and the batch's KV read once, vs the matmul FLOPs."""
+    L, D, F, V, size = c.n_layer, c.n_embd, c.mlp_dim, c.vocab_size, jnp.dtype(c.jnp_dtype).itemsize
+    weights = (L * (4 * D * D + 2 * D * F) + V * D) * size
+    kv = batch * context * L * 2 * D * size
+    matmul = 2 * batch * (L * (4 * D * D + 2 * D * F) + D * V) + 4 * batch * context * D * L
+    return max((weights + kv) / bandwidth, matmul / flops)
+
+
+def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0) -> tuple[float, int]:
+    """Median over rounds of the time per engine.step() with `batch` requests decoding, and
+    the longest context they reached (in whole attention blocks)."""
+    rng = np.random.default_rng(seed)
+    sp = SamplingParams(temperature=0.0, max_tokens=3 + rounds * steps, ignore_eos=True)
+    reqs = [eng.add_request(rng.integers(0, eng.model_config.vocab_size, PROMPT).tolist(), sp)
+            for _ in range(batch)]
+    for _ in range(3):  # prefill and the first decode steps
+        eng.step()
+    per_round = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        per_round.append((time.perf_counter() - t) / steps)
+    for r in reqs:
+        eng.abort(r.request_id)
+    while eng.has_unfinished():
+        eng.step()
+    return float(np.median(per_round)), -(-(PROMPT + 3 + rounds * steps) // BLOCK) * BLOCK
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=8, help="engine steps per round")
+    args = p.parse_args(argv)
+    c = PRESETS[args.preset]
+    batches = [int(b) for b in args.batches.split(",")]
+    start = ceilings(c.jnp_dtype)
+    ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False)
+    eng = Engine.build(c, init_params(c), ec)
+    times = {b: step_seconds(eng, b, args.rounds, args.steps) for b in batches}
+    end = ceilings(c.jnp_dtype)
+    bandwidth, flops = min(start[0], end[0]), min(start[1], end[1])
+    print(f"{args.preset}: bandwidth {start[0] / 1e9:.1f} / {end[0] / 1e9:.1f} GB/s, matmul "
+          f"{start[1] / 1e9:.0f} / {end[1] / 1e9:.0f} GFLOP/s (start / end, best of 7)")
+    for b, (t, context) in times.items():
+        floor = floor_seconds(c, b, context, bandwidth, flops)
+        print(f"batch {b:3d}: {t * 1e3:7.1f} ms per step, floor {floor * 1e3:6.1f} ms "
+              f"(KV context {context}), {t / floor:.2f}x  [median of {args.rounds} rounds "
+              f"x {args.steps} steps]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Host time per engine iteration, with the device taken out.
+
+    python -m orca_jax.bench.host --running 1,4,16,64,256
+
+On a GPU a GPT-2-sized step takes well under a millisecond, so the host's share of an
+iteration (schedule + plan + input packing and transfer + reading ids back + detokenize, stop
+checks, deltas) decides whether the device waits. This runs the real `Engine` over a runner
+whose "device" answers at once: `run` packs and transfers the step's inputs exactly as
+`ModelRunner.run` does (`step.device_put_inputs`, onto this machine's first device) and
+returns random token ids; everything else is the production host path. For each number of
+running requests (all decoding, sampled with temperature 0.8 and top-p 0.9, a stop string,
+the embedded demo model's byte-level BPE tokenizer, or `--model`'s), it reports the median and p90 wall time
+of `Engine.step()` over `--steps` iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import types
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..engine import Engine
+from ..outputs import Sampled
+from ..plan import Buckets, SamplingTensors, StepPlan
+from ..request import SamplingParams
+
+PROMPT = 16
+
+
+class HostOnlyRunner:
+    """The runner interface (runner.py) with an instant device: real input packing and
+    transfer, random sampled ids."""
+
+    def __init__(self, tokenizer, num_slots: int, max_len: int, seed: int = 0):
+        import jax
+        self.model_config = types.SimpleNamespace(vocab_size=tokenizer.vocab_size,
+                                                  eos_token_id=tokenizer.eos_token_id)
+        self.num_slots, self.max_len, self.n_stages = num_slots, max_len, 1
+        self.keep_in_flight, self.host_decode_tokens, self.num_compiles = 1, False, 0
+        self._device = jax.devices()[0]
+        self._rng = np.random.default_rng(seed)
+        self._vocab = tokenizer.vocab_size
+
+    def warmup(self, buckets: Buckets) -> None:
+        pass
+
+    def run(self, plan: StepPlan, sampling: SamplingTensors) -> np.ndarray:
+        from ..step import device_put_inputs
+        device_put_inputs(plan, sampling, self._device)
+        return self._rng.integers(256, self._vocab, len(plan.sample_rows)).astype(np.int32)
+
+    def fetch(self, out: np.ndarray, logprobs: bool) -> Sampled:
+        return Sampled(out.tolist(), None, None, None)
+
+
+def host_step_times(tokenizer, running: int, steps: int, seed: int = 0) -> np.ndarray:
+    """Seconds of each of `steps` Engine.step() calls with `running` requests decoding."""
+    import time
+    ec = EngineConfig(max_batch_size=running, max_num_batched_tokens=max(512, running),
+                      max_model_len=PROMPT + steps + 64, warmup=False)
+    engine = Engine(HostOnlyRunner(tokenizer, running, ec.max_model_len, seed), ec, tokenizer)
+    rng = np.random.default_rng(seed)
+    params = SamplingParams(max_tokens=steps + 32, temperature=0.8, top_p=0.9, stop=["\n\n"],
+                            ignore_eos=True)
+    for _ in range(running):
+        engine.add_request(rng.integers(256, tokenizer.vocab_size, PROMPT).tolist(), params)
+    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return np.array(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orca_jax.bench.host", description=__doc__.splitlines()[0])
+    p.add_argument("--running", default="1,4,16,64,256", help="running requests, comma-separated")
+    p.add_argument("--steps", type=int, default=200, help="iterations timed per count")
+    p.add_argument("--model", default=None, help="checkpoint whose tokenizer to use (default: the demo model's)")
+    args = p.parse_args(argv)
+    from ..demo_model import ensure_demo_model
+    from ..tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(args.model or ensure_demo_model())
+    for n in (int(x) for x in args.running.split(",")):
+        t = host_step_times(tokenizer, n, args.steps) * 1e3
+        print(f"{n:4d} running: host {np.median(t):.3f} ms per iteration (p90 {np.percentile(t, 90):.3f} ms, "
+              f"{args.steps} iterations)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
