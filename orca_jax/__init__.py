@@ -9,7 +9,10 @@ def __getattr__(name):  # lazy: `import orca_jax` stays cheap for host-only user
     if name == "LLM":
         from .llm import LLM
         return LLM
-    if name in ("Engine", "EngineConfig"):
-        from . import engine
-        return getattr(engine, name)
+    if name == "Engine":
+        from .engine import Engine
+        return Engine
+    if name == "EngineConfig":
+        from .config import EngineConfig
+        return EngineConfig
     raise AttributeError(name)

@@ -11,9 +11,13 @@ import collections
 import numbers
 from typing import Sequence
 
+import jax
 from tqdm.auto import tqdm
 
-from .engine import Engine, EngineConfig
+from .config import EngineConfig
+from .engine import Engine
+from .sharding.layouts import Layout
+from .sharding.mesh import make_mesh
 from .request import RequestOutput, SamplingParams, Usage
 from .scheduler import QueueFullError
 
@@ -22,14 +26,23 @@ Prompt = str | Sequence[int]
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None,
+                 mesh: str | dict | jax.sharding.Mesh | None = None, layout: str | Layout = "megatron",
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  engine_config: EngineConfig | None = None, **engine_kwargs):
         """`model`: a checkpoint directory made by `orca-jax convert`; None = embedded demo
-        model. `engine_kwargs` are EngineConfig fields (max_batch_size=..., ...)."""
+        model. `mesh` (`"tensor=2,pipeline=2"`, a dict or a Mesh; default: one device, or
+        vLLM's `tensor_parallel_size` / `pipeline_parallel_size`) and the sharding `layout`
+        place it as `orca-jax generate --mesh --layout` does. `engine_kwargs` are EngineConfig
+        fields (max_batch_size=..., ...)."""
         if model is None:
             from .demo_model import ensure_demo_model
             model = ensure_demo_model()
+        if mesh is None and tensor_parallel_size * pipeline_parallel_size > 1:
+            mesh = {"tensor": tensor_parallel_size, "pipeline": pipeline_parallel_size}
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            mesh = make_mesh(mesh)
         cfg = engine_config or EngineConfig(**engine_kwargs)
-        self.engine = Engine.from_checkpoint(model, cfg, dtype=dtype)
+        self.engine = Engine.from_checkpoint(model, cfg, dtype=dtype, mesh=mesh, layout=layout)
 
     @property
     def tokenizer(self):

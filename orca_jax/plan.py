@@ -8,18 +8,23 @@ each chunk that completes a prompt) are gathered for the LM head: `R = Td + min(
 max_prefill_seqs)` rows, rounded up to a power of two.
 
 Padding conventions (see models/attention.py): slot S (one past the last slot) drops a KV
-write; position 0; segment -1; sample slot S drops the sampled-token write.
+write; position 0; segment PAD_SEG; sample slot S drops the sampled-token write.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .request import Request
+from .request import MAX_STOP_TOKEN_IDS, Request, SamplingParams
 from .scheduler import Batch
 
-BLOCK = 64  # must equal orca_jax.models.attention.BLOCK (checked by the step module)
+# The conventions of a plan, which the attention kernel (models/attention.py) reads:
+BLOCK = 64        # context positions per attention block; a slot's length is a multiple of it
+PAD_SEG = -1      # the segment of a padding prefill row
+NO_HIST_SEG = -2  # hist_seg when no segment continues a chunked prompt: equals no row's segment
 
 
 def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -32,26 +37,35 @@ def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """The padded row counts a step can have; every (decode, prefill) pair is one program."""
+    """The padded row counts a step can have; each (decode, prefill) pair is one program."""
 
     decode: tuple[int, ...]    # Td choices, 0 first
     prefill: tuple[int, ...]   # Tp choices, 0 first
     max_prefill_seqs: int
+    min_mixed_decode: int = 1  # a step with prefill rows pads its decode rows to at least this
 
     @staticmethod
     def make(max_batch_size: int, max_num_batched_tokens: int, max_prefill_seqs: int,
-             min_decode: int = 8, min_prefill: int = 16) -> "Buckets":
-        """Decode rows: 8, 16, 32, ... (below ~8 rows a step is bound by reading the weights,
-        so fewer rows cost the same); prefill rows: 16, 64, 256, ... (x4: a full budget is the
-        common case under load). Each program costs seconds to compile on CPU."""
+             min_decode: int = 1, min_prefill: int = 16, min_mixed_decode: int = 8) -> "Buckets":
+        """Decode rows: 1, 2, 4, 8, ... (on XLA CPU 8 rows cost 1.5-2.5x one row: a small
+        batch must not pay for padding, docs/benchmarks.md); prefill rows: 16, 64, 256, ... (x4: a
+        full budget is the common case under load). Next to >= 16 prefill rows, fewer than
+        `min_mixed_decode` decode rows save little, so steps with both use only the decode
+        buckets from there up: 3 x len(prefill) fewer programs, each seconds to compile."""
         return Buckets(decode=(0,) + _geometric(min(min_decode, max_batch_size), max_batch_size, 2),
                        prefill=(0,) + _geometric(min(min_prefill, max_num_batched_tokens),
                                                  max_num_batched_tokens, 4),
-                       max_prefill_seqs=max_prefill_seqs)
+                       max_prefill_seqs=max_prefill_seqs,
+                       min_mixed_decode=min(min_mixed_decode, max_batch_size))
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (Td, Tp) a step can take: what warm-up compiles."""
-        return [(d, p) for d in self.decode for p in self.prefill if d or p]
+        return [(d, p) for d in self.decode for p in self.prefill
+                if (d or p) and not (p and 0 < d < self.min_mixed_decode)]
+
+    def decode_rows(self, n: int, tp: int) -> int:
+        """Td of a step with `n` decode rows and `tp` padded prefill rows."""
+        return self.pick(max(n, self.min_mixed_decode) if n and tp else n, self.decode)
 
     def num_sample_rows(self, td: int, tp: int) -> int:
         """R: rows that may sample, padded to a power of two. Sampling is its own program
@@ -67,8 +81,7 @@ class Buckets:
         raise ValueError(f"{n} rows exceed the largest bucket {choices[-1]}")
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleRow:
+class SampleRow(NamedTuple):  # a tuple: one is made per request per iteration
     request: Request
     index: int        # which output token this row samples (0 = the first new token)
 
@@ -97,17 +110,21 @@ class StepPlan:
     decode_tokens: np.ndarray | None = None  # [Td] int32 (pipelined engines; else read on device)
 
 
-def build_plan(batch: Batch, buckets: Buckets, num_slots: int,
-               host_decode_tokens: bool = False) -> StepPlan:
+def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_tokens: bool = False,
+               shape: tuple[int, int] | None = None) -> StepPlan:
     """`host_decode_tokens`: send each decode row's input token (its request's last output
-    token, which the host must already have: pipelined engines) instead of reading it on device."""
+    token, which the host must already have: pipelined engines) instead of reading it on device.
+    `shape`: (Td, Tp) to pad to instead of the batch's buckets."""
     S = num_slots
-    td = Buckets.pick(len(batch.decodes), buckets.decode)
-    tp = Buckets.pick(sum(c.length for c in batch.prefills), buckets.prefill)
+    if shape is None:
+        tp = Buckets.pick(sum(c.length for c in batch.prefills), buckets.prefill)
+        td = buckets.decode_rows(len(batch.decodes), tp)
+    else:
+        td, tp = shape
     R = buckets.num_sample_rows(td, tp)
     slot = np.full(td + tp, S, np.int32)
     pos = np.zeros(td + tp, np.int32)
-    seg = np.full(tp, -1, np.int32)
+    seg = np.full(tp, PAD_SEG, np.int32)
     tokens = np.zeros(tp, np.int32)
     sample_rows = np.zeros(R, np.int32)
     sample_slot = np.full(R, S, np.int32)
@@ -120,14 +137,20 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int,
         sample_rows[i], sample_slot[i], sample_pos[i], prompt_len[i] = row, req.slot, p, req.prompt_len
         rows.append(SampleRow(req, index))
 
-    # Decode rows: position num_computed - 1 (the scheduler already advanced it).
-    for i, req in enumerate(batch.decodes):
-        p = req.num_computed - 1
-        slot[i], pos[i] = req.slot, p
-        add_sample(i, req, p, p - req.prompt_len + 1)
-    dec_blocks = -(-(int(pos[:len(batch.decodes)].max()) + 1) // BLOCK) if batch.decodes else 0
+    # Decode rows: position num_computed - 1 (the scheduler already advanced it), each samples.
+    nd = len(batch.decodes)
+    if nd:
+        dec_slot = [r.slot for r in batch.decodes]
+        dec_pos = [r.num_computed - 1 for r in batch.decodes]
+        dec_plen = [r.prompt_len for r in batch.decodes]
+        slot[:nd] = sample_slot[:nd] = dec_slot
+        pos[:nd] = sample_pos[:nd] = dec_pos
+        prompt_len[:nd] = dec_plen
+        sample_rows[:nd] = np.arange(nd)
+        rows += map(SampleRow, batch.decodes, [p - n + 1 for p, n in zip(dec_pos, dec_plen)])
+    dec_blocks = -(-(int(pos[:nd].max()) + 1) // BLOCK) if nd else 0
 
-    hist_seg, hist_slot, hist_len = -2, 0, 0
+    hist_seg, hist_slot, hist_len = NO_HIST_SEG, 0, 0
     row = td
     for s, c in enumerate(batch.prefills):
         req = c.request
@@ -135,7 +158,7 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int,
         slot[rng], pos[rng], seg[rng.start - td:rng.stop - td] = req.slot, np.arange(c.start, c.start + c.length), s
         tokens[rng.start - td:rng.stop - td] = req.prompt_ids[c.start:c.start + c.length]
         if c.start > 0:
-            assert hist_seg == -2, "two chunks continue a prompt in one step"
+            assert hist_seg == NO_HIST_SEG, "two chunks continue a prompt in one step"
             hist_seg, hist_slot, hist_len = s, req.slot, c.start
         if c.completes_prompt:
             add_sample(row + c.length - 1, req, c.start + c.length - 1, 0)
@@ -149,8 +172,86 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int,
         decode_tokens=_decode_tokens(batch, td) if host_decode_tokens else None)
 
 
+def warmup_plan(td: int, tp: int, buckets: Buckets, num_slots: int,
+                host_decode_tokens: bool = False) -> StepPlan:
+    """An all-padding plan of shape (Td, Tp): runs (compiles) a bucket's program, writes nothing."""
+    return build_plan(Batch([], []), buckets, num_slots, host_decode_tokens, shape=(td, tp))
+
+
 def _decode_tokens(batch: Batch, td: int) -> np.ndarray:
     out = np.zeros(td, np.int32)
     # the token at position num_computed - 1 (IndexError if its iteration is still in flight)
     out[:len(batch.decodes)] = [r.output_ids[r.num_computed - 1 - r.prompt_len] for r in batch.decodes]
     return out
+
+
+# -- the sampling rows of a step -------------------------------------------------------------
+
+MAX_BANNED = MAX_STOP_TOKEN_IDS + 1  # EOS + the stop_token_ids, masked before min_tokens
+NO_ID = 2**30         # padding of `banned`: out of range, so the masking scatter drops it
+
+@dataclasses.dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters of one step, built on the host (numpy) and read by the
+    sampler (sampling.py, which registers this class as a pytree). Padding rows are greedy
+    with no penalties."""
+
+    temperature: np.ndarray        # [R] f32, 0 => greedy
+    top_k: np.ndarray              # [R] i32, 0 => off
+    top_p: np.ndarray              # [R] f32, 1 => off
+    min_p: np.ndarray              # [R] f32, 0 => off
+    repetition_penalty: np.ndarray # [R] f32, 1 => off
+    presence_penalty: np.ndarray   # [R] f32, 0 => off
+    frequency_penalty: np.ndarray  # [R] f32, 0 => off
+    seed: np.ndarray               # [R, 2] u32: (high, low) words of the 63-bit request seed
+    step: np.ndarray               # [R] i32: index of the token being generated (0 = first)
+    banned: np.ndarray             # [R, MAX_BANNED] i32: ids masked out before min_tokens
+                                   # (EOS and stop ids; NO_ID pads)
+    any_random: np.ndarray         # [] bool: some row has temperature > 0
+    any_penalty: np.ndarray        # [] bool: some row has a penalty
+    any_filter: np.ndarray         # [] bool: some sampling row uses top_k/top_p/min_p
+    any_logprobs: np.ndarray       # [] bool: some row wants logprobs (sampled + top MAX_LOGPROBS)
+
+    @staticmethod
+    def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
+                    num_rows: int, eos_token_id: int | None = None) -> SamplingTensors:
+        """Host-side builder (numpy): row i takes params_list[i]; None and rows past the list
+        are greedy padding. Flags only count rows that need them: filters on a greedy row
+        cannot change its argmax, so they do not switch on the sort. Until a row has made
+        `min_tokens` tokens, its EOS (unless ignore_eos) and stop ids cannot be drawn (vLLM's
+        and HF's min_new_tokens semantics)."""
+        if len(params_list) > num_rows:
+            raise ValueError(f"{len(params_list)} rows of params for {num_rows} rows")
+        ps = [p or _PADDING for p in params_list] + [_PADDING] * (num_rows - len(params_list))
+        n = len(params_list)
+        live = np.array([p is not None for p in params_list] + [False] * (num_rows - n), bool)
+        seed = np.zeros((num_rows, 2), np.uint32)
+        step = np.zeros((num_rows,), np.int32)
+        s64 = np.array(seeds[:n], np.uint64)
+        seed[:n, 0], seed[:n, 1] = s64 >> np.uint64(32), s64 & np.uint64(0xFFFFFFFF)
+        step[:n] = steps[:n]
+        seed[~live], step[~live] = 0, 0
+        banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
+        for i, p in enumerate(params_list):
+            if p is not None and steps[i] < p.min_tokens:  # rare: only before min_tokens
+                ids = list(p.stop_token_ids)
+                if eos_token_id is not None and not p.ignore_eos:
+                    ids.append(eos_token_id)
+                banned[i, :len(ids)] = ids
+        # One pass over the rows; top_k (< 2**31) is exact in float64.
+        cols = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                          p.presence_penalty, p.frequency_penalty) for p in ps], np.float64).T
+        temperature, top_p, min_p, rep, pres, freq = cols[[0, 2, 3, 4, 5, 6]].astype(np.float32)
+        top_k = cols[1].astype(np.int32)
+        random = temperature > 0
+        filtered = random & ((top_k > 0) | (top_p < 1) | (min_p > 0))
+        return SamplingTensors(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=rep,
+            presence_penalty=pres, frequency_penalty=freq, seed=seed, step=step, banned=banned,
+            any_random=np.bool_(random.any()),
+            any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
+            any_filter=np.bool_(filtered.any()),
+            any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
+
+
+_PADDING = SamplingParams(temperature=0.0)

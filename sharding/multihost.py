@@ -2,10 +2,10 @@
 same steps (JAX's multi-controller runtime).
 
     process 0 (leader)                              processes 1..N-1 (followers)
-    servers -> AsyncEngine -> Engine.step()         Follower(...).run(engine):
+    servers -> AsyncEngine -> Engine.step()         Follower(...).run(runner):
         schedule, build_plan                            plan = recv()
-        send(plan) ---- control connection ---->        engine.run_plan(plan)
-        engine.run_plan(plan) <==== one SPMD program, collectives over gloo / NCCL ====>
+        send(plan) ---- control connection ---->        runner.run(plan)
+        runner.run(plan) <==== one SPMD program, collectives over gloo / NCCL ====>
 
 Every process runs `initialize` (jax.distributed), builds the same mesh over all processes'
 devices and the same Engine. With a pipeline split over processes (2 stages, each the devices
@@ -258,24 +258,24 @@ class Follower:
             raise LeaderLostError(f"the leader at {self.address[0]}:{self.address[1]} went "
                                   f"away ({type(e).__name__})") from e
 
-    def run(self, engine) -> None:
-        """Run the leader's plans on `engine` until it says stop. Raises LeaderLostError if
+    def run(self, runner) -> None:
+        """Run the leader's plans on `runner` (a ModelRunner) until it says stop. Raises LeaderLostError if
         the leader goes away without saying so."""
         with self._conn:
             while True:
                 data = self._recv()
                 if data == _STOP:
-                    jax.block_until_ready(engine.device_states)
+                    jax.block_until_ready(runner.device_states)
                     jax.distributed.shutdown()  # while the leader's coordination service is up
                     return
                 plan, sampling = pickle.loads(data)
-                if not engine.local_stages[0].first:  # a later pipeline stage: stage 0's output
+                if not runner.local_stages[0].first:  # a later pipeline stage: stage 0's output
                     data = self._recv()
                     if data == _STOP:  # the leader failed between the plan and its activations
                         raise LeaderLostError("the leader stopped in the middle of an iteration")
                     x = pickle.loads(data)
-                    out = engine.run_plan(plan, sampling, x)
+                    out = runner.run(plan, sampling, x)
                     self._conn.send_bytes(pickle.dumps(jax.tree.map(np.asarray, out),
                                                        protocol=pickle.HIGHEST_PROTOCOL))
                 else:
-                    engine.run_plan(plan, sampling)
+                    runner.run(plan, sampling)

@@ -203,6 +203,31 @@ def _link(mesh_shape, axes: tuple[str, ...], acc: Accelerator) -> tuple[float, s
     return acc.net_bw, "inter-node network"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Costs:
+    """What one iteration's estimate reads: the model, its shards and links, the accelerator."""
+
+    c: GPTConfig
+    acc: Accelerator
+    b: int                    # bytes per parameter / KV element
+    t_attn: int               # shards of the heads, of the MLP, of the vocabulary
+    t_mlp: int
+    t_vocab: int
+    stages: int               # pipeline stages (layer shards)
+    kv_layer: int             # shards of the KV buffer's layers, slots, heads
+    kv_slot: int
+    kv_head: int
+    layer_w: int              # bytes per device: layer weights, LM head
+    head_w: int
+    matmul_elems: int         # matmul weight elements per device
+    links: dict               # "tensor" / "pipeline" / "slot" / "vocab" -> (bandwidth, name)
+
+
+def _ring(n: int) -> float:
+    """The fraction of a message each device sends in a ring all-reduce over n devices."""
+    return 2 * (n - 1) / n
+
+
 def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: str | Layout,
               accelerator: str | Accelerator, batch: int = 64, context: int | None = None,
               dtype: str = "bfloat16", prefill_tokens: int = 512, reserve: float = 0.1,
@@ -217,17 +242,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     name: shown in the output (default: the preset name, or "custom").
     """
     name = name or (config if isinstance(config, str) else "custom")
-    if isinstance(config, str):
-        from ..models.gpt2 import PRESETS
-        if config not in PRESETS:
-            raise ValueError(f"unknown model preset {config!r}; known: {sorted(PRESETS)}")
-        config = PRESETS[config]
-    c = config
-    mesh_shape = parse_mesh_spec(mesh)
-    layout = pipelined(layout)  # as the engine runs it: a pipeline axis always splits layers
-    if isinstance(accelerator, str) and accelerator.lower() not in ACCELERATORS:
-        raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}")
-    acc = ACCELERATORS[accelerator.lower()] if isinstance(accelerator, str) else accelerator
+    c, mesh_shape, layout, acc = _resolve(config, mesh, layout, accelerator)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if batch < 1 or prefill_tokens < 1 or not 0 <= reserve < 1:
@@ -236,13 +251,52 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     if M > c.n_positions:
         raise ValueError(f"context {M} exceeds the model's {c.n_positions} positions")
     b = DTYPE_BYTES[dtype]
-    V, D, L = c.vocab_size, c.n_embd, c.n_layer
-    n_dev = math.prod(mesh_shape.values())
     ex = _Explain()
     notes: list[str] = []
-
-    # -- memory -------------------------------------------------------------------------------
     params = param_placements(c, layout, mesh_shape, b)
+    kvb = kv_placement(c, layout, mesh_shape, batch, M, b)
+    memory = _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, params, ex, notes)
+    costs, parallelism = _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes)
+    stages = costs.stages
+    micro = -(-batch // stages)
+    dec = _iteration(costs, ex, f"decode iteration ({micro} rows per micro-batch, each attending "
+                     f"over {M} positions)", micro, micro, micro * M, micro * M)
+    dec["tokens_per_s"] = micro / dec["iteration_interval_s"]
+    ex(f"decode throughput with {stages} micro-batch(es) in flight: {micro} tokens / {_t(dec['iteration_interval_s'])} "
+       f"= {dec['tokens_per_s']:.0f} tokens/s")
+    T = prefill_tokens
+    pre = _iteration(costs, ex, f"prefill iteration ({T} prompt tokens of one prompt)", T, 1,
+                     T * (T + 1) // 2, 0)
+    pre["tokens_per_s"] = T / pre["iteration_interval_s"]
+    memory["kv_spec"] = [list(_mesh_names(a)) or None for a in kvb.spec]
+    memory["params"] = {k: {"shape": list(p.shape), "spec": [list(_mesh_names(a)) or None for a in p.spec],
+                            "bytes_per_device": p.bytes_per_device} for k, p in params.items()}
+    return {
+        "model": {"name": name, "params": c.num_params(), "n_layer": c.n_layer, "n_embd": c.n_embd,
+                  "n_head": c.n_head, "vocab_size": c.vocab_size, "n_positions": c.n_positions},
+        "mesh": dict(mesh_shape), "layout": layout.to_dict(),
+        "accelerator": dataclasses.asdict(acc), "dtype": dtype, "batch": batch, "context": M,
+        "prefill_tokens": prefill_tokens, "reserve": reserve, "memory": memory,
+        "parallelism": parallelism, "decode": dec, "prefill": pre, "notes": notes, "explain": ex.lines,
+    }
+
+
+def _resolve(config, mesh, layout, accelerator):
+    """(GPTConfig, mesh shape, layout as the engine runs it, Accelerator) from names or objects."""
+    if isinstance(config, str):
+        from ..models.gpt2 import PRESETS
+        if config not in PRESETS:
+            raise ValueError(f"unknown model preset {config!r}; known: {sorted(PRESETS)}")
+        config = PRESETS[config]
+    if isinstance(accelerator, str) and accelerator.lower() not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}")
+    acc = ACCELERATORS[accelerator.lower()] if isinstance(accelerator, str) else accelerator
+    # pipelined: as the engine runs it, a pipeline axis always splits the layers
+    return config, parse_mesh_spec(mesh), pipelined(layout), acc
+
+
+def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, params, ex, notes) -> dict:
+    """Parameters, KV buffer and slot state per device, against the usable HBM."""
     p_dev = sum(p.bytes_per_device for p in params.values())
     p_total = sum(p.bytes for p in params.values())
     ex(f"== parameters ({c.num_params() / 1e9:.3f} B params x {b} bytes = {_fmt(p_total)}) ==")
@@ -263,7 +317,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     kv_dev = 2 * kvb.bytes_per_device
     state_dev = slot_state_bytes(batch, M)
     ex("== KV buffer ==")
-    ex(f"per slot: K and V x L x M x D x {b} B = 2 x {L} x {M} x {D} x {b} = {_fmt(2 * kv1.bytes)}; "
+    ex(f"per slot: K and V x L x M x D x {b} B = 2 x {c.n_layer} x {M} x {c.n_embd} x {b} = {_fmt(2 * kv1.bytes)}; "
        f"per device / {kv1.shards} (spec of one slot {kv1.spec}) = {_fmt(per_slot_dev)}")
     ex(f"batch of {batch} slots: 2 x {_fmt(kvb.bytes)} / {kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
        f" + slot state (int32 history [S, M] + last token [S], replicated) {_fmt(state_dev)}")
@@ -276,13 +330,22 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     ex(f"max slots: most S with 2 x KV(S) / shards + state(S) <= {_fmt(max(left, 0))} left after the params -> {max_slots}")
     if left <= 0:
         notes.append(f"the parameters alone ({_fmt(p_dev)} per device) exceed the usable HBM ({_fmt(hbm_usable)})")
+    return {"param_bytes_total": p_total, "param_bytes_per_device": p_dev,
+            "kv_bytes_per_slot_per_device": per_slot_dev, "kv_bytes_per_device": kv_dev,
+            "slot_state_bytes_per_device": state_dev, "total_bytes_per_device": need,
+            "hbm_bytes": acc.hbm_bytes, "usable_bytes": hbm_usable, "fits": need <= hbm_usable,
+            "max_slots": max_slots}
 
-    # -- parallelism, as the layout places the arrays ------------------------------------------
+
+def _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes) -> tuple[_Costs, dict]:
+    """How the layout splits the work, as the shards of the arrays it places say, and the links
+    each group communicates over."""
     cproj, fc2, cattn, wte = (params["h.attn.c_proj.kernel"], params["h.mlp.c_proj.kernel"],
                               params["h.attn.c_attn.kernel"], params["wte.embedding"])
     t_attn, t_mlp = cproj.dim_shards(1, mesh_shape), fc2.dim_shards(1, mesh_shape)
     stages, t_vocab = cattn.dim_shards(0, mesh_shape), wte.dim_shards(0, mesh_shape)
     kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 1, 2))  # [L, S, H, M, K]
+    n_dev = math.prod(mesh_shape.values())
     if any(lg == "embed" and p.dim_shards(i, mesh_shape) > 1
            for p in params.values() for i, lg in enumerate(p.logical)):
         notes.append("the layout splits the embed axis of a weight: the collectives that needs "
@@ -294,109 +357,94 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
                          "copies and compute the same thing")
     ex(f"== parallelism == heads split {t_attn}-way, MLP {t_mlp}-way, vocab {t_vocab}-way, layers {stages}-way "
        f"(pipeline stages), KV slots {kv_slot}-way, {n_dev} devices")
+    axes_of = lambda p, dim: _mesh_names(p.spec[dim])
+    links = {"tensor": _link(mesh_shape, axes_of(cproj, 1) or axes_of(fc2, 1), acc),
+             "pipeline": _link(mesh_shape, axes_of(cattn, 0), acc),
+             "slot": _link(mesh_shape, axes_of(kvb, 1), acc),
+             "vocab": _link(mesh_shape, axes_of(wte, 0), acc)}
+    costs = _Costs(
+        c=c, acc=acc, b=b, t_attn=t_attn, t_mlp=t_mlp, t_vocab=t_vocab, stages=stages,
+        kv_layer=kv_layer, kv_slot=kv_slot, kv_head=kv_head,
+        layer_w=sum(params[k].bytes_per_device for k in params if k.startswith("h.")),
+        head_w=wte.bytes_per_device + params["ln_f.scale"].bytes_per_device + params["ln_f.bias"].bytes_per_device,
+        matmul_elems=sum(params[k].bytes_per_device // b for k in
+                         ("h.attn.c_attn.kernel", "h.attn.c_proj.kernel", "h.mlp.c_fc.kernel", "h.mlp.c_proj.kernel")),
+        links=links)
+    return costs, {"devices": n_dev, "tensor_heads": t_attn, "tensor_mlp": t_mlp, "vocab": t_vocab,
+                   "stages": stages, "kv_slots": kv_slot, "tensor_link": links["tensor"][1],
+                   "pipeline_link": links["pipeline"][1], "slot_link": links["slot"][1]}
 
-    # -- one iteration --------------------------------------------------------------------------
-    def axes_of(p: Placement, dim: int) -> tuple[str, ...]:
-        return _mesh_names(p.spec[dim])
 
-    tp_bw, tp_link = _link(mesh_shape, axes_of(cproj, 1) or axes_of(fc2, 1), acc)
-    pp_bw, pp_link = _link(mesh_shape, axes_of(cattn, 0), acc)
-    sl_bw, sl_link = _link(mesh_shape, axes_of(kvb, 1), acc)
-    voc_bw, _ = _link(mesh_shape, axes_of(wte, 0), acc)
-    peak = acc.flops_32 if b == 4 else acc.flops_16
-    layer_w = sum(params[k].bytes_per_device for k in params if k.startswith("h."))
-    matmul_elems = sum(params[k].bytes_per_device // b for k in
-                       ("h.attn.c_attn.kernel", "h.attn.c_proj.kernel", "h.mlp.c_fc.kernel", "h.mlp.c_proj.kernel"))
-    head_w = wte.bytes_per_device + params["ln_f.scale"].bytes_per_device + params["ln_f.bias"].bytes_per_device
-    ring = lambda n: 2 * (n - 1) / n
+def _iteration(k: _Costs, ex, label: str, T: int, R: int, pairs: int, kv_read_tokens: int) -> dict:
+    """One iteration of T rows (R sampled), `pairs` (query, key) pairs per layer and head
+    group, `kv_read_tokens` positions read from the buffer per layer."""
+    c, b = k.c, k.b
+    V, D, L = c.vocab_size, c.n_embd, c.n_layer
+    peak = k.acc.flops_32 if b == 4 else k.acc.flops_16
+    ex(f"== {label}: T = {T} rows, R = {R} sampled, on the last stage's devices ==")
+    flops = (2 * T * k.matmul_elems + 4 * pairs * D * L // (k.kv_layer * k.kv_head)
+             + 2 * R * V * D // k.t_vocab)
+    ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x D x L / (layer x head shards) + 2 R V D / vocab shards")
+    ex(f"      = 2 x {T} x {k.matmul_elems} + 4 x {pairs} x {D} x {L} / ({k.kv_layer} x {k.kv_head}) + "
+       f"2 x {R} x {V} x {D} / {k.t_vocab} = {flops:.4g}")
+    kv_shards = k.kv_layer * k.kv_head * k.kv_slot
+    kv_r = kv_read_tokens * 2 * D * b * L // kv_shards
+    kv_w = T * 2 * D * b * L // kv_shards
+    byts = k.layer_w + k.head_w + kv_r + kv_w
+    ex(f"bytes = layer weights/device {_fmt(k.layer_w)} + LM head {_fmt(k.head_w)} + KV read "
+       f"{kv_read_tokens} x 2 x {D} x {b} x {L} / {kv_shards} = {_fmt(kv_r)} + KV write {_fmt(kv_w)} = {_fmt(byts)}")
+    t_c, t_m = flops / peak, byts / k.acc.hbm_bw
+    ex(f"compute {flops:.4g} / {peak:.4g} FLOP/s = {_t(t_c)}; memory {byts} / {k.acc.hbm_bw:.4g} B/s = {_t(t_m)}")
+    comm, t_comm, t_hand = _communication(k, ex, T, R, kv_read_tokens)
+    stages = k.stages
+    stage = max(t_c, t_m) + t_comm
+    ex(f"stage time = max({_t(t_c)}, {_t(t_m)}) + comms {_t(t_comm)} = {_t(stage)}; "
+       f"iteration latency = {stages} stages x {_t(stage)} + {stages - 1} hand-offs x {_t(t_hand)} = "
+       f"{_t(stages * stage + (stages - 1) * t_hand)}")
+    return {"rows": T, "sampled_rows": R, "flops_per_device": flops, "bytes_per_device": byts,
+            "compute_s": t_c, "memory_s": t_m, "comm_s": t_comm, "handoff_s": t_hand,
+            "bound": "compute" if t_c > t_m else "memory", "stage_s": stage,
+            "iteration_latency_s": stages * stage + (stages - 1) * t_hand,
+            "iteration_interval_s": stage + t_hand, "communication": comm}
 
-    def phase(label: str, T: int, R: int, pairs: int, kv_read_tokens: int) -> dict:
-        """One iteration of T rows (R sampled), `pairs` (query, key) pairs per layer and head
-        group, `kv_read_tokens` positions read from the buffer per layer."""
-        ex(f"== {label}: T = {T} rows, R = {R} sampled, on the last stage's devices ==")
-        f_mm = 2 * T * matmul_elems
-        f_att = 4 * pairs * D * L // (kv_layer * kv_head)
-        f_head = 2 * R * V * D // t_vocab
-        flops = f_mm + f_att + f_head
-        ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x D x L / (layer x head shards) + 2 R V D / vocab shards")
-        ex(f"      = 2 x {T} x {matmul_elems} + 4 x {pairs} x {D} x {L} / ({kv_layer} x {kv_head}) + "
-           f"2 x {R} x {V} x {D} / {t_vocab} = {flops:.4g}")
-        kv_r = kv_read_tokens * 2 * D * b * L // (kv_layer * kv_head * kv_slot)
-        kv_w = T * 2 * D * b * L // (kv_layer * kv_head * kv_slot)
-        byts = layer_w + head_w + kv_r + kv_w
-        ex(f"bytes = layer weights/device {_fmt(layer_w)} + LM head {_fmt(head_w)} + KV read "
-           f"{kv_read_tokens} x 2 x {D} x {b} x {L} / {kv_layer * kv_head * kv_slot} = {_fmt(kv_r)} + KV write {_fmt(kv_w)} = {_fmt(byts)}")
-        t_c, t_m = flops / peak, byts / acc.hbm_bw
-        ex(f"compute {flops:.4g} / {peak:.4g} FLOP/s = {_t(t_c)}; memory {byts} / {acc.hbm_bw:.4g} B/s = {_t(t_m)}")
-        layers_here = L // stages
-        msg = T * D * b
-        comm = {"allreduce_message_bytes": msg, "allreduces_per_layer": 2 if t_attn > 1 else 0}
-        tp_bytes = 0.0
-        if t_attn > 1 or t_mlp > 1:
-            per_layer = msg * (ring(t_attn) + ring(t_mlp))
-            tp_bytes = per_layer * layers_here
-            ex(f"tensor all-reduce: 2 per layer (attention out-proj, MLP out), message T x D x {b} = {_fmt(msg)}; "
-               f"ring sends 2(n-1)/n = {ring(max(t_attn, t_mlp)):.3f} of it: {_fmt(per_layer)} per layer x {layers_here} "
-               f"layers = {_fmt(tp_bytes)} over {tp_link}")
-        comm["tensor_bytes_per_layer"] = msg * (ring(t_attn) + ring(t_mlp)) if t_attn * t_mlp > 1 else 0
-        comm["tensor_bytes"] = tp_bytes
-        voc_bytes = 0.0
-        if t_vocab > 1:
-            voc_bytes = msg * ring(t_vocab) + R * V * 4 * (t_vocab - 1) / t_vocab
-            ex(f"vocab split: embedding all-reduce {_fmt(msg * ring(t_vocab))} + float32 logits all-gather "
-               f"R x V x 4 x (n-1)/n = {_fmt(R * V * 4 * (t_vocab - 1) / t_vocab)}")
-        comm["vocab_bytes"] = voc_bytes
-        sl_bytes = 0.0
-        if kv_slot > 1:
-            sl_bytes = kv_read_tokens * 2 * D * b // kv_head * ring(kv_slot) * layers_here
-            ex(f"slot split: each layer all-reduces the gathered K, V blocks of every row over the slot group: "
-               f"{kv_read_tokens} x 2 x {D} x {b} / {kv_head} x {ring(kv_slot):.3f} x {layers_here} layers = {_fmt(sl_bytes)} over {sl_link}")
-        comm["slot_bytes"] = sl_bytes
-        handoff = T * D * b if stages > 1 else 0
-        comm["pipeline_handoff_bytes"] = handoff
-        comm["pipeline_handoffs"] = stages - 1
-        t_comm = tp_bytes / tp_bw + voc_bytes / voc_bw + sl_bytes / sl_bw
-        t_hand = handoff / pp_bw
-        if stages > 1:
-            ex(f"pipeline hand-off: T x D x {b} = {_fmt(handoff)} per stage boundary over {pp_link} = {_t(t_hand)}")
-        stage = max(t_c, t_m) + t_comm
-        ex(f"stage time = max({_t(t_c)}, {_t(t_m)}) + comms {_t(t_comm)} = {_t(stage)}; "
-           f"iteration latency = {stages} stages x {_t(stage)} + {stages - 1} hand-offs x {_t(t_hand)} = "
-           f"{_t(stages * stage + (stages - 1) * t_hand)}")
-        return {"rows": T, "sampled_rows": R, "flops_per_device": flops, "bytes_per_device": byts,
-                "compute_s": t_c, "memory_s": t_m, "comm_s": t_comm, "handoff_s": t_hand,
-                "bound": "compute" if t_c > t_m else "memory", "stage_s": stage,
-                "iteration_latency_s": stages * stage + (stages - 1) * t_hand,
-                "iteration_interval_s": stage + t_hand, "communication": comm}
 
-    micro = -(-batch // stages)
-    dec = phase(f"decode iteration ({micro} rows per micro-batch, each attending over {M} positions)",
-                micro, micro, micro * M, micro * M)
-    dec["tokens_per_s"] = micro / dec["iteration_interval_s"]
-    ex(f"decode throughput with {stages} micro-batch(es) in flight: {micro} tokens / {_t(dec['iteration_interval_s'])} "
-       f"= {dec['tokens_per_s']:.0f} tokens/s")
-    T = prefill_tokens
-    pre = phase(f"prefill iteration ({T} prompt tokens of one prompt)", T, 1, T * (T + 1) // 2, 0)
-    pre["tokens_per_s"] = T / pre["iteration_interval_s"]
-
-    return {
-        "model": {"name": name, "params": c.num_params(), "n_layer": L, "n_embd": D, "n_head": c.n_head,
-                  "vocab_size": V, "n_positions": c.n_positions},
-        "mesh": dict(mesh_shape), "layout": layout.to_dict(),
-        "accelerator": dataclasses.asdict(acc), "dtype": dtype, "batch": batch, "context": M,
-        "prefill_tokens": prefill_tokens, "reserve": reserve,
-        "memory": {"param_bytes_total": p_total, "param_bytes_per_device": p_dev,
-                   "kv_bytes_per_slot_per_device": per_slot_dev, "kv_bytes_per_device": kv_dev,
-                   "slot_state_bytes_per_device": state_dev, "total_bytes_per_device": need,
-                   "hbm_bytes": acc.hbm_bytes, "usable_bytes": hbm_usable, "fits": need <= hbm_usable,
-                   "max_slots": max_slots, "kv_spec": [list(_mesh_names(a)) or None for a in kvb.spec],
-                   "params": {k: {"shape": list(p.shape), "spec": [list(_mesh_names(a)) or None for a in p.spec],
-                                  "bytes_per_device": p.bytes_per_device} for k, p in params.items()}},
-        "parallelism": {"devices": n_dev, "tensor_heads": t_attn, "tensor_mlp": t_mlp, "vocab": t_vocab,
-                        "stages": stages, "kv_slots": kv_slot, "tensor_link": tp_link, "pipeline_link": pp_link,
-                        "slot_link": sl_link},
-        "decode": dec, "prefill": pre, "notes": notes, "explain": ex.lines,
-    }
+def _communication(k: _Costs, ex, T: int, R: int, kv_read_tokens: int) -> tuple[dict, float, float]:
+    """(bytes per collective kind, collective seconds, pipeline hand-off seconds) of one stage."""
+    V, D, b = k.c.vocab_size, k.c.n_embd, k.b
+    layers_here = k.c.n_layer // k.stages
+    (tp_bw, tp_link), (pp_bw, pp_link) = k.links["tensor"], k.links["pipeline"]
+    (sl_bw, sl_link), (voc_bw, _) = k.links["slot"], k.links["vocab"]
+    msg = T * D * b
+    comm = {"allreduce_message_bytes": msg, "allreduces_per_layer": 2 if k.t_attn > 1 else 0}
+    tp_bytes = 0.0
+    if k.t_attn > 1 or k.t_mlp > 1:
+        per_layer = msg * (_ring(k.t_attn) + _ring(k.t_mlp))
+        tp_bytes = per_layer * layers_here
+        ex(f"tensor all-reduce: 2 per layer (attention out-proj, MLP out), message T x D x {b} = {_fmt(msg)}; "
+           f"ring sends 2(n-1)/n = {_ring(max(k.t_attn, k.t_mlp)):.3f} of it: {_fmt(per_layer)} per layer x {layers_here} "
+           f"layers = {_fmt(tp_bytes)} over {tp_link}")
+    comm["tensor_bytes_per_layer"] = msg * (_ring(k.t_attn) + _ring(k.t_mlp)) if k.t_attn * k.t_mlp > 1 else 0
+    comm["tensor_bytes"] = tp_bytes
+    voc_bytes = 0.0
+    if k.t_vocab > 1:
+        voc_bytes = msg * _ring(k.t_vocab) + R * V * 4 * (k.t_vocab - 1) / k.t_vocab
+        ex(f"vocab split: embedding all-reduce {_fmt(msg * _ring(k.t_vocab))} + float32 logits all-gather "
+           f"R x V x 4 x (n-1)/n = {_fmt(R * V * 4 * (k.t_vocab - 1) / k.t_vocab)}")
+    comm["vocab_bytes"] = voc_bytes
+    sl_bytes = 0.0
+    if k.kv_slot > 1:
+        sl_bytes = kv_read_tokens * 2 * D * b // k.kv_head * _ring(k.kv_slot) * layers_here
+        ex(f"slot split: each layer all-reduces the gathered K, V blocks of every row over the slot group: "
+           f"{kv_read_tokens} x 2 x {D} x {b} / {k.kv_head} x {_ring(k.kv_slot):.3f} x {layers_here} layers = {_fmt(sl_bytes)} over {sl_link}")
+    comm["slot_bytes"] = sl_bytes
+    handoff = T * D * b if k.stages > 1 else 0
+    comm["pipeline_handoff_bytes"] = handoff
+    comm["pipeline_handoffs"] = k.stages - 1
+    t_comm = tp_bytes / tp_bw + voc_bytes / voc_bw + sl_bytes / sl_bw
+    t_hand = handoff / pp_bw
+    if k.stages > 1:
+        ex(f"pipeline hand-off: T x D x {b} = {_fmt(handoff)} per stage boundary over {pp_link} = {_t(t_hand)}")
+    return comm, t_comm, t_hand
 
 
 def format_plan(plan: dict, explain: bool = False) -> str:

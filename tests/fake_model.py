@@ -1,4 +1,4 @@
-"""A hand-computable fake engine loop over the real `Scheduler` and `build_plan` (no JAX).
+"""A hand-computable fake model under the real engine loop (JetStream's mock-engine seam).
 
 The "model" maps a sampling row's input token t to (t + 1) % V, so prompt [5] yields
 6, 7, 8, ... and every expected output can be worked out by hand (`expected_output`).
@@ -18,20 +18,26 @@ chunk is the plan's `hist_*` segment and starts exactly where its slot's KV ends
 positions fit in `dec_blocks` blocks, and every sampling row is a decode row or the last row of
 a segment. A broken plan fails loudly here instead of producing wrong numbers on a GPU.
 
-`FakeEngine` is the engine loop (orca_jax/engine.py `Engine.step`): schedule -> build_plan ->
-run -> process the sampled ids (append to `Request.output_ids`; finish with LENGTH at
-max_tokens or STOP at `eos_id`). With `pipelined=True` it dispatches step N+1 before it
-processes step N's ids, as the real engine does.
+`FakeRunner` puts FakeDevice behind the runner interface (orca_jax/runner.py `ModelRunner`:
+warmup, run, fetch), so the real `Engine` (schedule -> build_plan -> run -> output processor)
+drives it. `FakeEngine` is a test harness around that real engine: it records what each
+iteration scheduled (`StepRecord`) and checks a finished request's KV. With `pipelined=True`
+the engine dispatches step N+1 before it processes step N's ids (the real runner's
+behaviour); otherwise the fake runner asks for each iteration's ids at once.
 """
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 
-from orca_jax.plan import BLOCK, Buckets, StepPlan, build_plan
+from orca_jax.config import EngineConfig
+from orca_jax.engine import Engine
+from orca_jax.outputs import Sampled
+from orca_jax.plan import BLOCK, NO_HIST_SEG, PAD_SEG, Buckets, StepPlan
 from orca_jax.request import FinishReason, Request, SamplingParams
-from orca_jax.scheduler import Scheduler, SchedulerConfig
+from orca_jax.scheduler import Batch, SchedulerConfig
 
 V = 97  # fake vocabulary size
 
@@ -79,7 +85,7 @@ class FakeDevice:
         n_dec, n_pre = int(real[:td].sum()), int(real[td:].sum())
         assert real[:n_dec].all() and real[td:td + n_pre].all(), "padding row before a real row"
         assert not plan.pos[n_dec:td].any() and not plan.pos[td + n_pre:].any(), "padding row with a position"
-        assert (plan.seg[n_pre:] == -1).all() and (plan.seg[:n_pre] >= 0).all()
+        assert (plan.seg[n_pre:] == PAD_SEG).all() and (plan.seg[:n_pre] >= 0).all()
         assert n_dec + n_pre == plan.num_tokens
         tokens = np.zeros(td + tp, np.int64)
         used_slots: list[int] = []
@@ -96,8 +102,8 @@ class FakeDevice:
         segs = plan.seg[:n_pre]
         starts = [j for j in range(n_pre) if j == 0 or segs[j] != segs[j - 1]]
         assert list(segs[starts]) == list(range(len(starts))), f"segments out of order: {segs}"
-        assert plan.hist_seg == -2 or 0 <= plan.hist_seg < len(starts)
-        if plan.hist_seg == -2:
+        assert plan.hist_seg == NO_HIST_SEG or 0 <= plan.hist_seg < len(starts)
+        if plan.hist_seg == NO_HIST_SEG:
             assert plan.hist_len == 0 and plan.hist_blocks == 0
         seg_last_rows = set()
         for k, j0 in enumerate(starts):
@@ -140,6 +146,41 @@ class FakeDevice:
         return ids
 
 
+class FakeRunner:
+    """The runner interface over FakeDevice: `warmup(buckets)` "compiles" the bucket shapes
+    (the device then refuses any other), `run` computes at once, `fetch` checks that every
+    row's token is the one its request expects next."""
+
+    def __init__(self, num_slots: int, max_len: int, vocab: int = V, eos_id: int | None = None,
+                 synchronous: bool = False):
+        self.model_config = types.SimpleNamespace(vocab_size=vocab, eos_token_id=eos_id)
+        self.num_slots, self.max_len, self.vocab = num_slots, max_len, vocab
+        self.n_stages = 1
+        self.keep_in_flight = 0 if synchronous else 1
+        self.host_decode_tokens = False
+        self.num_compiles = 0
+        self.device: FakeDevice | None = None
+        self.plans: list[StepPlan] = []
+
+    def warmup(self, buckets: Buckets) -> None:
+        self.device = FakeDevice(self.num_slots, self.max_len, buckets, self.vocab)
+        self.num_compiles = len(buckets.shapes())
+
+    def run(self, plan: StepPlan, sampling) -> tuple[StepPlan, np.ndarray]:
+        assert self.device is not None, "a step ran before warm-up"
+        for row in plan.rows:
+            assert row.index < row.request.params.max_tokens, "sampled past max_tokens"
+        self.plans.append(plan)
+        return plan, self.device.run(plan)
+
+    def fetch(self, out: tuple[StepPlan, np.ndarray], logprobs: bool) -> Sampled:
+        plan, ids = out
+        for row in plan.rows:
+            req = row.request
+            assert req.finished or row.index == len(req.output_ids), (req.request_id, row.index, req.output_ids)
+        return Sampled(ids.tolist(), None, None, None)
+
+
 @dataclasses.dataclass
 class StepRecord:
     """One `FakeEngine.step()`: the scheduler's state around `schedule()` and what it chose."""
@@ -163,18 +204,40 @@ class StepRecord:
 
 
 class FakeEngine:
+    """The real `Engine` over a FakeRunner, recording every iteration."""
+
     def __init__(self, config: SchedulerConfig, num_slots: int, max_len: int, *, vocab: int = V,
                  eos_id: int | None = None, pipelined: bool = False, buckets: Buckets | None = None):
-        self.scheduler = Scheduler(config, num_slots, max_len)
-        self.buckets = buckets or Buckets.make(config.max_batch_size, config.max_num_batched_tokens,
-                                               config.max_prefill_seqs)
-        self.device = FakeDevice(num_slots, max_len, self.buckets, vocab)
-        self.vocab, self.eos_id, self.pipelined = vocab, eos_id, pipelined
+        ec = EngineConfig(max_batch_size=config.max_batch_size,
+                          max_num_batched_tokens=config.max_num_batched_tokens,
+                          max_prefill_seqs=config.max_prefill_seqs, max_waiting=config.max_waiting,
+                          policy=config.policy, warmup=buckets is None)
+        # Like the real runner: no more KV slots than max_batch_size.
+        self.runner = FakeRunner(min(num_slots, config.max_batch_size), max_len, vocab, eos_id,
+                                 synchronous=not pipelined)
+        self.engine = Engine(self.runner, ec)
+        if buckets is not None:  # other buckets than the engine's (odd minimum sizes)
+            self.engine.buckets = buckets
+            self.runner.warmup(buckets)
+        self.scheduler, self.buckets = self.engine.scheduler, self.engine.buckets
         self.records: list[StepRecord] = []
         self.requests: dict[str, Request] = {}
         self.joined: dict[str, int] = {}   # id -> iteration it was first scheduled
         self.left: dict[str, int] = {}     # id -> iteration it finished (or was aborted after)
-        self._in_flight: tuple[StepPlan, np.ndarray] | None = None
+        self._scheduled = None             # the scheduler's state right after schedule()
+        real_schedule = self.scheduler.schedule
+
+        def schedule() -> Batch:  # observe the state between schedule() and the outputs
+            batch = real_schedule()
+            sch = self.scheduler
+            self._scheduled = ({r.request_id: r.slot for r in sch.running}, sch.num_free_slots,
+                               [r.request_id for r in sch.waiting])
+            return batch
+        self.scheduler.schedule = schedule
+
+    @property
+    def device(self) -> FakeDevice:
+        return self.runner.device
 
     @property
     def iteration(self) -> int:
@@ -182,67 +245,45 @@ class FakeEngine:
 
     def submit(self, prompt: list[int], max_tokens: int = 4, rid: str | None = None) -> Request:
         rid = rid or f"r{len(self.requests)}"
-        req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0), seed=0)
-        self.scheduler.add(req)
+        req = self.engine.add_request(list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0), rid)
         self.requests[rid] = req
         return req
 
     def abort(self, req: Request) -> None:
         if req.slot is not None and not req.finished:
             self._check_kv(req)
-        self.scheduler.finish(req, FinishReason.ABORT)
+        self.engine.abort(req.request_id)
         self.left.setdefault(req.request_id, self.iteration)
 
     def busy(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.engine.has_unfinished()
 
     def step(self) -> StepRecord:
         sch = self.scheduler
         waiting_before = [r.request_id for r in sch.waiting]
         running_before = [(r.request_id, r.num_computed) for r in sch.running]
-        batch = sch.schedule()
+        unfinished = [r for r in self.requests.values() if not r.finished]
+        n_plans = len(self.runner.plans)
+        result = self.engine.step()
+        slots, free_slots, waiting_after = self._scheduled
+        batch = result.batch or Batch([], [])
         running_ids = {rid for rid, _ in running_before}
         rec = StepRecord(
             iteration=self.iteration + 1, waiting_before=waiting_before, running_before=running_before,
             decodes=[r.request_id for r in batch.decodes],
             chunks=[(c.request.request_id, c.start, c.length) for c in batch.prefills],
-            admitted=[r.request_id for r in sch.running if r.request_id not in running_ids],
-            num_tokens=batch.num_tokens, slots={r.request_id: r.slot for r in sch.running},
-            free_slots=sch.num_free_slots, waiting_after=[r.request_id for r in sch.waiting], plan=None)
+            admitted=[rid for rid in slots if rid not in running_ids], num_tokens=batch.num_tokens,
+            slots=slots, free_slots=free_slots, waiting_after=waiting_after,
+            plan=self.runner.plans[-1] if len(self.runner.plans) > n_plans else None)
         self.records.append(rec)
         for rid in rec.admitted:
             self.joined[rid] = rec.iteration
-        launched = None
-        if batch:
-            rec.plan = build_plan(batch, self.buckets, sch.num_slots)
-            for row in rec.plan.rows:
-                assert row.index < row.request.params.max_tokens, "sampled past max_tokens"
-            launched = (rec.plan, self.device.run(rec.plan))  # "dispatch": the device runs in order
-        if self.pipelined:  # step N+1 is on the device before step N's ids are read
-            previous, self._in_flight = self._in_flight, launched
-        else:
-            previous = launched
-        if previous is not None:
-            rec.finished = self._process(*previous)
-        return rec
-
-    def _process(self, plan: StepPlan, ids: np.ndarray) -> list[tuple[str, FinishReason]]:
-        finished = []
-        for i, row in enumerate(plan.rows):
-            req = row.request
-            if req.finished:  # aborted, or stopped while this step was in flight
-                continue
-            assert row.index == len(req.output_ids), (req.request_id, row.index, req.output_ids)
-            tok = int(ids[i])
-            req.output_ids.append(tok)
-            reason = (FinishReason.STOP if tok == self.eos_id else
-                      FinishReason.LENGTH if len(req.output_ids) == req.params.max_tokens else None)
-            if reason is not None:
+        for req in unfinished:
+            if req.finished and req.finish_reason is not FinishReason.ABORT:
                 self._check_kv(req)
-                self.scheduler.finish(req, reason)
-                self.left[req.request_id] = self.iteration
-                finished.append((req.request_id, reason))
-        return finished
+                self.left[req.request_id] = rec.iteration
+                rec.finished.append((req.request_id, req.finish_reason))
+        return rec
 
     def _check_kv(self, req: Request) -> None:
         """The slot holds prompt + outputs (each output is the next position's input)."""

@@ -31,7 +31,7 @@ class FakeEngine:
 
     def __init__(self, clock):
         self.clock, self.running = clock, []
-        self.num_compiles = 0
+        self.runner = types.SimpleNamespace(num_compiles=0)
         self.stats = types.SimpleNamespace(iterations=0, batch_size_sum=0, max_batch_size_seen=0,
                                            host_seconds=0.0, device_wait_seconds=0.0, tokens=0,
                                            padded_tokens=0)

@@ -203,7 +203,7 @@ def test_48_staggered_requests_match_hf_generate(model, engine, idle):
     work.append((prompt_of(rng, 224), 32))  # prompt + max_tokens == the context, exactly
     assert sum(m >= 32 for _, m in work) >= 8
 
-    before, acc, reqs = engine.num_compiles, {}, []
+    before, acc, reqs = engine.runner.num_compiles, {}, []
     for wave in range(0, len(work), 7):
         for p, m in work[wave:wave + 7]:
             reqs.append(engine.add_request(p, greedy(m)))
@@ -211,7 +211,7 @@ def test_48_staggered_requests_match_hf_generate(model, engine, idle):
             step(engine, acc)
     drain(engine, acc)
 
-    assert engine.num_compiles == before
+    assert engine.runner.num_compiles == before
     assert engine.stats.max_batch_size_seen >= 6  # many requests did share iterations
     for req, (p, m) in zip(reqs, work):
         got = acc[req.request_id]
@@ -338,7 +338,7 @@ def _random_params(rng) -> SamplingParams:
 
 
 def _random_workload(eng: Engine, rng, n: int) -> None:
-    before = eng.num_compiles
+    before = eng.runner.num_compiles
     work = []
     for _ in range(n):
         lo, hi = [(1, 24), (24, 100), (100, 200)][rng.choice(3, p=[0.7, 0.25, 0.05])]
@@ -352,7 +352,7 @@ def _random_workload(eng: Engine, rng, n: int) -> None:
         for _ in range(int(rng.integers(1, 4))):
             step(eng, acc)
     drain(eng, acc)
-    assert eng.num_compiles == before, "a step program was compiled after warm-up"
+    assert eng.runner.num_compiles == before, "a step program was compiled after warm-up"
     for req, sp in reqs:
         got = acc[req.request_id]
         assert got.reason in (FinishReason.STOP, FinishReason.LENGTH)
@@ -373,7 +373,7 @@ def test_no_compilation_after_warmup(engine, small_engine, idle):
 
 
 def test_kv_buffer_is_donated_not_copied(engine, idle):
-    state = engine.device_states[0]
+    state = engine.runner.device_states[0]
     k, v = state.kv.k, state.kv.v
     ptrs = (k.unsafe_buffer_pointer(), v.unsafe_buffer_pointer())
     engine.add_request(list(range(1, 60)), greedy(6))
@@ -381,7 +381,7 @@ def test_kv_buffer_is_donated_not_copied(engine, idle):
     acc = {}
     while engine.has_unfinished():
         step(engine, acc)
-        kv = engine.device_states[0].kv
+        kv = engine.runner.device_states[0].kv
         assert (kv.k.unsafe_buffer_pointer(), kv.v.unsafe_buffer_pointer()) == ptrs
     assert k.is_deleted() and v.is_deleted(), "the step did not donate the KV buffer"
     assert engine.stats.iterations > 5
@@ -481,7 +481,7 @@ def test_queue_full_beyond_max_waiting(model):
         eng.add_request([1, 2], greedy(2))
     eng.abort(reqs[0].request_id)
     eng.add_request([1, 2], greedy(2))  # room again
-    assert eng.num_compiles == 0
+    assert eng.runner.num_compiles == 0
 
 
 # -- stop conditions, logprobs -------------------------------------------------------------------

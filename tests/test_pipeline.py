@@ -105,23 +105,26 @@ def params():
 
 
 def test_stages_hold_their_layers_on_their_devices(params):
-    eng = Engine(CFG, params, EC, mesh=make_mesh("tensor=2,pipeline=2"), layout="megatron")
-    assert eng.n_stages == 2 and [st.layers for st in eng.stages] == [(0, 2), (2, 4)]
-    assert set(eng._params[0]) == {"wte", "wpe", "h"} and set(eng._params[1]) == {"h", "ln_f", "wte"}
-    for st, p, state in zip(eng.stages, eng._params, eng.device_states):
+    eng = Engine.build(CFG, params, EC, mesh=make_mesh("tensor=2,pipeline=2"), layout="megatron")
+    assert eng.runner.n_stages == 2 and [st.layers for st in eng.runner.stages] == [(0, 2), (2, 4)]
+    assert set(eng.runner._params[0]) == {"wte", "wpe", "h"} and set(eng.runner._params[1]) == {"h", "ln_f", "wte"}
+    for st, p, state in zip(eng.runner.stages, eng.runner._params, eng.runner.device_states):
         devices = set(st.mesh.devices.flat)
         assert len(devices) == 2
-        kernel = p["h"]["mlp"]["c_fc"]["kernel"]
-        assert kernel.shape[0] == 2 and set(kernel.sharding.device_set) == devices
-        assert kernel.sharding.spec[2] == "tensor"  # megatron inside the stage
-        np.testing.assert_array_equal(np.asarray(kernel), params["h"]["mlp"]["c_fc"]["kernel"][st.layers[0]:st.layers[1]])
+        assert len(p["h"]) == 2  # per-layer arrays of the stage's own layers
+        for i, layer in enumerate(p["h"]):
+            kernel = layer["mlp"]["c_fc"]["kernel"]                      # [D, F@tensor]
+            assert set(kernel.sharding.device_set) == devices
+            assert kernel.sharding.spec[1] == "tensor"  # megatron inside the stage
+            stacked = params["h"]["mlp"]["c_fc"]["kernel"]              # [L, D, F]
+            np.testing.assert_array_equal(np.asarray(kernel), stacked[st.layers[0] + i])
         assert state.kv.k.shape[0] == 2 and set(state.kv.k.sharding.device_set) == devices
         assert (state.history is None) == (not st.last)  # the sampling stage keeps the slot state
-    assert not set(eng.stages[0].mesh.devices.flat) & set(eng.stages[1].mesh.devices.flat)
+    assert not set(eng.runner.stages[0].mesh.devices.flat) & set(eng.runner.stages[1].mesh.devices.flat)
 
 
 def test_iterations_in_flight_hold_different_requests(params):
-    eng = Engine(CFG, params, EC, mesh=make_mesh("pipeline=2"), layout="megatron")
+    eng = Engine.build(CFG, params, EC, mesh=make_mesh("pipeline=2"), layout="megatron")
     batches, in_flight = [], []
     schedule = eng.scheduler.schedule
 
@@ -149,16 +152,16 @@ def test_iterations_in_flight_hold_different_requests(params):
 
 
 def test_no_compiles_after_warmup_with_stages(params):
-    eng = Engine(CFG, params, EngineConfig(**{**EC.__dict__, "warmup": True}), mesh=make_mesh("pipeline=2"),
+    eng = Engine.build(CFG, params, EngineConfig(**{**EC.__dict__, "warmup": True}), mesh=make_mesh("pipeline=2"),
                  layout="megatron")
     shapes = len(eng.buckets.shapes())
-    compiled = eng.num_compiles
+    compiled = eng.runner.num_compiles
     assert compiled >= 2 * shapes  # one program per stage and bucket shape, plus sampling
     for i in range(5):
         eng.add_request(list(range(1, 30 + 7 * i)), SamplingParams(max_tokens=9, temperature=0.8, seed=i))
     while eng.has_unfinished():
         eng.step()
-    assert eng.num_compiles == compiled
+    assert eng.runner.num_compiles == compiled
 
 
 def test_stage_activity_counts_overlap():
@@ -179,7 +182,7 @@ def test_profiled_stages_overlap(tmp_path):
 
     from orca_jax.bench.stages import stage_activity, _stage_devices
     cfg = GPTConfig(vocab_size=1024, n_positions=128, n_embd=256, n_layer=4, n_head=4)
-    eng = Engine(cfg, init_params(cfg), EngineConfig(max_batch_size=16, max_num_batched_tokens=64, max_prefill_seqs=4,
+    eng = Engine.build(cfg, init_params(cfg), EngineConfig(max_batch_size=16, max_num_batched_tokens=64, max_prefill_seqs=4,
                                                       max_model_len=128, kv_memory=1 << 27),
                  mesh=make_mesh("pipeline=2"), layout="megatron")
     for i in range(16):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from orca_jax import plan_cli
+from orca_jax.cli import plan as plan_cli
 from orca_jax.engine import Engine, EngineConfig
 from orca_jax.models.attention import KV_AXES
 from orca_jax.models.gpt2 import PRESETS, GPTConfig, abstract_params
@@ -76,10 +76,10 @@ def test_plan_param_and_kv_bytes_equal_real_shards(config, spec, layout):
                                           ("data=2,tensor=4", "megatron-vocab-replicated")])
 def test_plan_kv_bytes_equal_the_engines_buffer(spec, layout):
     ec = EngineConfig(max_batch_size=8, max_model_len=128, kv_memory=1 << 30, warmup=False)
-    eng = Engine(CFG, zeros_params(CFG), ec, mesh=make_mesh(spec), layout=layout)
+    eng = Engine.build(CFG, zeros_params(CFG), ec, mesh=make_mesh(spec), layout=layout)
     mem = make_plan(CFG, spec, layout, "h100", batch=eng.num_slots, context=eng.max_len, dtype="float32")["memory"]
-    assert set(per_device_bytes(eng.device_states[0].kv).values()) == {mem["kv_bytes_per_device"]}
-    state = eng.device_states[-1]  # the sampling (last) stage keeps the slot state
+    assert set(per_device_bytes(eng.runner.device_states[0].kv).values()) == {mem["kv_bytes_per_device"]}
+    state = eng.runner.device_states[-1]  # the sampling (last) stage keeps the slot state
     assert set(per_device_bytes((state.history, state.last_token)).values()) == {mem["slot_state_bytes_per_device"]}
 
 

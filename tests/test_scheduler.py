@@ -376,12 +376,16 @@ def test_buckets_make_and_shapes():
     b = Buckets.make(max_batch_size=6, max_num_batched_tokens=40, max_prefill_seqs=3, min_decode=1, min_prefill=4)
     assert b.decode == (0, 1, 2, 4, 6) and b.prefill == (0, 4, 16, 40) and b.max_prefill_seqs == 3
     assert Buckets.make(1, 8, 1).decode == (0, 1) and Buckets.make(1, 8, 1).prefill == (0, 8)
-    # Defaults: decode rows x2 from 8, prefill rows x4 from 16.
-    assert Buckets.make(64, 512, 4).decode == (0, 8, 16, 32, 64)
+    # Defaults: decode rows x2 from 1, prefill rows x4 from 16, steps with both from 8 decode rows.
+    assert Buckets.make(64, 512, 4).decode == (0, 1, 2, 4, 8, 16, 32, 64)
     assert Buckets.make(8, 512, 4).prefill == (0, 16, 64, 256, 512)
+    assert Buckets.make(64, 512, 4).min_mixed_decode == 8 and b.min_mixed_decode == 6
     shapes = b.shapes()
-    assert (0, 0) not in shapes and len(shapes) == len(set(shapes)) == 5 * 4 - 1
+    # decode only (4) + prefill only (3) + both: decode rows >= 6 only (1 x 3)
+    assert (0, 0) not in shapes and len(shapes) == len(set(shapes)) == 4 + 3 + 3
     assert (6, 40) in shapes and (0, 16) in shapes and (1, 0) in shapes and (0, 4) in shapes
+    assert (4, 4) not in shapes and b.decode_rows(1, 4) == 6 and b.decode_rows(1, 0) == 1
+    assert b.decode_rows(0, 4) == 0 and b.decode_rows(5, 0) == 6
     # R: room for every decode row and one completing row per prompt segment (possibly padded).
     for td, tp in shapes:
         assert b.num_sample_rows(td, tp) >= td + min(tp, b.max_prefill_seqs)
@@ -564,7 +568,7 @@ def test_random_workload_invariants_and_outputs(seed, pipelined, policy):
             assert r.output_ids == want, rid
             assert r.finish_reason is (FinishReason.STOP if want[-1] == eos else FinishReason.LENGTH)
     assert sum(len(r.admitted) for r in eng.records) == len(eng.joined)
-    assert eng.scheduler.num_free_slots == num_slots and not eng.scheduler.has_work()
+    assert eng.scheduler.num_free_slots == eng.scheduler.num_slots and not eng.scheduler.has_work()
 
 
 def test_static_batch_is_the_whole_max_batch_even_when_prompts_exceed_one_budget():

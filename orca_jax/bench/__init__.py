@@ -8,6 +8,6 @@
 
 See docs/benchmarks.md for how to read the results.
 """
-from .run import add_parser, cmd_bench
+from .run import cmd_bench
 
-__all__ = ["add_parser", "cmd_bench"]
+__all__ = ["cmd_bench"]

@@ -24,6 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..cli.flags import add_engine_flags
 from . import report, workloads
 from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
 from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
@@ -37,8 +38,8 @@ ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike. Bench defau
 DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
 
 
-def add_parser(sub) -> None:
-    from ..cli import add_engine_flags
+def add_parser(sub):
+    """`orca-jax bench WORKLOAD`; returns the workloads' subparsers (`stages` joins them)."""
     p = sub.add_parser("bench", help="compare orca-jax with baselines (offline throughput, online rate sweeps)",
                        description=__doc__.splitlines()[0])
     wsub = p.add_subparsers(dest="workload", required=True)
@@ -91,8 +92,7 @@ def add_parser(sub) -> None:
         # None: take the engine's defaults (engine_config).
         w.set_defaults(fn=cmd_bench, max_batch_size=64, max_num_batched_tokens=None,
                        max_prefill_seqs=None)
-    from .stages import add_parser as add_stages
-    add_stages(wsub)
+    return wsub
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def _prepare(args, out_dir: Path):
 def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
     """Build and warm every in-process system, then run them rate by rate, interleaved, so a
     change in the machine's background load mid-run hits all systems alike."""
-    from ..cli import placement
+    from ..cli.flags import placement
     mesh, layout = placement(args)
     built, described = {}, {}
     for name in names:

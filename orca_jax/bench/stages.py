@@ -26,9 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli.flags import add_engine_flags
+
 
 def add_parser(wsub) -> None:
-    from ..cli import add_engine_flags
     w = wsub.add_parser("stages", help="per-device activity of pipeline stages (profiled)",
                         description=__doc__.splitlines()[0])
     w.add_argument("--preset", default="gpt2-small", help="shape of the random model")
@@ -49,12 +50,12 @@ def cmd_stages(args) -> int:
     specs = [s.strip() for s in args.meshes.split(";") if s.strip()]
     from ..sharding.mesh import parse_mesh_spec
     need = max(math.prod(parse_mesh_spec(s).values()) for s in specs)
-    flags = os.environ.get("XLA_FLAGS", "")
-    from jax._src import xla_bridge
-    if not xla_bridge.backends_are_initialized() and "device_count" not in flags:
-        # read when the CPU backend starts (no effect on GPUs)
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     import jax
+    if "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:  # virtual CPU devices for the meshes (no effect on GPUs); only before JAX starts
+            jax.config.update("jax_num_cpu_devices", max(need, jax.config.jax_num_cpu_devices))
+        except RuntimeError:
+            pass  # already started: make_mesh says how many devices there are
 
     from ..sharding.mesh import make_mesh
     from . import workloads
@@ -83,7 +84,7 @@ def cmd_stages(args) -> int:
             system.run(short, Clock())
             jax.profiler.stop_trace()
             activity = stage_activity(_xplane(d), _stage_devices(system.engine))
-        row = {"mesh": spec, "layout": args.layout, "stages": system.engine.n_stages,
+        row = {"mesh": spec, "layout": args.layout, "stages": system.engine.runner.n_stages,
                "output_throughput": metrics["output_throughput"],
                "mean_batch_size": info["mean_batch_size"], "iterations": info["iterations"], **activity}
         results.append(row)
@@ -108,7 +109,7 @@ def _xplane(trace_dir: str) -> str:
 
 
 def _stage_devices(engine) -> list[set[int]]:
-    return [{d.id for d in st.mesh.devices.flat} for st in engine.stages]
+    return [{d.id for d in st.mesh.devices.flat} for st in engine.runner.stages]
 
 
 def program_runs(xplane_path: str) -> list[tuple[int, float, float]]:

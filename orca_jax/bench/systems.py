@@ -93,8 +93,8 @@ class EngineSystem:
 
     def describe(self) -> dict:
         e = self.engine
-        return {"kv_slots": e.num_slots, "max_len": e.max_len, "programs": e.num_compiles,
-                "warmup_seconds": e.warmup_seconds,
+        return {"kv_slots": e.num_slots, "max_len": e.max_len, "programs": e.runner.num_compiles,
+                "warmup_seconds": e.runner.warmup_seconds,
                 "buckets": {"decode": list(e.buckets.decode), "prefill": list(e.buckets.prefill)}}
 
     def warm(self, trace: Trace, n: int = 4) -> None:
@@ -112,7 +112,7 @@ class EngineSystem:
         got = [0] * len(records)               # output tokens seen per request
         queue, i = _by_arrival(trace), 0
         st = eng.stats
-        it0, bs0, compiles0 = st.iterations, st.batch_size_sum, eng.num_compiles
+        it0, bs0, compiles0 = st.iterations, st.batch_size_sum, eng.runner.num_compiles
         st.max_batch_size_seen = 0
         host0, wait0, tok0, pad0 = st.host_seconds, st.device_wait_seconds, st.tokens, st.padded_tokens
         clock.start()
@@ -141,7 +141,7 @@ class EngineSystem:
                 "max_batch_size_seen": st.max_batch_size_seen,
                 "host_seconds": st.host_seconds - host0,
                 "device_wait_seconds": st.device_wait_seconds - wait0,
-                "compiles_during_run": eng.num_compiles - compiles0,
+                "compiles_during_run": eng.runner.num_compiles - compiles0,
                 "tokens": st.tokens - tok0,                 # prompt + decode rows computed
                 "padded_tokens": st.padded_tokens - pad0,   # the same, with bucket padding
                 "idle_skipped_s": clock.skipped}

@@ -73,7 +73,7 @@ class ServerMetrics:
         for reason in FinishReason:  # export zeros so rate() works from the first scrape
             self.success.labels(model_name, reason.value)
         self.batch = Histogram("orca_jax:iteration_batch_size", "Requests in each engine iteration.",
-                               lab, buckets=_powers_of_two(engine.engine.num_slots),
+                               lab, buckets=_powers_of_two(engine.num_slots),
                                registry=reg).labels(model_name)
         reg.register(_EngineGauges(self))
         engine.add_listener(self._on_finished)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 def _model(arg: str):
     """A preset name, an orca-jax checkpoint directory, or its config.json."""
-    from .checkpoints.errors import CheckpointError
-    from .checkpoints.store import load_config
-    from .models.gpt2 import PRESETS
+    from ..checkpoints.errors import CheckpointError
+    from ..checkpoints.store import load_config
+    from ..models.gpt2 import PRESETS
     if arg in PRESETS:
         return PRESETS[arg], arg
     path = Path(arg)
@@ -32,10 +32,10 @@ def _model(arg: str):
 
 
 def cmd_plan(args) -> int:
-    from .sharding.plan import ACCELERATORS, format_plan, make_plan
+    from ..sharding.plan import ACCELERATORS, format_plan, make_plan
     if args.list:
-        from .models.gpt2 import PRESETS
-        from .sharding.layouts import LAYOUTS
+        from ..models.gpt2 import PRESETS
+        from ..sharding.layouts import LAYOUTS
         print("models:       " + ", ".join(PRESETS))
         print("layouts:      " + ", ".join(f"{k} ({v.description})" for k, v in LAYOUTS.items()))
         print("accelerators: " + ", ".join(f"{k} ({a.name})" for k, a in ACCELERATORS.items()))
@@ -82,7 +82,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m orca_jax.plan_cli`), same flags as `orca-jax plan`."""
+    """Stand-alone entry (`python -m orca_jax.cli.plan`), same flags as `orca-jax plan`."""
     ap = argparse.ArgumentParser(prog="orca-jax")
     add_parser(ap.add_subparsers(dest="cmd", required=True))
     args = ap.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])

@@ -15,12 +15,11 @@ import asyncio
 import os
 import shutil
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from .cli import add_engine_flags, add_multiprocess_flags, build_engine, engine_config, sampling_params
+from .flags import add_engine_flags, add_multiprocess_flags, build_engine, engine_config, sampling_params
 
 
 def add_parsers(sub) -> None:
@@ -63,6 +62,12 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "neither: no check)")
     g.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="larger requests are refused with INVALID_ARGUMENT / 400")
+    g.add_argument("--max-connections", type=int, default=1024,
+                   help="open HTTP connections / concurrent gRPC calls; beyond: 503 / RESOURCE_EXHAUSTED")
+    g.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="close connections idle (or still sending request headers) this long (seconds)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="an HTTP request body not received within this many seconds: 408")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish")
     g.add_argument("--stuck-after", type=float, default=60.0,
@@ -82,13 +87,13 @@ def _model_dir(args) -> tuple[str, str]:
     """(checkpoint directory, default served name)."""
     if args.model is not None:
         return args.model, Path(args.model).resolve().name
-    from .demo_model import DEMO_DIRNAME, ensure_demo_model
+    from ..demo_model import DEMO_DIRNAME, ensure_demo_model
     print("(no --model: using the embedded demo model; its weights are random)", file=sys.stderr)
     return ensure_demo_model(), DEMO_DIRNAME
 
 
 def _start_engine(model: str, args, peers=None):
-    from .async_engine import AsyncEngine
+    from ..async_engine import AsyncEngine
     t0 = time.perf_counter()
     print("starting the engine (compiles every bucket program once; later starts reuse the "
           "XLA cache) ...", file=sys.stderr, flush=True)
@@ -100,13 +105,15 @@ def _start_engine(model: str, args, peers=None):
 
 
 def cmd_serve(args) -> int:
-    from .server import ServerConfig, serve
+    from ..server import ServerConfig, serve
     config = ServerConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),
-                          max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout)
+                          max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
+                          max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
+                          body_timeout_s=args.body_timeout)
     leader = None
     if args.num_processes > 1:
-        from .sharding import multihost
+        from ..sharding import multihost
         if not args.coordinator:
             raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (or $ORCA_JAX_COORDINATOR)")
         if not 0 <= args.process_id < args.num_processes:
@@ -147,7 +154,7 @@ def _follow(args, address) -> int:
     import dataclasses
     import jax
 
-    from .sharding import multihost
+    from ..sharding import multihost
     follower = multihost.Follower(address)
     model, _ = _model_dir(args)
     # No warm-up of its own: the leader's warm-up plans arrive like any other.
@@ -158,7 +165,7 @@ def _follow(args, address) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        follower.run(engine)
+        follower.run(engine.runner)
     except multihost.LeaderLostError as e:
         print(f"orca-jax serve: error: {e}", file=sys.stderr)
         return 1
@@ -169,7 +176,7 @@ def _follow(args, address) -> int:
 
 
 def _remote_client(target: str):
-    from .client import AsyncClient
+    from ..client import AsyncClient
     ca = os.environ.get("ORCA_JAX_TLS_CA")
     return AsyncClient(target, token=os.environ.get("ORCA_JAX_AUTH_TOKEN") or None,
                        root_certificates=Path(ca).read_bytes() if ca else None)
@@ -180,7 +187,7 @@ def cmd_generate_remote(args) -> int:
     generation, sent to a running server; one prompt streams to the terminal."""
     import grpc
 
-    from .client import sampling_kwargs
+    from ..client import sampling_kwargs
     params = sampling_kwargs(sampling_params(args))
     prompts: list = list(args.prompt)
     for ids in args.prompt_ids:
@@ -195,7 +202,7 @@ def cmd_generate_remote(args) -> int:
                 async for d in client.stream(prompts[0], **params):
                     print(d.text, end="", flush=True)
                     n, reason = d.usage.completion_tokens, d.finish_reason
-                from .client import FINISH_NAMES
+                from ..client import FINISH_NAMES
                 print(f"\n--- {FINISH_NAMES[reason]}, {n} tokens", file=sys.stderr)
                 return
             outs = await asyncio.gather(*[client.generate(p, **params) for p in prompts])
@@ -219,8 +226,10 @@ def demo_workload(n: int, max_tokens: int, max_len: int, seed: int, tokenizer) -
     """Mixed-length prompts cut from the demo corpus, mixed output lengths, seeded sampling;
     prompt + output always fit in `max_len` tokens."""
     import random
+
+    from ..demo_model import CORPUS
     rng = random.Random(seed)
-    words = (Path(__file__).with_name("demo_corpus.txt")).read_text(encoding="utf-8").split()
+    words = CORPUS.read_text(encoding="utf-8").split()
     out = []
     for i in range(n):
         k = rng.randint(3, 40)
@@ -269,20 +278,23 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else " " if c in "\n\t" else "\u00b7" for c in text)
 
 
-async def run_burst(target: str, work, live: _Live) -> list[dict]:
-    """Sends every request at once over one channel; per request: times and token count."""
-    from .client import AsyncClient
+async def run_burst(target: str, work, live: _Live) -> list:
+    """Sends every request at once over one channel; per request, what its client saw (a
+    bench.metrics.RequestRecord: arrival and the time of each chunk of tokens)."""
+    from ..bench.metrics import RequestRecord
+    from ..client import AsyncClient
 
     async def one(i, prompt, params):
-        t0 = time.perf_counter()
-        times, n = [], 0
+        arrival, rec = time.perf_counter() - t0, None
         async for d in client.stream(prompt, **params):
-            if d.token_ids:
-                times.append(time.perf_counter())
-            n = d.usage.completion_tokens
+            if rec is None:
+                rec = RequestRecord(arrival=arrival, prompt_len=d.usage.prompt_tokens)
+            rec.add(time.perf_counter() - t0, len(d.token_ids))
             live.text[i] += d.text
-            live.tokens[i] = n
-        return {"start": t0, "first": times[0], "end": time.perf_counter(), "tokens": n}
+            live.tokens[i] = d.usage.completion_tokens
+        return rec
+
+    t0 = time.perf_counter()
 
     async def redraw():
         while True:
@@ -301,29 +313,22 @@ async def run_burst(target: str, work, live: _Live) -> list[dict]:
     return results
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def summarize(results: list[dict], wall: float) -> str:
-    ttft = [r["first"] - r["start"] for r in results]
-    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
-    e2e = [r["end"] - r["start"] for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    ms = lambda xs, q: 1000 * _pct(xs, q)
+def summarize(records: list, wall: float) -> str:
+    """TTFT / TPOT / E2E percentiles of the burst, with the benchmark's (vLLM's) definitions."""
+    from ..bench.metrics import summarize as metrics
+    m = metrics(records, percentiles=(50, 90, 99))
+    tokens = m["total_output_tokens"]
+    row = lambda name, s, last: (f"  {name:5s} p50 {s['p50']:7.1f} ms   p90 {s['p90']:7.1f} ms   "
+                                 f"{last:4s} {s[last]:7.1f} ms") if s else f"  {name:5s} -"
     return "\n".join([
-        f"{len(results)} requests, {tokens} tokens in {wall:.2f} s: "
-        f"{tokens / wall:.0f} tokens/s, {len(results) / wall:.1f} requests/s",
-        f"  TTFT  p50 {ms(ttft, .5):7.1f} ms   p90 {ms(ttft, .9):7.1f} ms   p99 {ms(ttft, .99):7.1f} ms",
-        f"  TPOT  p50 {ms(tpot, .5):7.1f} ms   p90 {ms(tpot, .9):7.1f} ms   mean {1000 * statistics.mean(tpot):7.1f} ms"
-        if tpot else "  TPOT  -",
-        f"  e2e   p50 {ms(e2e, .5):7.1f} ms   p90 {ms(e2e, .9):7.1f} ms   p99 {ms(e2e, .99):7.1f} ms",
-    ])
+        f"{m['completed']} requests, {tokens} tokens in {wall:.2f} s: "
+        f"{tokens / wall:.0f} tokens/s, {m['completed'] / wall:.1f} requests/s",
+        row("TTFT", m["ttft_ms"], "p99"), row("TPOT", m["tpot_ms"], "mean"),
+        row("e2e", m["e2el_ms"], "p99")])
 
 
 def cmd_demo(args) -> int:
-    from .server import BackgroundServer, ServerConfig
+    from ..server import BackgroundServer, ServerConfig
     if args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--requests and --max-tokens must be >= 1")
     model, name = _model_dir(args)
@@ -331,22 +336,21 @@ def cmd_demo(args) -> int:
     server = BackgroundServer(engine, ServerConfig(grpc_port=0), name).start()
     try:
         print(f"gRPC server on {server.grpc_target}: sending {args.requests} concurrent streaming "
-              f"requests (batch of {engine.engine.num_slots})\n", flush=True)
-        work = demo_workload(args.requests, args.max_tokens, engine.engine.max_len, args.seed,
-                             engine.engine.tokenizer)
+              f"requests (batch of {engine.num_slots})\n", flush=True)
+        work = demo_workload(args.requests, args.max_tokens, engine.max_len, args.seed, engine.tokenizer)
         live = _Live(len(work), args.live and sys.stdout.isatty())
-        st = engine.engine.stats
-        iters0, sum0 = st.iterations, st.batch_size_sum
+        batch_sizes: list[int] = []  # of every iteration during the burst
+        engine.add_iteration_listener(lambda batch_size, _tokens: batch_sizes.append(batch_size))
         t0 = time.perf_counter()
         results = asyncio.run(run_burst(server.grpc_target, work, live))
         wall = time.perf_counter() - t0
         if not live.enabled:  # plain output: a few finished texts, then the summary
             for i in range(min(4, len(work))):
                 print(f"[{i}] {_printable(work[i][0][:40])}... -> {_printable(live.text[i][:70])}")
-        iters = st.iterations - iters0
+        iters = len(batch_sizes)
         print("\n" + summarize(results, wall))
         if iters:
-            print(f"  engine: {iters} iterations, mean batch {(st.batch_size_sum - sum0) / iters:.1f} "
+            print(f"  engine: {iters} iterations, mean batch {sum(batch_sizes) / iters:.1f} "
                   f"requests (Orca's iteration-level scheduling: requests join and leave every step)")
         print(f"\n(weights are random, so the text is noise.) Next: `orca-jax serve --http-port 8000` "
               f"and `orca-jax generate --server localhost:50051 --prompt 'The orca'`")

@@ -1,0 +1,246 @@
+"""The device side of the engine: parameters, KV state and compiled programs on a mesh.
+
+    runner = ModelRunner(config, params, EngineConfig(), mesh, layout)
+    runner.warmup(buckets)                  # compile every bucket's program now
+    out = runner.run(plan, sampling)        # asynchronous: returns before the device is done
+    sampled = runner.fetch(out, logprobs)   # blocks: the sampled ids as numpy
+
+It places the parameters by the sharding layout (split over pipeline stages when the mesh has
+a `pipeline` axis, sharding/pipeline.py), sizes the KV buffer from a memory budget, allocates
+each stage's DeviceState once, and jits one forward program per stage and one sampling
+program; every (Td, Tp) bucket shape is one compiled variant of them. `num_compiles` counts
+traces so tests can assert that nothing compiles after warm-up.
+
+Several processes: `peers` (sharding/multihost.py `Leader`) receive every plan before it runs
+here; followers call `run` with the leader's plans (sharding/multihost.py `Follower`).
+The engine core (engine.py) never touches JAX: it hands plans in and reads ids back.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .config import EngineConfig
+from .models.gpt2 import GPTConfig
+from .outputs import Sampled
+from .plan import Buckets, SamplingTensors, StepPlan, warmup_plan
+from .sampling import SampleOutput
+from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
+from .sharding.mesh import single_device_mesh
+from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
+from .sharding.plan import fit_kv_slots, kv_bytes_per_device, kv_placement
+from .step import DeviceState, device_put_inputs, init_device_state, run_sample, run_step, runtime_params
+
+log = logging.getLogger("orca_jax")
+
+
+def enable_compile_cache() -> str | None:
+    """Persist compiled programs across processes (JAX's compilation cache), so only the first
+    start-up of a model and bucket set pays for warm-up. $ORCA_JAX_COMPILE_CACHE picks the
+    folder (default ~/.cache/orca-jax/xla); "off" disables it."""
+    path = os.environ.get("ORCA_JAX_COMPILE_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "orca-jax", "xla"))
+    if path == "off":
+        return None
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """(memory regions this process maps, the kernel's limit vm.max_map_count); None off Linux."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return None
+
+
+def check_map_budget(start: int, compiled: int, total: int) -> None:
+    """XLA:CPU maps three memory regions per compiled kernel (its code, constants and data),
+    ~100 + 33 per layer for each step program of GPT-2: a 48-layer model's 35 programs come
+    near Linux's default limit of 65530, past which the process dies in the compiler with a
+    segmentation fault. Stop warm-up with a clear error before that: `start` maps before it,
+    `compiled` of `total` programs done."""
+    now, limit = memory_maps() or (0, 0)
+    if not limit:
+        return
+    expected = now + (now - start) / compiled * (total - compiled)
+    if expected > 0.9 * limit:
+        raise RuntimeError(
+            f"compiling all {total} step programs would map about {int(expected)} memory regions, "
+            f"over 90% of this machine's limit vm.max_map_count={limit} (XLA:CPU maps 3 per "
+            f"compiled kernel; past the limit the process crashes). Raise it (sudo sysctl -w "
+            f"vm.max_map_count=262144) or compile fewer programs (a smaller --max-batch-size, "
+            f"--max-num-batched-tokens or --max-prefill-seqs)")
+
+
+def kv_budget_bytes(config: EngineConfig, device) -> int:
+    if config.kv_memory is not None:
+        return config.kv_memory
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:  # accelerators: a fraction of what the weights left free
+        return int(config.kv_memory_fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(config.kv_memory_fraction * ram)
+
+
+class ModelRunner:
+    def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
+                 mesh: jax.sharding.Mesh | None = None, layout: str | Layout = "replicated",
+                 peers=None):
+        """`params` (a pure dict) are placed on `mesh` (default: one device) by the sharding
+        `layout`; the KV buffer follows the same layout; step inputs are replicated. A
+        `pipeline` axis of the mesh splits the layers into stages (sharding/pipeline.py).
+        `peers` (sharding/multihost.py `Leader`): the other processes of a multi-process mesh;
+        `peers.send_plan(plan, sampling)` runs before every dispatch (warm-up included), and
+        when the pipeline's later stages live in other processes, `peers.forward(x)` hands
+        them stage 0's activations and returns a future of the last stage's sampled ids."""
+        enable_compile_cache()
+        self.model_config = config
+        self.mesh = mesh or single_device_mesh()
+        self.layout = get_layout(layout)
+        self.peers = peers
+        if {d.process_index for d in self.mesh.devices.flat} != set(range(jax.process_count())):
+            raise ValueError(f"the mesh {dict(self.mesh.shape)} does not span the devices of all "
+                             f"{jax.process_count()} processes; give --mesh over every process's "
+                             "devices (e.g. tensor=N x devices per process)")
+        self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
+        self.n_stages = len(self.stages)
+        # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
+        self.local_stages = local_stages(self.stages)
+        self.stage_config = config.replace(n_layer=config.n_layer // self.n_stages)
+        self._params = []  # per local stage: the sub-tree it holds, on its sub-mesh, per layer
+        for st in self.local_stages:
+            sh = param_shardings(self.stage_config, st.mesh, self.layout)
+            placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st)})
+            self._params.append(runtime_params(placed))
+        del params
+        self.max_len = min(engine_config.max_model_len or config.n_positions, config.n_positions)
+        self.num_slots, self.kv_bytes = self._size_kv(engine_config)
+        self._states = [self._init_state(st) for st in self.local_stages]
+        self.num_compiles = 0
+        self._steps, self._sample = self._jit_programs()
+        # Iterations whose results are not read back yet: 1 (the host prepares N+1 while the
+        # device runs N) or, with pipeline stages, n_stages - 1 besides the one being launched.
+        self.keep_in_flight = max(1, self.n_stages - 1)
+        # Pipelined: an iteration in flight may hold a request's newest token; the host sends
+        # every decode row's input token instead of the device reading its slot's last one.
+        self.host_decode_tokens = self.n_stages > 1
+        self.warmup_seconds = 0.0
+
+    def _size_kv(self, ec: EngineConfig) -> tuple[int, int]:
+        """(slots, bytes per device): as many slots as the per-device budget holds (a layout
+        may split them over devices), at most max_batch_size, the same in every process."""
+        config = self.model_config
+        budget = kv_budget_bytes(ec, next(d for d in self.mesh.devices.flat  # one of this process's
+                                          if d.process_index == jax.process_index()))
+        itemsize = jnp.dtype(config.jnp_dtype).itemsize
+        kv_layout = pipelined(self.layout)
+        num_slots = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
+                                 budget, ec.max_batch_size, itemsize)
+        if jax.process_count() > 1:  # every process must allocate the same buffer
+            from jax.experimental import multihost_utils
+            num_slots = int(np.min(multihost_utils.process_allgather(np.int32(num_slots))))
+        if num_slots < 1:
+            one = kv_bytes_per_device(config, kv_layout, self.mesh.shape, 1, self.max_len, itemsize)
+            raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
+                             f"({one} bytes for max_model_len={self.max_len}); raise "
+                             "--kv-memory or lower --max-model-len")
+        return num_slots, kv_bytes_per_device(config, kv_layout, self.mesh.shape, num_slots,
+                                              self.max_len, itemsize)
+
+    def _init_state(self, st: Stage) -> DeviceState:
+        c = self.model_config
+        itemsize = jnp.dtype(c.jnp_dtype).itemsize
+        kv_spec = kv_placement(self.stage_config, self.layout, dict(st.mesh.shape), self.num_slots,
+                               self.max_len, itemsize).spec
+        return init_device_state(self.stage_config.n_layer, self.num_slots, self.max_len, c.n_head,
+                                 c.head_dim, c.jnp_dtype, NamedSharding(st.mesh, P(*kv_spec)),
+                                 st.replicated, slot_state=st.last)
+
+    def _jit_programs(self):
+        """One forward program per stage and one sampling program (each compiled once per
+        bucket shape). Outputs keep the state's shardings, so each step's donated buffers are
+        reused in place."""
+        steps = []
+        for st, state in zip(self.local_stages, self._states):
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            fn = functools.partial(self._traced_step, self.stage_config, st.first, st.last)
+            steps.append(jax.jit(fn, donate_argnames=("state",), static_argnames=("packing",),
+                                 out_shardings=(state_sh, st.replicated)))
+        sample = jax.jit(self._traced_sample, donate_argnames=("state",), static_argnames=("packing",),
+                         out_shardings=(jax.tree.map(lambda x: x.sharding, self._states[-1]),
+                                        self.local_stages[-1].replicated))
+        return steps, sample
+
+    def _traced_step(self, config, first, last, params, state, ints, floats, packing, x):
+        self.num_compiles += 1  # runs at trace time only: one per compiled program
+        return run_step(config, params, state, packing.unpack(ints, floats), x, first=first, last=last)
+
+    def _traced_sample(self, state, logits, ints, floats, packing):
+        self.num_compiles += 1
+        return run_sample(state, logits, packing.unpack(ints, floats))
+
+    # -- what the engine core calls -------------------------------------------------------------
+
+    def run(self, plan: StepPlan, sampling: SamplingTensors, x=None):
+        """Dispatch one iteration (asynchronous): every local stage in turn, then sampling.
+        Returns the sampled ids (a SampleOutput of device arrays) or, when later stages run in
+        other processes, a future of them. Followers of a multi-process mesh call this with
+        the leader's plans (and, on a later stage, the previous stage's activations `x`)."""
+        if self.peers is not None:
+            self.peers.send_plan(plan, sampling)
+        # x: activations [T, D] handed from stage to stage; the last stage's logits
+        for i, st in enumerate(self.local_stages):
+            step_in, sample_in = device_put_inputs(plan, sampling if st.last else None, st.replicated)
+            if x is not None:
+                x = jax.device_put(x, st.replicated)
+            self._states[i], x = self._steps[i](self._params[i], self._states[i], *step_in, x=x)
+        if not self.local_stages[-1].last:
+            return self.peers.forward(x)
+        self._states[-1], out = self._sample(self._states[-1], x, *sample_in)
+        return out
+
+    def fetch(self, out: SampleOutput | concurrent.futures.Future, logprobs: bool) -> Sampled:
+        """Wait for an iteration `run` returned and read its results back to the host."""
+        out = out.result() if isinstance(out, concurrent.futures.Future) else out
+        if not logprobs:
+            return Sampled(np.asarray(out.ids).tolist(), None, None, None)
+        return Sampled(np.asarray(out.ids).tolist(), *(np.asarray(x) for x in
+                                                       (out.logprob, out.top_ids, out.top_logprobs)))
+
+    def warmup(self, buckets: Buckets) -> None:
+        """Compile the program of every bucket shape now, not while serving."""
+        t0 = time.perf_counter()
+        replies = []  # later stages in other processes compile theirs too: wait for them
+        shapes = buckets.shapes()
+        maps0 = memory_maps() if self.mesh.devices.flat[0].platform == "cpu" else None
+        for i, (td, tp) in enumerate(shapes):
+            plan = warmup_plan(td, tp, buckets, self.num_slots, self.host_decode_tokens)
+            out = self.run(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
+            if isinstance(out, concurrent.futures.Future):
+                replies.append(out)
+            if maps0 is not None:
+                check_map_budget(maps0[0], i + 1, len(shapes))
+        for fut in replies:
+            fut.result()
+        jax.block_until_ready(self._states)
+        self.warmup_seconds = time.perf_counter() - t0
+        log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+
+    @property
+    def device_states(self) -> list[DeviceState]:
+        """Each local stage's state (one entry without pipeline stages)."""
+        return self._states
