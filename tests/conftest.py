@@ -1,9 +1,14 @@
 """Test-wide set-up: 8 virtual CPU devices (must be set before jax is imported)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled step programs persist across the test processes (orca_jax.runner.enable_compile_cache):
+# engines and servers that later tests build with the same shapes load their programs instead
+# of compiling them. tests/test_compile_cache.py checks the cache itself.
+os.environ.setdefault("ORCA_JAX_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "orca-jax-test-xla"))
 
 
 import pytest  # noqa: E402  (after the environment set-up above)
@@ -27,8 +32,3 @@ def demo_model_dir(tmp_path_factory):
     from orca_jax.demo_model import ensure_demo_model
 
     return ensure_demo_model(tmp_path_factory.mktemp("orca_home") / "demo-gpt2-tiny")
-# Compiled step programs persist across test processes on this machine (see
-# orca_jax.engine.enable_compile_cache): a re-run skips most warm-up compiles.
-import tempfile  # noqa: E402
-
-os.environ.setdefault("ORCA_JAX_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "orca-jax-test-xla"))
