@@ -8,7 +8,7 @@ laid out as ``[Td decode rows | Tp prefill rows]``:
   BLOCK-sized pieces up to the step's longest context (a runtime trip count, never ``max_len``);
 * prefill rows attend causally within their own segment (a prompt or a chunk of one) of this
   step; at most one segment per step continues a chunked prompt and also reads the first
-  ``hist_len`` positions of its slot from the buffer (chunked prefill).
+  ``prefix_len`` positions of its slot from the buffer (chunked prefill).
 
 Legend: T tokens, Td/Tp decode/prefill rows, H heads, K head dim, L layers, S slots,
 M max length of a slot, B positions per attention block.
@@ -26,7 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..plan import BLOCK  # the plan's conventions (also PAD_SEG, NO_HIST_SEG) are this kernel's
+from ..plan import BLOCK, AttnMeta  # the plan's conventions (also PAD_SEG, NO_PREFIX_SEG)
+
+jax.tree_util.register_dataclass(AttnMeta)  # defined with the plan, host side (no JAX there)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -61,32 +63,6 @@ class KVCache:
 KV_AXES = ("layers", "slots", "kv_heads", "length", "head_dim")
 
 
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["slot", "pos", "seg", "dec_blocks", "hist_seg", "hist_slot", "hist_len", "hist_blocks"],
-    meta_fields=["num_decode"],
-)
-@dataclasses.dataclass(frozen=True)
-class AttnMeta:
-    """Per-step attention metadata, padded to the step's bucket shape.
-
-    Padding rows have ``slot == S`` (out of range: their KV writes are dropped), ``pos == 0``
-    and ``seg == PAD_SEG``; their outputs are computed but never read. Context lengths are runtime
-    values (loop trip counts over BLOCK-sized pieces of the buffer), so they add no compiled
-    programs: only the row counts Td and Tp are shapes.
-    """
-
-    slot: jax.Array         # [T] int32 slot of each row
-    pos: jax.Array          # [T] int32 absolute position of each row
-    seg: jax.Array          # [Tp] int32 segment (request) id of each prefill row
-    dec_blocks: jax.Array   # [] int32 blocks the decode rows read: ceil(max(pos + 1) / BLOCK)
-    hist_seg: jax.Array     # [] int32 segment that continues a chunked prompt (NO_HIST_SEG: none)
-    hist_slot: jax.Array    # [] int32 its slot
-    hist_len: jax.Array     # [] int32 its positions already in the buffer (0: none)
-    hist_blocks: jax.Array  # [] int32 ceil(hist_len / BLOCK)
-    num_decode: int         # Td, static
 
 
 def write_kv(kv_layer: jax.Array, l: int, new: jax.Array, meta: AttnMeta) -> jax.Array:
@@ -156,7 +132,7 @@ def attend(q, k_new, v_new, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax
 
 def _prefill_attend(q, k, v, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax.Array:
     """Prefill rows [Tp, H, K]: causal within each segment of this step, then, for the one
-    segment that continues a chunked prompt, its first hist_len positions from the buffer."""
+    segment that continues a chunked prompt, its first prefix_len positions from the buffer."""
     f32 = jnp.float32
     seg, pos = meta.seg, meta.pos[meta.num_decode:]
     s = jnp.einsum("thk,uhk->thu", q, k, preferred_element_type=f32) * scale    # [Tp, H, Tp]
@@ -165,8 +141,8 @@ def _prefill_attend(q, k, v, kv: KVCache, l, meta: AttnMeta, scale: float) -> ja
     m = s.max(-1)                     # finite: every row sees at least itself
     p = jnp.exp(s - m[..., None])
     init = (m, p.sum(-1), jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32))
-    in_hist = seg == meta.hist_seg
-    _, d, acc = _blocks_softmax(q, kv, l, meta.hist_slot, meta.hist_blocks,
-                                lambda idx: in_hist[:, None] & (idx[None, :] < meta.hist_len),
+    in_prefix = seg == meta.prefix_seg
+    _, d, acc = _blocks_softmax(q, kv, l, meta.prefix_slot, meta.prefix_blocks,
+                                lambda idx: in_prefix[:, None] & (idx[None, :] < meta.prefix_len),
                                 scale, init)
     return acc / d[..., None]

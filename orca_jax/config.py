@@ -50,4 +50,4 @@ def scheduler_config(config: EngineConfig, num_slots: int, n_stages: int = 1) ->
         max_batch_size=num_slots,
         max_num_batched_tokens=max(config.max_num_batched_tokens, num_slots),
         max_prefill_seqs=min(config.max_prefill_seqs, num_slots),
-        max_waiting=config.max_waiting, policy=config.policy, n_workers=n_stages)
+        max_waiting=config.max_waiting, policy=config.policy, n_stages=n_stages)

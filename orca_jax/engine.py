@@ -171,6 +171,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight) or self.output.has_held()
 
+    @property
+    def num_in_flight(self) -> int:
+        """Iterations launched whose results are not read back yet."""
+        return len(self._in_flight)
+
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
@@ -208,7 +213,7 @@ class Engine:
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
-            [r.index for r in rows], len(plan.sample_rows), self.eos_token_id)
+            [r.index for r in rows], plan.num_sample_rows, self.eos_token_id)
         return plan, sampling
 
     def _launch(self, batch: Batch) -> tuple[_InFlight | None, list[RequestOutput]]:
@@ -264,7 +269,7 @@ class Engine:
         t0 = time.perf_counter()
         sampled = self.runner.fetch(f.out, f.want_logprobs)
         self.stats.device_wait_seconds += time.perf_counter() - t0
-        self.scheduler.complete(f.batch)
+        self.scheduler.iteration_done(f.batch)
         now = time.monotonic()
         outs = []
         for i, row in enumerate(f.plan.rows):

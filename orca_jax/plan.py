@@ -1,4 +1,7 @@
-"""StepPlan: one iteration's `Batch` packed into padded numpy arrays (host side, no JAX).
+"""StepPlan: one iteration's `Batch` packed into padded numpy arrays (host side, no JAX). The
+inputs of the step programs are defined here, once: `AttnMeta` (attention), `StepInputs` (the
+forward program), `SampleInputs` (sampling); the device side registers them as pytrees
+(models/attention.py, step.py), and inside the programs their fields are device arrays.
 
 Rows are laid out `[Td decode rows | Tp prefill rows]`, each count padded up to a bucket so
 that the number of compiled step programs stays small and every one of them is compiled at
@@ -13,7 +16,6 @@ write; position 0; segment PAD_SEG; sample slot S drops the sampled-token write.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import NamedTuple
 
 import numpy as np
@@ -24,7 +26,7 @@ from .scheduler import Batch
 # The conventions of a plan, which the attention kernel (models/attention.py) reads:
 BLOCK = 64        # context positions per attention block; a slot's length is a multiple of it
 PAD_SEG = -1      # the segment of a padding prefill row
-NO_HIST_SEG = -2  # hist_seg when no segment continues a chunked prompt: equals no row's segment
+NO_PREFIX_SEG = -2  # prefix_seg when no segment continues a chunked prompt: equals no row's segment
 
 
 def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -87,27 +89,68 @@ class SampleRow(NamedTuple):  # a tuple: one is made per request per iteration
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """Padded arrays of one step plus the host bookkeeping to read its results back."""
+class AttnMeta:
+    """Per-step attention metadata, padded to the step's bucket shape (numpy on the host,
+    device arrays inside the programs).
 
-    num_decode: int                    # Td (static)
-    num_prefill: int                   # Tp (static)
-    prefill_tokens: np.ndarray         # [Tp] int32 (decode rows read their token on device)
-    slot: np.ndarray                   # [T] int32
-    pos: np.ndarray                    # [T] int32
-    seg: np.ndarray                    # [Tp] int32
-    dec_blocks: np.int32
-    hist_seg: np.int32
-    hist_slot: np.int32
-    hist_len: np.int32
-    hist_blocks: np.int32
-    sample_rows: np.ndarray            # [R] int32 row of each sampling row (0 for padding)
-    sample_slot: np.ndarray            # [R] int32 (S for padding: no write)
-    sample_pos: np.ndarray             # [R] int32 position of the row's input token
-    prompt_len: np.ndarray             # [R] int32
+    Padding rows have ``slot == S`` (out of range: their KV writes are dropped), ``pos == 0``
+    and ``seg == PAD_SEG``; their outputs are computed but never read. Context lengths are runtime
+    values (loop trip counts over BLOCK-sized pieces of the buffer), so they add no compiled
+    programs: only the row counts Td and Tp are shapes.
+    """
+
+    slot: np.ndarray           # [T] int32 slot of each row
+    pos: np.ndarray            # [T] int32 absolute position of each row
+    seg: np.ndarray            # [Tp] int32 segment (request) id of each prefill row
+    dec_blocks: np.ndarray     # [] int32 blocks the decode rows read: ceil(max(pos + 1) / BLOCK)
+    prefix_seg: np.ndarray     # [] int32 segment that continues a chunked prompt (NO_PREFIX_SEG: none)
+    prefix_slot: np.ndarray    # [] int32 its slot
+    prefix_len: np.ndarray     # [] int32 its positions already in the buffer (0: none)
+    prefix_blocks: np.ndarray  # [] int32 ceil(prefix_len / BLOCK)
+    num_decode: int = dataclasses.field(metadata=dict(static=True))  # Td, a shape
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What the forward program needs: one per (Td, Tp) bucket."""
+
+    prefill_tokens: np.ndarray  # [Tp] int32
+    meta: AttnMeta
+    sample_rows: np.ndarray     # [R] int32 rows whose logits are computed
+    decode_tokens: np.ndarray | None = None  # [Td] int32 from the host; None: read last_token
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleInputs:
+    """What the sampling program needs: one per R bucket."""
+
+    sample_slot: np.ndarray  # [R] int32 (S: padding, writes dropped)
+    sample_pos: np.ndarray   # [R] int32 position of each row's input token
+    prompt_len: np.ndarray   # [R] int32
+    sampling: SamplingTensors | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One step: the programs' inputs (numpy, padded to the step's bucket) plus the host
+    bookkeeping to read its results back."""
+
+    inputs: StepInputs
+    sample: SampleInputs               # its `sampling` is None: the runner adds the parameters
     rows: list[SampleRow]              # the real sampling rows, in order
     num_tokens: int                    # real (unpadded) tokens
-    decode_tokens: np.ndarray | None = None  # [Td] int32 (pipelined engines; else read on device)
+
+    @property
+    def num_decode(self) -> int:       # Td (static)
+        return self.inputs.meta.num_decode
+
+    @property
+    def num_prefill(self) -> int:      # Tp (static)
+        return len(self.inputs.prefill_tokens)
+
+    @property
+    def num_sample_rows(self) -> int:  # R (static)
+        return len(self.sample.sample_slot)
 
 
 def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_tokens: bool = False,
@@ -137,11 +180,11 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_token
         sample_rows[i], sample_slot[i], sample_pos[i], prompt_len[i] = row, req.slot, p, req.prompt_len
         rows.append(SampleRow(req, index))
 
-    # Decode rows: position num_computed - 1 (the scheduler already advanced it), each samples.
+    # Decode rows: position num_scheduled - 1 (the scheduler already advanced it), each samples.
     nd = len(batch.decodes)
     if nd:
         dec_slot = [r.slot for r in batch.decodes]
-        dec_pos = [r.num_computed - 1 for r in batch.decodes]
+        dec_pos = [r.num_scheduled - 1 for r in batch.decodes]
         dec_plen = [r.prompt_len for r in batch.decodes]
         slot[:nd] = sample_slot[:nd] = dec_slot
         pos[:nd] = sample_pos[:nd] = dec_pos
@@ -150,7 +193,7 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_token
         rows += map(SampleRow, batch.decodes, [p - n + 1 for p, n in zip(dec_pos, dec_plen)])
     dec_blocks = -(-(int(pos[:nd].max()) + 1) // BLOCK) if nd else 0
 
-    hist_seg, hist_slot, hist_len = NO_HIST_SEG, 0, 0
+    prefix_seg, prefix_slot, prefix_len = NO_PREFIX_SEG, 0, 0
     row = td
     for s, c in enumerate(batch.prefills):
         req = c.request
@@ -158,18 +201,19 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_token
         slot[rng], pos[rng], seg[rng.start - td:rng.stop - td] = req.slot, np.arange(c.start, c.start + c.length), s
         tokens[rng.start - td:rng.stop - td] = req.prompt_ids[c.start:c.start + c.length]
         if c.start > 0:
-            assert hist_seg == NO_HIST_SEG, "two chunks continue a prompt in one step"
-            hist_seg, hist_slot, hist_len = s, req.slot, c.start
+            assert prefix_seg == NO_PREFIX_SEG, "two chunks continue a prompt in one step"
+            prefix_seg, prefix_slot, prefix_len = s, req.slot, c.start
         if c.completes_prompt:
             add_sample(row + c.length - 1, req, c.start + c.length - 1, 0)
         row += c.length
-    return StepPlan(
-        num_decode=td, num_prefill=tp, prefill_tokens=tokens, slot=slot, pos=pos, seg=seg,
-        dec_blocks=np.int32(dec_blocks), hist_seg=np.int32(hist_seg), hist_slot=np.int32(hist_slot),
-        hist_len=np.int32(hist_len), hist_blocks=np.int32(-(-hist_len // BLOCK)),
-        sample_rows=sample_rows, sample_slot=sample_slot, sample_pos=sample_pos,
-        prompt_len=prompt_len, rows=rows, num_tokens=batch.num_tokens,
-        decode_tokens=_decode_tokens(batch, td) if host_decode_tokens else None)
+    meta = AttnMeta(slot=slot, pos=pos, seg=seg, dec_blocks=np.int32(dec_blocks),
+                    prefix_seg=np.int32(prefix_seg), prefix_slot=np.int32(prefix_slot),
+                    prefix_len=np.int32(prefix_len), prefix_blocks=np.int32(-(-prefix_len // BLOCK)),
+                    num_decode=td)
+    decode_tokens = _decode_tokens(batch, td) if host_decode_tokens else None
+    return StepPlan(inputs=StepInputs(tokens, meta, sample_rows, decode_tokens),
+                    sample=SampleInputs(sample_slot, sample_pos, prompt_len, None),
+                    rows=rows, num_tokens=batch.num_tokens)
 
 
 def warmup_plan(td: int, tp: int, buckets: Buckets, num_slots: int,
@@ -180,8 +224,8 @@ def warmup_plan(td: int, tp: int, buckets: Buckets, num_slots: int,
 
 def _decode_tokens(batch: Batch, td: int) -> np.ndarray:
     out = np.zeros(td, np.int32)
-    # the token at position num_computed - 1 (IndexError if its iteration is still in flight)
-    out[:len(batch.decodes)] = [r.output_ids[r.num_computed - 1 - r.prompt_len] for r in batch.decodes]
+    # the token at position num_scheduled - 1 (IndexError if its iteration is still in flight)
+    out[:len(batch.decodes)] = [r.output_ids[r.num_scheduled - 1 - r.prompt_len] for r in batch.decodes]
     return out
 
 

@@ -152,7 +152,7 @@ class Status(enum.Enum):
 
 @dataclasses.dataclass(eq=False, slots=True)  # identity: two requests are never "equal"
 class Request:
-    """One request's host-side state. Positions [0, num_computed) are in its KV slot."""
+    """One request's host-side state. Positions [0, num_scheduled) are in its KV slot."""
 
     request_id: str
     prompt_ids: list[int]
@@ -162,7 +162,7 @@ class Request:
     prompt: str | None = None
     status: Status = Status.WAITING
     slot: int | None = None
-    num_computed: int = 0                      # tokens whose KV has been scheduled into the slot
+    num_scheduled: int = 0                      # tokens whose KV has been scheduled into the slot
     in_flight: int = 0                         # scheduled iterations whose results are not back
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict] = dataclasses.field(default_factory=list)
@@ -182,7 +182,7 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < self.prompt_len
+        return self.num_scheduled < self.prompt_len
 
     @property
     def finished(self) -> bool:

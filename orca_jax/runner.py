@@ -229,7 +229,7 @@ class ModelRunner:
         maps0 = memory_maps() if self.mesh.devices.flat[0].platform == "cpu" else None
         for i, (td, tp) in enumerate(shapes):
             plan = warmup_plan(td, tp, buckets, self.num_slots, self.host_decode_tokens)
-            out = self.run(plan, SamplingTensors.from_params([], [], [], len(plan.sample_rows)))
+            out = self.run(plan, SamplingTensors.from_params([], [], [], plan.num_sample_rows))
             if isinstance(out, concurrent.futures.Future):
                 replies.append(out)
             if maps0 is not None:
@@ -239,6 +239,18 @@ class ModelRunner:
         jax.block_until_ready(self._states)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+
+    @property
+    def params(self) -> list[dict]:
+        """Each local stage's parameters, placed, as its program takes them."""
+        return self._params
+
+    def compiled_step(self, stage: int, plan: StepPlan, x: jax.Array | None = None) -> str:
+        """The compiled forward program of local stage `stage` at `plan`'s shape, as HLO text
+        (`x`: the activations a later stage takes), to read its collectives and loops."""
+        step_in, _ = device_put_inputs(plan, None, self.local_stages[stage].replicated)
+        lowered = self._steps[stage].lower(self._params[stage], self._states[stage], *step_in, x=x)
+        return lowered.compile().as_text()
 
     @property
     def device_states(self) -> list[DeviceState]:

@@ -26,9 +26,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from orca_jax.plan import MAX_BANNED, NO_ID, SamplingTensors
+from orca_jax.plan import SamplingTensors
 from orca_jax.request import MAX_LOGPROBS
 
 # Top logprobs are always computed MAX_LOGPROBS wide (when any row asks): one shape, one

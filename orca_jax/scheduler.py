@@ -15,11 +15,11 @@ request-level batching): a new batch of up to `max_batch_size` requests is forme
 previous one has completely finished; its prompts are prefilled within the token budget over
 as many iterations as they need.
 
-Pipelines (Orca §4.3): with `n_workers` > 1 iterations in flight, a request in one of them is
-skipped until `complete()` reports that iteration's results back, so each iteration in flight
-has different requests and the stages work on them at once; each iteration takes at most
-1/n_workers of the running and waiting requests, so the groups stay balanced. With one worker the engine still
-dispatches iteration N+1 before reading N back, and N+1 may hold the same requests: their
+Pipelines (Orca §4.3): with `n_stages` > 1 iterations in flight, a request in one of them is
+skipped until `iteration_done()` reports that iteration's results back, so each iteration in
+flight has different requests and the stages work on them at once; each iteration takes at
+most 1/n_stages of the running and waiting requests, so the groups stay balanced. With one
+stage the engine still dispatches iteration N+1 before reading N back, and N+1 may hold the same requests: their
 next input token is read on device.
 
 Chunked prefill keeps the step shapes bounded: at most one request per iteration can be
@@ -49,7 +49,7 @@ class SchedulerConfig:
     max_prefill_seqs: int = 16           # prompt segments per iteration at most
     max_waiting: int = 1024              # waiting queue bound; beyond it add() raises QueueFullError
     policy: Literal["iteration", "static"] = "iteration"  # static = request-level baseline
-    n_workers: int = 1                   # iterations in flight (pipeline stages); > 1: a request
+    n_stages: int = 1                   # iterations in flight (pipeline stages); > 1: a request
                                          # is not scheduled again until its result is back
 
     def __post_init__(self):
@@ -63,8 +63,8 @@ class SchedulerConfig:
             raise ValueError(f"max_prefill_seqs must be in [1, max_batch_size], got {self.max_prefill_seqs}")
         if self.max_waiting < 1:  # every request waits at least until the next schedule()
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
-        if self.n_workers < 1:
-            raise ValueError(f"n_workers must be >= 1, got {self.n_workers}")
+        if self.n_stages < 1:
+            raise ValueError(f"n_stages must be >= 1, got {self.n_stages}")
         if self.policy not in ("iteration", "static"):
             raise ValueError(f"policy must be 'iteration' or 'static', got {self.policy!r}")
 
@@ -144,31 +144,31 @@ class Scheduler:
     def schedule(self) -> Batch:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        ready = [r for r in self.running if not (cfg.n_workers > 1 and r.in_flight)]
+        ready = [r for r in self.running if not (cfg.n_stages > 1 and r.in_flight)]
         # With several iterations in flight, each takes its share of the requests, so that
         # every stage has work (one iteration holding everyone would leave the others idle).
         cap = cfg.max_batch_size
-        if cfg.n_workers > 1:
-            cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_workers))
+        if cfg.n_stages > 1:
+            cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_stages))
         decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)][:cap]
         budget -= len(decodes)
         prefills: list[Chunk] = []
         # At most one prompt may be cut by the budget at a time (the attention kernel reads one
         # continuing chunk per step); with iterations in flight it may not be ready, so a chunk
         # that would leave a second prompt unfinished waits instead.
-        cut = {r for r in self.running if 0 < r.num_computed < r.prompt_len}
+        cut = {r for r in self.running if 0 < r.num_scheduled < r.prompt_len}
 
         def may_cut(req: Request, length: int) -> bool:
-            return req.num_computed + length == req.prompt_len or not (cut - {req})
+            return req.num_scheduled + length == req.prompt_len or not (cut - {req})
 
         def add_chunk(req: Request, length: int) -> None:
             nonlocal budget
-            prefills.append(Chunk(req, req.num_computed, length))
+            prefills.append(Chunk(req, req.num_scheduled, length))
             budget -= length
-            (cut.discard if req.num_computed + length == req.prompt_len else cut.add)(req)
+            (cut.discard if req.num_scheduled + length == req.prompt_len else cut.add)(req)
 
         for req in ready:  # a prompt started in an earlier iteration goes on first
-            length = min(req.prompt_len - req.num_computed, budget)
+            length = min(req.prompt_len - req.num_scheduled, budget)
             if (req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs
                     and (req in cut or len(decodes) + len(prefills) < cap) and may_cut(req, length)):
                 add_chunk(req, length)
@@ -187,14 +187,14 @@ class Scheduler:
             if budget > 0 and len(prefills) < cfg.max_prefill_seqs:
                 add_chunk(req, min(req.prompt_len, budget))
         for req in decodes:
-            req.num_computed += 1
+            req.num_scheduled += 1
             req.in_flight += 1
         for c in prefills:
-            c.request.num_computed += c.length
+            c.request.num_scheduled += c.length
             c.request.in_flight += 1
         return Batch(decodes, prefills)
 
-    def complete(self, batch: Batch) -> None:
+    def iteration_done(self, batch: Batch) -> None:
         """The results of `batch` are back on the host: its requests may be scheduled again."""
         for req in batch.requests():
             req.in_flight -= 1
@@ -202,7 +202,7 @@ class Scheduler:
     def _wants_token(self, req: Request) -> bool:
         """A decode row feeds the last sampled token and samples the next; stop once every
         one of max_tokens is scheduled (results of in-flight iterations may still be pending)."""
-        sampled_scheduled = req.num_computed - req.prompt_len + 1
+        sampled_scheduled = req.num_scheduled - req.prompt_len + 1
         return sampled_scheduled < req.params.max_tokens
 
     # -- introspection (metrics, admission tests) ---------------------------------------------

@@ -28,10 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .models import gpt2
-from .models.attention import AttnMeta, KVCache
+from .models.attention import KVCache
 from .models.gpt2 import GPTConfig
-from .plan import StepPlan
-from .sampling import SampleOutput, SamplingTensors, sample
+from .plan import SampleInputs, SamplingTensors, StepInputs, StepPlan
+from .sampling import SampleOutput, sample
+
+jax.tree_util.register_dataclass(StepInputs)  # defined with the plan, host side (no JAX there)
+jax.tree_util.register_dataclass(SampleInputs)
 
 
 
@@ -44,30 +47,6 @@ class DeviceState:
     kv: KVCache                   # [L, S, H, M, K] x 2 (a stage: its own L' layers)
     last_token: jax.Array | None  # [S] int32: the latest sampled token of each slot (last stage)
     history: jax.Array | None     # [S, M] int32: prompt + output ids of each slot (last stage)
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["prefill_tokens", "meta", "sample_rows", "decode_tokens"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class StepInputs:
-    """What the forward program needs: one per (Td, Tp) bucket."""
-
-    prefill_tokens: jax.Array   # [Tp] int32
-    meta: AttnMeta
-    sample_rows: jax.Array      # [R] int32 rows whose logits are computed
-    decode_tokens: jax.Array | None = None  # [Td] int32 from the host; None: read last_token
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["sample_slot", "sample_pos", "prompt_len", "sampling"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class SampleInputs:
-    """What the sampling program needs: one per R bucket."""
-
-    sample_slot: jax.Array      # [R] int32 (S: padding, writes dropped)
-    sample_pos: jax.Array       # [R] int32 position of each row's input token
-    prompt_len: jax.Array       # [R] int32
-    sampling: SamplingTensors
 
 
 def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype,
@@ -171,14 +150,9 @@ def pack(tree) -> tuple[np.ndarray, np.ndarray, Packing]:
 
 
 def step_inputs(plan: StepPlan, sampling: SamplingTensors | None) -> tuple[StepInputs, SampleInputs | None]:
-    """The one mapping from a StepPlan (and, on the sampling stage, its SamplingTensors) to
-    the two programs' inputs."""
-    meta = AttnMeta(slot=plan.slot, pos=plan.pos, seg=plan.seg, dec_blocks=plan.dec_blocks,
-                    hist_seg=plan.hist_seg, hist_slot=plan.hist_slot, hist_len=plan.hist_len,
-                    hist_blocks=plan.hist_blocks, num_decode=plan.num_decode)
-    return (StepInputs(plan.prefill_tokens, meta, plan.sample_rows, plan.decode_tokens),
-            None if sampling is None else
-            SampleInputs(plan.sample_slot, plan.sample_pos, plan.prompt_len, sampling))
+    """The two programs' inputs: the plan's, with the sampling parameters on the sampling
+    stage (`sampling` given) and no sampling program elsewhere."""
+    return plan.inputs, None if sampling is None else dataclasses.replace(plan.sample, sampling=sampling)
 
 
 def device_put_inputs(plan: StepPlan, sampling: SamplingTensors | None, sharding=None):

@@ -6,7 +6,7 @@ The "model" maps a sampling row's input token t to (t + 1) % V, so prompt [5] yi
 `FakeDevice.run(plan)` consumes a `StepPlan` exactly as `orca_jax/step.py::run_step` does:
 
 * decode rows read their input token from `last_token[slot]`, written by an EARLIER step;
-  prefill rows read `plan.prefill_tokens`;
+  prefill rows read `plan.inputs.prefill_tokens`;
 * every real row writes its token into the slot's KV (here: a token log `kv[slot, pos]`);
   padding rows have slot S (= num_slots) and write nothing;
 * the rows named by `sample_rows` sample; each sampled id goes to `last_token[sample_slot]`
@@ -14,7 +14,7 @@ The "model" maps a sampling row's input token t to (t + 1) % V, so prompt [5] yi
 
 On top of that it checks what the attention kernel silently relies on (models/attention.py):
 a slot's KV grows by contiguous appends, a fresh prompt starts at position 0, a continuing
-chunk is the plan's `hist_*` segment and starts exactly where its slot's KV ends, decode
+chunk is the plan's `prefix_*` segment and starts exactly where its slot's KV ends, decode
 positions fit in `dec_blocks` blocks, and every sampling row is a decode row or the last row of
 a segment. A broken plan fails loudly here instead of producing wrong numbers on a GPU.
 
@@ -35,7 +35,7 @@ import numpy as np
 from orca_jax.config import EngineConfig
 from orca_jax.engine import Engine
 from orca_jax.outputs import Sampled
-from orca_jax.plan import BLOCK, NO_HIST_SEG, PAD_SEG, Buckets, StepPlan
+from orca_jax.plan import BLOCK, NO_PREFIX_SEG, PAD_SEG, Buckets, StepPlan
 from orca_jax.request import FinishReason, Request, SamplingParams
 from orca_jax.scheduler import Batch, SchedulerConfig
 
@@ -71,77 +71,78 @@ class FakeDevice:
 
     def run(self, plan: StepPlan) -> np.ndarray:
         S, td, tp, b = self.S, plan.num_decode, plan.num_prefill, self.buckets
+        inp, meta, smp = plan.inputs, plan.inputs.meta, plan.sample
         R = b.num_sample_rows(td, tp)
         assert (td, tp) in b.shapes(), f"shape {(td, tp)} was not compiled at warm-up"
-        assert plan.slot.shape == plan.pos.shape == (td + tp,)
-        assert plan.prefill_tokens.shape == plan.seg.shape == (tp,)
-        for a in (plan.sample_rows, plan.sample_slot, plan.sample_pos, plan.prompt_len):
+        assert meta.slot.shape == meta.pos.shape == (td + tp,)
+        assert inp.prefill_tokens.shape == meta.seg.shape == (tp,)
+        for a in (inp.sample_rows, smp.sample_slot, smp.sample_pos, smp.prompt_len):
             assert a.shape == (R,) and a.dtype == np.int32
-        for a in (plan.slot, plan.pos, plan.seg, plan.prefill_tokens):
+        for a in (meta.slot, meta.pos, meta.seg, inp.prefill_tokens):
             assert a.dtype == np.int32
 
         # Real rows first in each region; padding rows: slot S, position 0, segment -1.
-        real = plan.slot != S
+        real = meta.slot != S
         n_dec, n_pre = int(real[:td].sum()), int(real[td:].sum())
         assert real[:n_dec].all() and real[td:td + n_pre].all(), "padding row before a real row"
-        assert not plan.pos[n_dec:td].any() and not plan.pos[td + n_pre:].any(), "padding row with a position"
-        assert (plan.seg[n_pre:] == PAD_SEG).all() and (plan.seg[:n_pre] >= 0).all()
+        assert not meta.pos[n_dec:td].any() and not meta.pos[td + n_pre:].any(), "padding row with a position"
+        assert (meta.seg[n_pre:] == PAD_SEG).all() and (meta.seg[:n_pre] >= 0).all()
         assert n_dec + n_pre == plan.num_tokens
         tokens = np.zeros(td + tp, np.int64)
         used_slots: list[int] = []
 
         # Decode rows: the input is the slot's last sampled token; context is its KV [0, pos).
         for i in range(n_dec):
-            s, p = int(plan.slot[i]), int(plan.pos[i])
-            assert p >= 1 and p < plan.dec_blocks * BLOCK, f"decode position {p} outside dec_blocks"
+            s, p = int(meta.slot[i]), int(meta.pos[i])
+            assert p >= 1 and p < meta.dec_blocks * BLOCK, f"decode position {p} outside dec_blocks"
             tokens[i] = self.last_token[s]
             self._append(s, p, tokens[i])
             used_slots.append(s)
 
         # Prefill segments: contiguous, numbered 0, 1, 2, ... in row order.
-        segs = plan.seg[:n_pre]
+        segs = meta.seg[:n_pre]
         starts = [j for j in range(n_pre) if j == 0 or segs[j] != segs[j - 1]]
         assert list(segs[starts]) == list(range(len(starts))), f"segments out of order: {segs}"
-        assert plan.hist_seg == NO_HIST_SEG or 0 <= plan.hist_seg < len(starts)
-        if plan.hist_seg == NO_HIST_SEG:
-            assert plan.hist_len == 0 and plan.hist_blocks == 0
+        assert meta.prefix_seg == NO_PREFIX_SEG or 0 <= meta.prefix_seg < len(starts)
+        if meta.prefix_seg == NO_PREFIX_SEG:
+            assert meta.prefix_len == 0 and meta.prefix_blocks == 0
         seg_last_rows = set()
         for k, j0 in enumerate(starts):
             j1 = starts[k + 1] if k + 1 < len(starts) else n_pre
             rows = range(td + j0, td + j1)
-            s, p0 = int(plan.slot[td + j0]), int(plan.pos[td + j0])
-            assert (plan.slot[rows.start:rows.stop] == s).all(), f"segment {k} spans slots"
-            assert (plan.pos[rows.start:rows.stop] == np.arange(p0, p0 + len(rows))).all()
-            if k == plan.hist_seg:  # continues a prompt already partly in the slot
-                assert s == plan.hist_slot and p0 == plan.hist_len > 0
-                assert plan.hist_blocks == -(-int(plan.hist_len) // BLOCK)
+            s, p0 = int(meta.slot[td + j0]), int(meta.pos[td + j0])
+            assert (meta.slot[rows.start:rows.stop] == s).all(), f"segment {k} spans slots"
+            assert (meta.pos[rows.start:rows.stop] == np.arange(p0, p0 + len(rows))).all()
+            if k == meta.prefix_seg:  # continues a prompt already partly in the slot
+                assert s == meta.prefix_slot and p0 == meta.prefix_len > 0
+                assert meta.prefix_blocks == -(-int(meta.prefix_len) // BLOCK)
             else:  # a fresh prompt: whatever the slot held before is dead
-                assert p0 == 0, f"segment {k} starts at {p0} but is not the hist segment"
+                assert p0 == 0, f"segment {k} starts at {p0} but is not the prefix segment"
                 self.kv_len[s] = 0
             for r in rows:
-                tokens[r] = plan.prefill_tokens[r - td]
-                self._append(s, int(plan.pos[r]), tokens[r])
+                tokens[r] = inp.prefill_tokens[r - td]
+                self._append(s, int(meta.pos[r]), tokens[r])
             used_slots.append(s)
             seg_last_rows.add(rows.stop - 1)
         assert len(set(used_slots)) == len(used_slots), f"a slot appears twice in one step: {used_slots}"
 
         # Sampling: every decode row, then the last rows of prompts that complete.
         n_samp = len(plan.rows)
-        assert (plan.sample_slot[:n_samp] != S).all() and (plan.sample_slot[n_samp:] == S).all()
-        assert list(plan.sample_rows[:n_dec]) == list(range(n_dec)), "every decode row samples"
+        assert (smp.sample_slot[:n_samp] != S).all() and (smp.sample_slot[n_samp:] == S).all()
+        assert list(inp.sample_rows[:n_dec]) == list(range(n_dec)), "every decode row samples"
         ids = np.zeros(R, np.int32)
         for r in range(R):
-            row = int(plan.sample_rows[r])
+            row = int(inp.sample_rows[r])
             ids[r] = (tokens[row] + 1) % self.vocab          # the fake model
             if r >= n_samp:
-                assert plan.sample_rows[r] == 0 and plan.sample_pos[r] == 0 and plan.prompt_len[r] == 0
+                assert inp.sample_rows[r] == 0 and smp.sample_pos[r] == 0 and smp.prompt_len[r] == 0
                 continue
-            assert plan.slot[row] == plan.sample_slot[r] and plan.pos[row] == plan.sample_pos[r]
+            assert meta.slot[row] == smp.sample_slot[r] and meta.pos[row] == smp.sample_pos[r]
             if row >= td:
-                assert row in seg_last_rows and plan.sample_pos[r] == plan.prompt_len[r] - 1
+                assert row in seg_last_rows and smp.sample_pos[r] == smp.prompt_len[r] - 1
             else:
-                assert plan.sample_pos[r] >= plan.prompt_len[r]
-            self.last_token[plan.sample_slot[r]] = ids[r]
+                assert smp.sample_pos[r] >= smp.prompt_len[r]
+            self.last_token[smp.sample_slot[r]] = ids[r]
         self.steps += 1
         return ids
 
@@ -187,7 +188,7 @@ class StepRecord:
 
     iteration: int                                  # 1-based
     waiting_before: list[str]                       # request ids, queue order
-    running_before: list[tuple[str, int]]           # (id, num_computed) before schedule()
+    running_before: list[tuple[str, int]]           # (id, num_scheduled) before schedule()
     decodes: list[str]
     chunks: list[tuple[str, int, int]]              # (id, start, length)
     admitted: list[str]                             # joined the batch this iteration
@@ -261,7 +262,7 @@ class FakeEngine:
     def step(self) -> StepRecord:
         sch = self.scheduler
         waiting_before = [r.request_id for r in sch.waiting]
-        running_before = [(r.request_id, r.num_computed) for r in sch.running]
+        running_before = [(r.request_id, r.num_scheduled) for r in sch.running]
         unfinished = [r for r in self.requests.values() if not r.finished]
         n_plans = len(self.runner.plans)
         result = self.engine.step()
@@ -288,7 +289,7 @@ class FakeEngine:
     def _check_kv(self, req: Request) -> None:
         """The slot holds prompt + outputs (each output is the next position's input)."""
         seq = req.prompt_ids + req.output_ids
-        n = min(req.num_computed, len(seq))
+        n = min(req.num_scheduled, len(seq))
         got = list(self.device.kv[req.slot, :n])
         assert got == seq[:n], f"{req.request_id}: KV slot {req.slot} holds {got}, expected {seq[:n]}"
 

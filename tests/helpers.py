@@ -75,8 +75,8 @@ def prefill_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np
     """Logits [T, V] of one whole prompt in a single prefill step (slot 1 of 4)."""
     T = len(ids)
     meta = AttnMeta(slot=jnp.full(T, 1, jnp.int32), pos=jnp.arange(T, dtype=jnp.int32),
-                    seg=jnp.zeros(T, jnp.int32), dec_blocks=jnp.int32(0), hist_seg=jnp.int32(-2),
-                    hist_slot=jnp.int32(0), hist_len=jnp.int32(0), hist_blocks=jnp.int32(0),
+                    seg=jnp.zeros(T, jnp.int32), dec_blocks=jnp.int32(0), prefix_seg=jnp.int32(-2),
+                    prefix_slot=jnp.int32(0), prefix_len=jnp.int32(0), prefix_blocks=jnp.int32(0),
                     num_decode=0)
     logits, _ = _forward(config, params)(ids, _kv(config, 4, kv_sharding), meta)
     return np.asarray(logits, np.float32)
@@ -93,8 +93,8 @@ def decode_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.
     for p, tok in enumerate(ids):
         i32 = np.int32  # host arrays: no eager device ops per step
         meta = AttnMeta(slot=np.array([2, 4], i32), pos=np.array([p, 0], i32),
-                        seg=np.zeros(0, i32), dec_blocks=i32(p // BLOCK + 1), hist_seg=i32(-2),
-                        hist_slot=i32(0), hist_len=i32(0), hist_blocks=i32(0), num_decode=2)
+                        seg=np.zeros(0, i32), dec_blocks=i32(p // BLOCK + 1), prefix_seg=i32(-2),
+                        prefix_slot=i32(0), prefix_len=i32(0), prefix_blocks=i32(0), num_decode=2)
         logits, kv = fwd([tok, 0], kv, meta)
         out.append(np.asarray(logits[0], np.float32))
     return np.stack(out)

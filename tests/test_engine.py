@@ -396,7 +396,7 @@ def test_abort_mid_prefill_frees_the_slot(model, small_engine, idle):
     acc = {}
     step(eng, acc)
     step(eng, acc)
-    assert long.status is Status.RUNNING and 0 < long.num_computed < long.prompt_len
+    assert long.status is Status.RUNNING and 0 < long.num_scheduled < long.prompt_len
     assert eng.scheduler.num_free_slots == eng.num_slots - 1
     out = eng.abort(long.request_id)
     assert out.finished and out.finish_reason is FinishReason.ABORT and list(out.token_ids) == []

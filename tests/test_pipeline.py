@@ -27,7 +27,7 @@ def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
 
 def test_scheduler_skips_requests_in_flight_with_several_workers():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4,
-                                  n_workers=2), num_slots=4, max_len=64)
+                                  n_stages=2), num_slots=4, max_len=64)
     a, b = _req("a", 5), _req("b", 3)
     s.add(a)
     first = s.schedule()
@@ -36,28 +36,28 @@ def test_scheduler_skips_requests_in_flight_with_several_workers():
     second = s.schedule()            # `a` is in flight: only the newcomer runs
     assert second.requests() == [b]
     assert not s.schedule()          # both in flight: nothing to do until results are back
-    s.complete(first)
+    s.iteration_done(first)
     third = s.schedule()
     assert third.decodes == [a] and not third.prefills
-    s.complete(second)
+    s.iteration_done(second)
     assert s.schedule().decodes == [b]
 
 
 def test_several_workers_split_the_requests_between_iterations():
     s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=8,
-                                  n_workers=2), num_slots=8, max_len=64)
+                                  n_stages=2), num_slots=8, max_len=64)
     reqs = [_req(str(i), 3) for i in range(6)]
     for r in reqs:
         s.add(r)
     first, second = s.schedule(), s.schedule()
     assert first.requests() == reqs[:3] and second.requests() == reqs[3:]  # FCFS halves
-    s.complete(first)
+    s.iteration_done(first)
     assert s.schedule().decodes == reqs[:3]
 
 
-@pytest.mark.parametrize("n_workers", [1, 2, 3])
-def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_workers):
-    """Random arrivals, a small budget, n_workers iterations in flight (as the engine keeps
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_stages):
+    """Random arrivals, a small budget, n_stages iterations in flight (as the engine keeps
     them): build_plan never sees two chunks continuing a prompt (its assertion), every
     request finishes. A prompt cut while in flight used to meet a second cut prompt."""
     from orca_jax.plan import Buckets, build_plan
@@ -65,7 +65,7 @@ def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_workers):
     for seed in range(40):
         rng = np.random.default_rng(seed)
         cfg = SchedulerConfig(max_batch_size=8, max_num_batched_tokens=16, max_prefill_seqs=4,
-                              n_workers=n_workers)
+                              n_stages=n_stages)
         s = Scheduler(cfg, num_slots=8, max_len=96)
         buckets = Buckets.make(8, 16, 4)
         in_flight, done, added = [], 0, 0
@@ -75,10 +75,10 @@ def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_workers):
                 added += 1
             batch = s.schedule()
             if batch:
-                in_flight.append((batch, build_plan(batch, buckets, 8, host_decode_tokens=n_workers > 1)))
-            if in_flight and (len(in_flight) > max(1, n_workers - 1) or not batch):
+                in_flight.append((batch, build_plan(batch, buckets, 8, host_decode_tokens=n_stages > 1)))
+            if in_flight and (len(in_flight) > max(1, n_stages - 1) or not batch):
                 b, plan = in_flight.pop(0)
-                s.complete(b)
+                s.iteration_done(b)
                 for row in plan.rows:
                     if row.request.finished:
                         continue
@@ -107,8 +107,8 @@ def params():
 def test_stages_hold_their_layers_on_their_devices(params):
     eng = Engine.build(CFG, params, EC, mesh=make_mesh("tensor=2,pipeline=2"), layout="megatron")
     assert eng.runner.n_stages == 2 and [st.layers for st in eng.runner.stages] == [(0, 2), (2, 4)]
-    assert set(eng.runner._params[0]) == {"wte", "wpe", "h"} and set(eng.runner._params[1]) == {"h", "ln_f", "wte"}
-    for st, p, state in zip(eng.runner.stages, eng.runner._params, eng.runner.device_states):
+    assert set(eng.runner.params[0]) == {"wte", "wpe", "h"} and set(eng.runner.params[1]) == {"h", "ln_f", "wte"}
+    for st, p, state in zip(eng.runner.stages, eng.runner.params, eng.runner.device_states):
         devices = set(st.mesh.devices.flat)
         assert len(devices) == 2
         assert len(p["h"]) == 2  # per-layer arrays of the stage's own layers
@@ -141,7 +141,7 @@ def test_iterations_in_flight_hold_different_requests(params):
     while eng.has_unfinished():
         for o in eng.step():
             done.setdefault(o.request_id, []).extend(o.token_ids)
-        in_flight.append(len(eng._in_flight))
+        in_flight.append(eng.num_in_flight)
     assert all(len(v) == 6 for v in done.values()) and len(done) == 6
     assert max(in_flight) == 1  # after step() returns: one in flight, the next launched beside it
     assert max(len(b) for b in batches) <= 3  # each iteration takes half of the 6 requests

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from orca_jax.request import MAX_LOGPROBS, SamplingParams
-from orca_jax.sampling import SamplingTensors, filter_logits, sample
+from orca_jax.plan import SamplingTensors
+from orca_jax.sampling import filter_logits, sample
 
 V = 16
 sample_jit = jax.jit(sample)

@@ -237,7 +237,8 @@ def test_long_prompt_is_chunked_within_the_token_budget():
     ]
     assert all(r.num_tokens <= 8 for r in eng.records)
     plan = eng.records[1].plan
-    assert (plan.hist_seg, plan.hist_slot, plan.hist_len) == (0, 1, 6)
+    meta = plan.inputs.meta
+    assert (meta.prefix_seg, meta.prefix_slot, meta.prefix_len) == (0, 1, 6)
     assert eng.requests["b"].output_ids == [20, 21]
 
 
@@ -353,9 +354,9 @@ def test_static_policy_forms_a_new_batch_only_when_the_whole_batch_finished(poli
 # -- build_plan -----------------------------------------------------------------------------------
 
 
-def running(rid, prompt, slot, num_computed, max_tokens=8) -> Request:
+def running(rid, prompt, slot, num_scheduled, max_tokens=8) -> Request:
     r = request(rid, prompt, max_tokens)
-    r.status, r.slot, r.num_computed = Status.RUNNING, slot, num_computed
+    r.status, r.slot, r.num_scheduled = Status.RUNNING, slot, num_scheduled
     return r
 
 
@@ -393,61 +394,65 @@ def test_buckets_make_and_shapes():
 
 def test_build_plan_of_a_hand_made_batch():
     """Rows [decode a, b, e, pad | c's last 4 prompt tokens, d's first 3, pad]: Td = 4, Tp = 8."""
-    a = running("a", [7, 8, 9], slot=2, num_computed=5)       # advanced by schedule(): input at pos 4
-    b = running("b", [40], slot=0, num_computed=2)            # input at pos 1
-    e = running("e", [1, 2], slot=4, num_computed=4)          # input at pos 3
-    c = running("c", list(range(50, 60)), slot=1, num_computed=10)   # last chunk of its prompt
-    d = running("d", [90, 91, 92, 93, 94], slot=3, num_computed=3)   # first chunk of its prompt
+    a = running("a", [7, 8, 9], slot=2, num_scheduled=5)       # advanced by schedule(): input at pos 4
+    b = running("b", [40], slot=0, num_scheduled=2)            # input at pos 1
+    e = running("e", [1, 2], slot=4, num_scheduled=4)          # input at pos 3
+    c = running("c", list(range(50, 60)), slot=1, num_scheduled=10)   # last chunk of its prompt
+    d = running("d", [90, 91, 92, 93, 94], slot=3, num_scheduled=3)   # first chunk of its prompt
     batch = Batch(decodes=[a, b, e], prefills=[Chunk(c, 6, 4), Chunk(d, 0, 3)])
     buckets = Buckets(decode=(0, 1, 2, 4), prefill=(0, 4, 8, 16), max_prefill_seqs=2)
     p = build_plan(batch, buckets, num_slots=5)
+    m, inp, smp = p.inputs.meta, p.inputs, p.sample
     S = 5
     assert (p.num_decode, p.num_prefill, p.num_tokens) == (4, 8, 10)
-    assert p.slot.tolist() == [2, 0, 4, S, 1, 1, 1, 1, 3, 3, 3, S]
-    assert p.pos.tolist() == [4, 1, 3, 0, 6, 7, 8, 9, 0, 1, 2, 0]
-    assert p.seg.tolist() == [0, 0, 0, 0, 1, 1, 1, -1]
-    assert p.prefill_tokens.tolist() == [56, 57, 58, 59, 90, 91, 92, 0]
-    assert p.dec_blocks == 1
-    assert (p.hist_seg, p.hist_slot, p.hist_len, p.hist_blocks) == (0, 1, 6, 1)
+    assert m.slot.tolist() == [2, 0, 4, S, 1, 1, 1, 1, 3, 3, 3, S]
+    assert m.pos.tolist() == [4, 1, 3, 0, 6, 7, 8, 9, 0, 1, 2, 0]
+    assert m.seg.tolist() == [0, 0, 0, 0, 1, 1, 1, -1]
+    assert inp.prefill_tokens.tolist() == [56, 57, 58, 59, 90, 91, 92, 0]
+    assert m.dec_blocks == 1
+    assert (m.prefix_seg, m.prefix_slot, m.prefix_len, m.prefix_blocks) == (0, 1, 6, 1)
     # Sampling rows: decodes a, b, e, then c's completing row; the rest (up to R) is padding.
     R = buckets.num_sample_rows(4, 8)
-    assert R >= 4 + 2 and p.sample_rows.shape == (R,)
+    assert R >= 4 + 2 and inp.sample_rows.shape == (R,)
     pad = R - 4
-    assert p.sample_rows.tolist() == [0, 1, 2, 7] + [0] * pad
-    assert p.sample_slot.tolist() == [2, 0, 4, 1] + [S] * pad
-    assert p.sample_pos.tolist() == [4, 1, 3, 9] + [0] * pad
-    assert p.prompt_len.tolist() == [3, 1, 2, 10] + [0] * pad
+    assert inp.sample_rows.tolist() == [0, 1, 2, 7] + [0] * pad
+    assert smp.sample_slot.tolist() == [2, 0, 4, 1] + [S] * pad
+    assert smp.sample_pos.tolist() == [4, 1, 3, 9] + [0] * pad
+    assert smp.prompt_len.tolist() == [3, 1, 2, 10] + [0] * pad
     assert p.rows == [SampleRow(a, 2), SampleRow(b, 1), SampleRow(e, 2), SampleRow(c, 0)]
-    for arr in (p.slot, p.pos, p.seg, p.prefill_tokens, p.sample_rows, p.sample_slot, p.sample_pos):
+    for arr in (m.slot, m.pos, m.seg, inp.prefill_tokens, inp.sample_rows, smp.sample_slot, smp.sample_pos):
         assert arr.dtype == np.int32
 
 
 def test_build_plan_decode_only_and_prefill_only():
     buckets = Buckets.make(4, 16, 2, min_decode=1)
-    dec = build_plan(Batch([running("a", [1], slot=3, num_computed=BLOCK + 1)], []), buckets, num_slots=4)
-    assert (dec.num_decode, dec.num_prefill) == (1, 0) and dec.prefill_tokens.shape == (0,)
-    assert dec.pos.tolist() == [BLOCK] and dec.dec_blocks == 2      # position 64 is in the 2nd block
-    assert (dec.hist_seg, dec.hist_len, dec.hist_blocks) == (-2, 0, 0)
-    assert dec.sample_rows.tolist()[:1] == [0] and dec.rows == [SampleRow(dec.rows[0].request, BLOCK)]
-    pre = build_plan(Batch([], [Chunk(running("b", [5, 6, 7], slot=0, num_computed=3), 0, 3)]),
+    dec = build_plan(Batch([running("a", [1], slot=3, num_scheduled=BLOCK + 1)], []), buckets, num_slots=4)
+    dm, di, ds = dec.inputs.meta, dec.inputs, dec.sample
+    assert (dec.num_decode, dec.num_prefill) == (1, 0) and di.prefill_tokens.shape == (0,)
+    assert dm.pos.tolist() == [BLOCK] and dm.dec_blocks == 2      # position 64 is in the 2nd block
+    assert (dm.prefix_seg, dm.prefix_len, dm.prefix_blocks) == (-2, 0, 0)
+    assert di.sample_rows.tolist()[:1] == [0] and dec.rows == [SampleRow(dec.rows[0].request, BLOCK)]
+    pre = build_plan(Batch([], [Chunk(running("b", [5, 6, 7], slot=0, num_scheduled=3), 0, 3)]),
                      buckets, num_slots=4)
-    assert (pre.num_decode, pre.num_prefill, pre.dec_blocks) == (0, 16, 0)
-    assert pre.slot.tolist() == [0, 0, 0] + [4] * 13 and pre.seg.tolist() == [0] * 3 + [-1] * 13
+    pm, pi, ps = pre.inputs.meta, pre.inputs, pre.sample
+    assert (pre.num_decode, pre.num_prefill, pm.dec_blocks) == (0, 16, 0)
+    assert pm.slot.tolist() == [0, 0, 0] + [4] * 13 and pm.seg.tolist() == [0] * 3 + [-1] * 13
     R = buckets.num_sample_rows(0, 16)
-    assert pre.sample_rows.tolist() == [2] + [0] * (R - 1) and pre.sample_slot.tolist() == [0] + [4] * (R - 1)
-    assert pre.sample_pos.tolist() == [2] + [0] * (R - 1) and pre.rows == [SampleRow(pre.rows[0].request, 0)]
+    assert pi.sample_rows.tolist() == [2] + [0] * (R - 1) and ps.sample_slot.tolist() == [0] + [4] * (R - 1)
+    assert ps.sample_pos.tolist() == [2] + [0] * (R - 1) and pre.rows == [SampleRow(pre.rows[0].request, 0)]
 
 
-def test_build_plan_hist_blocks_for_a_long_continuing_chunk():
-    c = running("c", list(range(200)), slot=1, num_computed=150)
+def test_build_plan_prefix_blocks_for_a_long_continuing_chunk():
+    c = running("c", list(range(200)), slot=1, num_scheduled=150)
     p = build_plan(Batch([], [Chunk(c, 2 * BLOCK + 2, 150 - 2 * BLOCK - 2)]), Buckets.make(4, 32, 2), 2)
-    assert (p.hist_seg, p.hist_slot, p.hist_len, p.hist_blocks) == (0, 1, 130, 3)
-    assert p.rows == [] and (p.sample_slot == 2).all()          # the prompt is not complete: no sample
+    m, smp = p.inputs.meta, p.sample
+    assert (m.prefix_seg, m.prefix_slot, m.prefix_len, m.prefix_blocks) == (0, 1, 130, 3)
+    assert p.rows == [] and (smp.sample_slot == 2).all()          # the prompt is not complete: no sample
 
 
 def test_build_plan_refuses_two_continuing_chunks():
-    c = running("c", list(range(10)), slot=0, num_computed=8)
-    d = running("d", list(range(10)), slot=1, num_computed=8)
+    c = running("c", list(range(10)), slot=0, num_scheduled=8)
+    d = running("d", list(range(10)), slot=1, num_scheduled=8)
     with pytest.raises((AssertionError, ValueError), match="two chunks continue a prompt"):
         build_plan(Batch([], [Chunk(c, 4, 4), Chunk(d, 4, 4)]), Buckets.make(4, 32, 2), 2)
 

@@ -28,12 +28,10 @@ from orca_jax.plan import warmup_plan
 from orca_jax.models.attention import KV_AXES
 from orca_jax.models.gpt2 import PARAM_AXES
 from orca_jax.request import SamplingParams
-from orca_jax.sampling import SamplingTensors
 from orca_jax.sharding.layouts import LAYOUTS, get_layout, layout_from_dict, load_layout, spec_for
 from orca_jax.sharding.mesh import axis_span, make_mesh, physical_order
 from orca_jax.sharding.plan import make_plan, param_shapes
 from orca_jax.llm import LLM
-from orca_jax.step import device_put_inputs
 
 MODEL = dict(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
 EC = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4,
@@ -217,7 +215,7 @@ def test_offline_llm_on_a_mesh_matches_one_device(ckpt, placement):
 def test_engine_places_state_by_layout(engines, layout):
     eng = engines("tensor=4", layout)
     mesh = eng.runner.mesh
-    kernel = eng.runner._params[0]["h"][1]["mlp"]["c_fc"]["kernel"]  # layer 1 of the per-layer arrays
+    kernel = eng.runner.params[0]["h"][1]["mlp"]["c_fc"]["kernel"]  # layer 1 of the per-layer arrays
     axes = PARAM_AXES["h"]["mlp"]["c_fc"]["kernel"][1:]        # the stacked axes less "layers"
     assert kernel.shape == (MODEL["n_embd"], 4 * MODEL["n_embd"])
     assert kernel.sharding.spec == spec_for(axes, layout, mesh, kernel.shape)
@@ -283,10 +281,8 @@ def _step_hlo(engine: Engine, td: int, tp: int, stage: int = 0) -> str:
     """The compiled forward program of one pipeline stage (the whole model without stages)."""
     st = engine.runner.stages[stage]
     plan = warmup_plan(td, tp, engine.buckets, engine.num_slots, engine.runner.host_decode_tokens)
-    step_in, _ = device_put_inputs(plan, None, st.replicated)
     x = None if st.first else jax.device_put(np.zeros((td + tp, MODEL["n_embd"]), np.float32), st.replicated)
-    return engine.runner._steps[stage].lower(engine.runner._params[stage], engine.runner._states[stage], *step_in,
-                                      x=x).compile().as_text()
+    return engine.runner.compiled_step(stage, plan, x)
 
 
 def _split_loops(comps) -> tuple[list[str], list[str]]:

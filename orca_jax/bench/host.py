@@ -48,7 +48,7 @@ class HostOnlyRunner:
     def run(self, plan: StepPlan, sampling: SamplingTensors) -> np.ndarray:
         from ..step import device_put_inputs
         device_put_inputs(plan, sampling, self._device)
-        return self._rng.integers(256, self._vocab, len(plan.sample_rows)).astype(np.int32)
+        return self._rng.integers(256, self._vocab, plan.num_sample_rows).astype(np.int32)
 
     def fetch(self, out: np.ndarray, logprobs: bool) -> Sampled:
         return Sampled(out.tolist(), None, None, None)

@@ -25,16 +25,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..cli.flags import add_engine_flags
+from ..cli.flags import engine_config as flag_config
 from . import report, workloads
 from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
 from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
                       matmul_ceiling_gflops, passive_omp, run_vllm_offline, vllm_skip_reason)
 
-ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike. Bench defaults: the engine's "
-                 "(--max-batch-size 64, --max-num-batched-tokens 512, --max-prefill-seqs 16), "
-                 "--max-model-len = the longest prompt + output. --policy and --no-warmup are ignored: "
-                 "each system sets its policy and every engine is warmed up before timing. "
-                 "See docs/benchmarks.md.")
+ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike, with the engine's defaults; "
+                 "--max-model-len defaults to the longest prompt + output. --policy and --no-warmup "
+                 "are ignored: each system sets its policy and every engine is warmed up before "
+                 "timing. See docs/benchmarks.md.")
 DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
 
 
@@ -89,9 +89,7 @@ def add_parser(sub):
                             "latency); online default: norm:<the sweep's SLO>")
         g.add_argument("--no-progress", dest="progress", action="store_false")
         add_engine_flags(w)
-        # None: take the engine's defaults (engine_config).
-        w.set_defaults(fn=cmd_bench, max_batch_size=64, max_num_batched_tokens=None,
-                       max_prefill_seqs=None)
+        w.set_defaults(fn=cmd_bench)
     return wsub
 
 
@@ -165,19 +163,13 @@ def make_trace(args, vocab_size: int) -> workloads.Trace:
 
 
 def engine_config(args, trace: workloads.Trace, policy: str):
-    """The EngineConfig both orca-jax systems share (only `policy` differs). The static policy
-    forms a whole batch of up to max_batch_size requests and prefills it over as many
-    iterations as the token budget needs, so the engine's defaults serve both."""
-    from ..engine import EngineConfig
-    B = args.max_batch_size
-    default = EngineConfig()
-    return EngineConfig(
-        max_batch_size=B, max_prefill_seqs=min(args.max_prefill_seqs or default.max_prefill_seqs, B),
-        max_num_batched_tokens=max(args.max_num_batched_tokens or default.max_num_batched_tokens, B),
-        max_waiting=max(args.max_waiting, len(trace)), policy=policy,
-        max_model_len=args.max_model_len or trace.max_total_len,
-        kv_memory=int(args.kv_memory) if args.kv_memory else None,
-        kv_memory_fraction=args.kv_memory_fraction, warmup=True)
+    """The EngineConfig both orca-jax systems share (only `policy` differs): the engine flags,
+    with the waiting queue and the context length fitted to the trace. The static policy forms
+    a whole batch of up to max_batch_size requests and prefills it over as many iterations as
+    the token budget needs, so the engine's defaults serve both."""
+    return dataclasses.replace(
+        flag_config(args), policy=policy, max_waiting=max(args.max_waiting, len(trace)),
+        max_model_len=args.max_model_len or trace.max_total_len, warmup=True)
 
 
 def command_line(args) -> str:

@@ -352,8 +352,8 @@ def cmd_demo(args) -> int:
         if iters:
             print(f"  engine: {iters} iterations, mean batch {sum(batch_sizes) / iters:.1f} "
                   f"requests (Orca's iteration-level scheduling: requests join and leave every step)")
-        print(f"\n(weights are random, so the text is noise.) Next: `orca-jax serve --http-port 8000` "
-              f"and `orca-jax generate --server localhost:50051 --prompt 'The orca'`")
+        print("\n(weights are random, so the text is noise.) Next: `orca-jax serve --http-port 8000` "
+              "and `orca-jax generate --server localhost:50051 --prompt 'The orca'`")
     finally:
         server.stop()
         engine.shutdown()

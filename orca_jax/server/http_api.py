@@ -21,7 +21,6 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 
