@@ -62,6 +62,7 @@ class StopAutomaton:
                     nxt.append(child)
             frontier = nxt
         self.fail, self.depth, self.match = (array.array("i", x) for x in (fail, depth, match))
+        self.first = frozenset(chr(key & 0x1FFFFF) for key in edges[0])  # characters that start one
 
     def step(self, state: int, ch: str) -> int:
         nxt, c = self.next, ord(ch)
@@ -112,6 +113,8 @@ class StopStringMatcher:
             return "", True
         if self.auto is None:
             return delta, False
+        if not self.state and self.auto.first.isdisjoint(delta):
+            return delta, False  # nothing held, and no stop string can start in `delta`
         buf = self.held + delta
         auto, state = self.auto, self.state
         for i, ch in enumerate(delta):

@@ -10,7 +10,7 @@ from orca_jax.bench.workloads import Trace, parse_range
 
 
 def peers_prompts(n, prompt_len, vocab, seed):
-    """../shared/peers/vllm_cpu_offline.py's draws, copied."""
+    """The reference vLLM script's draws (random.Random(seed), one randrange per token), copied."""
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(n)]
 

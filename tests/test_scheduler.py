@@ -427,7 +427,7 @@ def test_build_plan_of_a_hand_made_batch():
 def test_build_plan_decode_only_and_prefill_only():
     buckets = Buckets.make(4, 16, 2, min_decode=1)
     dec = build_plan(Batch([running("a", [1], slot=3, num_scheduled=BLOCK + 1)], []), buckets, num_slots=4)
-    dm, di, ds = dec.inputs.meta, dec.inputs, dec.sample
+    dm, di = dec.inputs.meta, dec.inputs
     assert (dec.num_decode, dec.num_prefill) == (1, 0) and di.prefill_tokens.shape == (0,)
     assert dm.pos.tolist() == [BLOCK] and dm.dec_blocks == 2      # position 64 is in the 2nd block
     assert (dm.prefix_seg, dm.prefix_len, dm.prefix_blocks) == (-2, 0, 0)

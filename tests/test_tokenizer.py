@@ -155,7 +155,8 @@ def test_stop_matching_agrees_with_a_naive_search_however_the_text_is_split():
     for _ in range(3000):
         stops = list({"".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
                       for _ in range(rng.randint(1, 4))})
-        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
+        # x, y start no stop string: deltas of them take the matcher's fast path
+        text = "".join(rng.choice("abcxy") for _ in range(rng.randint(0, 14)))
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 4))))
         deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         include = rng.random() < 0.5

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine import Engine, EngineConfig
+from ..config import EngineConfig
+from ..engine import Engine, freeze_startup_heap
 from ..models.gpt2 import PRESETS, GPTConfig, init_params
 from ..plan import BLOCK
 from ..request import SamplingParams
@@ -88,6 +89,7 @@ def main(argv=None) -> None:
     start = ceilings(c.jnp_dtype)
     ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False)
     eng = Engine.build(c, init_params(c), ec)
+    freeze_startup_heap()  # as `serve` does once its engine is built
     times = {b: step_seconds(eng, b, args.rounds, args.steps) for b in batches}
     end = ceilings(c.jnp_dtype)
     bandwidth, flops = min(start[0], end[0]), min(start[1], end[1])

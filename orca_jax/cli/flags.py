@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import typing
 
@@ -81,16 +80,11 @@ def placement(args):
 def build_engine(args, model: str, cfg=None, peers=None):
     """`Engine.from_checkpoint` with the engine and distributed flags (`cfg`: instead of
     `engine_config(args)`)."""
-    from ..engine import Engine
+    from ..engine import Engine, freeze_startup_heap
     mesh, layout = placement(args)
     engine = Engine.from_checkpoint(model, cfg or engine_config(args), dtype=args.dtype, mesh=mesh,
                                     layout=layout, peers=peers)
-    # Everything alive after start-up (JAX, the model, compiled programs: ~270k objects) leaves
-    # the garbage collector's reach: a full collection over it took ~145 ms here, a pause of
-    # every stream whenever one ran (vLLM and SGLang do the same). Only the commands freeze: a
-    # library Engine must not, or every engine a process drops later stays alive for good.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     return engine
 
 
