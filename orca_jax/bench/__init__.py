@@ -5,6 +5,10 @@
     systems.py    orca-jax (iteration / static), HF generate, vLLM peer; the arrival loop
     report.py     JSON report, Markdown tables, matplotlib plots
     run.py        the command: checkpoint -> trace -> ceiling -> systems -> report
+    stages.py     `bench stages`: per-device activity of pipeline stages (profiled)
+    latency.py    `bench latency`: time per output token vs the floors (decode_step.py), host
+                  time per iteration over an instant device (host.py)
+    vllm_offline.py  the vLLM peer's driver, run under vLLM's own Python
 
 See docs/benchmarks.md for how to read the results.
 """

@@ -46,13 +46,14 @@ def ceilings(dtype) -> tuple[float, float]:
     return bandwidth, 2 * 2048**3 / _best(jax.jit(lambda x: x @ x), a)
 
 
-def floor_seconds(c: GPTConfig, batch: int, context: int, bandwidth: float, flops: float) -> float:
-    """Weights (layers + tied LM head) and the batch's KV read once, vs the matmul FLOPs."""
+def floors(c: GPTConfig, batch: int, context: int, bandwidth: float, flops: float) -> dict:
+    """A decode step's two floors in seconds: its weights (layers + tied LM head) and the
+    batch's KV read once at `bandwidth`, and its matmul FLOPs at `flops`."""
     L, D, F, V, size = c.n_layer, c.n_embd, c.mlp_dim, c.vocab_size, jnp.dtype(c.jnp_dtype).itemsize
     weights = (L * (4 * D * D + 2 * D * F) + V * D) * size
     kv = batch * context * L * 2 * D * size
     matmul = 2 * batch * (L * (4 * D * D + 2 * D * F) + D * V) + 4 * batch * context * D * L
-    return max((weights + kv) / bandwidth, matmul / flops)
+    return {"read": (weights + kv) / bandwidth, "matmul": matmul / flops}
 
 
 def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0) -> tuple[float, int]:
@@ -77,6 +78,38 @@ def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0
     return float(np.median(per_round)), -(-(PROMPT + 3 + rounds * steps) // BLOCK) * BLOCK
 
 
+def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8) -> dict:
+    """Ceilings (before and after) and, per batch, the steady decode step against its floor."""
+    c = PRESETS[preset]
+    start = ceilings(c.jnp_dtype)
+    ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False)
+    eng = Engine.build(c, init_params(c), ec)
+    freeze_startup_heap()  # as `serve` does once its engine is built
+    times = {b: step_seconds(eng, b, rounds, steps) for b in batches}
+    end = ceilings(c.jnp_dtype)
+    bandwidth, flops = min(start[0], end[0]), min(start[1], end[1])
+    rows = []
+    for b, (t, context) in times.items():
+        f = floors(c, b, context, bandwidth, flops)
+        bound = max(f, key=f.get)
+        rows.append({"batch": b, "decode_rows": eng.buckets.decode_rows(b, 0), "context": context,
+                     "step_ms": t * 1e3, "floor_ms": f[bound] * 1e3, "floor_bound": bound,
+                     "ratio": t / f[bound]})
+    return {"preset": preset, "rounds": rounds, "steps": steps,
+            "bandwidth_gbs": [start[0] / 1e9, end[0] / 1e9], "matmul_gflops": [start[1] / 1e9, end[1] / 1e9],
+            "decode": rows}
+
+
+def print_report(r: dict) -> None:
+    bw, mm = r["bandwidth_gbs"], r["matmul_gflops"]
+    print(f"{r['preset']}: bandwidth {bw[0]:.1f} / {bw[1]:.1f} GB/s, matmul {mm[0]:.0f} / {mm[1]:.0f} "
+          f"GFLOP/s (start / end, best of 7)")
+    for row in r["decode"]:
+        print(f"batch {row['batch']:3d} (bucket {row['decode_rows']:3d} rows): {row['step_ms']:7.1f} ms per "
+              f"step = per output token, floor {row['floor_ms']:6.1f} ms ({row['floor_bound']}, KV context "
+              f"{row['context']}), {row['ratio']:.2f}x  [median of {r['rounds']} rounds x {r['steps']} steps]")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
@@ -84,22 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="engine steps per round")
     args = p.parse_args(argv)
-    c = PRESETS[args.preset]
-    batches = [int(b) for b in args.batches.split(",")]
-    start = ceilings(c.jnp_dtype)
-    ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False)
-    eng = Engine.build(c, init_params(c), ec)
-    freeze_startup_heap()  # as `serve` does once its engine is built
-    times = {b: step_seconds(eng, b, args.rounds, args.steps) for b in batches}
-    end = ceilings(c.jnp_dtype)
-    bandwidth, flops = min(start[0], end[0]), min(start[1], end[1])
-    print(f"{args.preset}: bandwidth {start[0] / 1e9:.1f} / {end[0] / 1e9:.1f} GB/s, matmul "
-          f"{start[1] / 1e9:.0f} / {end[1] / 1e9:.0f} GFLOP/s (start / end, best of 7)")
-    for b, (t, context) in times.items():
-        floor = floor_seconds(c, b, context, bandwidth, flops)
-        print(f"batch {b:3d}: {t * 1e3:7.1f} ms per step, floor {floor * 1e3:6.1f} ms "
-              f"(KV context {context}), {t / floor:.2f}x  [median of {args.rounds} rounds "
-              f"x {args.steps} steps]")
+    print_report(measure(args.preset, [int(b) for b in args.batches.split(",")], args.rounds, args.steps))
 
 
 if __name__ == "__main__":

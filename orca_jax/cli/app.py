@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from ..bench import latency as bench_latency
 from ..bench import run as bench_run
 from ..bench import stages as bench_stages
 from . import plan, serve
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server", default=None,
                    help="HOST:PORT of a running `orca-jax serve` (gRPC): stream from it instead")
 
-    bench_stages.add_parser(bench_run.add_parser(sub))  # bench offline|orca|sharegpt-like|stages
+    workloads = bench_run.add_parser(sub)  # bench offline|orca|sharegpt-like|stages|latency
+    bench_stages.add_parser(workloads)
+    bench_latency.add_parser(workloads)
     serve.add_parsers(sub)  # serve, demo
     plan.add_parser(sub)
 
