@@ -1,5 +1,5 @@
 """Connections a hostile or broken client holds open: idle, half-sent headers, a trickled
-body, too many at once. Each is closed or refused on a bound, as production HTTP servers do,
+body, a stream it stops reading, too many at once. Each is closed or refused on a bound, as production HTTP servers do,
 while normal requests keep being served. Raw sockets, so the test controls every byte."""
 import json
 import socket
@@ -16,14 +16,14 @@ from orca_jax.server import BackgroundServer, ServerConfig
 
 ENGINE = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4,
                       max_model_len=128, max_waiting=64)
-IDLE_S, BODY_S, MAX_CONNECTIONS = 1.0, 1.0, 4
+IDLE_S, BODY_S, WRITE_S, MAX_CONNECTIONS = 1.0, 1.0, 1.0, 4
 
 
 @pytest.fixture(scope="module")
 def bg(demo_model_dir):
     engine = AsyncEngine(Engine.from_checkpoint(demo_model_dir, ENGINE)).start()
     server = BackgroundServer(engine, ServerConfig(
-        grpc_port=0, http_port=0, idle_timeout_s=IDLE_S, body_timeout_s=BODY_S,
+        grpc_port=0, http_port=0, idle_timeout_s=IDLE_S, body_timeout_s=BODY_S, write_timeout_s=WRITE_S,
         max_connections=MAX_CONNECTIONS), "demo").start()
     yield server
     server.stop()
@@ -175,3 +175,32 @@ def test_grpc_calls_over_the_limit_are_resource_exhausted(bg):
     assert not errors, errors
     with Client(bg.grpc_target, timeout=30) as c:
         assert c.generate("The orca", max_tokens=2).completion_tokens == 2
+
+
+def test_a_stream_the_client_stops_reading_is_cut(bg, caplog):
+    """64 streamed choices (4 prompts x n=16) of 120 tokens with 20 logprobs each, ~6 MB of
+    SSE, more than loopback's socket buffers take (up to 4 MiB), to a client that reads
+    nothing: once those and aiohttp's buffer are full, the server waits WRITE_S for the
+    client, then closes the connection instead of holding the stream (and its deltas) for as
+    long as the client likes. Without the write timeout the server never gives up."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", bg.server.http_port))
+    body = json.dumps({"prompt": ["The orca"] * 4, "max_tokens": 120, "n": 16, "logprobs": 20,
+                       "stream": True, "ignore_eos": True}).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 60
+    while not any("took no data" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the server never gave up on the client"
+        time.sleep(0.2)
+    data = b""
+    try:
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    assert data.startswith(b"HTTP/1.1 200") and b"data: {" in data
+    assert b"data: [DONE]" not in data
+    assert completion(bg)["choices"][0]["text"] is not None  # and everyone else is served

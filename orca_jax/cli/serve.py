@@ -68,6 +68,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="close connections idle (or still sending request headers) this long (seconds)")
     g.add_argument("--body-timeout", type=float, default=30.0,
                    help="an HTTP request body not received within this many seconds: 408")
+    g.add_argument("--write-timeout", type=float, default=30.0,
+                   help="a streaming (SSE) client that takes no data for this many seconds is "
+                        "disconnected and its requests aborted")
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish")
     g.add_argument("--stuck-after", type=float, default=60.0,
@@ -110,7 +113,7 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),
                           max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
                           max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
-                          body_timeout_s=args.body_timeout)
+                          body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout)
     leader = None
     if args.num_processes > 1:
         from ..sharding import multihost

@@ -60,6 +60,8 @@ class ServerConfig:
     idle_timeout_s: float = 30.0          # a connection with no request in flight for this long
                                           # (or whose request headers take this long) is closed
     body_timeout_s: float = 30.0          # an HTTP body not received within this: 408
+    write_timeout_s: float = 30.0         # an SSE chunk the client takes no byte of within this:
+                                          # the stream is cut and its requests aborted
     drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may finish
     health_poll_s: float = 0.5            # how often gRPC health follows the engine's state
 
@@ -78,8 +80,8 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {self.max_connections}")
-        if self.idle_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise ValueError("idle_timeout_s and body_timeout_s must be > 0")
+        if min(self.idle_timeout_s, self.body_timeout_s, self.write_timeout_s) <= 0:
+            raise ValueError("idle_timeout_s, body_timeout_s and write_timeout_s must be > 0")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
 

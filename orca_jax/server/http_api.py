@@ -278,6 +278,7 @@ class CompletionsAPI:
                 await queue.put((i, out))
 
         tasks: list[asyncio.Task] = []
+        wt = self.server.config.write_timeout_s
         try:
             # The headers wait for every choice's first output, so that a failed submission
             # still gets its own status (400/429/503) instead of an error inside a 200 stream.
@@ -298,7 +299,7 @@ class CompletionsAPI:
                 i, out = await queue.get()
                 failed = self._failure(out) if out.finished else None
                 if failed is not None:
-                    await _sse(resp, failed.body())
+                    await _sse(resp, failed.body(), wt)
                     break
                 lp = None
                 if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
@@ -306,7 +307,7 @@ class CompletionsAPI:
                     text_offset[i] += sum(map(len, lp["tokens"]))
                 await _sse(resp, {**head, "choices": [{
                     "index": i, "text": out.text, "logprobs": lp,
-                    "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]})
+                    "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]}, wt)
                 if out.finished:
                     left -= 1
                     usage.append((i, out.usage))
@@ -314,10 +315,15 @@ class CompletionsAPI:
                 p = sum(u.prompt_tokens for i, u in usage if i % n == 0)  # once per prompt
                 c = sum(u.completion_tokens for _, u in usage)
                 await _sse(resp, {**head, "choices": [], "usage": {
-                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
-            await resp.write(b"data: [DONE]\n\n")
+                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}, wt)
+            await _write(resp, b"data: [DONE]\n\n", wt)
             await resp.write_eof()
             return resp
+        except _SlowReader:  # a client that stops reading holds no stream (and no KV slot) for long
+            log.warning("HTTP stream %s: the client took no data for %.0f s; closing it", cid, wt)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"stream {cid}: client too slow") from None
         finally:  # disconnect, cancel or error: every unfinished request is aborted
             for t in tasks:
                 t.cancel()
@@ -345,5 +351,17 @@ class CompletionsAPI:
                 "text_offset": offsets}
 
 
-async def _sse(resp: web.StreamResponse, obj: dict) -> None:
-    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+class _SlowReader(Exception):
+    """The client did not take a stream chunk within the write timeout."""
+
+
+async def _write(resp: web.StreamResponse, data: bytes, timeout_s: float) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await resp.write(data)  # waits while the client's socket and aiohttp's buffer are full
+    except TimeoutError:
+        raise _SlowReader from None
+
+
+async def _sse(resp: web.StreamResponse, obj: dict, timeout_s: float) -> None:
+    await _write(resp, b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n", timeout_s)
