@@ -323,7 +323,7 @@ class CompletionsAPI:
             log.warning("HTTP stream %s: the client took no data for %.0f s; closing it", cid, wt)
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError(f"stream {cid}: client too slow") from None
+            return resp  # aiohttp's closing write_eof meets the closed transport and stops quietly
         finally:  # disconnect, cancel or error: every unfinished request is aborted
             for t in tasks:
                 t.cancel()
