@@ -41,7 +41,9 @@ DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "
 def add_parser(sub):
     """`orca-jax bench WORKLOAD`; returns the workloads' subparsers (`stages` joins them)."""
     p = sub.add_parser("bench", help="compare orca-jax with baselines (offline throughput, online rate sweeps)",
-                       description=__doc__.splitlines()[0])
+                       description="Benchmarks: offline / orca / sharegpt-like compare every system on one "
+                                   "seeded trace; stages and latency measure orca-jax alone. See "
+                                   "docs/benchmarks.md.")
     wsub = p.add_subparsers(dest="workload", required=True)
     helps = {"offline": "N requests at t=0 (the peers' workload): tokens/s of every system",
              "orca": "the Orca paper's trace (Poisson arrivals, uniform lengths): a rate sweep",
