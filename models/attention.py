@@ -63,8 +63,6 @@ class KVCache:
 KV_AXES = ("layers", "slots", "kv_heads", "length", "head_dim")
 
 
-
-
 def write_kv(kv_layer: jax.Array, l: int, new: jax.Array, meta: AttnMeta) -> jax.Array:
     """Scatters this step's rows `new` [T,H,K] into layer `l` of `kv_layer` [L,S,H,M,K]."""
     return kv_layer.at[l, meta.slot, :, meta.pos].set(new.astype(kv_layer.dtype), mode="drop")

@@ -37,7 +37,8 @@ from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
 from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
 from .sharding.plan import fit_kv_slots, kv_bytes_per_device, kv_placement
-from .step import DeviceState, device_put_inputs, init_device_state, run_sample, run_step, runtime_params
+from .step import (DeviceState, device_put_packed, init_device_state, pack_inputs, run_sample, run_step,
+                   runtime_params)
 
 log = logging.getLogger("orca_jax")
 
@@ -202,9 +203,13 @@ class ModelRunner:
         the leader's plans (and, on a later stage, the previous stage's activations `x`)."""
         if self.peers is not None:
             self.peers.send_plan(plan, sampling)
+        step_host, sample_host = pack_inputs(plan, sampling if self.local_stages[-1].last else None)
         # x: activations [T, D] handed from stage to stage; the last stage's logits
         for i, st in enumerate(self.local_stages):
-            step_in, sample_in = device_put_inputs(plan, sampling if st.last else None, st.replicated)
+            if st.last:
+                step_in, sample_in = device_put_packed([step_host, sample_host], st.replicated)
+            else:
+                (step_in,) = device_put_packed([step_host], st.replicated)
             if x is not None:
                 x = jax.device_put(x, st.replicated)
             self._states[i], x = self._steps[i](self._params[i], self._states[i], *step_in, x=x)
@@ -248,7 +253,7 @@ class ModelRunner:
     def compiled_step(self, stage: int, plan: StepPlan, x: jax.Array | None = None) -> str:
         """The compiled forward program of local stage `stage` at `plan`'s shape, as HLO text
         (`x`: the activations a later stage takes), to read its collectives and loops."""
-        step_in, _ = device_put_inputs(plan, None, self.local_stages[stage].replicated)
+        (step_in,) = device_put_packed([pack_inputs(plan, None)[0]], self.local_stages[stage].replicated)
         lowered = self._steps[stage].lower(self._params[stage], self._states[stage], *step_in, x=x)
         return lowered.compile().as_text()
 

@@ -37,7 +37,6 @@ jax.tree_util.register_dataclass(StepInputs)  # defined with the plan, host side
 jax.tree_util.register_dataclass(SampleInputs)
 
 
-
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["kv", "last_token", "history"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
@@ -149,19 +148,16 @@ def pack(tree) -> tuple[np.ndarray, np.ndarray, Packing]:
     return cat(ints, np.int32), cat(floats, np.float32), Packing(treedef, tuple(spec))
 
 
-def step_inputs(plan: StepPlan, sampling: SamplingTensors | None) -> tuple[StepInputs, SampleInputs | None]:
-    """The two programs' inputs: the plan's, with the sampling parameters on the sampling
-    stage (`sampling` given) and no sampling program elsewhere."""
-    return plan.inputs, None if sampling is None else dataclasses.replace(plan.sample, sampling=sampling)
+def pack_inputs(plan: StepPlan, sampling: SamplingTensors | None):
+    """Host side, once per iteration: the forward program's inputs and (with `sampling`: on
+    the process that samples) the sampling program's, each packed as (ints, floats, Packing).
+    The two are packed apart so that the sampling program stays one per R bucket."""
+    step = pack(plan.inputs)
+    return step, None if sampling is None else pack(dataclasses.replace(plan.sample, sampling=sampling))
 
 
-def device_put_inputs(plan: StepPlan, sampling: SamplingTensors | None, sharding=None):
-    """The step's inputs (to one stage; the sampling inputs only where `sampling` is given:
-    the last stage) in one host-to-device transfer: each program's inputs packed into an int32
-    and a float32 array. Returns (step, sample): each (ints, floats, Packing), sample None
-    without `sampling`; a program takes its triple and `Packing.unpack`s it. (The two are
-    packed apart so that the sampling program stays one per R bucket.)"""
-    parts = [pack(x) for x in step_inputs(plan, sampling) if x is not None]
+def device_put_packed(parts, sharding=None) -> list:
+    """Each packed (ints, floats, Packing) of `parts` onto `sharding`, in one host-to-device
+    transfer; a program takes its triple and `Packing.unpack`s it."""
     arrays = jax.device_put([a for ints, floats, _ in parts for a in (ints, floats)], sharding)
-    out = [(arrays[2 * i], arrays[2 * i + 1], packing) for i, (_, _, packing) in enumerate(parts)]
-    return out[0], (out[1] if len(out) > 1 else None)
+    return [(arrays[2 * i], arrays[2 * i + 1], packing) for i, (_, _, packing) in enumerate(parts)]

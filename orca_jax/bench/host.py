@@ -6,8 +6,8 @@ On a GPU a GPT-2-sized step takes well under a millisecond, so the host's share 
 iteration (schedule + plan + input packing and transfer + reading ids back + detokenize, stop
 checks, deltas) decides whether the device waits. This runs the real `Engine` over a runner
 whose "device" answers at once: `run` packs and transfers the step's inputs exactly as
-`ModelRunner.run` does (`step.device_put_inputs`, onto this machine's first device) and
-returns random token ids; everything else is the production host path. For each number of
+`ModelRunner.run` does (`step.pack_inputs`, `step.device_put_packed`, onto this machine's
+first device) and returns random token ids; everything else is the production host path. For each number of
 running requests (all decoding, sampled with temperature 0.8 and top-p 0.9, a stop string,
 the embedded demo model's byte-level BPE tokenizer, or `--model`'s), it reports the median and p90 wall time
 of `Engine.step()` over `--steps` iterations.
@@ -46,8 +46,8 @@ class HostOnlyRunner:
         pass
 
     def run(self, plan: StepPlan, sampling: SamplingTensors) -> np.ndarray:
-        from ..step import device_put_inputs
-        device_put_inputs(plan, sampling, self._device)
+        from ..step import device_put_packed, pack_inputs
+        device_put_packed(pack_inputs(plan, sampling), self._device)
         return self._rng.integers(256, self._vocab, plan.num_sample_rows).astype(np.int32)
 
     def fetch(self, out: np.ndarray, logprobs: bool) -> Sampled:
