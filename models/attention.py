@@ -1,22 +1,25 @@
-"""Selective-batching attention over a preallocated KV buffer (Orca, OSDI'22, §4.2).
+"""Selective-batching attention over a paged KV cache (Orca, OSDI'22, §4.2; vLLM's pages).
 
 Every weight-bearing op of a step runs on the flattened token matrix; only attention is split
 per request, because each request attends to its own keys and values. A step's T rows are
-laid out as ``[Td decode rows | Tp prefill rows]``:
+laid out as ``[Td decode rows | Tp prefill rows]``; every row's K and V are first written to
+its page position (`write_kv`, `meta.kv_index`), then:
 
-* decode rows (one token per request) read their whole history from the KV buffer, in
-  BLOCK-sized pieces up to the step's longest context (a runtime trip count, never ``max_len``);
-* prefill rows attend causally within their own segment (a prompt or a chunk of one) of this
-  step; at most one segment per step continues a chunked prompt and also reads the first
-  ``prefix_len`` positions of its slot from the buffer (chunked prefill).
+* decode rows (one token per request) read their whole history through their block table,
+  one page at a time up to the step's longest context (a runtime trip count, never `max_len`);
+* prefill rows attend causally within their own segment (a prompt, or a chunk of one) of this
+  step, densely; a segment that continues a sequence already in its pages (an earlier chunk,
+  or a prefix found in the prefix cache) also reads those positions through its block table,
+  in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
-Legend: T tokens, Td/Tp decode/prefill rows, H heads, K head dim, L layers, S slots,
-M max length of a slot, B positions per attention block.
+Legend: T tokens, Td/Tp decode/prefill rows, H heads, K head dim, L layers, P pages,
+B positions per page, W pages per sequence.
 
-Layout `[L, S, H, M, K]` (heads before positions), chosen by measuring on CPU: a block of one
-slot is H contiguous runs of B*K values, copied by one `dynamic_slice` per row (XLA's
-element-wise gather over (slot, position) pairs was 3.7x slower), and the score einsum then
-needs no transpose (2.8x faster than over `[S, M, H, K]` blocks).
+Layout: per layer `[H, P, B, K]` (heads before pages), what the Pallas GPU paged-attention
+kernel reads (`pallas_attention.py`), and on CPU the layout measured best for the XLA path:
+a page of one sequence is H contiguous runs of B*K values, copied by one `dynamic_slice` per
+row (an element-wise gather over (page, position) pairs was 3.7x slower), and the score einsum
+then needs no transpose (2.8x faster than over `[P, B, H, K]` pages).
 """
 from __future__ import annotations
 
@@ -26,72 +29,79 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..plan import BLOCK, AttnMeta  # the plan's conventions (also PAD_SEG, NO_PREFIX_SEG)
+from ..plan import AttnMeta  # the plan's conventions (also PAD_SEG)
 
 jax.tree_util.register_dataclass(AttnMeta)  # defined with the plan, host side (no JAX there)
+
+
+HIST_TILE = 16  # prefill rows per history tile (the smallest prefill bucket)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """The KV buffer: allocated once, donated to every step and updated in place."""
+    """The KV page pool: one array of pages per layer, allocated once, donated to every step
+    and updated in place."""
 
-    k: jax.Array  # [L, S, H, M, K]
-    v: jax.Array  # [L, S, H, M, K]
-
-    @property
-    def num_slots(self) -> int:
-        return self.k.shape[1]
+    k: tuple[jax.Array, ...]  # L x [H, P, B, K]
+    v: tuple[jax.Array, ...]  # L x [H, P, B, K]
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def num_pages(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
 
     @staticmethod
-    def shape(num_layers: int, num_slots: int, max_len: int, num_heads: int, head_dim: int):
-        """A slot holds at least `max_len` positions, rounded up to whole attention blocks."""
-        return (num_layers, num_slots, num_heads, -(-max_len // BLOCK) * BLOCK, head_dim)
+    def shape(num_pages: int, page_size: int, num_heads: int, head_dim: int) -> tuple[int, ...]:
+        """One layer's K (or V) pages."""
+        return (num_heads, num_pages, page_size, head_dim)
 
     @staticmethod
-    def zeros(num_layers, num_slots, max_len, num_heads, head_dim, dtype, sharding=None) -> "KVCache":
-        shape = KVCache.shape(num_layers, num_slots, max_len, num_heads, head_dim)
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    def zeros(num_layers, num_pages, page_size, num_heads, head_dim, dtype, sharding=None) -> "KVCache":
+        shape = KVCache.shape(num_pages, page_size, num_heads, head_dim)
+        make = jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                       out_shardings=sharding)
         return KVCache(k=make(), v=make())
 
 
-# Logical axes of the KV buffer, mapped to mesh axes by a sharding layout.
-KV_AXES = ("layers", "slots", "kv_heads", "length", "head_dim")
+# Logical axes of one layer's pages, mapped to mesh axes by a sharding layout.
+KV_AXES = ("kv_heads", "pages", "page_size", "head_dim")
 
 
-def write_kv(kv_layer: jax.Array, l: int, new: jax.Array, meta: AttnMeta) -> jax.Array:
-    """Scatters this step's rows `new` [T,H,K] into layer `l` of `kv_layer` [L,S,H,M,K]."""
-    return kv_layer.at[l, meta.slot, :, meta.pos].set(new.astype(kv_layer.dtype), mode="drop")
+def write_kv(pages: jax.Array, new: jax.Array, meta: AttnMeta) -> jax.Array:
+    """Scatters this step's rows `new` [T,H,K] into one layer's `pages` [H,P,B,K] at
+    `meta.kv_index` (padding rows point past the last page: dropped)."""
+    B = pages.shape[2]
+    return pages.at[:, meta.kv_index // B, meta.kv_index % B].set(
+        new.swapaxes(0, 1).astype(pages.dtype), mode="drop")
 
 
-def _block(buf: jax.Array, l, slot, start) -> jax.Array:
-    """Positions [start, start + B) of one slot: [H, B, K] (clamped at the end of the slot;
-    the caller masks positions past its context)."""
-    H, K = buf.shape[2], buf.shape[4]
-    return jax.lax.dynamic_slice(buf, (l, slot, 0, start, 0), (1, 1, H, BLOCK, K))[0, 0]
+def _page(pages: jax.Array, page) -> jax.Array:
+    """One page [H, B, K] of one layer's `pages` [H, P, B, K]."""
+    H, _, B, K = pages.shape
+    return jax.lax.dynamic_slice(pages, (0, page, 0, 0), (H, 1, B, K))[:, 0]
 
 
-def _blocks_softmax(q, kv: KVCache, l, slot, n_blocks, valid, scale, init):
-    """Online softmax (flash-decoding) of q [N,H,K] over `n_blocks` BLOCK-sized pieces of the
-    buffer rows `slot` ([N] or a scalar); `valid(idx [B]) -> bool [N,B]` masks positions.
-    `init` = (running max [N,H], denominator [N,H], numerator [N,H,K]), all float32."""
+def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
+    """Online softmax (flash-decoding) of q [N,H,K] over the first `n_pages` pages of `table`
+    ([N, W]: each row its own, or [W]: shared by the rows); `valid(idx [B]) -> bool [N,B]`
+    masks positions. `init` = (running max [N,H], denominator [N,H], numerator [N,H,K]), f32."""
     f32 = jnp.float32
-    per_row = jnp.ndim(slot) == 1
+    B = k_pages.shape[2]
+    per_row = table.ndim == 2
 
     def body(i, carry):
         m, d, acc = carry
-        start = i * BLOCK                # slots are whole blocks long (KVCache.shape)
-        idx = start + jnp.arange(BLOCK)                              # [B]
+        idx = i * B + jnp.arange(B)                                              # [B]
         if per_row:
-            kb = jax.vmap(lambda s: _block(kv.k, l, s, start))(slot)  # [N, H, B, K]
-            vb = jax.vmap(lambda s: _block(kv.v, l, s, start))(slot)
+            kb = jax.vmap(lambda p: _page(k_pages, p))(table[:, i])              # [N, H, B, K]
+            vb = jax.vmap(lambda p: _page(v_pages, p))(table[:, i])
             s = jnp.einsum("nhk,nhbk->nhb", q, kb, preferred_element_type=f32) * scale
         else:
-            kb, vb = _block(kv.k, l, slot, start), _block(kv.v, l, slot, start)  # [H, B, K]
+            kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [H, B, K]
             s = jnp.einsum("nhk,hbk->nhb", q, kb, preferred_element_type=f32) * scale
         s = jnp.where(valid(idx)[:, None, :], s, -jnp.inf)          # [N, H, B]
         m_new = jnp.maximum(m, s.max(-1))
@@ -104,33 +114,37 @@ def _blocks_softmax(q, kv: KVCache, l, slot, n_blocks, valid, scale, init):
         acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=f32)
         return m_new, d, acc
 
-    return jax.lax.fori_loop(0, n_blocks, body, init)
+    return jax.lax.fori_loop(0, n_pages, body, init)
 
 
-def attend(q, k_new, v_new, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax.Array:
-    """Attention for one layer; `kv` already holds this step's keys and values.
-
-    q, k_new, v_new: [T, H, K]. Returns [T, H, K] in q's dtype.
-    """
+def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
+           backend: str = "xla") -> jax.Array:
+    """Attention for one layer; its `k_pages`, `v_pages` [H,P,B,K] already hold this step's
+    keys and values. q, k_new, v_new: [T, H, K]. Returns [T, H, K] in q's dtype. `backend`
+    "pallas": decode rows through the Pallas GPU kernel (pallas_attention.py)."""
     Td = meta.num_decode
     f32 = jnp.float32
     outs = []
-    if Td:
-        # Decode rows read their own history [0, pos] from the buffer, block by block.
+    if Td and backend == "pallas":
+        from .pallas_attention import paged_decode_attention
+        outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table,
+                                           meta.pos[:Td] + 1, scale))
+    elif Td:
+        # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
         H, K = q.shape[1:]
         init = (jnp.full((Td, H), -jnp.inf, f32), jnp.zeros((Td, H), f32), jnp.zeros((Td, H, K), f32))
-        _, d, acc = _blocks_softmax(qd, kv, l, meta.slot[:Td], meta.dec_blocks,
-                                    lambda idx: idx[None, :] <= pos[:, None], scale, init)
+        _, d, acc = _pages_softmax(qd, k_pages, v_pages, meta.block_table, meta.dec_blocks,
+                                   lambda idx: idx[None, :] <= pos[:, None], scale, init)
         outs.append(acc / d[..., None])
     if q.shape[0] > Td:
-        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], kv, l, meta, scale))
+        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], k_pages, v_pages, meta, scale))
     return jnp.concatenate(outs, axis=0).astype(q.dtype)
 
 
-def _prefill_attend(q, k, v, kv: KVCache, l, meta: AttnMeta, scale: float) -> jax.Array:
-    """Prefill rows [Tp, H, K]: causal within each segment of this step, then, for the one
-    segment that continues a chunked prompt, its first prefix_len positions from the buffer."""
+def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float) -> jax.Array:
+    """Prefill rows [Tp, H, K]: causal within each segment of this step, then, for segments
+    that continue a sequence, its first hist_len positions from the pages."""
     f32 = jnp.float32
     seg, pos = meta.seg, meta.pos[meta.num_decode:]
     s = jnp.einsum("thk,uhk->thu", q, k, preferred_element_type=f32) * scale    # [Tp, H, Tp]
@@ -138,9 +152,32 @@ def _prefill_attend(q, k, v, kv: KVCache, l, meta: AttnMeta, scale: float) -> ja
     s = jnp.where(mask[:, None, :], s, -jnp.inf)
     m = s.max(-1)                     # finite: every row sees at least itself
     p = jnp.exp(s - m[..., None])
-    init = (m, p.sum(-1), jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32))
-    in_prefix = seg == meta.prefix_seg
-    _, d, acc = _blocks_softmax(q, kv, l, meta.prefix_slot, meta.prefix_blocks,
-                                lambda idx: in_prefix[:, None] & (idx[None, :] < meta.prefix_len),
-                                scale, init)
+    state = (m, p.sum(-1), jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32))
+    _, d, acc = _history(q, k_pages, v_pages, meta, scale, state)
     return acc / d[..., None]
+
+
+def _history(q, k_pages, v_pages, meta: AttnMeta, scale: float, state):
+    """Folds into `state` (softmax state of the Tp prefill rows) each history segment's
+    positions [0, hist_len) read from its pages, HIST_TILE rows at a time: the work is the
+    segment's rows times its history, not every prefill row's."""
+    Tp, B = q.shape[0], k_pages.shape[2]
+    n_tile = min(HIST_TILE, Tp)
+
+    def segment(j, state):
+        r0, n, hist, table = meta.hist_row0[j], meta.hist_rows[j], meta.hist_len[j], meta.hist_table[j]
+
+        def tile(t, state):
+            first = r0 + t * n_tile
+            start = jnp.minimum(first, Tp - n_tile)   # a tile at the end is shifted back...
+            rows = start + jnp.arange(n_tile)
+            live = (rows >= first) & (rows < r0 + n)  # ...and masks rows already done
+            cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, n_tile)
+            out = _pages_softmax(cut(q), k_pages, v_pages, table, -(-hist // B),
+                                 lambda idx: live[:, None] & (idx[None, :] < hist), scale,
+                                 tuple(map(cut, state)))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(x, o, start, 0) for x, o in zip(state, out))
+
+        return jax.lax.fori_loop(0, -(-n // n_tile), tile, state)
+
+    return jax.lax.fori_loop(0, meta.num_hist, segment, state)

@@ -182,20 +182,21 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def block(c: GPTConfig, p: dict, x: jax.Array, kv: KVCache, l: int,
-          meta: AttnMeta) -> tuple[jax.Array, KVCache]:
-    """Transformer block `l` (params `p` of that layer) on rows x [T, D]; writes its K, V."""
+def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+          meta: AttnMeta, attention: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A transformer block (params `p` of that layer) on rows x [T, D]; writes its K, V into
+    the layer's pages [H, P, B, K] and returns them."""
     h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
     qkv = jnp.einsum("td,dahk->tahk", h, p["attn"]["c_attn"]["kernel"])
     qkv = qkv + p["attn"]["c_attn"]["bias"]                                      # [T, 3, H, K]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    kv = KVCache(k=write_kv(kv.k, l, k, meta), v=write_kv(kv.v, l, v, meta))
-    a = attend(q, k, v, kv, l, meta, 1.0 / math.sqrt(c.head_dim))                 # [T, H, K]
+    k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
+    a = attend(q, k, v, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim), attention)  # [T, H, K]
     x = x + jnp.einsum("thk,hkd->td", a, p["attn"]["c_proj"]["kernel"]) + p["attn"]["c_proj"]["bias"]
     h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
     h = ACTIVATIONS[c.activation](h @ p["mlp"]["c_fc"]["kernel"] + p["mlp"]["c_fc"]["bias"])  # [T, F]
     x = x + h @ p["mlp"]["c_proj"]["kernel"] + p["mlp"]["c_proj"]["bias"]        # [T, D]
-    return x, kv
+    return x, k_pages, v_pages
 
 
 class GPT(nnx.Module):
@@ -237,13 +238,14 @@ def unstack_layers(h: dict) -> list[dict]:
     return [jax.tree.map(lambda x: x[l], h) for l in range(n)]
 
 
-def decoder(c: GPTConfig, layers: list[dict], x: jax.Array, kv: KVCache,
-            meta: AttnMeta) -> tuple[jax.Array, KVCache]:
+def decoder(c: GPTConfig, layers: list[dict], x: jax.Array, kv: KVCache, meta: AttnMeta,
+            attention: str = "xla") -> tuple[jax.Array, KVCache]:
     """The blocks `layers` (one params dict per layer) over x [T, D], unrolled; layer l reads
-    and writes layer l of kv [L', ...], L' = len(layers)."""
+    and writes layer l of kv (L' = len(layers) arrays of pages)."""
+    ks, vs = list(kv.k), list(kv.v)
     for l, p in enumerate(layers):
-        x, kv = block(c, p, x, kv, l, meta)
-    return x, kv
+        x, ks[l], vs[l] = block(c, p, x, ks[l], vs[l], meta, attention)
+    return x, KVCache(k=tuple(ks), v=tuple(vs))
 
 
 def lm_head(c: GPTConfig, params: dict, x: jax.Array) -> jax.Array:

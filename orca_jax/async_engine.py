@@ -44,6 +44,10 @@ class EngineSnapshot:
     iterations: int
     last_iteration_time: float      # time.monotonic() of the last iteration (or of idling)
     batch_size: int                 # requests in the last iteration
+    num_preemptions: int = 0        # requests preempted so far (on-demand KV admission)
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int = 0      # of them, tokens found cached
+    num_swapped: int = 0            # preempted requests whose KV waits in host memory
 
 
 class AsyncEngine:
@@ -204,7 +208,8 @@ class AsyncEngine:
     def _publish(self, batch_size: int) -> None:
         s = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(s.waiting), len(s.running), s.kv_usage(),
-                                       self.engine.stats.iterations, time.monotonic(), batch_size)
+                                       self.engine.stats.iterations, time.monotonic(), batch_size,
+                                       s.num_preemptions, s.pool.queries, s.pool.hits, s.num_swapped)
 
     def _fail_all(self, error: str) -> None:
         self.dead = error

@@ -8,7 +8,7 @@
                     leave the batch at once
                     -> StepResult(outputs, batch)
 
-Three parts, three files: the scheduler (scheduler.py) picks work and owns the KV slots; the
+Three parts, three files: the scheduler (scheduler.py) picks work and owns the KV pages (kv_pages.py); the
 runner (runner.py) owns everything on the device (parameters, KV buffer, compiled programs,
 other processes); the output processor (outputs.py) turns sampled ids into deltas. The core
 here holds the request registry and wires them together; it never touches JAX, so tests run
@@ -33,6 +33,7 @@ from .config import EngineConfig, scheduler_config
 from .outputs import OutputProcessor
 from .plan import Buckets, SamplingTensors, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams
+from .kv_pages import PagePool, SwapSpace
 from .scheduler import Batch, Scheduler
 from .tokenizer import ByteTokenizer, load_tokenizer
 
@@ -47,6 +48,27 @@ def freeze_startup_heap() -> None:
     process dropped afterwards would stay alive for good."""
     gc.collect()
     gc.freeze()
+
+# Rough costs for choosing swap or recompute per preempted request (SwapSpace): host copy
+# bandwidth out and back, and the matmul rate of a prefill, per platform.
+HOST_COPY_BYTES_PER_S = {"cpu": 5e9, "gpu": 2e10}
+PREFILL_FLOPS_PER_S = {"cpu": 1.5e11, "gpu": 2e14}
+SWAP_FIXED_S = 2e-3  # a swap waits for the device once
+
+
+def swap_space(config: EngineConfig, model_config, kv, platform: str) -> SwapSpace | None:
+    """The host tier of `--swap-space` GiB: its room in pages (K and V of every layer, whole
+    heads) and its cost model, estimated from the model's KV bytes and FLOPs per token."""
+    if not config.swap_space:
+        return None
+    platform = "gpu" if platform == "gpu" else "cpu"
+    itemsize = 2 if model_config.dtype == "bfloat16" else 4
+    kv_per_token = 2 * model_config.n_layer * model_config.n_embd * itemsize
+    capacity = int(config.swap_space * 2**30) // (kv_per_token * kv.page_size)
+    return SwapSpace(capacity, 2 * kv_per_token / HOST_COPY_BYTES_PER_S[platform],
+                     2 * model_config.num_params() / PREFILL_FLOPS_PER_S[platform], SWAP_FIXED_S,
+                     config.preemption_mode)
+
 
 ISOLATED_IN_A_ROW = 3  # one-request iterations blamed in a row before the engine is at fault
 
@@ -106,9 +128,12 @@ class Engine:
         self.config = engine_config
         self.model_config = runner.model_config
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.num_slots, self.max_len = runner.num_slots, runner.max_len
+        self.num_slots, self.max_len, self.kv = runner.num_slots, runner.max_len, runner.kv
         sched = scheduler_config(engine_config, runner.num_slots, runner.n_stages)
-        self.scheduler = Scheduler(sched, runner.num_slots, runner.max_len)
+        self.pool = PagePool(self.kv.num_pages, self.kv.page_size, engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, runner.num_slots, runner.max_len, self.pool,
+                                   swap_space(engine_config, self.model_config, self.kv,
+                                              getattr(runner, "platform", "cpu")))
         self.buckets = Buckets.make(sched.max_batch_size, sched.max_num_batched_tokens,
                                     sched.max_prefill_seqs)
         eos = self.model_config.eos_token_id
@@ -120,9 +145,12 @@ class Engine:
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._blamed_in_a_row = 0  # iterations in a row whose every request was blamed (_isolate)
         self.stats = EngineStats()
-        log.info("KV buffer: %d slots x %d tokens (%.1f MiB per device), %d step programs x %d "
-                 "stage(s)", self.num_slots, self.max_len, getattr(runner, "kv_bytes", 0) / 2**20,
-                 len(self.buckets.shapes()), runner.n_stages)
+        log.info("KV cache: %d pages x %d tokens = %d tokens of KV (%.1f MiB per device), %s "
+                 "admission, prefix caching %s; %d sequences of up to %d tokens; %d step programs "
+                 "x %d stage(s)", self.kv.num_pages, self.kv.page_size,
+                 self.kv.num_pages * self.kv.page_size, getattr(runner, "kv_bytes", 0) / 2**20,
+                 engine_config.kv_admission, "on" if engine_config.enable_prefix_caching else "off",
+                 self.num_slots, self.max_len, len(self.buckets.shapes()), runner.n_stages)
         if engine_config.warmup:
             runner.warmup(self.buckets)
 
@@ -172,7 +200,7 @@ class Engine:
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT,
               error: str | None = None) -> RequestOutput | None:
-        """Stop a request now: its slot is free for the next iteration's schedule()."""
+        """Stop a request now: its pages are free for the next iteration's schedule()."""
         req = self._requests.get(request_id)
         if req is None or req.finished:
             return None
@@ -203,6 +231,8 @@ class Engine:
         other exception (the device step itself) propagates: the engine is broken."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        if batch.swap_out or batch.swap_in:
+            self._swap(batch)
         outputs: list[RequestOutput] = []
         launched = None
         if batch:
@@ -215,12 +245,23 @@ class Engine:
         self.stats.host_seconds += time.perf_counter() - t0
         return StepResult(outputs, launched.batch if launched is not None else None)
 
+    def _swap(self, batch: Batch) -> None:
+        """Copy preempted requests' pages to host memory (before their pages are reused by
+        this step), and resumed ones' back into their new pages with their tokens."""
+        for req, pages in batch.swap_out:
+            req.swapped = self.runner.swap_out(pages)
+        for req in batch.swap_in:
+            n = req.num_scheduled  # every token is back: the last output is the next input
+            self.runner.swap_in(req.swapped, req.pages, req.slot, req.token_ids(0, n),
+                                req.output_ids[-1] if req.output_ids else 0)
+            req.swapped = None
+
     def _prepare(self, batch: Batch) -> tuple[StepPlan, SamplingTensors]:
         """The iteration's host inputs: the padded plan and the sampling rows (numpy)."""
         if self.fault_hook is not None:
             for req in batch.requests():
                 self.fault_hook("prepare", req)
-        plan = build_plan(batch, self.buckets, self.num_slots, self.runner.host_decode_tokens)
+        plan = build_plan(batch, self.buckets, self.num_slots, self.kv, self.runner.host_decode_tokens)
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
@@ -238,6 +279,7 @@ class Engine:
                 return None, failed
             plan, sampling = self._prepare(batch)  # fails again: not the requests' fault
         out = self.runner.run(plan, sampling)
+        self.scheduler.launched(batch)
         st, n = self.stats, len(batch.decodes) + len(batch.prefills)
         st.iterations += 1
         st.tokens += plan.num_tokens

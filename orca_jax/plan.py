@@ -5,13 +5,18 @@ forward program), `SampleInputs` (sampling); the device side registers them as p
 
 Rows are laid out `[Td decode rows | Tp prefill rows]`, each count padded up to a bucket so
 that the number of compiled step programs stays small and every one of them is compiled at
-warm-up. Context lengths are not shapes: attention loops over BLOCK-sized pieces of the KV
-buffer with a runtime trip count. The rows that sample (every decode row, and the last row of
+warm-up. Context lengths are not shapes: attention loops over a sequence's pages with a
+runtime trip count. The rows that sample (every decode row, and the last row of
 each chunk that completes a prompt) are gathered for the LM head: `R = Td + min(Tp,
 max_prefill_seqs)` rows, rounded up to a power of two.
 
-Padding conventions (see models/attention.py): slot S (one past the last slot) drops a KV
-write; position 0; segment PAD_SEG; sample slot S drops the sampled-token write.
+KV memory is paged (orca_jax/kv_pages.py): each row carries the flat index of the page
+position its K and V go to, decode rows their request's block table, and prefill segments that
+continue a sequence already in pages (chunked prompts, cached prefixes) theirs.
+
+Padding conventions (see models/attention.py): slot S (one past the last slot) drops a
+per-sequence write and kv_index P * B (one past the last page) a KV write; position 0; segment
+PAD_SEG; sample slot S drops the sampled-token write.
 """
 from __future__ import annotations
 
@@ -24,9 +29,7 @@ from .request import MAX_STOP_TOKEN_IDS, Request, SamplingParams
 from .scheduler import Batch
 
 # The conventions of a plan, which the attention kernel (models/attention.py) reads:
-BLOCK = 64        # context positions per attention block; a slot's length is a multiple of it
 PAD_SEG = -1      # the segment of a padding prefill row
-NO_PREFIX_SEG = -2  # prefix_seg when no segment continues a chunked prompt: equals no row's segment
 
 
 def _geometric(lo: int, hi: int, factor: int) -> tuple[int, ...]:
@@ -89,24 +92,43 @@ class SampleRow(NamedTuple):  # a tuple: one is made per request per iteration
 
 
 @dataclasses.dataclass(frozen=True)
+class PagedKV:
+    """The geometry of the KV page pool that plans index (models/attention.py `KVCache`)."""
+
+    num_pages: int    # P: pages per layer
+    page_size: int    # B: positions per page (also the attention kernel's block)
+    max_pages: int    # W: pages of the longest sequence (max_model_len / B, rounded up): the
+                      # width of a block table
+
+    @staticmethod
+    def make(num_pages: int, page_size: int, max_len: int) -> "PagedKV":
+        return PagedKV(num_pages, page_size, -(-max_len // page_size))
+
+
+@dataclasses.dataclass(frozen=True)
 class AttnMeta:
     """Per-step attention metadata, padded to the step's bucket shape (numpy on the host,
     device arrays inside the programs).
 
-    Padding rows have ``slot == S`` (out of range: their KV writes are dropped), ``pos == 0``
-    and ``seg == PAD_SEG``; their outputs are computed but never read. Context lengths are runtime
-    values (loop trip counts over BLOCK-sized pieces of the buffer), so they add no compiled
-    programs: only the row counts Td and Tp are shapes.
+    Padding rows have ``slot == S`` and ``kv_index == P * B`` (out of range: their writes are
+    dropped), ``pos == 0`` and ``seg == PAD_SEG``; their outputs are computed but never read.
+    Context lengths are runtime values (loop trip counts over pages), so they add no compiled
+    programs: only the row counts Td and Tp are shapes (and the fixed widths W and Nh).
     """
 
-    slot: np.ndarray           # [T] int32 slot of each row
+    slot: np.ndarray           # [T] int32 sequence slot of each row (per-sequence device state)
     pos: np.ndarray            # [T] int32 absolute position of each row
+    kv_index: np.ndarray       # [T] int32 where its K and V go: page * B + pos % B
     seg: np.ndarray            # [Tp] int32 segment (request) id of each prefill row
-    dec_blocks: np.ndarray     # [] int32 blocks the decode rows read: ceil(max(pos + 1) / BLOCK)
-    prefix_seg: np.ndarray     # [] int32 segment that continues a chunked prompt (NO_PREFIX_SEG: none)
-    prefix_slot: np.ndarray    # [] int32 its slot
-    prefix_len: np.ndarray     # [] int32 its positions already in the buffer (0: none)
-    prefix_blocks: np.ndarray  # [] int32 ceil(prefix_len / BLOCK)
+    block_table: np.ndarray    # [Td, W] int32 pages of each decode row's sequence (0 past its end)
+    dec_blocks: np.ndarray     # [] int32 pages the decode rows read: ceil(max(pos + 1) / B)
+    # Prefill segments whose first positions are already in their pages (an earlier chunk of
+    # the prompt, or a cached prefix), packed first: Nh = min(max_prefill_seqs, Tp) entries.
+    hist_table: np.ndarray     # [Nh, W] int32 their pages
+    hist_len: np.ndarray       # [Nh] int32 positions already in the pages (the segment starts there)
+    hist_row0: np.ndarray      # [Nh] int32 first prefill row of the segment
+    hist_rows: np.ndarray      # [Nh] int32 its rows in this step
+    num_hist: np.ndarray       # [] int32 how many entries are real
     num_decode: int = dataclasses.field(metadata=dict(static=True))  # Td, a shape
 
 
@@ -153,73 +175,79 @@ class StepPlan:
         return len(self.sample.sample_slot)
 
 
-def build_plan(batch: Batch, buckets: Buckets, num_slots: int, host_decode_tokens: bool = False,
-               shape: tuple[int, int] | None = None) -> StepPlan:
+def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
+               host_decode_tokens: bool = False, shape: tuple[int, int] | None = None) -> StepPlan:
     """`host_decode_tokens`: send each decode row's input token (its request's last output
     token, which the host must already have: pipelined engines) instead of reading it on device.
     `shape`: (Td, Tp) to pad to instead of the batch's buckets."""
-    S = num_slots
+    S, B, W = num_slots, kv.page_size, kv.max_pages
     if shape is None:
         tp = Buckets.pick(sum(c.length for c in batch.prefills), buckets.prefill)
         td = buckets.decode_rows(len(batch.decodes), tp)
     else:
         td, tp = shape
     R = buckets.num_sample_rows(td, tp)
+    nh = min(buckets.max_prefill_seqs, tp)
     slot = np.full(td + tp, S, np.int32)
     pos = np.zeros(td + tp, np.int32)
+    kv_index = np.full(td + tp, kv.num_pages * B, np.int32)
     seg = np.full(tp, PAD_SEG, np.int32)
     tokens = np.zeros(tp, np.int32)
+    block_table = np.zeros((td, W), np.int32)
+    hist_table = np.zeros((nh, W), np.int32)
+    hist = np.zeros((3, nh), np.int32)  # hist_len, hist_row0, hist_rows
     sample_rows = np.zeros(R, np.int32)
     sample_slot = np.full(R, S, np.int32)
     sample_pos = np.zeros(R, np.int32)
     prompt_len = np.zeros(R, np.int32)
     rows: list[SampleRow] = []
 
-    def add_sample(row: int, req: Request, p: int, index: int):
-        i = len(rows)
-        sample_rows[i], sample_slot[i], sample_pos[i], prompt_len[i] = row, req.slot, p, req.prompt_len
-        rows.append(SampleRow(req, index))
-
     # Decode rows: position num_scheduled - 1 (the scheduler already advanced it), each samples.
     nd = len(batch.decodes)
     if nd:
-        dec_slot = [r.slot for r in batch.decodes]
         dec_pos = [r.num_scheduled - 1 for r in batch.decodes]
         dec_plen = [r.prompt_len for r in batch.decodes]
-        slot[:nd] = sample_slot[:nd] = dec_slot
+        slot[:nd] = sample_slot[:nd] = [r.slot for r in batch.decodes]
         pos[:nd] = sample_pos[:nd] = dec_pos
+        kv_index[:nd] = [r.pages[p // B] * B + p % B for r, p in zip(batch.decodes, dec_pos)]
+        for i, r in enumerate(batch.decodes):
+            block_table[i, :len(r.pages)] = r.pages
         prompt_len[:nd] = dec_plen
         sample_rows[:nd] = np.arange(nd)
         rows += map(SampleRow, batch.decodes, [p - n + 1 for p, n in zip(dec_pos, dec_plen)])
-    dec_blocks = -(-(int(pos[:nd].max()) + 1) // BLOCK) if nd else 0
+    dec_blocks = -(-(int(pos[:nd].max()) + 1) // B) if nd else 0
 
-    prefix_seg, prefix_slot, prefix_len = NO_PREFIX_SEG, 0, 0
-    row = td
+    row, nhist = td, 0
     for s, c in enumerate(batch.prefills):
         req = c.request
         rng = slice(row, row + c.length)
-        slot[rng], pos[rng], seg[rng.start - td:rng.stop - td] = req.slot, np.arange(c.start, c.start + c.length), s
-        tokens[rng.start - td:rng.stop - td] = req.prompt_ids[c.start:c.start + c.length]
-        if c.start > 0:
-            assert prefix_seg == NO_PREFIX_SEG, "two chunks continue a prompt in one step"
-            prefix_seg, prefix_slot, prefix_len = s, req.slot, c.start
+        p = np.arange(c.start, c.start + c.length, dtype=np.int32)
+        slot[rng], pos[rng], seg[rng.start - td:rng.stop - td] = req.slot, p, s
+        kv_index[rng] = np.asarray(req.pages, np.int32)[p // B] * B + p % B
+        tokens[rng.start - td:rng.stop - td] = req.token_ids(c.start, c.start + c.length)
+        if c.start > 0:  # its first positions are in its pages already
+            hist_table[nhist, :len(req.pages)] = req.pages
+            hist[:, nhist] = c.start, row - td, c.length
+            nhist += 1
         if c.completes_prompt:
-            add_sample(row + c.length - 1, req, c.start + c.length - 1, 0)
+            i = len(rows)
+            sample_rows[i], sample_slot[i], sample_pos[i] = row + c.length - 1, req.slot, p[-1]
+            prompt_len[i] = req.prompt_len
+            rows.append(SampleRow(req, req.prefill_len - req.prompt_len))
         row += c.length
-    meta = AttnMeta(slot=slot, pos=pos, seg=seg, dec_blocks=np.int32(dec_blocks),
-                    prefix_seg=np.int32(prefix_seg), prefix_slot=np.int32(prefix_slot),
-                    prefix_len=np.int32(prefix_len), prefix_blocks=np.int32(-(-prefix_len // BLOCK)),
-                    num_decode=td)
+    meta = AttnMeta(slot=slot, pos=pos, kv_index=kv_index, seg=seg, block_table=block_table,
+                    dec_blocks=np.int32(dec_blocks), hist_table=hist_table, hist_len=hist[0],
+                    hist_row0=hist[1], hist_rows=hist[2], num_hist=np.int32(nhist), num_decode=td)
     decode_tokens = _decode_tokens(batch, td) if host_decode_tokens else None
     return StepPlan(inputs=StepInputs(tokens, meta, sample_rows, decode_tokens),
                     sample=SampleInputs(sample_slot, sample_pos, prompt_len, None),
                     rows=rows, num_tokens=batch.num_tokens)
 
 
-def warmup_plan(td: int, tp: int, buckets: Buckets, num_slots: int,
+def warmup_plan(td: int, tp: int, buckets: Buckets, num_slots: int, kv: PagedKV,
                 host_decode_tokens: bool = False) -> StepPlan:
     """An all-padding plan of shape (Td, Tp): runs (compiles) a bucket's program, writes nothing."""
-    return build_plan(Batch([], []), buckets, num_slots, host_decode_tokens, shape=(td, tp))
+    return build_plan(Batch([], []), buckets, num_slots, kv, host_decode_tokens, shape=(td, tp))
 
 
 def _decode_tokens(batch: Batch, td: int) -> np.ndarray:

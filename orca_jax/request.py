@@ -152,7 +152,8 @@ class Status(enum.Enum):
 
 @dataclasses.dataclass(eq=False, slots=True)  # identity: two requests are never "equal"
 class Request:
-    """One request's host-side state. Positions [0, num_scheduled) are in its KV slot."""
+    """One request's host-side state. Positions [0, num_scheduled) are in its KV pages
+    (`pages`: its block table; kv_pages.py)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -161,8 +162,16 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     prompt: str | None = None
     status: Status = Status.WAITING
-    slot: int | None = None
-    num_scheduled: int = 0                      # tokens whose KV has been scheduled into the slot
+    slot: int | None = None                     # its row of the device's per-sequence state
+    pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
+    page_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full pages
+    num_registered: int = 0                     # of its pages, how many are offered to the prefix cache
+    num_scheduled: int = 0                      # tokens whose KV has been scheduled into its pages
+    num_cached_tokens: int = 0                  # prompt tokens found in the prefix cache (last admission)
+    num_preemptions: int = 0
+    swapped: object = None                      # its KV in host memory while preempted (the
+                                                # runner's handle; kv_pages.py SwapSpace)
+    num_swapped_pages: int = 0                  # pages it holds in the host tier
     in_flight: int = 0                         # scheduled iterations whose results are not back
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict] = dataclasses.field(default_factory=list)
@@ -172,8 +181,18 @@ class Request:
     finish_time: float | None = None
     prompt_len: int = dataclasses.field(init=False)  # read per row per iteration: a field
 
+    prefill_len: int = dataclasses.field(init=False)  # tokens to prefill: the prompt, or after a
+                                                    # preemption prompt + outputs (recomputed)
+
     def __post_init__(self):
-        self.prompt_len = len(self.prompt_ids)
+        self.prompt_len = self.prefill_len = len(self.prompt_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output."""
+        p = self.prompt_len
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:p] + self.output_ids[max(start - p, 0):stop - p]
 
     @property
     def max_total_len(self) -> int:
@@ -182,7 +201,7 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_scheduled < self.prompt_len
+        return self.num_scheduled < self.prefill_len
 
     @property
     def finished(self) -> bool:

@@ -6,8 +6,9 @@
     sampled = runner.fetch(out, logprobs)   # blocks: the sampled ids as numpy
 
 It places the parameters by the sharding layout (split over pipeline stages when the mesh has
-a `pipeline` axis, sharding/pipeline.py), sizes the KV buffer from a memory budget, allocates
-each stage's DeviceState once, and jits one forward program per stage and one sampling
+a `pipeline` axis, sharding/pipeline.py), sizes the KV page pool from a memory budget (pages
+sharded like the KV heads; each stage holds its own layers' pages), allocates each stage's
+DeviceState once, and jits one forward program per stage and one sampling
 program; every (Td, Tp) bucket shape is one compiled variant of them. `num_compiles` counts
 traces so tests can assert that nothing compiles after warm-up.
 
@@ -18,6 +19,7 @@ The engine core (engine.py) never touches JAX: it hands plans in and reads ids b
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -29,14 +31,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import EngineConfig
+from .models.attention import KVCache
 from .models.gpt2 import GPTConfig
 from .outputs import Sampled
-from .plan import Buckets, SamplingTensors, StepPlan, warmup_plan
+from .plan import Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
 from .sampling import SampleOutput
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
 from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
-from .sharding.plan import fit_kv_slots, kv_bytes_per_device, kv_placement
+from .sharding.plan import fit_kv_pages, kv_bytes_per_device, kv_placement, seq_pages, slot_state_bytes
 from .step import (DeviceState, device_put_packed, init_device_state, pack_inputs, run_sample, run_step,
                    runtime_params)
 
@@ -87,6 +90,25 @@ def check_map_budget(start: int, compiled: int, total: int) -> None:
             f"--max-num-batched-tokens or --max-prefill-seqs)")
 
 
+def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int) -> str:
+    """`--attention-backend` as this mesh runs it: "pallas" (the GPU paged-attention kernel
+    for decode rows, models/pallas_attention.py) or "xla"."""
+    gpu = mesh.devices.flat[0].platform == "gpu"
+    if backend == "auto":
+        backend = "pallas" if gpu and _pow2(kv.page_size) and _pow2(head_dim) else "xla"
+    if backend == "pallas":
+        if not gpu:
+            raise ValueError("--attention-backend pallas runs on CUDA GPUs only; use xla (or auto)")
+        if not (_pow2(kv.page_size) and _pow2(head_dim)):
+            raise ValueError(f"the Pallas GPU kernel needs a power-of-two page size and head dim, "
+                             f"got {kv.page_size} and {head_dim}; use --attention-backend xla")
+    return backend
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def kv_budget_bytes(config: EngineConfig, device) -> int:
     if config.kv_memory is not None:
         return config.kv_memory
@@ -129,8 +151,17 @@ class ModelRunner:
             self._params.append(runtime_params(placed))
         del params
         self.max_len = min(engine_config.max_model_len or config.n_positions, config.n_positions)
-        self.num_slots, self.kv_bytes = self._size_kv(engine_config)
+        self.platform = self.mesh.devices.flat[0].platform
+        self.num_slots = engine_config.max_batch_size  # rows of the per-sequence state
+        self.swap_enabled = engine_config.swap_space > 0
+        self.kv, self.kv_bytes = self._size_kv(engine_config)
+        self.attention = resolve_attention_backend(engine_config.attention_backend, self.mesh, self.kv,
+                                                   config.head_dim)
         self._states = [self._init_state(st) for st in self.local_stages]
+        if engine_config.swap_space and jax.process_count() > 1:
+            raise ValueError("--swap-space works within one process; multi-process meshes "
+                             "preempt by recomputing")
+        self._swap_programs = [self._jit_swap(st, state) for st, state in zip(self.local_stages, self._states)]
         self.num_compiles = 0
         self._steps, self._sample = self._jit_programs()
         # Iterations whose results are not read back yet: 1 (the host prepares N+1 while the
@@ -141,33 +172,36 @@ class ModelRunner:
         self.host_decode_tokens = self.n_stages > 1
         self.warmup_seconds = 0.0
 
-    def _size_kv(self, ec: EngineConfig) -> tuple[int, int]:
-        """(slots, bytes per device): as many slots as the per-device budget holds (a layout
-        may split them over devices), at most max_batch_size, the same in every process."""
-        config = self.model_config
+    def _size_kv(self, ec: EngineConfig) -> tuple[PagedKV, int]:
+        """(the page pool's geometry, bytes per device of pages and sequence state): as many
+        pages as the per-device budget holds after the sequence state, but no more than every
+        sequence slot can fill at max_model_len (more would only hold cached prefixes: the
+        budget is a ceiling, as the slots' buffer was); the same in every process."""
+        config, B = self.model_config, ec.page_size
         budget = kv_budget_bytes(ec, next(d for d in self.mesh.devices.flat  # one of this process's
                                           if d.process_index == jax.process_index()))
         itemsize = jnp.dtype(config.jnp_dtype).itemsize
         kv_layout = pipelined(self.layout)
-        num_slots = fit_kv_slots(config, kv_layout, self.mesh.shape, self.max_len,
-                                 budget, ec.max_batch_size, itemsize)
-        if jax.process_count() > 1:  # every process must allocate the same buffer
+        state = slot_state_bytes(self.num_slots, self.max_len, B)
+        num_pages = fit_kv_pages(config, kv_layout, self.mesh.shape, B, budget - state, itemsize)
+        num_pages = min(num_pages, self.num_slots * seq_pages(self.max_len, B))
+        if jax.process_count() > 1:  # every process must allocate the same pages
             from jax.experimental import multihost_utils
-            num_slots = int(np.min(multihost_utils.process_allgather(np.int32(num_slots))))
-        if num_slots < 1:
-            one = kv_bytes_per_device(config, kv_layout, self.mesh.shape, 1, self.max_len, itemsize)
-            raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one slot "
-                             f"({one} bytes for max_model_len={self.max_len}); raise "
-                             "--kv-memory or lower --max-model-len")
-        return num_slots, kv_bytes_per_device(config, kv_layout, self.mesh.shape, num_slots,
-                                              self.max_len, itemsize)
+            num_pages = int(np.min(multihost_utils.process_allgather(np.int32(num_pages))))
+        kv = PagedKV.make(num_pages, B, self.max_len)
+        if num_pages < kv.max_pages:
+            one = kv_bytes_per_device(config, kv_layout, self.mesh.shape, kv.max_pages, B, itemsize)
+            raise ValueError(f"the KV memory budget ({budget} bytes) is smaller than one sequence of "
+                             f"max_model_len={self.max_len} tokens ({one} bytes of pages + {state} "
+                             "bytes of sequence state); raise --kv-memory or lower --max-model-len")
+        return kv, kv_bytes_per_device(config, kv_layout, self.mesh.shape, num_pages, B, itemsize) + state
 
     def _init_state(self, st: Stage) -> DeviceState:
         c = self.model_config
         itemsize = jnp.dtype(c.jnp_dtype).itemsize
-        kv_spec = kv_placement(self.stage_config, self.layout, dict(st.mesh.shape), self.num_slots,
-                               self.max_len, itemsize).spec
-        return init_device_state(self.stage_config.n_layer, self.num_slots, self.max_len, c.n_head,
+        kv_spec = kv_placement(self.stage_config, self.layout, dict(st.mesh.shape), self.kv.num_pages,
+                               self.kv.page_size, itemsize).spec[1:]  # per layer: without "layers"
+        return init_device_state(self.stage_config.n_layer, self.kv, self.num_slots, c.n_head,
                                  c.head_dim, c.jnp_dtype, NamedSharding(st.mesh, P(*kv_spec)),
                                  st.replicated, slot_state=st.last)
 
@@ -178,7 +212,7 @@ class ModelRunner:
         steps = []
         for st, state in zip(self.local_stages, self._states):
             state_sh = jax.tree.map(lambda x: x.sharding, state)
-            fn = functools.partial(self._traced_step, self.stage_config, st.first, st.last)
+            fn = functools.partial(self._traced_step, self.stage_config, st.first, st.last, self.attention)
             steps.append(jax.jit(fn, donate_argnames=("state",), static_argnames=("packing",),
                                  out_shardings=(state_sh, st.replicated)))
         sample = jax.jit(self._traced_sample, donate_argnames=("state",), static_argnames=("packing",),
@@ -186,9 +220,53 @@ class ModelRunner:
                                         self.local_stages[-1].replicated))
         return steps, sample
 
-    def _traced_step(self, config, first, last, params, state, ints, floats, packing, x):
+    def _jit_swap(self, st: Stage, state: DeviceState):
+        """(gather, scatter) of one stage: W pages of every layer out to [H, W, B, K] arrays,
+        and back into given pages (page P: dropped) with the sequence's token row and last
+        token (the sampling stage). Fixed shapes: one compile each."""
+        def gather(kv: KVCache, idx):
+            return tuple(x[:, idx] for x in kv.k), tuple(x[:, idx] for x in kv.v)
+
+        def scatter(state: DeviceState, idx, k, v, slot, row, last):
+            put = lambda pages, new: tuple(x.at[:, idx].set(n.astype(x.dtype), mode="drop")
+                                           for x, n in zip(pages, new))
+            kv = KVCache(k=put(state.kv.k, k), v=put(state.kv.v, v))
+            if state.history is None:
+                return dataclasses.replace(state, kv=kv)
+            return DeviceState(kv=kv, last_token=state.last_token.at[slot].set(last, mode="drop"),
+                               history=state.history.at[slot].set(row, mode="drop"))
+
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        return jax.jit(gather), jax.jit(scatter, donate_argnums=0, out_shardings=shardings)
+
+    def swap_out(self, pages: list[int]) -> list:
+        """A copy of `pages` of every local stage in host memory (numpy; waits for the
+        device to finish what was dispatched before)."""
+        W, n = self.kv.max_pages, len(pages)
+        idx = np.zeros(W, np.int32)
+        idx[:n] = pages
+        out = []
+        for (gather, _), state in zip(self._swap_programs, self._states):
+            k, v = jax.device_get(gather(state.kv, idx))
+            out.append(([x[:, :n] for x in k], [x[:, :n] for x in v]))
+        return out
+
+    def swap_in(self, swapped: list, pages: list[int], slot: int, tokens: list[int], last: int) -> None:
+        """Copy a `swap_out` result into `pages`, and give sequence slot `slot` its token
+        history `tokens` and next input token `last` (asynchronous, before the next step)."""
+        W, B, n = self.kv.max_pages, self.kv.page_size, len(pages)
+        idx = np.full(W, self.kv.num_pages, np.int32)
+        idx[:n] = pages
+        row = np.zeros(W * B, np.int32)
+        row[:len(tokens)] = tokens
+        pad = lambda xs: [np.pad(x, ((0, 0), (0, W - n), (0, 0), (0, 0))) for x in xs]
+        for i, ((_, scatter), (k, v)) in enumerate(zip(self._swap_programs, swapped)):
+            self._states[i] = scatter(self._states[i], idx, pad(k), pad(v), np.int32(slot), row, np.int32(last))
+
+    def _traced_step(self, config, first, last, attention, params, state, ints, floats, packing, x):
         self.num_compiles += 1  # runs at trace time only: one per compiled program
-        return run_step(config, params, state, packing.unpack(ints, floats), x, first=first, last=last)
+        return run_step(config, params, state, packing.unpack(ints, floats), x, first=first, last=last,
+                        attention=attention)
 
     def _traced_sample(self, state, logits, ints, floats, packing):
         self.num_compiles += 1
@@ -233,7 +311,7 @@ class ModelRunner:
         shapes = buckets.shapes()
         maps0 = memory_maps() if self.mesh.devices.flat[0].platform == "cpu" else None
         for i, (td, tp) in enumerate(shapes):
-            plan = warmup_plan(td, tp, buckets, self.num_slots, self.host_decode_tokens)
+            plan = warmup_plan(td, tp, buckets, self.num_slots, self.kv, self.host_decode_tokens)
             out = self.run(plan, SamplingTensors.from_params([], [], [], plan.num_sample_rows))
             if isinstance(out, concurrent.futures.Future):
                 replies.append(out)
@@ -241,6 +319,8 @@ class ModelRunner:
                 check_map_budget(maps0[0], i + 1, len(shapes))
         for fut in replies:
             fut.result()
+        if self.swap_enabled:  # compile the two copy programs too
+            self.swap_in(self.swap_out([]), [], self.num_slots, [], 0)
         jax.block_until_ready(self._states)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)

@@ -4,10 +4,21 @@
 
 1. requests already running, in arrival (FCFS) order: every decode request gets one token;
    a request still in prefill gets the next chunk of its prompt, within the token budget;
-2. then waiting requests, FCFS, while the batch has fewer than `max_batch_size` requests,
-   a KV slot is free (Orca reserves prompt + max_tokens up front, so a running request never
-   runs out of KV memory), and the token budget has room. The first waiting request that does
-   not fit stops admission: no overtaking.
+2. then waiting requests, FCFS, while the batch has fewer than `max_batch_size` requests and
+   the token budget has room, if the KV pages they need are free (kv_pages.py). The first
+   waiting request that does not fit stops admission: no overtaking.
+
+KV admission (`kv_admission`):
+* `reserve` (Orca's): a request is admitted only when pages for prompt + max_tokens are free,
+  taken at once; a running request never runs out of KV memory and is never preempted.
+* `on-demand` (vLLM's): a request takes pages as its tokens are scheduled. When a running
+  request needs a page and none is free, the most recently admitted request is preempted
+  (possibly itself): its pages are freed and it goes back to the front of the queue, to
+  resume by recomputing its prompt and outputs as one prefill, so it makes exactly the tokens
+  it would have made. Admission keeps a 1% watermark of pages free for running requests.
+
+Prefix caching: on admission a prompt's leading full pages that are cached (kv_pages.py) are
+taken as they are and skip prefill; each page a request fills is offered to the cache.
 
 A request joins the batch the iteration after it arrives and leaves it (`finish`) the
 iteration it finishes. The `static` policy is the paper's baseline (FasterTransformer-style
@@ -22,9 +33,9 @@ most 1/n_stages of the running and waiting requests, so the groups stay balanced
 stage the engine still dispatches iteration N+1 before reading N back, and N+1 may hold the same requests: their
 next input token is read on device.
 
-Chunked prefill keeps the step shapes bounded: at most one request per iteration can be
-stopped mid-prompt by the budget, so at most one prefill segment per step continues a prompt
-that is already partly in its slot (what the attention kernel's history path expects).
+Chunked prefill keeps the step shapes bounded: a prompt longer than the budget is computed over
+several iterations; every prefill segment may continue a prompt whose first positions are
+already in its pages (an earlier chunk, or a cached prefix): attention reads them there.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ import dataclasses
 import heapq
 from typing import Literal
 
+from .kv_pages import PagePool, SwapSpace, chain_hashes
 from .request import FinishReason, Request, Status
 
 
@@ -51,6 +63,7 @@ class SchedulerConfig:
     policy: Literal["iteration", "static"] = "iteration"  # static = request-level baseline
     n_stages: int = 1                   # iterations in flight (pipeline stages); > 1: a request
                                          # is not scheduled again until its result is back
+    kv_admission: Literal["on-demand", "reserve"] = "on-demand"  # reserve: Orca's, never preempts
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -65,6 +78,8 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.n_stages < 1:
             raise ValueError(f"n_stages must be >= 1, got {self.n_stages}")
+        if self.kv_admission not in ("on-demand", "reserve"):
+            raise ValueError(f"kv_admission must be 'on-demand' or 'reserve', got {self.kv_admission!r}")
         if self.policy not in ("iteration", "static"):
             raise ValueError(f"policy must be 'iteration' or 'static', got {self.policy!r}")
 
@@ -79,8 +94,9 @@ class Chunk:
 
     @property
     def completes_prompt(self) -> bool:
-        """The last chunk of a prompt samples the request's first token."""
-        return self.start + self.length == self.request.prompt_len
+        """The last chunk of a prefill samples the request's next token (its first, or after
+        a preemption the one after its recomputed outputs)."""
+        return self.start + self.length == self.request.prefill_len
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +105,10 @@ class Batch:
 
     decodes: list[Request]
     prefills: list[Chunk]
+    # KV copies to run before the step (in this order): pages of preempted requests to host
+    # memory, and of resumed ones back into their new pages (swap space on).
+    swap_out: list[tuple[Request, list[int]]] = dataclasses.field(default_factory=list)
+    swap_in: list[Request] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -102,14 +122,25 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_slots: int, max_len: int):
+    def __init__(self, config: SchedulerConfig, num_slots: int, max_len: int, pool: PagePool,
+                 swap: SwapSpace | None = None):
+        """`num_slots`: rows of the device's per-sequence state (at most this many requests
+        run); `pool`: the KV pages; `swap`: the host-memory tier, if any (kv_pages.py)."""
         self.config = config
         self.max_len = max_len
         self.num_slots = num_slots
+        self.pool, self.swap = pool, swap
+        self.page_size = pool.page_size
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []          # in admission (= arrival) order
+        self.running: list[Request] = []          # in admission order
         self._free_slots = list(range(num_slots))  # min-heap: lowest slot first
         heapq.heapify(self._free_slots)
+        self.num_preemptions = 0
+        self.num_swapped_out = 0   # preemptions that swapped to host memory (the rest recompute)
+        self.num_swapped = 0       # waiting requests whose KV is in host memory now
+        # On demand, admission leaves this many pages free for the running requests to grow
+        # into (vLLM's 1% watermark), so a new request does not cause a preemption at once.
+        self.watermark = 0 if config.kv_admission == "reserve" else max(1, pool.num_pages // 100)
 
     # -- requests in and out ---------------------------------------------------------------
 
@@ -124,75 +155,191 @@ class Scheduler:
             raise ValueError(f"max_tokens={req.params.max_tokens} with a {req.prompt_len}-token prompt "
                              f"needs {req.max_total_len} tokens, over the maximum context length of "
                              f"{self.max_len}; lower max_tokens to at most {self.max_len - req.prompt_len}")
+        pages = -(-(req.max_total_len - 1) // self.page_size)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"prompt + max_tokens needs {pages} KV pages of {self.page_size} tokens, "
+                             f"more than the {self.pool.num_pages} the KV memory holds; lower "
+                             "max_tokens or give the engine more KV memory")
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
         self.waiting.append(req)
 
     def finish(self, req: Request, reason: FinishReason) -> None:
-        """Remove `req` from the batch (finished, aborted or failed) and free its slot."""
+        """Remove `req` from the batch (finished, aborted or failed); free its slot and pages."""
         if req.status is Status.FINISHED:
             return
         if req.status is Status.RUNNING:
             self.running.remove(req)
-            heapq.heappush(self._free_slots, req.slot)
+            self._release(req)
         else:
             self.waiting.remove(req)
+            self._drop_swapped(req)
         req.status, req.finish_reason = Status.FINISHED, reason
+
+    def _drop_swapped(self, req: Request) -> None:
+        if req.num_swapped_pages:
+            self.swap.give_back(req.num_swapped_pages)
+            self.num_swapped -= 1
+            req.swapped, req.num_swapped_pages = None, 0
+
+    def _release(self, req: Request) -> None:
+        heapq.heappush(self._free_slots, req.slot)
+        self.pool.free(req.pages)
+        req.slot, req.pages, req.num_registered = None, [], 0
 
     # -- Algorithm 1 -------------------------------------------------------------------------
 
     def schedule(self) -> Batch:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
-        ready = [r for r in self.running if not (cfg.n_stages > 1 and r.in_flight)]
         # With several iterations in flight, each takes its share of the requests, so that
         # every stage has work (one iteration holding everyone would leave the others idle).
         cap = cfg.max_batch_size
         if cfg.n_stages > 1:
             cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_stages))
-        decodes = [r for r in ready if not r.in_prefill and self._wants_token(r)][:cap]
-        budget -= len(decodes)
-        prefills: list[Chunk] = []
-        # At most one prompt may be cut by the budget at a time (the attention kernel reads one
-        # continuing chunk per step); with iterations in flight it may not be ready, so a chunk
-        # that would leave a second prompt unfinished waits instead.
-        cut = {r for r in self.running if 0 < r.num_scheduled < r.prompt_len}
-
-        def may_cut(req: Request, length: int) -> bool:
-            return req.num_scheduled + length == req.prompt_len or not (cut - {req})
-
-        def add_chunk(req: Request, length: int) -> None:
-            nonlocal budget
-            prefills.append(Chunk(req, req.num_scheduled, length))
-            budget -= length
-            (cut.discard if req.num_scheduled + length == req.prompt_len else cut.add)(req)
-
-        for req in ready:  # a prompt started in an earlier iteration goes on first
-            length = min(req.prompt_len - req.num_scheduled, budget)
-            if (req.in_prefill and budget > 0 and len(prefills) < cfg.max_prefill_seqs
-                    and (req in cut or len(decodes) + len(prefills) < cap) and may_cut(req, length)):
-                add_chunk(req, length)
+        ready = [r for r in self.running if not (cfg.n_stages > 1 and r.in_flight)]
+        batch = Batch([], [])
+        for req in ready:  # decode rows first, FCFS
+            if len(batch.decodes) >= cap:
+                break
+            if (req.status is Status.RUNNING and not req.in_prefill and self._wants_token(req)
+                    and self._grow(req, 1, batch)):
+                batch.decodes.append(req)
+        budget -= len(batch.decodes)
+        for req in ready:  # then prompts started earlier (chunked, or resumed after a preemption)
+            length = min(req.prefill_len - req.num_scheduled, budget)
+            if (req.status is Status.RUNNING and req.in_prefill and budget > 0
+                    and len(batch.prefills) < cfg.max_prefill_seqs
+                    and len(batch.decodes) + len(batch.prefills) < cap and self._grow(req, length, batch)):
+                batch.prefills.append(Chunk(req, req.num_scheduled, length))
+                budget -= length
         # Static batching forms a whole batch at once, even if its prompts take several
         # iterations to prefill; iteration-level scheduling admits only what it runs now.
         static = cfg.policy == "static"
         admit = not static or not self.running
         while (admit and self.waiting and self._free_slots and len(self.running) < cfg.max_batch_size
-               and (static or (budget > 0 and len(prefills) < cfg.max_prefill_seqs
-                               and len(decodes) + len(prefills) < cap))):
-            if not static and not may_cut(self.waiting[0], min(self.waiting[0].prompt_len, budget)):
-                break  # FCFS: no overtaking of a prompt that waits for the cut one
-            req = self.waiting.popleft()
-            req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
-            self.running.append(req)
-            if budget > 0 and len(prefills) < cfg.max_prefill_seqs:
-                add_chunk(req, min(req.prompt_len, budget))
-        for req in decodes:
+               and (static or (budget > 0 and len(batch.prefills) < cfg.max_prefill_seqs
+                               and len(batch.decodes) + len(batch.prefills) < cap))):
+            req = self.waiting[0]
+            chunk = budget if budget > 0 and len(batch.prefills) < cfg.max_prefill_seqs else 0
+            length = self._admit(req, chunk, batch)
+            if length is None:
+                break  # FCFS: no overtaking of a request that does not fit yet
+            if length:
+                batch.prefills.append(Chunk(req, req.num_scheduled, length))
+                budget -= length
+        for req in batch.decodes:
             req.num_scheduled += 1
             req.in_flight += 1
-        for c in prefills:
+        for c in batch.prefills:
             c.request.num_scheduled += c.length
             c.request.in_flight += 1
-        return Batch(decodes, prefills)
+        return batch
+
+    def launched(self, batch: Batch) -> None:
+        """`batch` was dispatched (its requests' KV will be in their pages before any later
+        step reads them): offer the prefix cache the full pages it fills. Not earlier: a
+        request dropped from the batch while it was prepared never fills them."""
+        if self.pool.enable_prefix_caching:
+            for req in batch.requests():
+                self._offer_full_pages(req)
+
+    def _admit(self, req: Request, budget: int, batch: Batch) -> int | None:
+        """Move the first waiting request into the batch with the pages it needs now (its
+        cached prefix, then fresh pages: for its first chunk of at most `budget` tokens, or,
+        reserving, for prompt + max_tokens). Returns the chunk's length, or None (nothing
+        changed) when its pages are not free or its previous iteration is still in flight."""
+        if req.in_flight:  # preempted while in flight: its last token is not back yet
+            return None
+        if req.num_swapped_pages:
+            return self._swap_in(req, batch)
+        B = self.page_size
+        n_ids = req.prompt_len + len(req.output_ids)  # a resumed request recomputes its outputs
+        hashes = []
+        if self.pool.enable_prefix_caching:
+            req.page_hashes = chain_hashes(req.token_ids(0, n_ids), B, req.page_hashes)
+            # Its last token is always computed (it samples), so a page holding it is not a hit.
+            hashes = req.page_hashes[:(n_ids - 1) // B]
+        hit = self.pool.num_cached(hashes)
+        start = hit * B
+        length = min(n_ids - start, budget)
+        end = req.max_total_len - 1 if self.config.kv_admission == "reserve" else start + length
+        need = -(-end // B) - hit
+        if need + (self.watermark if self.running else 0) > self.pool.num_free - self.pool.num_cached_free(hashes[:hit]):
+            return None
+        self.waiting.popleft()
+        self.pool.count_query(n_ids, start)
+        req.pages = self.pool.acquire(hashes[:hit]) + self.pool.allocate(need)
+        req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
+        req.prefill_len, req.num_scheduled = n_ids, start
+        req.num_cached_tokens, req.num_registered = start, hit
+        self.running.append(req)
+        return length
+
+    def _swap_in(self, req: Request, batch: Batch) -> int | None:
+        """Admit a swapped-out request into fresh pages (its KV is copied back before the
+        step): it decodes again from the next iteration, no prefill."""
+        n = req.num_swapped_pages
+        if n + (self.watermark if self.running else 0) > self.pool.num_free:
+            return None
+        self.waiting.popleft()
+        req.pages = self.pool.allocate(n)
+        req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
+        self.swap.give_back(n)
+        self.num_swapped -= 1
+        req.num_swapped_pages = 0
+        batch.swap_in.append(req)
+        self.running.append(req)
+        return 0
+
+    def _grow(self, req: Request, n: int, batch: Batch) -> bool:
+        """Give `req` the pages for `n` more positions, preempting the most recently admitted
+        requests while the pool is short. False if `req` itself had to be preempted."""
+        need = -(-(req.num_scheduled + n) // self.page_size) - len(req.pages)
+        while need > self.pool.num_free:
+            victim = self.running[-1]
+            self._preempt(victim, batch)
+            if victim is req:
+                return False
+        if need > 0:
+            req.pages += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, req: Request, batch: Batch) -> None:
+        """Back to the front of the queue without its pages: it resumes with the tokens it
+        would have made, either by recomputing its prompt and outputs (cached pages of them are
+        reused) or, with swap space, from a copy of its pages in host memory, whichever the
+        swap space's cost model finds cheaper."""
+        assert self.config.kv_admission != "reserve", "reserved requests are never preempted"
+        swap = self.swap is not None and self.swap.should_swap(len(req.pages), req.num_scheduled)
+        if swap:
+            batch.swap_out.append((req, list(req.pages)))
+            self.swap.take(len(req.pages))
+            req.num_swapped_pages = len(req.pages)
+            self.num_swapped_out += 1
+            self.num_swapped += 1
+        self.running.remove(req)
+        self._release(req)
+        if req in batch.decodes:
+            batch.decodes.remove(req)
+        batch.prefills[:] = [c for c in batch.prefills if c.request is not req]
+        req.status = Status.WAITING
+        if not swap:
+            req.num_scheduled = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _offer_full_pages(self, req: Request) -> None:
+        """Offer the prefix cache each page of `req` that this iteration fills and whose tokens
+        the host knows (a decode row's input token may still be on the device)."""
+        B = self.page_size
+        n_full = min(req.num_scheduled, req.prompt_len + len(req.output_ids)) // B
+        if n_full > req.num_registered:
+            req.page_hashes = chain_hashes(req.token_ids(0, n_full * B), B, req.page_hashes)
+            for i in range(req.num_registered, n_full):
+                self.pool.register(req.pages[i], req.page_hashes[i])
+            req.num_registered = n_full
 
     def iteration_done(self, batch: Batch) -> None:
         """The results of `batch` are back on the host: its requests may be scheduled again."""
@@ -211,9 +358,13 @@ class Scheduler:
     def num_free_slots(self) -> int:
         return len(self._free_slots)
 
+    def swap_used_pages(self) -> int:
+        """Pages of KV held in the host tier."""
+        return self.swap.used if self.swap is not None else 0
+
     def kv_usage(self) -> float:
-        """Fraction of KV slots reserved by running requests."""
-        return 1.0 - len(self._free_slots) / self.num_slots
+        """Fraction of KV pages held by running requests."""
+        return self.pool.usage()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -15,7 +15,7 @@ read iteration N's tokens back (JAX dispatch is asynchronous). Pipelined engines
 decode tokens from the host (`StepInputs.decode_tokens`): a stage-0 read of the last stage's
 `last_token` would wait for the previous iteration and serialize the stages.
 
-Legend: T = Td + Tp rows, R sampling rows, S slots, M slot length, V vocab.
+Legend: T = Td + Tp rows, R sampling rows, S sequence slots, M positions per sequence, V vocab.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import numpy as np
 from .models import gpt2
 from .models.attention import KVCache
 from .models.gpt2 import GPTConfig
-from .plan import SampleInputs, SamplingTensors, StepInputs, StepPlan
+from .plan import PagedKV, SampleInputs, SamplingTensors, StepInputs, StepPlan
 from .sampling import SampleOutput, sample
 
 jax.tree_util.register_dataclass(StepInputs)  # defined with the plan, host side (no JAX there)
@@ -43,19 +43,21 @@ jax.tree_util.register_dataclass(SampleInputs)
 class DeviceState:
     """Everything a step updates in place (donated): allocated once at start-up."""
 
-    kv: KVCache                   # [L, S, H, M, K] x 2 (a stage: its own L' layers)
+    kv: KVCache                   # L x [H, P, B, K] x 2 (a stage: its own L' layers)
     last_token: jax.Array | None  # [S] int32: the latest sampled token of each slot (last stage)
     history: jax.Array | None     # [S, M] int32: prompt + output ids of each slot (last stage)
 
 
-def init_device_state(num_layers, num_slots, max_len, num_heads, head_dim, dtype,
+def init_device_state(num_layers, kv: PagedKV, num_slots, num_heads, head_dim, dtype,
                       kv_sharding=None, other_sharding=None, slot_state: bool = True) -> DeviceState:
-    """A stage's state; only the last (sampling) stage keeps `last_token` and `history`."""
-    kv = KVCache.zeros(num_layers, num_slots, max_len, num_heads, head_dim, dtype, kv_sharding)
+    """A stage's state; only the last (sampling) stage keeps `last_token` and `history`
+    (per sequence slot: S rows of M = W * B positions)."""
+    pages = KVCache.zeros(num_layers, kv.num_pages, kv.page_size, num_heads, head_dim, dtype, kv_sharding)
     if not slot_state:
-        return DeviceState(kv=kv, last_token=None, history=None)
+        return DeviceState(kv=pages, last_token=None, history=None)
     zeros = lambda shape: jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=other_sharding)()
-    return DeviceState(kv=kv, last_token=zeros((num_slots,)), history=zeros((num_slots, kv.max_len)))
+    return DeviceState(kv=pages, last_token=zeros((num_slots,)),
+                       history=zeros((num_slots, kv.max_pages * kv.page_size)))
 
 
 def runtime_params(params: dict) -> dict:
@@ -71,8 +73,8 @@ def runtime_params(params: dict) -> dict:
 
 
 def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInputs,
-             x: jax.Array | None = None, *, first: bool = True,
-             last: bool = True) -> tuple[DeviceState, jax.Array]:
+             x: jax.Array | None = None, *, first: bool = True, last: bool = True,
+             attention: str = "xla") -> tuple[DeviceState, jax.Array]:
     """One stage of the model over one iteration's rows (the whole model if `first` and
     `last`), `params` as `runtime_params` returns them. Returns the updated state and the
     activations [T, D] for the next stage, or, on the last stage, the logits [R, V] f32 of
@@ -86,7 +88,7 @@ def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInput
                       else jnp.take(state.last_token, meta.slot[:td], mode="clip"))
         tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])               # [T]
         x = gpt2.embed(params, tokens, meta.pos)                                   # [T, D]
-    x, kv = gpt2.decoder(config, params["h"], x, state.kv, meta)                  # [T, D]
+    x, kv = gpt2.decoder(config, params["h"], x, state.kv, meta, attention)       # [T, D]
     if not last:
         return dataclasses.replace(state, kv=kv), x
     logits = gpt2.lm_head(config, params, x[inp.sample_rows])                     # [R, V] f32

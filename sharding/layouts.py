@@ -105,12 +105,12 @@ LAYOUTS: dict[str, Layout] = {
     "megatron-vocab-replicated": Layout(
         "megatron-vocab-replicated", _TP + _PP,
         "Megatron over `tensor` but the embedding / LM head replicated; layers over `pipeline`"),
-    # Small models: every device holds all the weights and a share of the KV buffer's slots, so
-    # the batch can grow with the number of devices. Every device still computes every row
-    # (activations are not split); the per-slot KV reads become local masked gathers plus an
-    # all-reduce of the gathered block (GSPMD), so this trades link traffic for KV memory.
-    "slots": Layout("slots", (("slots", ("data", "tensor")),),
-                    "weights replicated; KV buffer split by slot over `data` x `tensor`"),
+    # Small models: every device holds all the weights and a share of the KV pages, so the
+    # batch can grow with the number of devices. Every device still computes every row
+    # (activations are not split); the per-page KV reads become local masked gathers plus an
+    # all-reduce of the gathered page (GSPMD), so this trades link traffic for KV memory.
+    "slots": Layout("slots", (("pages", ("data", "tensor")),),
+                    "weights replicated; KV pages split over `data` x `tensor`"),
 }
 
 
@@ -143,7 +143,7 @@ def layout_from_dict(d: Mapping, default_name: str = "custom") -> Layout:
     """A Layout from the rules-file form::
 
         {"name": "my-layout", "base": "megatron", "description": "...",
-         "rules": {"vocab": null, "slots": "data", "mlp": ["tensor", "data"]}}
+         "rules": {"vocab": null, "pages": "data", "mlp": ["tensor", "data"]}}
 
     `base` (optional) starts from a shipped layout's rules; `rules` then add to or override
     them, one entry per logical axis: a mesh axis name, a list of them, or null / an empty
@@ -163,6 +163,9 @@ def layout_from_dict(d: Mapping, default_name: str = "custom") -> Layout:
     if not isinstance(given, Mapping):
         raise ValueError("layout 'rules' must map logical axis -> mesh axis, list of mesh axes, or null")
     for logical, axes in given.items():
+        if logical == "slots":
+            raise ValueError("the KV logical axis 'slots' is now 'pages' (the KV cache is paged, "
+                             "docs/kv-cache.md): rename it in the layout rules")
         if logical not in LOGICAL_AXES:
             raise ValueError(f"unknown logical axis {logical!r} in layout rules; known: {sorted(LOGICAL_AXES)}")
         if isinstance(axes, (list, tuple)):

@@ -29,6 +29,7 @@ from typing import Mapping
 
 import jax
 
+from ..kv_pages import PAGE_SIZE
 from ..models.attention import KV_AXES, KVCache
 from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
 from .layouts import Layout, MeshAxes, get_layout, pipelined
@@ -131,44 +132,43 @@ def param_placements(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str
     return out
 
 
-def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], slots: int,
-                 max_len: int, itemsize: int) -> Placement:
-    """The K (or V) buffer [L, S, H, M, K]."""
-    shape = KVCache.shape(c.n_layer, slots, max_len, c.n_head, c.head_dim)
-    return place("kv.k", shape, KV_AXES, get_layout(layout), mesh_shape, itemsize)
+def seq_pages(max_len: int, page_size: int) -> int:
+    """W: pages of a sequence of `max_len` tokens."""
+    return -(-max_len // page_size)
 
 
-def slot_state_bytes(slots: int, max_len: int) -> int:
-    """The engine's per-slot token history [S, M] and last token [S], int32, replicated (M is
-    `max_len` rounded up to whole attention blocks, as allocated)."""
-    return 4 * slots * KVCache.shape(1, 1, max_len, 1, 1)[3] + 4 * slots
+def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], num_pages: int,
+                 page_size: int, itemsize: int) -> Placement:
+    """The K (or V) pages of every layer, as if stacked: [L, H, P, B, K]. The engine holds one
+    [H, P, B, K] array per layer, placed by this spec without its first entry."""
+    shape = (c.n_layer, *KVCache.shape(num_pages, page_size, c.n_head, c.head_dim))
+    return place("kv.k", shape, ("layers",) + KV_AXES, get_layout(layout), mesh_shape, itemsize)
 
 
-def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, slots: int, max_len: int,
+def slot_state_bytes(slots: int, max_len: int, page_size: int) -> int:
+    """The engine's per-sequence token history [S, M] and last token [S], int32, replicated
+    (M is `max_len` rounded up to whole pages, as allocated)."""
+    return 4 * slots * seq_pages(max_len, page_size) * page_size + 4 * slots
+
+
+def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, num_pages: int, page_size: int,
                         itemsize: int) -> int:
-    """K + V + slot state that one device holds for `slots` slots."""
-    return (2 * kv_placement(c, layout, mesh_shape, slots, max_len, itemsize).bytes_per_device
-            + slot_state_bytes(slots, max_len))
+    """K + V pages that one device holds."""
+    return 2 * kv_placement(c, layout, mesh_shape, num_pages, page_size, itemsize).bytes_per_device
 
 
-def fit_kv_slots(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], max_len: int,
-                 budget_bytes: int, max_slots: int, itemsize: int | None = None) -> int:
-    """The most slots (<= max_slots) whose per-device KV buffer and slot state fit in
-    `budget_bytes`.
-
-    A layout that splits slots over n devices gives each 1/n of them, but only when n divides
-    the count (even tiling), so the answer is not monotonic in the budget: this tries every
-    count from `max_slots` down. Returns 0 when not even one slot fits.
-    """
+def fit_kv_pages(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], page_size: int,
+                 budget_bytes: int, itemsize: int | None = None) -> int:
+    """The most pages whose K and V fit in `budget_bytes` per device. A layout that splits the
+    pages over n devices does so only when n divides their count (even tiling): from the
+    count an even split would give, step down (at most n - 1 steps) until one fits."""
     itemsize = itemsize or DTYPE_BYTES[c.dtype]
-    layout = get_layout(layout)
-    # No slot can cost less than an even split over every device: start the search there.
-    cheapest = 2 * kv_placement(c, layout, {}, 1, max_len, itemsize).bytes // math.prod(
-        dict(mesh_shape).values() or [1]) + slot_state_bytes(1, max_len)
-    for s in range(min(max_slots, budget_bytes // cheapest), 0, -1):
-        if kv_bytes_per_device(c, layout, mesh_shape, s, max_len, itemsize) <= budget_bytes:
-            return s
-    return 0
+    n = math.prod(dict(mesh_shape).values() or [1])
+    unit = kv_bytes_per_device(c, layout, mesh_shape, n, page_size, itemsize)  # n pages, tiled
+    p = max(budget_bytes, 0) * n // unit
+    while p > 0 and kv_bytes_per_device(c, layout, mesh_shape, p, page_size, itemsize) > budget_bytes:
+        p -= 1
+    return p
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -231,12 +231,12 @@ def _ring(n: int) -> float:
 def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: str | Layout,
               accelerator: str | Accelerator, batch: int = 64, context: int | None = None,
               dtype: str = "bfloat16", prefill_tokens: int = 512, reserve: float = 0.1,
-              name: str | None = None) -> dict:
+              name: str | None = None, page_size: int = PAGE_SIZE) -> dict:
     """The whole estimate as a JSON-able dict; ``plan["explain"]`` shows the arithmetic.
 
-    batch: KV slots in use (all requests in flight: Orca keeps one batch per pipeline stage,
+    batch: sequences in the KV pages (all requests in flight: Orca keeps one batch per pipeline stage,
         so each stage's micro-batch has ceil(batch / stages) rows).
-    context: tokens per slot (default: the model's positions); decode rows attend over all of it.
+    context: tokens per sequence (default: the model's positions); decode rows attend over all of it.
     prefill_tokens: prompt tokens in one prefill iteration (one prompt from position 0).
     reserve: fraction of HBM kept for activations, compiled programs and the runtime.
     name: shown in the output (default: the preset name, or "custom").
@@ -254,8 +254,8 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     ex = _Explain()
     notes: list[str] = []
     params = param_placements(c, layout, mesh_shape, b)
-    kvb = kv_placement(c, layout, mesh_shape, batch, M, b)
-    memory = _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, params, ex, notes)
+    kvb = kv_placement(c, layout, mesh_shape, batch * seq_pages(M, page_size), page_size, b)
+    memory = _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params, ex, notes)
     costs, parallelism = _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes)
     stages = costs.stages
     micro = -(-batch // stages)
@@ -295,7 +295,7 @@ def _resolve(config, mesh, layout, accelerator):
     return config, parse_mesh_spec(mesh), pipelined(layout), acc
 
 
-def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, params, ex, notes) -> dict:
+def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params, ex, notes) -> dict:
     """Parameters, KV buffer and slot state per device, against the usable HBM."""
     p_dev = sum(p.bytes_per_device for p in params.values())
     p_total = sum(p.bytes for p in params.values())
@@ -311,23 +311,29 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, params, ex, notes)
                           if p.dropped[0].startswith("vocab") else ""))
     ex(f"  total per device: {_fmt(p_dev)} ({p_dev} bytes)")
 
-    kv1 = kv_placement(c, layout, mesh_shape, 1, M, b)
-    kvb = kv_placement(c, layout, mesh_shape, batch, M, b)
+    W = seq_pages(M, page_size)
+    kv1 = kv_placement(c, layout, mesh_shape, W, page_size, b)
+    kvb = kv_placement(c, layout, mesh_shape, batch * W, page_size, b)
     per_slot_dev = 2 * kv1.bytes_per_device
     kv_dev = 2 * kvb.bytes_per_device
-    state_dev = slot_state_bytes(batch, M)
-    ex("== KV buffer ==")
-    ex(f"per slot: K and V x L x M x D x {b} B = 2 x {c.n_layer} x {M} x {c.n_embd} x {b} = {_fmt(2 * kv1.bytes)}; "
-       f"per device / {kv1.shards} (spec of one slot {kv1.spec}) = {_fmt(per_slot_dev)}")
-    ex(f"batch of {batch} slots: 2 x {_fmt(kvb.bytes)} / {kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
-       f" + slot state (int32 history [S, M] + last token [S], replicated) {_fmt(state_dev)}")
+    state_dev = slot_state_bytes(batch, M, page_size)
+    ex(f"== KV pages ({page_size} tokens each) ==")
+    ex(f"per sequence of {M} tokens ({W} pages): K and V x L x {W * page_size} x D x {b} B = "
+       f"2 x {c.n_layer} x {W * page_size} x {c.n_embd} x {b} = {_fmt(2 * kv1.bytes)}; "
+       f"per device / {kv1.shards} (spec {kv1.spec}) = {_fmt(per_slot_dev)}")
+    ex(f"batch of {batch} sequences: 2 x {_fmt(kvb.bytes)} / {kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
+       f" + sequence state (int32 history [S, M] + last token [S], replicated) {_fmt(state_dev)}")
     hbm_usable = int(acc.hbm_bytes * (1 - reserve))
     need = p_dev + kv_dev + state_dev
     ex(f"HBM usable: {_fmt(acc.hbm_bytes)} x (1 - reserve {reserve}) = {_fmt(hbm_usable)}; "
        f"needed: params {_fmt(p_dev)} + KV {_fmt(kv_dev)} + state {_fmt(state_dev)} = {_fmt(need)}")
     left = hbm_usable - p_dev
-    max_slots = fit_kv_slots(c, layout, mesh_shape, M, left, 1 << 16, b) if left > 0 else 0
-    ex(f"max slots: most S with 2 x KV(S) / shards + state(S) <= {_fmt(max(left, 0))} left after the params -> {max_slots}")
+    max_slots = fit_kv_pages(c, layout, mesh_shape, page_size, left, b) // W if left > 0 else 0
+    while max_slots and (kv_bytes_per_device(c, layout, mesh_shape, max_slots * W, page_size, b)
+                         + slot_state_bytes(max_slots, M, page_size)) > left:
+        max_slots -= 1
+    ex(f"max sequences of {M} tokens: most S with 2 x KV(S x {W} pages) / shards + state(S) <= "
+       f"{_fmt(max(left, 0))} left after the params -> {max_slots}")
     if left <= 0:
         notes.append(f"the parameters alone ({_fmt(p_dev)} per device) exceed the usable HBM ({_fmt(hbm_usable)})")
     return {"param_bytes_total": p_total, "param_bytes_per_device": p_dev,
@@ -344,7 +350,7 @@ def _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes) -> tuple
                               params["h.attn.c_attn.kernel"], params["wte.embedding"])
     t_attn, t_mlp = cproj.dim_shards(1, mesh_shape), fc2.dim_shards(1, mesh_shape)
     stages, t_vocab = cattn.dim_shards(0, mesh_shape), wte.dim_shards(0, mesh_shape)
-    kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 1, 2))  # [L, S, H, M, K]
+    kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 2, 1))  # [L, H, P, B, K]
     n_dev = math.prod(mesh_shape.values())
     if any(lg == "embed" and p.dim_shards(i, mesh_shape) > 1
            for p in params.values() for i, lg in enumerate(p.logical)):
@@ -360,7 +366,7 @@ def _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes) -> tuple
     axes_of = lambda p, dim: _mesh_names(p.spec[dim])
     links = {"tensor": _link(mesh_shape, axes_of(cproj, 1) or axes_of(fc2, 1), acc),
              "pipeline": _link(mesh_shape, axes_of(cattn, 0), acc),
-             "slot": _link(mesh_shape, axes_of(kvb, 1), acc),
+             "slot": _link(mesh_shape, axes_of(kvb, 2), acc),
              "vocab": _link(mesh_shape, axes_of(wte, 0), acc)}
     costs = _Costs(
         c=c, acc=acc, b=b, t_attn=t_attn, t_mlp=t_mlp, t_vocab=t_vocab, stages=stages,

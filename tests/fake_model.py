@@ -7,16 +7,17 @@ The "model" maps a sampling row's input token t to (t + 1) % V, so prompt [5] yi
 
 * decode rows read their input token from `last_token[slot]`, written by an EARLIER step;
   prefill rows read `plan.inputs.prefill_tokens`;
-* every real row writes its token into the slot's KV (here: a token log `kv[slot, pos]`);
-  padding rows have slot S (= num_slots) and write nothing;
+* every real row writes its token into its KV page position `kv_index` (here: a token log
+  `kv[page, offset]`); padding rows point past the last page and write nothing;
 * the rows named by `sample_rows` sample; each sampled id goes to `last_token[sample_slot]`
   (sample slot S = padding: dropped).
 
 On top of that it checks what the attention kernel silently relies on (models/attention.py):
-a slot's KV grows by contiguous appends, a fresh prompt starts at position 0, a continuing
-chunk is the plan's `prefix_*` segment and starts exactly where its slot's KV ends, decode
-positions fit in `dec_blocks` blocks, and every sampling row is a decode row or the last row of
-a segment. A broken plan fails loudly here instead of producing wrong numbers on a GPU.
+every row writes where its block table says, no two rows write one position, a segment that
+does not start at 0 is a history entry (`hist_*`) whose earlier positions are all written, every
+position a decode row reads through its block table is written, decode positions fit in
+`dec_blocks` pages, and every sampling row is a decode row or the last row of a segment. A
+broken plan fails loudly here instead of producing wrong numbers on a GPU.
 
 `FakeRunner` puts FakeDevice behind the runner interface (orca_jax/runner.py `ModelRunner`:
 warmup, run, fetch), so the real `Engine` (schedule -> build_plan -> run -> output processor)
@@ -35,7 +36,7 @@ import numpy as np
 from orca_jax.config import EngineConfig
 from orca_jax.engine import Engine
 from orca_jax.outputs import Sampled
-from orca_jax.plan import BLOCK, NO_PREFIX_SEG, PAD_SEG, Buckets, StepPlan
+from orca_jax.plan import PAD_SEG, Buckets, PagedKV, StepPlan
 from orca_jax.request import FinishReason, Request, SamplingParams
 from orca_jax.scheduler import Batch, SchedulerConfig
 
@@ -54,77 +55,96 @@ def expected_output(prompt: list[int], max_tokens: int, vocab: int = V, eos_id: 
 
 
 class FakeDevice:
-    """Per-slot state of the device (KV token log, last sampled token) and the fake step."""
+    """The device's state (a token log of every KV page position, each slot's last sampled
+    token) and the fake step."""
 
-    def __init__(self, num_slots: int, max_len: int, buckets: Buckets, vocab: int = V):
-        self.S, self.max_len, self.buckets, self.vocab = num_slots, max_len, buckets, vocab
-        self.kv = np.full((num_slots, max_len), -1, np.int64)   # token whose K/V sits at [slot, pos]
-        self.kv_len = np.zeros(num_slots, np.int64)              # valid prefix of each slot
+    def __init__(self, num_slots: int, kv: PagedKV, buckets: Buckets, vocab: int = V):
+        self.S, self.kv_geometry, self.buckets, self.vocab = num_slots, kv, buckets, vocab
+        self.kv = np.full((kv.num_pages, kv.page_size), -1, np.int64)  # token whose K/V sits there
         self.last_token = np.zeros(num_slots, np.int64)
         self.steps = 0
 
-    def _append(self, s: int, p: int, tok: int) -> None:
-        assert 0 <= s < self.S, f"real row with slot {s} outside [0, {self.S})"
-        assert p == self.kv_len[s], f"slot {s}: row at position {p} but its KV holds {self.kv_len[s]} tokens"
-        assert p < self.max_len, f"slot {s}: position {p} past max_len {self.max_len}"
-        self.kv[s, p], self.kv_len[s] = tok, p + 1
+    def read(self, table, n: int) -> list[int]:
+        """Positions [0, n) of a sequence through its block table."""
+        B = self.kv_geometry.page_size
+        return [int(self.kv[table[p // B], p % B]) for p in range(n)]
+
+    def _context(self, table, n: int, what: str) -> None:
+        got = self.read(table, n)
+        assert -1 not in got, f"{what}: positions [0, {n}) read pages never written: {got}"
 
     def run(self, plan: StepPlan) -> np.ndarray:
         S, td, tp, b = self.S, plan.num_decode, plan.num_prefill, self.buckets
+        P, B, W = self.kv_geometry.num_pages, self.kv_geometry.page_size, self.kv_geometry.max_pages
         inp, meta, smp = plan.inputs, plan.inputs.meta, plan.sample
         R = b.num_sample_rows(td, tp)
+        nh = min(b.max_prefill_seqs, tp)
         assert (td, tp) in b.shapes(), f"shape {(td, tp)} was not compiled at warm-up"
-        assert meta.slot.shape == meta.pos.shape == (td + tp,)
+        assert meta.slot.shape == meta.pos.shape == meta.kv_index.shape == (td + tp,)
         assert inp.prefill_tokens.shape == meta.seg.shape == (tp,)
+        assert meta.block_table.shape == (td, W) and meta.hist_table.shape == (nh, W)
+        assert meta.hist_len.shape == meta.hist_row0.shape == meta.hist_rows.shape == (nh,)
         for a in (inp.sample_rows, smp.sample_slot, smp.sample_pos, smp.prompt_len):
             assert a.shape == (R,) and a.dtype == np.int32
-        for a in (meta.slot, meta.pos, meta.seg, inp.prefill_tokens):
+        for a in (meta.slot, meta.pos, meta.kv_index, meta.seg, inp.prefill_tokens, meta.block_table,
+                  meta.hist_table):
             assert a.dtype == np.int32
 
-        # Real rows first in each region; padding rows: slot S, position 0, segment -1.
+        # Real rows first in each region; padding rows: slot S, no KV write, position 0, segment -1.
         real = meta.slot != S
         n_dec, n_pre = int(real[:td].sum()), int(real[td:].sum())
         assert real[:n_dec].all() and real[td:td + n_pre].all(), "padding row before a real row"
+        assert (meta.kv_index[~real] == P * B).all(), "a padding row writes KV"
+        assert ((meta.kv_index[real] >= 0) & (meta.kv_index[real] < P * B)).all()
         assert not meta.pos[n_dec:td].any() and not meta.pos[td + n_pre:].any(), "padding row with a position"
         assert (meta.seg[n_pre:] == PAD_SEG).all() and (meta.seg[:n_pre] >= 0).all()
         assert n_dec + n_pre == plan.num_tokens
         tokens = np.zeros(td + tp, np.int64)
         used_slots: list[int] = []
+        writes: list[tuple[int, int]] = []   # (kv_index, token), applied before attention reads
 
-        # Decode rows: the input is the slot's last sampled token; context is its KV [0, pos).
+        # Decode rows: the input is the slot's last sampled token; context [0, pos) via its table.
         for i in range(n_dec):
-            s, p = int(meta.slot[i]), int(meta.pos[i])
-            assert p >= 1 and p < meta.dec_blocks * BLOCK, f"decode position {p} outside dec_blocks"
+            s, p, table = int(meta.slot[i]), int(meta.pos[i]), meta.block_table[i]
+            assert p >= 1 and p < meta.dec_blocks * B, f"decode position {p} outside dec_blocks"
+            assert meta.kv_index[i] == table[p // B] * B + p % B, "decode row writes off its table"
             tokens[i] = self.last_token[s]
-            self._append(s, p, tokens[i])
+            writes.append((int(meta.kv_index[i]), tokens[i]))
             used_slots.append(s)
 
-        # Prefill segments: contiguous, numbered 0, 1, 2, ... in row order.
+        # Prefill segments: contiguous, numbered 0, 1, 2, ... in row order; a segment that does
+        # not start at 0 continues a sequence in its pages and is a history entry.
         segs = meta.seg[:n_pre]
         starts = [j for j in range(n_pre) if j == 0 or segs[j] != segs[j - 1]]
         assert list(segs[starts]) == list(range(len(starts))), f"segments out of order: {segs}"
-        assert meta.prefix_seg == NO_PREFIX_SEG or 0 <= meta.prefix_seg < len(starts)
-        if meta.prefix_seg == NO_PREFIX_SEG:
-            assert meta.prefix_len == 0 and meta.prefix_blocks == 0
-        seg_last_rows = set()
+        hist = {int(meta.hist_row0[h]): h for h in range(int(meta.num_hist))}
+        seg_last_rows, n_hist = set(), 0
         for k, j0 in enumerate(starts):
             j1 = starts[k + 1] if k + 1 < len(starts) else n_pre
             rows = range(td + j0, td + j1)
             s, p0 = int(meta.slot[td + j0]), int(meta.pos[td + j0])
             assert (meta.slot[rows.start:rows.stop] == s).all(), f"segment {k} spans slots"
             assert (meta.pos[rows.start:rows.stop] == np.arange(p0, p0 + len(rows))).all()
-            if k == meta.prefix_seg:  # continues a prompt already partly in the slot
-                assert s == meta.prefix_slot and p0 == meta.prefix_len > 0
-                assert meta.prefix_blocks == -(-int(meta.prefix_len) // BLOCK)
-            else:  # a fresh prompt: whatever the slot held before is dead
-                assert p0 == 0, f"segment {k} starts at {p0} but is not the prefix segment"
-                self.kv_len[s] = 0
+            if p0 > 0:  # continues a sequence already in its pages
+                h = hist[j0]
+                assert meta.hist_len[h] == p0 and meta.hist_rows[h] == len(rows)
+                table = meta.hist_table[h]
+                self._context(table, p0, f"segment {k}")
+                for r in rows:
+                    assert meta.kv_index[r] == table[meta.pos[r] // B] * B + meta.pos[r] % B
+                n_hist += 1
             for r in rows:
                 tokens[r] = inp.prefill_tokens[r - td]
-                self._append(s, int(meta.pos[r]), tokens[r])
+                writes.append((int(meta.kv_index[r]), tokens[r]))
             used_slots.append(s)
             seg_last_rows.add(rows.stop - 1)
+        assert n_hist == meta.num_hist, "history entries do not match the continuing segments"
         assert len(set(used_slots)) == len(used_slots), f"a slot appears twice in one step: {used_slots}"
+        assert len({i for i, _ in writes}) == len(writes), "two rows write one KV position"
+        for i, tok in writes:
+            self.kv[i // B, i % B] = tok
+        for i in range(n_dec):  # every position a decode row attends to is written by now
+            self._context(meta.block_table[i], int(meta.pos[i]) + 1, f"decode row {i}")
 
         # Sampling: every decode row, then the last rows of prompts that complete.
         n_samp = len(plan.rows)
@@ -139,7 +159,7 @@ class FakeDevice:
                 continue
             assert meta.slot[row] == smp.sample_slot[r] and meta.pos[row] == smp.sample_pos[r]
             if row >= td:
-                assert row in seg_last_rows and smp.sample_pos[r] == smp.prompt_len[r] - 1
+                assert row in seg_last_rows and smp.sample_pos[r] >= smp.prompt_len[r] - 1
             else:
                 assert smp.sample_pos[r] >= smp.prompt_len[r]
             self.last_token[smp.sample_slot[r]] = ids[r]
@@ -153,9 +173,12 @@ class FakeRunner:
     row's token is the one its request expects next."""
 
     def __init__(self, num_slots: int, max_len: int, vocab: int = V, eos_id: int | None = None,
-                 synchronous: bool = False):
+                 synchronous: bool = False, num_pages: int | None = None, page_size: int = 16):
+        """`num_pages` default: every slot's max_len, as the real runner caps the pool."""
         self.model_config = types.SimpleNamespace(vocab_size=vocab, eos_token_id=eos_id)
         self.num_slots, self.max_len, self.vocab = num_slots, max_len, vocab
+        W = -(-max_len // page_size)
+        self.kv = PagedKV.make(num_pages or num_slots * W, page_size, max_len)
         self.n_stages = 1
         self.keep_in_flight = 0 if synchronous else 1
         self.host_decode_tokens = False
@@ -164,7 +187,7 @@ class FakeRunner:
         self.plans: list[StepPlan] = []
 
     def warmup(self, buckets: Buckets) -> None:
-        self.device = FakeDevice(self.num_slots, self.max_len, buckets, self.vocab)
+        self.device = FakeDevice(self.num_slots, self.kv, buckets, self.vocab)
         self.num_compiles = len(buckets.shapes())
 
     def run(self, plan: StepPlan, sampling) -> tuple[StepPlan, np.ndarray]:
@@ -208,15 +231,25 @@ class FakeEngine:
     """The real `Engine` over a FakeRunner, recording every iteration."""
 
     def __init__(self, config: SchedulerConfig, num_slots: int, max_len: int, *, vocab: int = V,
-                 eos_id: int | None = None, pipelined: bool = False, buckets: Buckets | None = None):
+                 eos_id: int | None = None, pipelined: bool = False, buckets: Buckets | None = None,
+                 num_pages: int | None = None, page_size: int = 16, prefix_caching: bool = False):
+        """`num_slots` sequences at most (and by default KV pages for each at max_len)."""
         ec = EngineConfig(max_batch_size=config.max_batch_size,
                           max_num_batched_tokens=config.max_num_batched_tokens,
                           max_prefill_seqs=config.max_prefill_seqs, max_waiting=config.max_waiting,
-                          policy=config.policy, warmup=buckets is None)
-        # Like the real runner: no more KV slots than max_batch_size.
+                          policy=config.policy, warmup=buckets is None, page_size=page_size,
+                          kv_admission=config.kv_admission, enable_prefix_caching=prefix_caching)
+        # Like the real runner: no more sequences than max_batch_size.
         self.runner = FakeRunner(min(num_slots, config.max_batch_size), max_len, vocab, eos_id,
-                                 synchronous=not pipelined)
+                                 synchronous=not pipelined, num_pages=num_pages, page_size=page_size)
         self.engine = Engine(self.runner, ec)
+        self.pages: dict[str, list[int]] = {}  # each request's pages when it last let them go
+        real_release = self.engine.scheduler._release
+
+        def release(req: Request) -> None:
+            self.pages[req.request_id] = list(req.pages)
+            real_release(req)
+        self.engine.scheduler._release = release
         if buckets is not None:  # other buckets than the engine's (odd minimum sizes)
             self.engine.buckets = buckets
             self.runner.warmup(buckets)
@@ -280,18 +313,23 @@ class FakeEngine:
         for rid in rec.admitted:
             self.joined[rid] = rec.iteration
         for req in unfinished:
-            if req.finished and req.finish_reason is not FinishReason.ABORT:
+            # (a request failed while its inputs were prepared never ran that iteration)
+            if req.finished and req.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
                 self._check_kv(req)
                 self.left[req.request_id] = rec.iteration
                 rec.finished.append((req.request_id, req.finish_reason))
         return rec
 
     def _check_kv(self, req: Request) -> None:
-        """The slot holds prompt + outputs (each output is the next position's input)."""
+        """Its pages hold prompt + outputs (each output is the next position's input)."""
         seq = req.prompt_ids + req.output_ids
         n = min(req.num_scheduled, len(seq))
-        got = list(self.device.kv[req.slot, :n])
-        assert got == seq[:n], f"{req.request_id}: KV slot {req.slot} holds {got}, expected {seq[:n]}"
+        pages = req.pages or self.pages.get(req.request_id)
+        if pages is None:  # admitted without pages yet (a static batch's zero-length chunk)
+            assert n == 0, f"{req.request_id}: {n} tokens scheduled but no pages"
+            return
+        got = self.device.read(pages, n)
+        assert got == seq[:n], f"{req.request_id}: KV pages {pages} hold {got}, expected {seq[:n]}"
 
     def run(self, arrivals: dict[int, list[tuple]] | None = None, max_iterations: int = 10_000) -> list[StepRecord]:
         """Step until idle. `arrivals[i]` = [(prompt, max_tokens, id), ...] submitted just

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from orca_jax.models.attention import BLOCK, AttnMeta, KVCache
+from orca_jax.models.attention import AttnMeta, KVCache
 from orca_jax.models.gpt2 import GPTConfig, from_params
 
 HF_DEFAULTS = dict(vocab_size=1001, n_positions=32, n_embd=48, n_layer=2, n_head=6,
@@ -65,36 +65,54 @@ def _forward(config: GPTConfig, params: dict):
     return lambda tokens, kv, meta: fwd(state, jnp.asarray(tokens, jnp.int32), kv, meta)
 
 
-def _kv(config: GPTConfig, slots: int, sharding=None) -> KVCache:
-    max_len = -(-config.n_positions // BLOCK) * BLOCK  # a multiple of the attention block
-    return KVCache.zeros(config.n_layer, slots, max_len, config.n_head, config.head_dim,
+PAGE = 16  # small pages: every context below spans several, scattered (_pages)
+
+
+def _kv(config: GPTConfig, sharding=None) -> KVCache:
+    """A pool of 4 sequences' worth of pages."""
+    return KVCache.zeros(config.n_layer, 4 * _width(config), PAGE, config.n_head, config.head_dim,
                          config.jnp_dtype, sharding=sharding)
 
 
+def _width(config: GPTConfig) -> int:
+    return -(-config.n_positions // PAGE)
+
+
+def _pages(config: GPTConfig) -> np.ndarray:
+    """The block table of the one sequence: pages taken out of order, from the pool's end."""
+    W = _width(config)
+    return (4 * W - 1 - 2 * np.arange(W)).astype(np.int32)
+
+
 def prefill_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
-    """Logits [T, V] of one whole prompt in a single prefill step (slot 1 of 4)."""
-    T = len(ids)
-    meta = AttnMeta(slot=jnp.full(T, 1, jnp.int32), pos=jnp.arange(T, dtype=jnp.int32),
-                    seg=jnp.zeros(T, jnp.int32), dec_blocks=jnp.int32(0), prefix_seg=jnp.int32(-2),
-                    prefix_slot=jnp.int32(0), prefix_len=jnp.int32(0), prefix_blocks=jnp.int32(0),
-                    num_decode=0)
-    logits, _ = _forward(config, params)(ids, _kv(config, 4, kv_sharding), meta)
+    """Logits [T, V] of one whole prompt in a single prefill step."""
+    T, i32 = len(ids), np.int32
+    pos, table = np.arange(T, dtype=i32), _pages(config)
+    meta = AttnMeta(slot=np.full(T, 1, i32), pos=pos, kv_index=table[pos // PAGE] * PAGE + pos % PAGE,
+                    seg=np.zeros(T, i32), block_table=np.zeros((0, len(table)), i32), dec_blocks=i32(0),
+                    hist_table=np.zeros((1, len(table)), i32), hist_len=np.zeros(1, i32),
+                    hist_row0=np.zeros(1, i32), hist_rows=np.zeros(1, i32), num_hist=i32(0), num_decode=0)
+    logits, _ = _forward(config, params)(ids, _kv(config, kv_sharding), meta)
     return np.asarray(logits, np.float32)
 
 
 def decode_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
-    """Logits [T, V] feeding `ids` one token per step through the KV buffer (slot 2 of 4).
+    """Logits [T, V] feeding `ids` one token per step through the KV pages.
 
-    Each step has a second, padding row (slot 4 == S: its KV write is dropped), as the engine
-    pads decode batches.
+    Each step has a second, padding row (its KV write points past the last page: dropped),
+    as the engine pads decode batches.
     """
-    fwd, kv = _forward(config, params), _kv(config, 4, kv_sharding)
+    fwd, kv = _forward(config, params), _kv(config, kv_sharding)
+    table = _pages(config)
     out = []
     for p, tok in enumerate(ids):
         i32 = np.int32  # host arrays: no eager device ops per step
         meta = AttnMeta(slot=np.array([2, 4], i32), pos=np.array([p, 0], i32),
-                        seg=np.zeros(0, i32), dec_blocks=i32(p // BLOCK + 1), prefix_seg=i32(-2),
-                        prefix_slot=i32(0), prefix_len=i32(0), prefix_blocks=i32(0), num_decode=2)
+                        kv_index=np.array([table[p // PAGE] * PAGE + p % PAGE, kv.num_pages * PAGE], i32),
+                        seg=np.zeros(0, i32), block_table=np.stack([table, np.zeros_like(table)]),
+                        dec_blocks=i32(p // PAGE + 1), hist_table=np.zeros((0, len(table)), i32),
+                        hist_len=np.zeros(0, i32), hist_row0=np.zeros(0, i32), hist_rows=np.zeros(0, i32),
+                        num_hist=i32(0), num_decode=2)
         logits, kv = fwd([tok, 0], kv, meta)
         out.append(np.asarray(logits[0], np.float32))
     return np.stack(out)

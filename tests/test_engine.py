@@ -128,6 +128,7 @@ def idle(request):
             eng = request.getfixturevalue(name)
             assert not eng.has_unfinished()
             assert eng.scheduler.num_free_slots == eng.num_slots
+            eng.pool.check([])  # every KV page free again (cached ones included)
 
 
 # -- running the engine ------------------------------------------------------------------------
@@ -374,16 +375,16 @@ def test_no_compilation_after_warmup(engine, small_engine, idle):
 
 def test_kv_buffer_is_donated_not_copied(engine, idle):
     state = engine.runner.device_states[0]
-    k, v = state.kv.k, state.kv.v
-    ptrs = (k.unsafe_buffer_pointer(), v.unsafe_buffer_pointer())
+    layers = [*state.kv.k, *state.kv.v]  # every layer's pages
+    pointers = lambda kv: [x.unsafe_buffer_pointer() for x in (*kv.k, *kv.v)]
+    ptrs = pointers(state.kv)
     engine.add_request(list(range(1, 60)), greedy(6))
     engine.add_request([5], greedy(6))
     acc = {}
     while engine.has_unfinished():
         step(engine, acc)
-        kv = engine.runner.device_states[0].kv
-        assert (kv.k.unsafe_buffer_pointer(), kv.v.unsafe_buffer_pointer()) == ptrs
-    assert k.is_deleted() and v.is_deleted(), "the step did not donate the KV buffer"
+        assert pointers(engine.runner.device_states[0].kv) == ptrs
+    assert all(x.is_deleted() for x in layers), "the step did not donate the KV pages"
     assert engine.stats.iterations > 5
 
 
@@ -398,6 +399,7 @@ def test_abort_mid_prefill_frees_the_slot(model, small_engine, idle):
     step(eng, acc)
     assert long.status is Status.RUNNING and 0 < long.num_scheduled < long.prompt_len
     assert eng.scheduler.num_free_slots == eng.num_slots - 1
+    slot = long.slot
     out = eng.abort(long.request_id)
     assert out.finished and out.finish_reason is FinishReason.ABORT and list(out.token_ids) == []
     assert eng.scheduler.num_free_slots == eng.num_slots
@@ -407,7 +409,7 @@ def test_abort_mid_prefill_frees_the_slot(model, small_engine, idle):
     prompt = prompt_of(rng, 30)
     nxt = eng.add_request(prompt, greedy(10))
     step(eng, acc)
-    assert nxt.status is Status.RUNNING and nxt.slot == long.slot
+    assert nxt.status is Status.RUNNING and nxt.slot == slot
     drain(eng, acc)
     assert long.request_id not in acc  # nothing after the abort
     assert acc[nxt.request_id].ids == model.greedy(prompt, 10)
@@ -423,11 +425,12 @@ def test_abort_mid_decode_frees_the_slot_and_admits_the_next(model, engine, idle
         step(engine, acc)
     assert waiting.status is Status.WAITING and engine.scheduler.num_free_slots == 0
     victim = reqs[3]
+    victim_slot = victim.slot
     out = engine.abort(victim.request_id)
     assert out.finish_reason is FinishReason.ABORT and out.finished
     assert engine.scheduler.num_free_slots == 1
     step(engine, acc)  # the waiting request is admitted at the very next iteration
-    assert waiting.status is Status.RUNNING and waiting.slot == victim.slot
+    assert waiting.status is Status.RUNNING and waiting.slot == victim_slot
     got = acc[victim.request_id]
     assert got.reason is None and 3 <= len(got.ids) < 60  # the final came from abort()
     for r in reqs:

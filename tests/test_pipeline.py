@@ -12,6 +12,7 @@ import pytest
 from orca_jax.bench.stages import stage_activity_from_runs
 from orca_jax.engine import Engine, EngineConfig
 from orca_jax.models.gpt2 import GPTConfig, init_params
+from orca_jax.kv_pages import PagePool
 from orca_jax.request import Request, SamplingParams
 from orca_jax.scheduler import Scheduler, SchedulerConfig
 from orca_jax.sharding.mesh import make_mesh
@@ -27,7 +28,7 @@ def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
 
 def test_scheduler_skips_requests_in_flight_with_several_workers():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4,
-                                  n_stages=2), num_slots=4, max_len=64)
+                                  n_stages=2), num_slots=4, max_len=64, pool=PagePool(16, 16))
     a, b = _req("a", 5), _req("b", 3)
     s.add(a)
     first = s.schedule()
@@ -45,7 +46,7 @@ def test_scheduler_skips_requests_in_flight_with_several_workers():
 
 def test_several_workers_split_the_requests_between_iterations():
     s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=8,
-                                  n_stages=2), num_slots=8, max_len=64)
+                                  n_stages=2), num_slots=8, max_len=64, pool=PagePool(32, 16))
     reqs = [_req(str(i), 3) for i in range(6)]
     for r in reqs:
         s.add(r)
@@ -56,17 +57,18 @@ def test_several_workers_split_the_requests_between_iterations():
 
 
 @pytest.mark.parametrize("n_stages", [1, 2, 3])
-def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_stages):
-    """Random arrivals, a small budget, n_stages iterations in flight (as the engine keeps
-    them): build_plan never sees two chunks continuing a prompt (its assertion), every
-    request finishes. A prompt cut while in flight used to meet a second cut prompt."""
-    from orca_jax.plan import Buckets, build_plan
+def test_cut_prompts_and_preemptions_with_iterations_in_flight(n_stages):
+    """Random arrivals, a small budget and a small KV pool (preemptions), n_stages iterations
+    in flight (as the engine keeps them): every plan's rows write inside their own pages,
+    no page is held twice, every request finishes and the pool is whole again."""
+    from orca_jax.plan import Buckets, PagedKV, build_plan
     from orca_jax.request import FinishReason
     for seed in range(40):
         rng = np.random.default_rng(seed)
         cfg = SchedulerConfig(max_batch_size=8, max_num_batched_tokens=16, max_prefill_seqs=4,
                               n_stages=n_stages)
-        s = Scheduler(cfg, num_slots=8, max_len=96)
+        kv = PagedKV.make(12, 16, 96)
+        s = Scheduler(cfg, num_slots=8, max_len=96, pool=PagePool(kv.num_pages, kv.page_size))
         buckets = Buckets.make(8, 16, 4)
         in_flight, done, added = [], 0, 0
         for it in range(300):
@@ -75,7 +77,13 @@ def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_stages):
                 added += 1
             batch = s.schedule()
             if batch:
-                in_flight.append((batch, build_plan(batch, buckets, 8, host_decode_tokens=n_stages > 1)))
+                plan = build_plan(batch, buckets, 8, kv, host_decode_tokens=n_stages > 1)
+                rows = plan.inputs.meta.kv_index[plan.inputs.meta.slot != 8]
+                for r, i in zip(batch.decodes + [c.request for c in batch.prefills
+                                                 for _ in range(c.length)], rows):
+                    assert i // kv.page_size in r.pages
+                s.pool.check([r.pages for r in s.running])
+                in_flight.append((batch, plan))
             if in_flight and (len(in_flight) > max(1, n_stages - 1) or not batch):
                 b, plan = in_flight.pop(0)
                 s.iteration_done(b)
@@ -87,12 +95,13 @@ def test_never_two_cut_prompts_in_one_step_with_iterations_in_flight(n_stages):
                         s.finish(row.request, FinishReason.LENGTH)
                         done += 1
         assert done == added, (seed, done, added)
+        s.pool.check([])
 
 
 def test_one_worker_reschedules_requests_in_flight():
     """Without stages the engine overlaps host and device by scheduling N+1 before N is back."""
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64, max_prefill_seqs=4),
-                  num_slots=4, max_len=64)
+                  num_slots=4, max_len=64, pool=PagePool(16, 16))
     a = _req("a", 5)
     s.add(a)
     s.schedule()
@@ -118,7 +127,9 @@ def test_stages_hold_their_layers_on_their_devices(params):
             assert kernel.sharding.spec[1] == "tensor"  # megatron inside the stage
             stacked = params["h"]["mlp"]["c_fc"]["kernel"]              # [L, D, F]
             np.testing.assert_array_equal(np.asarray(kernel), stacked[st.layers[0] + i])
-        assert state.kv.k.shape[0] == 2 and set(state.kv.k.sharding.device_set) == devices
+        assert len(state.kv.k) == 2  # its own layers' pages, [H@tensor, P, B, K] each
+        for pages in state.kv.k + state.kv.v:
+            assert set(pages.sharding.device_set) == devices and pages.sharding.spec[0] == "tensor"
         assert (state.history is None) == (not st.last)  # the sampling stage keeps the slot state
     assert not set(eng.runner.stages[0].mesh.devices.flat) & set(eng.runner.stages[1].mesh.devices.flat)
 

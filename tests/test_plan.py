@@ -22,7 +22,10 @@ from orca_jax.models.attention import KV_AXES
 from orca_jax.models.gpt2 import PRESETS, GPTConfig, abstract_params
 from orca_jax.sharding.layouts import param_shardings, spec_for
 from orca_jax.sharding.mesh import make_mesh
-from orca_jax.sharding.plan import ACCELERATORS, fit_kv_slots, format_plan, kv_placement, make_plan
+from orca_jax.kv_pages import PAGE_SIZE
+from orca_jax.models.attention import KVCache
+from orca_jax.plan import PagedKV
+from orca_jax.sharding.plan import ACCELERATORS, fit_kv_pages, format_plan, kv_placement, make_plan
 from orca_jax.step import init_device_state
 
 CFG = GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
@@ -61,15 +64,18 @@ def test_plan_param_and_kv_bytes_equal_real_shards(config, spec, layout):
     assert len(got) == n and set(got.values()) == {mem["param_bytes_per_device"]}
     assert mem["param_bytes_total"] == sum(a.nbytes for a in jax.tree.leaves(params))
 
-    # The KV buffer and slot state as placed by the layout (what the step is compiled for).
-    shape = (config.n_layer, slots, max_len, config.n_head, config.head_dim)
-    state = init_device_state(*shape[:1], slots, max_len, *shape[3:], config.jnp_dtype,
-                              jax.NamedSharding(mesh, spec_for(KV_AXES, layout, mesh, shape)),
+    # The KV pages and sequence state as placed by the layout (what the step is compiled for):
+    # one array per layer of a stage (pipeline stages hold their own layers' pages).
+    kv = PagedKV.make(slots * -(-max_len // PAGE_SIZE), PAGE_SIZE, max_len)
+    shape = KVCache.shape(kv.num_pages, PAGE_SIZE, config.n_head, config.head_dim)
+    stages = dict(mesh.shape).get("pipeline", 1)
+    state = init_device_state(config.n_layer // stages, kv, slots, config.n_head, config.head_dim,
+                              config.jnp_dtype, jax.NamedSharding(mesh, spec_for(KV_AXES, layout, mesh, shape)),
                               jax.NamedSharding(mesh, jax.P()))
     assert set(per_device_bytes(state.kv).values()) == {mem["kv_bytes_per_device"]}
     assert set(per_device_bytes((state.history, state.last_token)).values()) == {mem["slot_state_bytes_per_device"]}
-    assert mem["kv_spec"] == [None if a is None else [a] if isinstance(a, str) else list(a)
-                              for a in state.kv.k.sharding.spec]
+    assert mem["kv_spec"][1:] == [None if a is None else [a] if isinstance(a, str) else list(a)
+                                  for a in state.kv.k[0].sharding.spec]
 
 
 @pytest.mark.parametrize("spec, layout", [("tensor=4", "megatron"), ("tensor=2,pipeline=2", "megatron"),
@@ -83,24 +89,26 @@ def test_plan_kv_bytes_equal_the_engines_buffer(spec, layout):
     assert set(per_device_bytes((state.history, state.last_token)).values()) == {mem["slot_state_bytes_per_device"]}
 
 
-def test_fit_kv_slots_respects_even_tiling():
-    # One slot: K and V of 2 layers x 128 tokens x 64 wide x 4 bytes; plus 128 + 1 int32 of state.
-    kv_slot, state_slot = 2 * 2 * 128 * 64 * 4, 4 * 128 + 4
-    budget = 2 * kv_slot + 8 * state_slot  # 8 slots split over 4 devices: 2 each
-    assert fit_kv_slots(CFG, "slots", {"tensor": 4}, 128, budget, 8) == 8
-    assert kv_placement(CFG, "slots", {"tensor": 4}, 8, 128, 4).spec == (None, "tensor", None, None, None)
-    # 7, 6, 5 slots cannot split over 4 devices, and replicated they do not fit: 4 do.
-    assert fit_kv_slots(CFG, "slots", {"tensor": 4}, 128, budget, 7) == 4
-    assert fit_kv_slots(CFG, "replicated", {"tensor": 4}, 128, budget, 8) == 2
-    assert fit_kv_slots(CFG, "replicated", {"tensor": 4}, 128, kv_slot - 1, 8) == 0
+def test_fit_kv_pages_respects_even_tiling():
+    # One page of 16 tokens: K and V of 2 layers x 16 tokens x 64 wide x 4 bytes.
+    page = 2 * 2 * 16 * 64 * 4
+    # Pages split over 4 devices: a quarter each, in multiples of 4 (even tiling).
+    assert fit_kv_pages(CFG, "slots", {"tensor": 4}, 16, 2 * page) == 8
+    assert fit_kv_pages(CFG, "slots", {"tensor": 4}, 16, 2 * page + page // 2) == 8
+    assert kv_placement(CFG, "slots", {"tensor": 4}, 8, 16, 4).spec == (None, None, "tensor", None, None)
+    assert fit_kv_pages(CFG, "replicated", {"tensor": 4}, 16, 2 * page) == 2
+    assert fit_kv_pages(CFG, "replicated", {"tensor": 4}, 16, page - 1) == 0
+    # Megatron splits the pages by KV head: every device holds every page, a quarter of it.
+    assert kv_placement(CFG, "megatron", {"tensor": 4}, 8, 16, 4).spec == (None, "tensor", None, None, None)
+    assert fit_kv_pages(CFG, "megatron", {"tensor": 4}, 16, 2 * page) == 8
 
 
 def test_plan_slot_state_is_what_the_engine_allocates_at_any_context():
-    """Slot state rows are padded to whole attention blocks, in the plan as in the engine."""
-    from orca_jax.sharding.plan import kv_bytes_per_device
+    """Sequence state rows are padded to whole pages, in the plan as in the engine."""
+    from orca_jax.sharding.plan import kv_bytes_per_device, slot_state_bytes
     mem = make_plan(CFG, "tensor=2", "megatron", "h100", batch=8, context=100, dtype="float32")["memory"]
-    assert mem["kv_bytes_per_device"] + mem["slot_state_bytes_per_device"] == \
-        kv_bytes_per_device(CFG, "megatron", {"tensor": 2}, 8, 100, 4)
+    assert mem["kv_bytes_per_device"] == kv_bytes_per_device(CFG, "megatron", {"tensor": 2}, 8 * 2, 64, 4)
+    assert mem["slot_state_bytes_per_device"] == slot_state_bytes(8, 100, 64) == 4 * 8 * 128 + 4 * 8
 
 
 def test_communication_and_roofline_by_hand():

@@ -44,15 +44,15 @@ MESHES = ["tensor=2", "tensor=4", "pipeline=2", "tensor=2,pipeline=2"]
 
 def test_rules_may_name_several_mesh_axes():
     mesh = {"data": 2, "tensor": 4}
-    slots = LAYOUTS["slots"]
-    assert slots.resolve(KV_AXES, mesh, (2, 8, 4, 128, 16)) == (None, ("data", "tensor"), None, None, None)
+    slots = LAYOUTS["slots"]  # one layer's pages [H, P, B, K]: the pages split
+    assert slots.resolve(KV_AXES, mesh, (4, 8, 64, 16)) == (None, ("data", "tensor"), None, None)
     # An axis that does not divide (with those already chosen) is skipped, the rest still split.
-    assert slots.resolve(KV_AXES, mesh, (2, 4, 4, 128, 16))[1] == "data"
-    assert slots.resolve(KV_AXES, {"data": 3, "tensor": 4}, (2, 4, 4, 128, 16))[1] == "tensor"
-    assert slots.resolve(KV_AXES, mesh, (2, 3, 4, 128, 16))[1] is None
-    assert slots.resolve(KV_AXES, {"tensor": 4}, (2, 8, 4, 128, 16))[1] == "tensor"
-    assert spec_for(KV_AXES, "slots", make_mesh("data=2,tensor=4"), (2, 8, 4, 128, 16)) == \
-        jax.P(None, ("data", "tensor"), None, None, None)
+    assert slots.resolve(KV_AXES, mesh, (4, 4, 64, 16))[1] == "data"
+    assert slots.resolve(KV_AXES, {"data": 3, "tensor": 4}, (4, 4, 64, 16))[1] == "tensor"
+    assert slots.resolve(KV_AXES, mesh, (4, 3, 64, 16))[1] is None
+    assert slots.resolve(KV_AXES, {"tensor": 4}, (4, 8, 64, 16))[1] == "tensor"
+    assert spec_for(KV_AXES, "slots", make_mesh("data=2,tensor=4"), (4, 8, 64, 16)) == \
+        jax.P(None, ("data", "tensor"), None, None)
 
 
 def test_shipped_layouts():
@@ -63,30 +63,32 @@ def test_shipped_layouts():
     assert LAYOUTS["megatron"].resolve(("vocab", "embed"), mesh, (1000, 64)) == ("tensor", None)
     assert LAYOUTS["megatron-vocab-replicated"].resolve(("vocab", "embed"), mesh, (1000, 64)) == (None, None)
     assert LAYOUTS["slots"].resolve(kernel, mesh, shape) == (None,) * 5
-    assert LAYOUTS["replicated"].resolve(KV_AXES, mesh, (4, 8, 4, 128, 16)) == (None,) * 5
+    assert LAYOUTS["replicated"].resolve(KV_AXES, mesh, (4, 8, 64, 16)) == (None,) * 4
+    assert LAYOUTS["megatron"].resolve(KV_AXES, mesh, (4, 8, 64, 16)) == ("tensor", None, None, None)
     for layout in LAYOUTS.values():
         assert layout.description and get_layout(layout.name) is layout
 
 
 def test_layout_rules_file_json_and_toml(tmp_path):
     (tmp_path / "dp.json").write_text(json.dumps({
-        "name": "megatron-dp", "base": "megatron", "description": "megatron plus slots over data",
-        "rules": {"slots": "data", "vocab": None}}))
+        "name": "megatron-dp", "base": "megatron", "description": "megatron plus KV pages over data",
+        "rules": {"pages": "data", "vocab": None}}))
     (tmp_path / "mine.toml").write_text('description = "2D"\n[rules]\nmlp = ["tensor", "data"]\nheads = "tensor"\n')
     dp = get_layout(str(tmp_path / "dp.json"))
-    assert dp.name == "megatron-dp" and dp.mesh_axis("slots") == "data" and dp.mesh_axis("vocab") is None
+    assert dp.name == "megatron-dp" and dp.mesh_axis("pages") == "data" and dp.mesh_axis("vocab") is None
     assert dp.mesh_axis("heads") == "tensor" and dp.mesh_axis("layers") == "pipeline"
     mine = load_layout(tmp_path / "mine.toml")
     assert mine.name == "mine" and mine.description == "2D"
     assert mine.resolve(("embed", "mlp"), {"data": 2, "tensor": 4}, (64, 256)) == (None, ("tensor", "data"))
     # A file layout drives placement like a shipped one, and round-trips through to_dict.
     mesh = make_mesh("data=2,tensor=4")
-    assert spec_for(KV_AXES, tmp_path / "dp.json", mesh, (2, 8, 4, 128, 16)) == jax.P(None, "data", "tensor", None, None)
+    assert spec_for(KV_AXES, tmp_path / "dp.json", mesh, (4, 8, 64, 16)) == jax.P("tensor", "data", None, None)
     assert layout_from_dict(dp.to_dict()) == dp
 
 
 @pytest.mark.parametrize("content, match", [
     ({"rules": {"head": "tensor"}}, "unknown logical axis 'head'"),
+    ({"rules": {"slots": "data"}}, "'slots' is now 'pages'"),
     ({"rules": {"heads": 4}}, "must be a mesh axis name"),
     ({"rules": {"heads": ["tensor", "tensor"]}}, "names a mesh axis twice"),
     ({"rules": {"heads": "ten sor"}}, "not an identifier"),
@@ -219,9 +221,8 @@ def test_engine_places_state_by_layout(engines, layout):
     axes = PARAM_AXES["h"]["mlp"]["c_fc"]["kernel"][1:]        # the stacked axes less "layers"
     assert kernel.shape == (MODEL["n_embd"], 4 * MODEL["n_embd"])
     assert kernel.sharding.spec == spec_for(axes, layout, mesh, kernel.shape)
-    k = eng.runner.device_states[0].kv.k
-    want = spec_for(KV_AXES, layout, mesh, k.shape)
-    assert k.sharding.spec == want
+    for k in eng.runner.device_states[0].kv.k:  # each layer's pages
+        assert k.sharding.spec == spec_for(KV_AXES, layout, mesh, k.shape)
 
 
 def test_slot_split_kv_gives_the_same_logits(ckpt):
@@ -230,7 +231,7 @@ def test_slot_split_kv_gives_the_same_logits(ckpt):
     mesh = make_mesh("tensor=4")
     config, params = load_checkpoint(ckpt, mesh=mesh, layout="slots")
     ids = list(range(5, 75))  # 70 tokens: two attention blocks
-    kv4 = jax.NamedSharding(mesh, spec_for(KV_AXES, "slots", mesh, (2, 4, 4, 128, 16)))
+    kv4 = jax.NamedSharding(mesh, spec_for(KV_AXES, "slots", mesh, (4, 4 * 8, 16, 16)))
     assert kv4.spec[1] == "tensor"
     got = decode_logits(config, params, ids, kv_sharding=kv4)
     config1, params1 = load_checkpoint(ckpt)
@@ -280,7 +281,7 @@ def _collectives(lines):
 def _step_hlo(engine: Engine, td: int, tp: int, stage: int = 0) -> str:
     """The compiled forward program of one pipeline stage (the whole model without stages)."""
     st = engine.runner.stages[stage]
-    plan = warmup_plan(td, tp, engine.buckets, engine.num_slots, engine.runner.host_decode_tokens)
+    plan = warmup_plan(td, tp, engine.buckets, engine.num_slots, engine.kv, engine.runner.host_decode_tokens)
     x = None if st.first else jax.device_put(np.zeros((td + tp, MODEL["n_embd"]), np.float32), st.replicated)
     return engine.runner.compiled_step(stage, plan, x)
 

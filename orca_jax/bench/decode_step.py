@@ -22,7 +22,6 @@ import numpy as np
 from ..config import EngineConfig
 from ..engine import Engine, freeze_startup_heap
 from ..models.gpt2 import PRESETS, GPTConfig, init_params
-from ..plan import BLOCK
 from ..request import SamplingParams
 
 PROMPT = 32
@@ -58,7 +57,7 @@ def floors(c: GPTConfig, batch: int, context: int, bandwidth: float, flops: floa
 
 def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0) -> tuple[float, int]:
     """Median over rounds of the time per engine.step() with `batch` requests decoding, and
-    the longest context they reached (in whole attention blocks)."""
+    the longest context they reached (in whole KV pages)."""
     rng = np.random.default_rng(seed)
     sp = SamplingParams(temperature=0.0, max_tokens=3 + rounds * steps, ignore_eos=True)
     reqs = [eng.add_request(rng.integers(0, eng.model_config.vocab_size, PROMPT).tolist(), sp)
@@ -75,14 +74,17 @@ def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0
         eng.abort(r.request_id)
     while eng.has_unfinished():
         eng.step()
-    return float(np.median(per_round)), -(-(PROMPT + 3 + rounds * steps) // BLOCK) * BLOCK
+    B = eng.kv.page_size
+    return float(np.median(per_round)), -(-(PROMPT + 3 + rounds * steps) // B) * B
 
 
-def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8) -> dict:
+def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8,
+            page_size: int = EngineConfig.page_size) -> dict:
     """Ceilings (before and after) and, per batch, the steady decode step against its floor."""
     c = PRESETS[preset]
     start = ceilings(c.jnp_dtype)
-    ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False)
+    ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False,
+                      page_size=page_size)
     eng = Engine.build(c, init_params(c), ec)
     freeze_startup_heap()  # as `serve` does once its engine is built
     times = {b: step_seconds(eng, b, rounds, steps) for b in batches}
@@ -95,14 +97,14 @@ def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8) ->
         rows.append({"batch": b, "decode_rows": eng.buckets.decode_rows(b, 0), "context": context,
                      "step_ms": t * 1e3, "floor_ms": f[bound] * 1e3, "floor_bound": bound,
                      "ratio": t / f[bound]})
-    return {"preset": preset, "rounds": rounds, "steps": steps,
+    return {"preset": preset, "rounds": rounds, "steps": steps, "page_size": page_size,
             "bandwidth_gbs": [start[0] / 1e9, end[0] / 1e9], "matmul_gflops": [start[1] / 1e9, end[1] / 1e9],
             "decode": rows}
 
 
 def print_report(r: dict) -> None:
     bw, mm = r["bandwidth_gbs"], r["matmul_gflops"]
-    print(f"{r['preset']}: bandwidth {bw[0]:.1f} / {bw[1]:.1f} GB/s, matmul {mm[0]:.0f} / {mm[1]:.0f} "
+    print(f"{r['preset']} (KV pages of {r['page_size']}): bandwidth {bw[0]:.1f} / {bw[1]:.1f} GB/s, matmul {mm[0]:.0f} / {mm[1]:.0f} "
           f"GFLOP/s (start / end, best of 7)")
     for row in r["decode"]:
         print(f"batch {row['batch']:3d} (bucket {row['decode_rows']:3d} rows): {row['step_ms']:7.1f} ms per "
@@ -116,8 +118,10 @@ def main(argv=None) -> None:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="engine steps per round")
+    p.add_argument("--page-size", type=int, default=EngineConfig.page_size)
     args = p.parse_args(argv)
-    print_report(measure(args.preset, [int(b) for b in args.batches.split(",")], args.rounds, args.steps))
+    print_report(measure(args.preset, [int(b) for b in args.batches.split(",")], args.rounds, args.steps,
+                         args.page_size))
 
 
 if __name__ == "__main__":

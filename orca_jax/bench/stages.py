@@ -70,7 +70,7 @@ def cmd_stages(args) -> int:
     trace = workloads.offline(args.requests, args.prompt_len, args.output_len, vocab, args.seed)
     short = workloads.offline(args.profile_requests, args.prompt_len, str(args.profile_output_len),
                               vocab, args.seed + 1)
-    ec = engine_config(args, trace, "iteration")
+    ec = engine_config(args, trace)
     results = []
     for spec in specs:
         t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..async_engine import AsyncEngine
 from ..request import FinishReason, RequestOutput
@@ -118,11 +118,23 @@ class _EngineGauges:
         for metric, doc, value in [
             ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
             ("vllm:num_requests_running", "Requests in the running batch.", s.num_running),
-            ("vllm:kv_cache_usage_perc", "Fraction of KV slots reserved (1 = full).", s.kv_usage),
+            ("vllm:kv_cache_usage_perc", "Fraction of KV pages in use (1 = full).", s.kv_usage),
             ("vllm:gpu_cache_usage_perc", "Same as vllm:kv_cache_usage_perc (vLLM v0 name).", s.kv_usage),
             ("orca_jax:engine_healthy", "1 while the engine loop is alive and iterating.",
              1.0 if self.m.engine.healthy() else 0.0),
+            ("orca_jax:num_requests_swapped", "Preempted requests whose KV pages wait in host memory.",
+             s.num_swapped),
         ]:
             g = GaugeMetricFamily(metric, doc, labels=["model_name"])
             g.add_metric([name], float(value))
             yield g
+        for metric, doc, value in [
+            ("vllm:num_preemptions", "Cumulative number of preemptions (KV pages ran out).",
+             s.num_preemptions),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             s.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+        ]:
+            c = CounterMetricFamily(metric, doc, labels=["model_name"])
+            c.add_metric([name], float(value))
+            yield c
