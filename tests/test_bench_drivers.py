@@ -35,6 +35,8 @@ class FakeEngine:
         self.stats = types.SimpleNamespace(iterations=0, batch_size_sum=0, max_batch_size_seen=0,
                                            host_seconds=0.0, device_wait_seconds=0.0, tokens=0,
                                            padded_tokens=0)
+        self.pool = types.SimpleNamespace(queries=0, hits=0)
+        self.scheduler = types.SimpleNamespace(num_preemptions=0)
 
     def add_request(self, prompt, params, request_id):
         self.running.append({"id": request_id, "want": params.max_tokens, "got": 0, "prompt": len(prompt)})

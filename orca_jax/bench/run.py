@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cli.flags import add_engine_flags
+from ..cli.flags import add_engine_flags, engine_fields, off_flag
 from ..cli.flags import engine_config as flag_config
 from . import report, workloads
 from .metrics import parse_slos, request_flops, summarize, summarize_aggregate
@@ -35,7 +35,11 @@ ENGINE_EPILOG = ("Engine flags apply to both orca-jax systems alike, with the en
                  "--max-model-len defaults to the longest prompt + output. --policy and --no-warmup "
                  "are ignored: each system sets its policy and every engine is warmed up before "
                  "timing. See docs/benchmarks.md.")
-DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf"}
+DEFAULT_SYSTEMS = {"offline": "orca,static,hf,vllm", "orca": "orca,static,hf", "sharegpt-like": "orca,static,hf",
+                   "shared-prefix": "orca,orca-nocache"}
+# The orca-jax systems: the engine flags with these changes.
+ENGINE_SYSTEMS = {"orca": {}, "static": {"policy": "static"}, "orca-reserve": {"kv_admission": "reserve"},
+                  "orca-nocache": {"enable_prefix_caching": False}}
 
 
 def add_parser(sub):
@@ -47,7 +51,8 @@ def add_parser(sub):
     wsub = p.add_subparsers(dest="workload", required=True)
     helps = {"offline": "N requests at t=0 (the peers' workload): tokens/s of every system",
              "orca": "the Orca paper's trace (Poisson arrivals, uniform lengths): a rate sweep",
-             "sharegpt-like": "Poisson arrivals, heavy-tailed (log-normal) lengths: a rate sweep"}
+             "sharegpt-like": "Poisson arrivals, heavy-tailed (log-normal) lengths: a rate sweep",
+             "shared-prefix": "Poisson arrivals of one system prompt + short questions: a rate sweep"}
     for kind in workloads.KINDS:
         w = wsub.add_parser(kind, help=helps[kind], description=helps[kind], epilog=ENGINE_EPILOG)
         g = w.add_argument_group("model")
@@ -71,6 +76,10 @@ def add_parser(sub):
         if kind == "orca":
             g.add_argument("--prompt-len", default="32:512", help="LO:HI uniform (the paper: 32:512)")
             g.add_argument("--output-len", default="1:128", help="LO:HI uniform (the paper: 1:128)")
+        if kind == "shared-prefix":
+            g.add_argument("--prefix-len", type=int, default=256, help="tokens of the shared system prompt")
+            g.add_argument("--question-len", default="16:48", help="LO:HI uniform, after the prefix")
+            g.add_argument("--output-len", default="16:64", help="LO:HI uniform")
         if kind == "sharegpt-like":
             g.add_argument("--prompt-median", type=float, default=96)
             g.add_argument("--output-median", type=float, default=48)
@@ -159,25 +168,33 @@ def make_trace(args, vocab_size: int) -> workloads.Trace:
         return workloads.offline(args.requests, args.prompt_len, args.output_len, vocab_size, args.seed)
     if args.workload == "orca":
         return workloads.orca(args.requests, vocab_size, args.seed, args.prompt_len, args.output_len)
+    if args.workload == "shared-prefix":
+        return workloads.shared_prefix(args.requests, vocab_size, args.seed, args.prefix_len,
+                                       args.question_len, args.output_len)
     return workloads.sharegpt_like(args.requests, vocab_size, args.seed, args.prompt_median,
                                    args.output_median, args.sigma, args.prompt_len, args.output_len)
 
 
-def engine_config(args, trace: workloads.Trace, policy: str):
-    """The EngineConfig both orca-jax systems share (only `policy` differs): the engine flags,
-    with the waiting queue and the context length fitted to the trace. The static policy forms
-    a whole batch of up to max_batch_size requests and prefills it over as many iterations as
-    the token budget needs, so the engine's defaults serve both."""
-    return dataclasses.replace(
-        flag_config(args), policy=policy, max_waiting=max(args.max_waiting, len(trace)),
-        max_model_len=args.max_model_len or trace.max_total_len, warmup=True)
+def engine_config(args, trace: workloads.Trace, system: str = "orca"):
+    """The EngineConfig of an orca-jax system: the engine flags, with the waiting queue and the
+    context length fitted to the trace, and the system's own changes (ENGINE_SYSTEMS). The
+    static policy forms a whole batch of up to max_batch_size requests and prefills it over as
+    many iterations as the token budget needs, so the engine's defaults serve every system."""
+    fitted = dict(policy="iteration", max_waiting=max(args.max_waiting, len(trace)),
+                  max_model_len=args.max_model_len or trace.max_total_len, warmup=True)
+    return dataclasses.replace(flag_config(args), **(fitted | ENGINE_SYSTEMS[system]))
 
 
 def command_line(args) -> str:
     """The full command, every default spelled out, so a run can be repeated exactly."""
     skip = {"fn", "cmd", "workload", "verbose", "progress", "warmup", "policy"}  # per system, or no effect
+    on_by_default = {f.name for f, kind in engine_fields() if kind is bool}  # flags --no-X
     parts = ["orca-jax", "bench", args.workload]
     for k, v in sorted(vars(args).items()):
+        if k in on_by_default and k not in skip:
+            if v is False:
+                parts.append(off_flag(k))
+            continue
         if k in skip or v is None or v is False or v == []:
             continue
         flag = "--" + k.replace("_", "-")
@@ -284,9 +301,8 @@ def cmd_bench(args) -> int:
                   "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
         "workload": {**base.summary(), "rates": rates if online else None,
                      "trace_file": str(out_dir / "trace.json")},
-        "engine": dataclasses.asdict(engine_config(args, base, "iteration"))
-        | {"policy": "per system (orca: iteration, static: static)", "mesh": args.mesh or "one device",
-           "layout": args.layout},
+        "engine": dataclasses.asdict(engine_config(args, base))
+        | {"per_system": ENGINE_SYSTEMS, "mesh": args.mesh or "one device", "layout": args.layout},
         "systems": described, "runs": runs, "sweep": sweep}
     report.write_json(rep, out_dir / "results.json")
     _print_report(args, rep, base, out_dir)
@@ -319,8 +335,8 @@ def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
     for name in names:
         _log(f"{name}: building {SYSTEMS[name]} ...")
         t0 = time.perf_counter()
-        if name in ("orca", "static"):
-            built[name] = EngineSystem(name, ckpt, engine_config(args, base, "iteration" if name == "orca" else "static"),
+        if name in ENGINE_SYSTEMS:
+            built[name] = EngineSystem(name, ckpt, engine_config(args, base, name),
                                        dtype=args.dtype, mesh=mesh, layout=layout)
         else:
             built[name] = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)

@@ -1,6 +1,9 @@
 """The systems a benchmark compares, each driven over the same `Trace` with the same clock.
 
-    orca    orca-jax, iteration-level scheduling (Orca, OSDI'22 Sec. 4.2)
+    orca    orca-jax, iteration-level scheduling (Orca, OSDI'22 Sec. 4.2), KV pages on demand,
+            prefix caching on (the engine's defaults)
+    orca-reserve  the same with Orca's KV admission: prompt + max_tokens reserved up front
+    orca-nocache  the same with prefix caching off
     static  orca-jax with the static request-level policy: a batch is formed only when the
             previous one has completely finished and its results return together
             (FasterTransformer-style: the paper's baseline)
@@ -34,6 +37,8 @@ from .workloads import Trace, TraceRequest
 
 SYSTEMS = {
     "orca": "orca-jax iteration-level",
+    "orca-reserve": "orca-jax, reserve KV admission",
+    "orca-nocache": "orca-jax, no prefix caching",
     "static": "orca-jax static (request-level)",
     "hf": "HF generate (static batches)",
     "vllm": "vLLM CPU (peer)",
@@ -94,7 +99,9 @@ class EngineSystem:
 
     def describe(self) -> dict:
         e = self.engine
-        return {"kv_slots": e.num_slots, "max_len": e.max_len, "programs": e.runner.num_compiles,
+        return {"sequences": e.num_slots, "kv_pages": e.kv.num_pages, "page_size": e.kv.page_size,
+                "kv_admission": e.config.kv_admission, "prefix_caching": e.config.enable_prefix_caching,
+                "max_len": e.max_len, "programs": e.runner.num_compiles,
                 "warmup_seconds": e.runner.warmup_seconds,
                 "buckets": {"decode": list(e.buckets.decode), "prefill": list(e.buckets.prefill)}}
 
@@ -116,6 +123,8 @@ class EngineSystem:
         it0, bs0, compiles0 = st.iterations, st.batch_size_sum, eng.runner.num_compiles
         st.max_batch_size_seen = 0
         host0, wait0, tok0, pad0 = st.host_seconds, st.device_wait_seconds, st.tokens, st.padded_tokens
+        sch, pool = eng.scheduler, eng.pool
+        pre0, q0, h0 = sch.num_preemptions, pool.queries, pool.hits
         clock.start()
         while i < len(queue) or eng.has_unfinished():
             if not eng.has_unfinished() and queue[i][1].arrival_s > clock.now():
@@ -145,6 +154,8 @@ class EngineSystem:
                 "compiles_during_run": eng.runner.num_compiles - compiles0,
                 "tokens": st.tokens - tok0,                 # prompt + decode rows computed
                 "padded_tokens": st.padded_tokens - pad0,   # the same, with bucket padding
+                "preemptions": sch.num_preemptions - pre0,
+                "prefix_cache_queries": pool.queries - q0, "prefix_cache_hits": pool.hits - h0,
                 "idle_skipped_s": clock.skipped}
         return records, info
 

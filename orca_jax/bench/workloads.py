@@ -14,6 +14,8 @@ later run (another machine, another commit) can replay the very same requests.
     sharegpt-like  Poisson arrivals, log-normal (heavy-tailed) prompt and output lengths: real
                    chat traffic has a long right tail. Not fitted to ShareGPT; the medians and
                    sigma are flags.
+    shared-prefix  Poisson arrivals of one system prompt followed by a short question each
+                   (uniform lengths): the workload prefix caching is for.
 
 Online traces are generated at rate 1 req/s from unit-mean exponential gaps; `at_rate(r)`
 divides every arrival time by r. So the points of a rate sweep are the same requests in the
@@ -31,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 TRACE_FORMAT = "orca-jax-trace/1"
-KINDS = ("offline", "orca", "sharegpt-like")
+KINDS = ("offline", "orca", "sharegpt-like", "shared-prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,3 +199,21 @@ def sharegpt_like(n: int, vocab_size: int, seed: int = 0, prompt_median: float =
     return Trace("sharegpt-like", seed, vocab_size, 1.0,
                  {"prompt_median": prompt_median, "output_median": output_median, "sigma": sigma,
                   "prompt_len": list(pr), "output_len": list(orr)}, reqs)
+
+
+def shared_prefix(n: int, vocab_size: int, seed: int = 0, prefix_len: int = 256,
+                  question_len: str = "16:48", output_len: str = "16:64") -> Trace:
+    """Poisson arrivals (rate 1 req/s) of one `prefix_len`-token system prompt + a question
+    of uniform length each; uniform output lengths."""
+    _check_n(n)
+    if prefix_len < 1:
+        raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
+    qr, orr = parse_range(question_len), parse_range(output_len)
+    rng = np.random.default_rng(seed)
+    arrivals = _unit_poisson_arrivals(rng, n)
+    qlens, olens = _uniform(rng, qr, n), _uniform(rng, orr, n)
+    prefix = _prompts([prefix_len], vocab_size, seed + 1)[0]
+    reqs = tuple(TraceRequest(a, prefix + q, o) for a, q, o in
+                 zip(arrivals, _prompts(qlens, vocab_size, seed), olens))
+    return Trace("shared-prefix", seed, vocab_size, 1.0,
+                 {"prefix_len": prefix_len, "question_len": list(qr), "output_len": list(orr)}, reqs)

@@ -18,7 +18,13 @@ def _number(text: str) -> int:
     return int(value)
 
 
-def _engine_fields():
+def off_flag(name: str) -> str:
+    """The flag that turns off a boolean EngineConfig field (on by default): --no-X, where
+    enable_X is --no-X too, as vLLM's --no-enable-prefix-caching is --no-prefix-caching here."""
+    return "--no-" + name.removeprefix("enable_").replace("_", "-")
+
+
+def engine_fields():
     """(field, resolved type) of every EngineConfig field that is a flag."""
     from ..config import EngineConfig
     hints = typing.get_type_hints(EngineConfig)
@@ -29,11 +35,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """The EngineConfig fields as flags (generate, serve and bench), then --dtype, --mesh and
     --layout."""
     g = p.add_argument_group("engine")
-    for f, kind in _engine_fields():
+    for f, kind in engine_fields():
         name, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if kind is bool:
-            g.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+        if kind is bool:  # on by default: --no-X (enable_X: --no-X too, as vLLM's flags)
+            g.add_argument(off_flag(f.name), dest=f.name, action="store_false",
                            help=f"turn off: {help_}")
         elif typing.get_origin(kind) is typing.Literal:
             g.add_argument(name, choices=list(args), default=f.default, help=help_)
@@ -54,7 +60,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 def engine_config(args):
     """The EngineConfig of the parsed engine flags."""
     from ..config import EngineConfig
-    return EngineConfig(**{f.name: getattr(args, f.name) for f, _ in _engine_fields()})
+    return EngineConfig(**{f.name: getattr(args, f.name) for f, _ in engine_fields()})
 
 
 def add_multiprocess_flags(p: argparse.ArgumentParser) -> None:
