@@ -40,6 +40,10 @@ class FakeEngine:
 
     def add_request(self, prompt, params, request_id):
         self.running.append({"id": request_id, "want": params.max_tokens, "got": 0, "prompt": len(prompt)})
+        self.asked = getattr(self, "asked", []) + [params.max_tokens]
+
+    def abort(self, request_id):
+        self.running = [r for r in self.running if r["id"] != request_id]
 
     def has_unfinished(self):
         return bool(self.running)
@@ -67,7 +71,7 @@ def trace(*reqs):
 def test_engine_loop_timeline():
     clock = ManualClock()
     system = object.__new__(EngineSystem)
-    system.name, system.engine, system._runs = "orca", FakeEngine(clock), 0
+    system.name, system.engine, system._runs, system.max_tokens = "orca", FakeEngine(clock), 0, None
     # r0 at 0 s wants 2 tokens; r1 at 10 s wants 1; r2 at 10.5 s wants 2.
     records, info = system.run(trace((0.0, 3, 2), (10.0, 4, 1), (10.5, 5, 2)), clock)
     # r0: steps end at 1 and 2. Then the engine is empty until 10: 8 s skipped. r1 joins the
@@ -78,6 +82,18 @@ def test_engine_loop_timeline():
     m = summarize(records)
     assert m["duration_s"] == 13.0
     assert [r.ttft for r in records] == [1.0, 1.0, 1.5] and records[2].latency == 2.5
+
+
+def test_engine_loop_max_tokens_stops_requests_at_their_output_length():
+    """--max-tokens: every request asks for 5 tokens (what reserve admission reserves) and is
+    stopped at its output length, as at an EOS, in the step its last token arrives."""
+    clock = ManualClock()
+    system = object.__new__(EngineSystem)
+    system.name, system.engine, system._runs, system.max_tokens = "orca", FakeEngine(clock), 0, 5
+    records, info = system.run(trace((0.0, 3, 2), (0.0, 4, 1)), clock)
+    assert system.engine.asked == [5, 5]
+    assert [r.chunks for r in records] == [[(1.0, 1), (2.0, 1)], [(1.0, 1)]]
+    assert info["iterations"] == 2 and not system.engine.running
 
 
 def test_hf_loop_forms_static_batches_from_arrivals():

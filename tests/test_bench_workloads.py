@@ -82,6 +82,16 @@ def test_sharegpt_like_is_heavy_tailed():
     assert all(16 <= r.prompt_len <= 128 and 2 <= r.output_len <= 64 for r in clipped.requests)
 
 
+def test_shared_prefix_is_one_system_prompt_and_short_questions():
+    t = workloads.shared_prefix(20, 1000, seed=3, prefix_len=100, question_len="5:9", output_len="2:4")
+    prefix = t.requests[0].prompt_ids[:100]
+    assert all(r.prompt_ids[:100] == prefix and 105 <= r.prompt_len <= 109 for r in t.requests)
+    assert len({r.prompt_ids[100:] for r in t.requests}) == 20          # the questions differ
+    assert all(2 <= r.output_len <= 4 for r in t.requests) and t.requests[0].arrival_s == 0.0
+    assert workloads.shared_prefix(20, 1000, seed=3, prefix_len=100, question_len="5:9",
+                                   output_len="2:4") == t            # seeded
+
+
 def test_save_load_round_trip(tmp_path):
     for t in (workloads.offline(3, 5, 2, 100, 0), workloads.orca(4, 100, 1).at_rate(2.5),
               workloads.sharegpt_like(4, 100, 2)):

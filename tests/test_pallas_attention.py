@@ -97,3 +97,25 @@ def test_lowers_to_triton_for_cuda(heads, page_size, head_dim, pages_per_row, dt
         jax.ShapeDtypeStruct((n, pages_per_row), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32),
     ).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 1
+
+
+def test_matches_the_xla_decode_path():
+    """The engine's two decode paths agree: models/attention.py `attend` (XLA, what CPU runs)
+    and the Pallas kernel (what `--attention-backend pallas` runs on CUDA), here in interpret
+    mode, over the same pages, block tables and positions (decode row i attends to [0, pos])."""
+    from orca_jax.models.attention import attend
+    from orca_jax.plan import AttnMeta
+    heads, page_size, head_dim, width = 4, 16, 32, 5
+    q, k_pages, v_pages, tables, lengths = make_case(7, heads, page_size, head_dim, width)
+    real = lengths > 0
+    q, tables, lengths = q[real], tables[real], lengths[real]
+    n, i32 = len(lengths), np.int32
+    meta = AttnMeta(slot=np.zeros(n, i32), pos=lengths - 1, kv_index=np.zeros(n, i32),
+                    seg=np.zeros(0, i32), block_table=tables, dec_blocks=i32(width),
+                    hist_table=np.zeros((0, width), i32), hist_len=np.zeros(0, i32),
+                    hist_row0=np.zeros(0, i32), hist_rows=np.zeros(0, i32), num_hist=i32(0), num_decode=n)
+    meta = jax.tree.map(jnp.asarray, meta)  # device arrays, as inside the step program
+    scale = head_dim ** -0.5
+    xla = attend(jnp.asarray(q), None, None, jnp.asarray(k_pages), jnp.asarray(v_pages), meta, scale)
+    pallas = paged_decode_attention(q, k_pages, v_pages, tables, lengths, scale, interpret=True)
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(pallas), rtol=1e-5, atol=1e-5)

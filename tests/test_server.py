@@ -301,7 +301,9 @@ def test_metrics_use_vllm_names(served):
     for name in ["vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_bucket", "orca_jax:iteration_batch_size_bucket",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"]:
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
+                 "vllm:prefix_cache_hits_total", "orca_jax:num_requests_swapped"]:
         assert re.search(rf"^{re.escape(name)}{{", text, re.M), name
     assert metric(served, "vllm:time_to_first_token_seconds_count") > 0
     # Every iteration of the serving loop is observed once (offline runs on the same engine,
@@ -309,6 +311,23 @@ def test_metrics_use_vllm_names(served):
     iters = served.engine.engine.stats.iterations - iters0
     assert iters > 0 and metric(served, "orca_jax:iteration_batch_size_count") - count0 == iters
     assert metric(served, "orca_jax:engine_healthy") == 1
+
+
+def test_prefix_cache_counters_count_prompt_tokens(served):
+    """The same long prompt twice: the second finds its full KV pages cached, and /metrics
+    counts both lookups and the hit in tokens (vLLM's counters)."""
+    page = served.engine.engine.kv.page_size
+    prompt = "The orca is a toothed whale. " * 12
+    n = len(served.engine.tokenizer.encode(prompt))
+    assert n > page
+    q0, h0 = metric(served, "vllm:prefix_cache_queries_total"), metric(served, "vllm:prefix_cache_hits_total")
+    with Client(served.grpc_target, timeout=30) as c:
+        first = c.generate(prompt, max_tokens=4, temperature=0)
+        second = c.generate(prompt, max_tokens=4, temperature=0)
+    assert first.text == second.text
+    wait_idle(served)
+    assert metric(served, "vllm:prefix_cache_queries_total") - q0 == 2 * n
+    assert metric(served, "vllm:prefix_cache_hits_total") - h0 >= (n - 1) // page * page
 
 
 # -- cancellation, disconnects, deadlines -----------------------------------------------------

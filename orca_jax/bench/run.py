@@ -73,6 +73,10 @@ def add_parser(sub):
                                 f"comparison; default {report.AUTO_SLO_FACTOR:g}x orca's at the lowest rate")
             g.add_argument("--wall-clock", action="store_true",
                            help="sleep through idle gaps instead of skipping them (same timeline, slower)")
+            g.add_argument("--max-tokens", type=int, default=None,
+                           help="orca-jax systems: every request asks for this many tokens and stops "
+                                "at its output length (as at an EOS): what reserve admission must "
+                                "reserve (default: exactly its output length)")
         if kind == "orca":
             g.add_argument("--prompt-len", default="32:512", help="LO:HI uniform (the paper: 32:512)")
             g.add_argument("--output-len", default="1:128", help="LO:HI uniform (the paper: 1:128)")
@@ -180,8 +184,9 @@ def engine_config(args, trace: workloads.Trace, system: str = "orca"):
     context length fitted to the trace, and the system's own changes (ENGINE_SYSTEMS). The
     static policy forms a whole batch of up to max_batch_size requests and prefills it over as
     many iterations as the token budget needs, so the engine's defaults serve every system."""
+    longest = max(trace.max_total_len, trace.max_prompt_len + (getattr(args, "max_tokens", None) or 0))
     fitted = dict(policy="iteration", max_waiting=max(args.max_waiting, len(trace)),
-                  max_model_len=args.max_model_len or trace.max_total_len, warmup=True)
+                  max_model_len=args.max_model_len or longest, warmup=True)
     return dataclasses.replace(flag_config(args), **(fitted | ENGINE_SYSTEMS[system]))
 
 
@@ -320,6 +325,9 @@ def _prepare(args, out_dir: Path):
     if base.max_total_len > cfg.n_positions:
         raise ValueError(f"the trace needs {base.max_total_len} positions (prompt + output) but the model "
                          f"has {cfg.n_positions}; lower --prompt-len/--output-len")
+    if base.max_prompt_len + (getattr(args, "max_tokens", None) or 0) > cfg.n_positions:
+        raise ValueError(f"--max-tokens {args.max_tokens} after a {base.max_prompt_len}-token prompt is "
+                         f"over the model's {cfg.n_positions} positions")
     if max(t for r in base.requests for t in r.prompt_ids) >= cfg.vocab_size:
         raise ValueError(f"the trace has token ids outside the model's vocabulary ({cfg.vocab_size})")
     base.save(out_dir / "trace.json")
@@ -336,8 +344,8 @@ def _run_in_process(args, names, rates, hf_dir, ckpt, base, slos):
         _log(f"{name}: building {SYSTEMS[name]} ...")
         t0 = time.perf_counter()
         if name in ENGINE_SYSTEMS:
-            built[name] = EngineSystem(name, ckpt, engine_config(args, base, name),
-                                       dtype=args.dtype, mesh=mesh, layout=layout)
+            built[name] = EngineSystem(name, ckpt, engine_config(args, base, name), dtype=args.dtype,
+                                       mesh=mesh, layout=layout, max_tokens=getattr(args, "max_tokens", None))
         else:
             built[name] = HFSystem(hf_dir, args.hf_batch_size or args.max_batch_size)
         built[name].warm(base)

@@ -91,9 +91,12 @@ class EngineSystem:
     """orca-jax's Engine driven in-process; `policy` picks iteration-level or static."""
 
     def __init__(self, name: str, checkpoint: str, engine_config, dtype: str | None = None,
-                 mesh=None, layout: str = "megatron"):
+                 mesh=None, layout: str = "megatron", max_tokens: int | None = None):
+        """`max_tokens`: what every request asks for (at least its output length); it stops at
+        its output length, as if its model had reached EOS there (the client aborts it: the
+        same iteration an EOS would end it). None: it asks for exactly its output length."""
         from ..engine import Engine
-        self.name = name
+        self.name, self.max_tokens = name, max_tokens
         self.engine = Engine.from_checkpoint(checkpoint, engine_config, dtype=dtype, mesh=mesh, layout=layout)
         self._runs = 0
 
@@ -133,7 +136,8 @@ class EngineSystem:
             while i < len(queue) and queue[i][1].arrival_s <= now:
                 idx, r = queue[i]
                 eng.add_request(list(r.prompt_ids), SamplingParams(
-                    max_tokens=r.output_len, temperature=0.0, ignore_eos=True), request_id=f"{tag}{idx}")
+                    max_tokens=max(r.output_len, self.max_tokens or 0), temperature=0.0, ignore_eos=True),
+                    request_id=f"{tag}{idx}")
                 i += 1
             outs = eng.step()
             t = clock.now()
@@ -143,7 +147,9 @@ class EngineSystem:
                 n = o.usage.completion_tokens
                 records[idx].add(t, n - got[idx])
                 got[idx] = n
-                if o.finished:
+                if not o.finished and n >= trace.requests[idx].output_len:  # its "EOS"
+                    eng.abort(o.request_id)
+                if o.finished or n >= trace.requests[idx].output_len:
                     progress.update(1)
         iters = st.iterations - it0
         info = {"iterations": iters,

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("orca_jax").setLevel(logging.INFO)  # KV slots, programs, warm-up time
+    logging.getLogger("orca_jax").setLevel(logging.INFO)  # KV pages, programs, warm-up time
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax is chatty at INFO
     try:
         return args.fn(args)

@@ -66,7 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="shipped layout name or a .json/.toml rules file (default: megatron)")
     p.add_argument("--accelerator", default="a100-40gb", type=str.lower,
                    help="a100-40gb, a100-80gb, h100 or h200 (default: a100-40gb, Orca's testbed)")
-    p.add_argument("--batch", type=int, default=64, help="KV slots in use, all micro-batches together (default 64)")
+    p.add_argument("--batch", type=int, default=64, help="sequences in the KV pages, all micro-batches together (default 64)")
     p.add_argument("--context", type=int, default=None, help="tokens per slot (default: the model's positions)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="parameter, activation and KV dtype (default bfloat16)")

@@ -101,8 +101,10 @@ def _start_engine(model: str, args, peers=None):
     print("starting the engine (compiles every bucket program once; later starts reuse the "
           "XLA cache) ...", file=sys.stderr, flush=True)
     engine = build_engine(args, model, peers=peers)
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.num_slots} KV slots x "
-          f"{engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
+    kv = engine.kv
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s: KV cache {kv.num_pages} pages x "
+          f"{kv.page_size} tokens = {kv.num_pages * kv.page_size} tokens, up to {engine.num_slots} "
+          f"sequences of {engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
           file=sys.stderr, flush=True)
     return AsyncEngine(engine, stuck_after_s=getattr(args, "stuck_after", 60.0)).start()
 

@@ -1,8 +1,11 @@
 """Prometheus metrics for GET /metrics, named like vLLM's so its dashboards and routers work.
 
     vllm:num_requests_waiting / _running   gauges, from the engine snapshot at scrape time
-    vllm:kv_cache_usage_perc               gauge, fraction (0..1) of KV slots reserved
+    vllm:kv_cache_usage_perc               gauge, fraction (0..1) of KV pages in use
     vllm:gpu_cache_usage_perc              the same, under vLLM's older (v0) name
+    vllm:num_preemptions_total             counter: requests preempted (KV pages ran out)
+    vllm:prefix_cache_queries_total / _hits_total   counters, prompt tokens (docs/kv-cache.md)
+    orca_jax:num_requests_swapped          gauge: preempted requests with KV in host memory
     vllm:time_to_first_token_seconds       histogram per request (arrival -> first token)
     vllm:time_per_output_token_seconds     histogram per request: mean time between its tokens
     vllm:e2e_request_latency_seconds       histogram per finished request (arrival -> finish)
