@@ -251,8 +251,11 @@ class Engine:
         for req, pages in batch.swap_out:
             req.swapped = self.runner.swap_out(pages)
         for req in batch.swap_in:
-            n = req.num_scheduled  # every token is back: the last output is the next input
-            self.runner.swap_in(req.swapped, req.pages, req.slot, req.token_ids(0, n),
+            # Every token is back: the KV holds positions [0, num_scheduled) and the last
+            # output (position num_scheduled) is the next input; the history row gets them all.
+            known = req.prompt_len + len(req.output_ids)
+            self.runner.swap_in(req.swapped, req.pages, req.slot,
+                                req.token_ids(0, min(req.num_scheduled + 1, known)),
                                 req.output_ids[-1] if req.output_ids else 0)
             req.swapped = None
 

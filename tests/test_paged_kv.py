@@ -54,10 +54,10 @@ def config(model_config, **kw) -> EngineConfig:
     return dataclasses.replace(base, **kw)
 
 
-def run(engine: Engine, prompts, max_tokens: int, each=None) -> tuple[list[list[int]], int]:
+def run(engine: Engine, prompts, max_tokens: int, each=None, **sampling) -> tuple[list[list[int]], int]:
     """Greedy outputs of every prompt, and the largest batch an iteration ran."""
-    reqs = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-            for p in prompts]
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **sampling)
+    reqs = [engine.add_request(p, sp) for p in prompts]
     most = 0
     while engine.has_unfinished():
         most = max(most, engine.step().batch_size)
@@ -112,6 +112,27 @@ def test_long_requests_preempt_and_resume_token_exact(ckpt, prompts, kw, preempt
         assert s.num_swapped == 0 and s.swap_used_pages() == 0  # the host tier is empty again
     for p, got in zip(prompts[:8], outs):
         assert got == hf_greedy(hf, p, 200)
+
+
+def test_preempted_requests_keep_their_penalties_and_seeded_samples(ckpt, prompts):
+    """Penalties read each sequence's token history on the device, and sampling is keyed by
+    seed and token index: a request resumed by recompute or from host memory (its history row
+    rebuilt) makes the tokens of a run that was never preempted."""
+    path, _, mc = ckpt
+    sampling = dict(repetition_penalty=1.3, presence_penalty=0.4)
+    outs = {}
+    for name, kw in [("reserve", dict(kv_admission="reserve")), ("recompute", dict()),
+                     ("swap", dict(swap_space=0.01, preemption_mode="swap"))]:
+        eng = Engine.from_checkpoint(path, config(mc, **kw))
+        outs[name], _ = run(eng, prompts[:6], 200, **sampling)
+        assert (eng.scheduler.num_preemptions > 0) == (name != "reserve")
+        seeded = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=200, ignore_eos=True, seed=11)
+        reqs = [eng.add_request(p, seeded) for p in prompts[6:12]]
+        while eng.has_unfinished():
+            eng.step()
+        outs[name + "-seeded"] = [r.output_ids for r in reqs]
+    assert outs["recompute"] == outs["reserve"] and outs["swap"] == outs["reserve"]
+    assert outs["recompute-seeded"] == outs["reserve-seeded"] == outs["swap-seeded"]
 
 
 def test_shared_prefix_hits_the_cache_with_unchanged_outputs(ckpt):
