@@ -40,6 +40,12 @@ class HFTokenizer:
     detokenizer then costs a list lookup per token instead of two `decode` calls. It is built
     only when the decoder is plain ByteLevel and checked against `decode` on sample ids."""
 
+    # The checkpoint's chat template and special-token strings (orca_jax/chat.py), set by
+    # `load_tokenizer`; `chat_template_error` says why a template that is there is unusable.
+    chat_template: str | None = None
+    chat_template_error: str | None = None
+    special_tokens: dict[str, str] = {}
+
     def __init__(self, tok: tokenizers.Tokenizer, eos_token: str | None = None):
         self._tok = tok
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
@@ -108,6 +114,9 @@ class ByteTokenizer:
     vocab_size = 256
     eos_token_id = None
     max_token_bytes = 1
+    chat_template = None
+    chat_template_error = None
+    special_tokens: dict[str, str] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -133,15 +142,26 @@ def load_tokenizer(checkpoint_dir: str | Path) -> HFTokenizer | ByteTokenizer:
     path = Path(checkpoint_dir)
     if (path / "tokenizer.json").is_file():
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        return HFTokenizer(tok, _eos_token_name(path))
+        return _with_chat_template(HFTokenizer(tok, _eos_token_name(path)), path)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         # GPT-2's original files: byte-level BPE without a prefix space (HF GPT2Tokenizer).
         bpe = tokenizers.ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
         tok = tokenizers.Tokenizer.from_str(bpe.to_str())
         if tok.token_to_id(EOS_FALLBACK) is not None:
             tok.add_special_tokens([EOS_FALLBACK])
-        return HFTokenizer(tok, _eos_token_name(path))
+        return _with_chat_template(HFTokenizer(tok, _eos_token_name(path)), path)
     return ByteTokenizer()
+
+
+def _with_chat_template(tok: HFTokenizer, path: Path) -> HFTokenizer:
+    """Records the checkpoint's chat template and special-token strings on `tok`."""
+    from .chat import checkpoint_template, special_tokens
+    tok.special_tokens = special_tokens(path)
+    try:
+        tok.chat_template = checkpoint_template(path)
+    except (ValueError, OSError) as e:  # several templates and no default; unreadable file
+        tok.chat_template_error = str(e)
+    return tok
 
 
 class IncrementalDetokenizer:

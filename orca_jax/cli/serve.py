@@ -75,6 +75,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds in-flight requests get to finish")
     g.add_argument("--stuck-after", type=float, default=60.0,
                    help="health turns NOT_SERVING / 503 when one iteration runs longer (seconds)")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="jinja chat template for /v1/chat/completions, over the checkpoint's own "
+                        "(chat_template.jinja or tokenizer_config.json's chat_template)")
 
 
 def _auth_token(args) -> str | None:
@@ -84,6 +87,16 @@ def _auth_token(args) -> str | None:
             raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
         return token
     return os.environ.get("ORCA_JAX_AUTH_TOKEN") or None
+
+
+def _chat_template(args) -> str | None:
+    """--chat-template's source (read before the engine starts: a wrong path fails at once)."""
+    if getattr(args, "chat_template", None) is None:
+        return None
+    from ..chat import ChatTemplate, read_template_arg
+    source = read_template_arg(args.chat_template)
+    ChatTemplate(source)  # a template that does not compile: a ValueError now, not at serving
+    return source
 
 
 def _model_dir(args) -> tuple[str, str]:
@@ -115,7 +128,8 @@ def cmd_serve(args) -> int:
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),
                           max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
                           max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
-                          body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout)
+                          body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout,
+                          chat_template=_chat_template(args))
     leader = None
     if args.num_processes > 1:
         from ..sharding import multihost

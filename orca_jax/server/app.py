@@ -64,6 +64,8 @@ class ServerConfig:
                                           # the stream is cut and its requests aborted
     drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may finish
     health_poll_s: float = 0.5            # how often gRPC health follows the engine's state
+    chat_template: str | None = None      # jinja source for /v1/chat/completions, over the
+                                          # checkpoint's own (--chat-template FILE)
 
     def __post_init__(self):
         if self.grpc_port is None and self.http_port is None:
@@ -116,6 +118,29 @@ class Server:
         self._health = health_aio.HealthServicer()
         self._poll: asyncio.Task | None = None
         self._token_cache: dict[int, str] = {}
+        self.chat, self.chat_problem = self._chat_template()
+
+    def _chat_template(self):
+        """(ChatTemplate, None), or (None, why /v1/chat/completions cannot serve). A bad
+        --chat-template fails here (at start-up); a bad checkpoint template only disables chat."""
+        from ..chat import ChatTemplate
+        specials = getattr(self.tokenizer, "special_tokens", {}) or {}
+        if self.config.chat_template is not None:
+            return ChatTemplate(self.config.chat_template, specials), None
+        source = getattr(self.tokenizer, "chat_template", None)
+        error = getattr(self.tokenizer, "chat_template_error", None)
+        if source is None:
+            why = (f"its chat template is unusable ({error})" if error
+                   else "its tokenizer has no chat template")
+            return None, (f"model {self.model_name!r} cannot serve chat completions: {why}; start "
+                          "the server with --chat-template FILE (a jinja chat template) or use "
+                          "/v1/completions")
+        try:
+            return ChatTemplate(source, specials), None
+        except ValueError as e:
+            log.warning("the checkpoint's chat template is unusable: %s", e)
+            return None, (f"model {self.model_name!r} cannot serve chat completions: {e}; start the "
+                          "server with --chat-template FILE or use /v1/completions")
 
     # -- helpers the APIs share -------------------------------------------------------------
 

@@ -3,6 +3,9 @@
     POST /v1/completions   OpenAI legacy completions, streaming (SSE) and not, with `usage`,
                            `logprobs`, `stop`, `seed`, `n`, several prompts, and vLLM's extra
                            sampling fields (top_k, min_p, repetition_penalty, ignore_eos, ...)
+    POST /v1/chat/completions  OpenAI chat: `messages` rendered with the model's chat template
+                           (orca_jax/chat.py, or --chat-template), then the completions path;
+                           400 when there is no template
     GET  /v1/models        the served model
     GET  /health           200, or 503 when the engine loop is dead, stuck or draining
     GET  /metrics          Prometheus text format, vLLM metric names (metrics.py)
@@ -25,7 +28,7 @@ import uuid
 from aiohttp import web
 
 from ..request import FinishReason, RequestOutput, is_int
-from .inputs import InvalidArgument, prepare_async
+from .inputs import InvalidArgument, prepare_async, prepare_chat_async
 from .stream import classify
 
 log = logging.getLogger("orca_jax.server")
@@ -145,6 +148,7 @@ class CompletionsAPI:
         app = web.Application(client_max_size=self.server.limits.max_request_bytes,
                               middlewares=[json_errors, *middlewares])
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
@@ -186,19 +190,18 @@ class CompletionsAPI:
                             "body", "timeout_error") from None
         return await asyncio.to_thread(_parse_body, raw)  # a 1 MiB body: off the event loop
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/completions (an HttpError raised anywhere here: json_errors answers it)."""
+    def _check_model(self, body: dict) -> None:
         s = self.server
-        body = await self._body(request)
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise _invalid("model", "must be a string")
         if model is not None and model != s.model_name:
             raise HttpError(404, f"model: {model!r} is not served here; this server serves "
                                  f"{s.model_name!r}", "model", "not_found_error")
-        for key in ("echo", "suffix"):
-            if body.get(key):
-                raise _invalid(key, "is not supported")
+
+    @staticmethod
+    def _common(body: dict) -> tuple[int, bool, bool]:
+        """(n, stream, stream_options.include_usage): the fields completions and chat share."""
         if body.get("logit_bias"):
             raise _invalid("logit_bias", "is not supported")
         n = body.get("n", 1) if body.get("n") is not None else 1
@@ -214,6 +217,23 @@ class CompletionsAPI:
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise _invalid("stream_options", "must be an object")
+        return n, stream, bool(opts.get("include_usage"))
+
+    @staticmethod
+    def _samples(tokens: list[int], params, n: int) -> list[tuple[list[int], object]]:
+        """n samples of one prompt: distinct seeds when one is given."""
+        return [(tokens, params if j == 0 or params.seed is None else
+                 dataclasses.replace(params, seed=(params.seed + j) % 2**63)) for j in range(n)]
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions (an HttpError raised anywhere here: json_errors answers it)."""
+        s = self.server
+        body = await self._body(request)
+        self._check_model(body)
+        for key in ("echo", "suffix"):
+            if body.get(key):
+                raise _invalid(key, "is not supported")
+        n, stream, include_usage = self._common(body)
         fields = _sampling_fields(body)
         prompts = _prompts(body)
         if len(prompts) * n > MAX_CHOICES:
@@ -226,18 +246,75 @@ class CompletionsAPI:
                                                      ids_field="prompt")
             except InvalidArgument as e:
                 raise HttpError(400, str(e), e.field) from None
-            for j in range(n):  # n samples of one prompt: distinct seeds when one is given
-                p = params if j == 0 or params.seed is None else \
-                    dataclasses.replace(params, seed=(params.seed + j) % 2**63)
-                jobs.append((tokens, p))
+            jobs += self._samples(tokens, params, n)
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
         if stream:
-            return await self._stream(request, jobs, n, cid, head, bool(opts.get("include_usage")))
+            return await self._stream(request, jobs, n, cid, head, include_usage)
         return await self._complete(jobs, n, cid, head)
 
-    async def _complete(self, jobs, n: int, cid: str, head: dict) -> web.Response:
+    # -- /v1/chat/completions -------------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions: the messages rendered with the chat template (chat.py),
+        then the completions path (validation, submission, aborts, stops) with chat's shapes."""
+        s = self.server
+        body = await self._body(request)
+        self._check_model(body)
+        if s.chat is None:
+            raise HttpError(400, s.chat_problem or "model: this server has no chat template "
+                                 "(start it with --chat-template FILE)", "model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("messages", "is required: a non-empty list of {role, content} messages")
+        for key in ("tools", "functions"):
+            if body.get(key):
+                raise _invalid(key, "is not supported (no tool calling)")
+        fmt = body.get("response_format")
+        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+            raise _invalid("response_format", "only {\"type\": \"text\"} is supported")
+        n, stream, include_usage = self._common(body)
+        fields = _sampling_fields({**body, "logprobs": None})
+        mct = body.get("max_completion_tokens")
+        if mct is not None:  # OpenAI's newer name; it wins over the deprecated max_tokens
+            fields["max_tokens"] = mct
+        want_lp, top = body.get("logprobs"), body.get("top_logprobs")
+        if want_lp is not None and not isinstance(want_lp, bool):
+            raise _invalid("logprobs", "must be a boolean (the number of alternatives is top_logprobs)")
+        if top is not None and not is_int(top):
+            raise _invalid("top_logprobs", "must be an integer")
+        if top and not want_lp:
+            raise _invalid("top_logprobs", "needs logprobs: true")
+        if want_lp:
+            fields["logprobs"] = 0 if top is None else top  # SamplingParams checks the range
+        add_gen = body.get("add_generation_prompt", True)
+        add_gen = True if add_gen is None else add_gen
+        if not isinstance(add_gen, bool):
+            raise _invalid("add_generation_prompt", "must be a boolean")
+        kwargs = body.get("chat_template_kwargs")
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, dict):
+            raise _invalid("chat_template_kwargs", "must be an object")
+        try:
+            tokens, params, _ = await prepare_chat_async(
+                s.tokenizer, s.limits, s.chat, messages, fields, add_generation_prompt=add_gen,
+                template_kwargs=kwargs)
+        except InvalidArgument as e:
+            if e.field == "logprobs":
+                raise HttpError(400, "top_logprobs" + str(e).removeprefix("logprobs"),
+                                "top_logprobs") from None
+            raise HttpError(400, str(e), e.field) from None
+        jobs = self._samples(tokens, params, n)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": cid, "object": "chat.completion", "created": int(time.time()),
+                "model": s.model_name}
+        if stream:
+            return await self._stream(request, jobs, n, cid, {**head, "object": "chat.completion.chunk"},
+                                      include_usage, chat=True)
+        return await self._complete(jobs, n, cid, head, chat=True)
+
+    async def _complete(self, jobs, n: int, cid: str, head: dict, chat: bool = False) -> web.Response:
         async def one(i, tokens, params):
             pieces: list[RequestOutput] = []
             async with contextlib.aclosing(self.server.outputs(tokens, params, f"{cid}-{i}")) as st:
@@ -258,9 +335,16 @@ class CompletionsAPI:
                 raise self._failure(last)
             ids = [t for p in pieces for t in p.token_ids]
             lps = [lp for p in pieces for lp in (p.logprobs or ())]
-            choices.append({"index": i, "text": "".join(p.text for p in pieces),
-                            "logprobs": self._logprobs(ids, lps) if jobs[i][1].logprobs is not None else None,
-                            "finish_reason": OPENAI_FINISH.get(last.finish_reason)})
+            text, want_lp = "".join(p.text for p in pieces), jobs[i][1].logprobs is not None
+            finish = OPENAI_FINISH.get(last.finish_reason)
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": self._chat_logprobs(ids, lps) if want_lp else None,
+                                "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": text,
+                                "logprobs": self._logprobs(ids, lps) if want_lp else None,
+                                "finish_reason": finish})
             if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
                 prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
@@ -269,7 +353,7 @@ class CompletionsAPI:
             "total_tokens": prompt_toks + gen_toks}})
 
     async def _stream(self, request: web.Request, jobs, n: int, cid: str, head: dict,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, chat: bool = False) -> web.StreamResponse:
         streams = [self.server.outputs(t, p, f"{cid}-{i}") for i, (t, p) in enumerate(jobs)]
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
@@ -294,6 +378,11 @@ class CompletionsAPI:
                                                "Cache-Control": "no-cache"})
             await resp.prepare(request)
             usage, left = [], len(jobs)
+            if chat:  # OpenAI and vLLM: each choice's first delta names the role
+                for i in range(len(jobs)):
+                    await _sse(resp, {**head, "choices": [{
+                        "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}]}, wt)
             text_offset = [0] * len(jobs)  # per choice: characters of token text sent so far
             while left:
                 i, out = await queue.get()
@@ -302,12 +391,20 @@ class CompletionsAPI:
                     await _sse(resp, failed.body(), wt)
                     break
                 lp = None
-                if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
-                    lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()), text_offset[i])
-                    text_offset[i] += sum(map(len, lp["tokens"]))
-                await _sse(resp, {**head, "choices": [{
-                    "index": i, "text": out.text, "logprobs": lp,
-                    "finish_reason": OPENAI_FINISH.get(out.finish_reason) if out.finished else None}]}, wt)
+                finish = OPENAI_FINISH.get(out.finish_reason) if out.finished else None
+                if chat:
+                    if jobs[i][1].logprobs is not None and out.token_ids:
+                        lp = self._chat_logprobs(list(out.token_ids), list(out.logprobs or ()))
+                    if out.text or lp is not None or out.finished:  # nothing new: no chunk
+                        await _sse(resp, {**head, "choices": [{
+                            "index": i, "delta": {"content": out.text} if out.text else {},
+                            "logprobs": lp, "finish_reason": finish}]}, wt)
+                else:
+                    if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
+                        lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()), text_offset[i])
+                        text_offset[i] += sum(map(len, lp["tokens"]))
+                    await _sse(resp, {**head, "choices": [{
+                        "index": i, "text": out.text, "logprobs": lp, "finish_reason": finish}]}, wt)
                 if out.finished:
                     left -= 1
                     usage.append((i, out.usage))
@@ -349,6 +446,22 @@ class CompletionsAPI:
         return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
                 "top_logprobs": [{dec(t): v for t, v in lp["top"].items()} for lp in lps],
                 "text_offset": offsets}
+
+    def _token_bytes(self, token_id: int) -> list[int]:
+        table = getattr(self.server.tokenizer, "token_bytes", None)
+        if table is not None and 0 <= token_id < len(table):
+            return list(table[token_id])  # a byte-level token's own bytes (maybe half a character)
+        return list(self.server.token_text(token_id).encode("utf-8"))
+
+    def _chat_logprobs(self, ids: list[int], lps: list[dict]) -> dict:
+        """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
+        dec = self.server.token_text
+
+        def entry(t: int, v: float) -> dict:
+            return {"token": dec(t), "logprob": v, "bytes": self._token_bytes(t)}
+        return {"content": [{**entry(t, lp["logprob"]),
+                             "top_logprobs": [entry(a, v) for a, v in lp["top"].items()]}
+                            for t, lp in zip(ids, lps)]}
 
 
 class _SlowReader(Exception):

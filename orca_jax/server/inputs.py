@@ -112,6 +112,30 @@ def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequenc
     return tokens, params
 
 
+def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, fields: dict, *,
+                 add_generation_prompt: bool = True,
+                 template_kwargs: dict | None = None) -> tuple[list[int], SamplingParams, str]:
+    """A chat request: the messages rendered with `template` (a chat.ChatTemplate), then
+    validated and tokenized like a completions prompt (no special tokens added: the template
+    writes them, as transformers' apply_chat_template). Without `max_tokens` the output may
+    fill the rest of the context (vLLM's chat default; completions' default stays 16).
+    Returns (ids, params, the prompt text)."""
+    from ..chat import ChatError
+    params = sampling_params(fields)  # field errors first, as for completions
+    try:
+        text = template.render(messages, add_generation_prompt, **(template_kwargs or {}))
+    except ChatError as e:
+        raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
+    if not text:
+        raise InvalidArgument("messages", "the chat template rendered an empty prompt")
+    tokens, field = prompt_ids(tokenizer, limits, text, None, text_field="messages")
+    if fields.get("max_tokens") is None and len(tokens) < limits.max_model_len:
+        params = sampling_params({**fields, "max_tokens": limits.max_model_len - len(tokens)})
+    check_length(limits, len(tokens), params, field)
+    params.stop_automaton  # built here, in a worker thread, not on the engine thread
+    return tokens, params, text
+
+
 # Tokenizing has threads of its own: long prompts queue here, not in front of the event loop's
 # other work in the default executor (JSON bodies).
 _PREPARE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="orca-prepare")
@@ -121,3 +145,9 @@ async def prepare_async(*args, **kwargs) -> tuple[list[int], SamplingParams]:
     """`prepare` in a worker thread (the `tokenizers` encoder releases the GIL)."""
     return await asyncio.get_running_loop().run_in_executor(
         _PREPARE, functools.partial(prepare, *args, **kwargs))
+
+
+async def prepare_chat_async(*args, **kwargs) -> tuple[list[int], SamplingParams, str]:
+    """`prepare_chat` in a worker thread (rendering a long conversation is not free either)."""
+    return await asyncio.get_running_loop().run_in_executor(
+        _PREPARE, functools.partial(prepare_chat, *args, **kwargs))
