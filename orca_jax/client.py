@@ -49,8 +49,10 @@ class Completion:
                    last.usage.prompt_tokens, last.usage.completion_tokens, lps or None)
 
 
-def make_request(prompt: str | Sequence[int], request_id: str = "", **sampling) -> pb.GenerateRequest:
-    """A GenerateRequest; `prompt` is text or token ids; keywords are sampling fields."""
+def make_request(prompt: str | Sequence[int] | Sequence[dict], request_id: str = "",
+                 **sampling) -> pb.GenerateRequest:
+    """A GenerateRequest; `prompt` is text, token ids, or chat messages ({"role", "content"}
+    dicts, rendered by the server's chat template); keywords are sampling fields."""
     fields = pb.SamplingParameters.DESCRIPTOR.fields_by_name
     unknown = sorted(set(sampling) - set(fields))
     if unknown:
@@ -58,6 +60,9 @@ def make_request(prompt: str | Sequence[int], request_id: str = "", **sampling) 
     s = pb.SamplingParameters(**{k: v for k, v in sampling.items() if v is not None})
     if isinstance(prompt, str):
         return pb.GenerateRequest(request_id=request_id, prompt=prompt, sampling=s)
+    if prompt and isinstance(prompt[0], dict):
+        messages = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]
+        return pb.GenerateRequest(request_id=request_id, messages=messages, sampling=s)
     return pb.GenerateRequest(request_id=request_id, prompt_token_ids=list(prompt), sampling=s)
 
 

@@ -173,9 +173,9 @@ class _NoTemplateEngine:
 def served(chat_dir, demo_model_dir):
     llm = LLM(str(chat_dir), engine_config=ENGINE)
     engine = AsyncEngine(llm.engine).start()
-    bg = BackgroundServer(engine, ServerConfig(grpc_port=None, http_port=0), "chat").start()
+    bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0), "chat").start()
     plain = BackgroundServer(_NoTemplateEngine(engine, load_tokenizer(demo_model_dir)),
-                             ServerConfig(grpc_port=None, http_port=0), "plain").start()
+                             ServerConfig(grpc_port=0, http_port=0), "plain").start()
     bg.plain = plain
     bg.tok = llm.tokenizer
     yield bg
@@ -296,6 +296,29 @@ def test_chat_errors(served, body, param, status):
     assert st == status, out
     assert out["error"]["param"] == param, out
     assert out["error"]["message"].startswith(param) or status == 404, out
+
+
+def test_grpc_messages_are_the_chat_endpoint(served):
+    """gRPC Generate with `messages`: the template-rendered prompt, the tokens HTTP chat gives;
+    INVALID_ARGUMENT without a template, or with a prompt as well."""
+    import grpc
+    from orca_jax.client import Client
+    st, out = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 12,
+                                                    "temperature": 0, "ignore_eos": True})
+    assert st == 200, out
+    with Client(served.grpc_target, timeout=30) as c:
+        got = c.generate(MESSAGES, max_tokens=12, temperature=0, ignore_eos=True)
+    assert got.text == out["choices"][0]["message"]["content"]
+    assert got.prompt_tokens == out["usage"]["prompt_tokens"] == len(served.tok.encode(rendered(served)))
+    with Client(served.plain.grpc_target, timeout=30) as c, pytest.raises(grpc.RpcError) as e:
+        c.generate(MESSAGES, max_tokens=2)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--chat-template" in e.value.details()
+    from orca_jax.client import make_request
+    both = make_request(MESSAGES, max_tokens=2)
+    both.prompt = "and text"
+    with Client(served.grpc_target, timeout=30) as c, pytest.raises(grpc.RpcError) as e:
+        list(c._stub.Generate(both, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("messages")
 
 
 def test_no_template_is_400(served):

@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forca_jax/proto/generation.proto\x12\x0borca_jax.v1\"\x82\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.orca_jax.v1.SamplingParameters\"\xa8\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x17\n\nmin_tokens\x18\r \x01(\x05H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.orca_jax.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.orca_jax.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.orca_jax.v1.FinishReason\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.orca_jax.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xb3\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\r\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x11\n\tnum_heads\x18\n \x01(\r\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x04\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa1\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.orca_jax.v1.GenerateRequest\x1a\x1d.orca_jax.v1.GenerateResponse0\x01\x12H\n\x0cGetModelInfo\x12 .orca_jax.v1.GetModelInfoRequest\x1a\x16.orca_jax.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1forca_jax/proto/generation.proto\x12\x0borca_jax.v1\"\xec\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.orca_jax.v1.SamplingParameters\x12*\n\x08messages\x18\x05 \x03(\x0b\x32\x18.orca_jax.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa8\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x17\n\nmin_tokens\x18\r \x01(\x05H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0f \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"`\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.orca_jax.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xdb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.orca_jax.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.orca_jax.v1.FinishReason\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.orca_jax.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xb3\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\r\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x11\n\tnum_heads\x18\n \x01(\r\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x04\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x0f\n\x07version\x18\r \x01(\t\x12\x19\n\x11max_request_bytes\x18\x0e \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa1\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.orca_jax.v1.GenerateRequest\x1a\x1d.orca_jax.v1.GenerateResponse0\x01\x12H\n\x0cGetModelInfo\x12 .orca_jax.v1.GetModelInfoRequest\x1a\x16.orca_jax.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orca_jax.proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1519
-  _globals['_FINISHREASON']._serialized_end=1639
+  _globals['_FINISHREASON']._serialized_start=1671
+  _globals['_FINISHREASON']._serialized_end=1791
   _globals['_GENERATEREQUEST']._serialized_start=49
-  _globals['_GENERATEREQUEST']._serialized_end=179
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=182
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=734
-  _globals['_TOPLOGPROB']._serialized_start=736
-  _globals['_TOPLOGPROB']._serialized_end=783
-  _globals['_TOKENLOGPROB']._serialized_start=785
-  _globals['_TOKENLOGPROB']._serialized_end=881
-  _globals['_USAGE']._serialized_start=883
-  _globals['_USAGE']._serialized_end=962
-  _globals['_GENERATERESPONSE']._serialized_start=965
-  _globals['_GENERATERESPONSE']._serialized_end=1184
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1186
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1207
-  _globals['_MODELINFO']._serialized_start=1210
-  _globals['_MODELINFO']._serialized_end=1517
-  _globals['_GENERATION']._serialized_start=1642
-  _globals['_GENERATION']._serialized_end=1803
+  _globals['_GENERATEREQUEST']._serialized_end=285
+  _globals['_CHATMESSAGE']._serialized_start=287
+  _globals['_CHATMESSAGE']._serialized_end=331
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=334
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=886
+  _globals['_TOPLOGPROB']._serialized_start=888
+  _globals['_TOPLOGPROB']._serialized_end=935
+  _globals['_TOKENLOGPROB']._serialized_start=937
+  _globals['_TOKENLOGPROB']._serialized_end=1033
+  _globals['_USAGE']._serialized_start=1035
+  _globals['_USAGE']._serialized_end=1114
+  _globals['_GENERATERESPONSE']._serialized_start=1117
+  _globals['_GENERATERESPONSE']._serialized_end=1336
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1338
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1359
+  _globals['_MODELINFO']._serialized_start=1362
+  _globals['_MODELINFO']._serialized_end=1669
+  _globals['_GENERATION']._serialized_start=1794
+  _globals['_GENERATION']._serialized_end=1955
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Streams one response per engine iteration that produced output for this request; the
         last one has `finished` set, a finish reason and the usage counts. Cancelling the call
-        (or its deadline passing) aborts the request and frees its KV slot.
+        (or its deadline passing) aborts the request and frees its KV pages.
 
         Errors: INVALID_ARGUMENT (bad input; the message names the field), RESOURCE_EXHAUSTED
         (the waiting queue is full: retry later), UNAVAILABLE (the server is draining or its

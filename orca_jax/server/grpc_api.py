@@ -20,7 +20,8 @@ from google.protobuf.message import DecodeError
 from ..proto import generation_pb2 as pb
 from ..proto import generation_pb2_grpc as pb_grpc
 from ..request import FinishReason, RequestOutput
-from .inputs import MAX_REQUEST_ID_CHARS, SAMPLING_FIELDS, InvalidArgument, Limits, prepare_async
+from .inputs import (MAX_REQUEST_ID_CHARS, SAMPLING_FIELDS, InvalidArgument, Limits, prepare_async,
+                     prepare_chat_async)
 from .stream import classify
 
 FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -47,7 +48,8 @@ def sampling_fields(s: pb.SamplingParameters) -> dict:
 
 def _largest_field(request: pb.GenerateRequest) -> str:
     sizes = {"prompt": len(request.prompt.encode()), "prompt_token_ids": 5 * len(request.prompt_token_ids),
-             "sampling": request.sampling.ByteSize(), "request_id": len(request.request_id)}
+             "sampling": request.sampling.ByteSize(), "request_id": len(request.request_id),
+             "messages": sum(m.ByteSize() for m in request.messages)}
     return max(sizes, key=sizes.get)
 
 
@@ -89,8 +91,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 _largest_field(request), f"the request is {size} bytes, over the server's limit of "
                 f"{self.limits.max_request_bytes} bytes (--max-request-bytes)")))
         try:
-            ids, params = await prepare_async(self.server.tokenizer, self.limits, request.prompt,
-                                              request.prompt_token_ids, sampling_fields(request.sampling))
+            ids, params = await self._prepare(request)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -106,6 +107,24 @@ class GenerationService(pb_grpc.GenerationServicer):
                 raise
             kind = classify(e)
             await context.abort(getattr(grpc.StatusCode, kind.grpc_code), str(e))
+
+
+    async def _prepare(self, request: pb.GenerateRequest):
+        """(prompt ids, SamplingParams) of a prompt, token ids, or chat messages rendered with
+        the chat template (the HTTP chat endpoint's path), or InvalidArgument."""
+        fields = sampling_fields(request.sampling)
+        if not request.messages:
+            return await prepare_async(self.server.tokenizer, self.limits, request.prompt,
+                                       request.prompt_token_ids, fields)
+        if request.prompt or len(request.prompt_token_ids):
+            raise InvalidArgument("messages", "give exactly one of prompt, prompt_token_ids and messages")
+        if self.server.chat is None:
+            raise InvalidArgument("messages", self.server.chat_problem)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        add = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+        ids, params, _ = await prepare_chat_async(self.server.tokenizer, self.limits, self.server.chat,
+                                                  messages, fields, add_generation_prompt=add)
+        return ids, params
 
 
 class Malformed:
