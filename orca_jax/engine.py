@@ -62,7 +62,7 @@ def swap_space(config: EngineConfig, model_config, kv, platform: str) -> SwapSpa
     if not config.swap_space:
         return None
     platform = "gpu" if platform == "gpu" else "cpu"
-    itemsize = 2 if model_config.dtype == "bfloat16" else 4
+    itemsize = 2 if model_config.dtype in ("bfloat16", "float16") else 4
     kv_per_token = 2 * model_config.n_layer * model_config.n_embd * itemsize
     capacity = int(config.swap_space * 2**30) // (kv_per_token * kv.page_size)
     return SwapSpace(capacity, 2 * kv_per_token / HOST_COPY_BYTES_PER_S[platform],

@@ -22,20 +22,26 @@ outlives the tails that hang off it.
 """
 from __future__ import annotations
 
+import array
 import collections
+import hashlib
 from typing import Sequence
 
 NO_HASH = None
 PAGE_SIZE = 64  # positions per page, default (docs/benchmarks.md, "Page size")
 
 
-def page_hash(previous: int | None, tokens: Sequence[int]) -> int:
-    """Key of a full page: its tokens and (through `previous`, the key of the page before
-    it) everything before them. Python's hash of a tuple of ints is deterministic."""
-    return hash((previous, tuple(tokens)))
+def page_hash(previous: bytes | None, tokens: Sequence[int]) -> bytes:
+    """Key of a full page: a 128-bit BLAKE2b digest of its tokens and (through `previous`, the
+    key of the page before it) everything before them. Collision-resistant: Python's own
+    hash of a tuple of ints is not, and a crafted prompt that collides with another's key
+    would be served that request's keys and values."""
+    h = hashlib.blake2b(previous or b"", digest_size=16)
+    h.update(array.array("q", tokens).tobytes())
+    return h.digest()
 
 
-def chain_hashes(token_ids: Sequence[int], page_size: int, start: list[int] | None = None) -> list[int]:
+def chain_hashes(token_ids: Sequence[int], page_size: int, start: list[bytes] | None = None) -> list[bytes]:
     """Keys of every full page of `token_ids`, extending `start` (keys already computed for
     its first pages)."""
     out = list(start or [])
@@ -51,8 +57,8 @@ class PagePool:
         self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref = [0] * num_pages
-        self.hash_of: list[int | None] = [NO_HASH] * num_pages
-        self.cached: dict[int, int] = {}  # page hash -> page
+        self.hash_of: list[bytes | None] = [NO_HASH] * num_pages
+        self.cached: dict[bytes, int] = {}  # page hash -> page
         # Pages nobody holds, least recently freed first (dict: ordered, O(1) removal).
         self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_pages))
         self.queries = self.hits = 0      # prefix-cache lookups, in tokens (vLLM's counters)
@@ -94,7 +100,7 @@ class PagePool:
             if self.ref[page] == 0:
                 self._free[page] = None
 
-    def num_cached(self, hashes: Sequence[int]) -> int:
+    def num_cached(self, hashes: Sequence[bytes]) -> int:
         """How many leading pages of `hashes` are cached (nothing is taken)."""
         n = 0
         if self.enable_prefix_caching:
@@ -102,12 +108,12 @@ class PagePool:
                 n += 1
         return n
 
-    def num_cached_free(self, hashes: Sequence[int]) -> int:
+    def num_cached_free(self, hashes: Sequence[bytes]) -> int:
         """Of the cached pages of `hashes`, how many nobody holds (taking them shrinks the
         free count)."""
         return sum(self.ref[self.cached[h]] == 0 for h in hashes)
 
-    def acquire(self, hashes: Sequence[int]) -> list[int]:
+    def acquire(self, hashes: Sequence[bytes]) -> list[int]:
         """The cached pages of `hashes` (all must be cached: `num_cached`), each now held once
         more by the caller."""
         out = []
@@ -126,7 +132,7 @@ class PagePool:
             self.queries += num_tokens
             self.hits += num_hit_tokens
 
-    def register(self, page: int, h: int) -> None:
+    def register(self, page: int, h: bytes) -> None:
         """`page` now holds the full page keyed `h`: later prompts with that prefix reuse it.
         If another page already holds `h`, this one stays private."""
         if self.enable_prefix_caching and self.hash_of[page] is NO_HASH and h not in self.cached:

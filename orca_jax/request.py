@@ -164,7 +164,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None                     # its row of the device's per-sequence state
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
-    page_hashes: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full pages
+    page_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its full pages
     num_registered: int = 0                     # of its pages, how many are offered to the prefix cache
     num_scheduled: int = 0                      # tokens whose KV has been scheduled into its pages
     num_cached_tokens: int = 0                  # prompt tokens found in the prefix cache (last admission)

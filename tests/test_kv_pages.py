@@ -268,8 +268,6 @@ def test_random_traces_keep_the_pool_consistent(seed, prefix_caching, pipelined)
         rid = f"r{i}"
         arrivals.setdefault(int(rng.integers(1, 150)), []).append((prompt, max_tokens, rid))
         if rng.random() < 0.08:
-            # A prepare fault with prefix caching hits the bug of
-            # test_prepare_fault_leaves_unwritten_pages_in_the_prefix_cache: not here.
             stage = "output" if rng.random() < 0.5 else "prepare"
             doomed[rid] = (stage, int(rng.integers(1, len(prompt) + max_tokens)) if stage == "prepare"
                            else int(rng.integers(0, max_tokens)))
