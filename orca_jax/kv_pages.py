@@ -127,7 +127,8 @@ class PagePool:
 
     def count_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         """A prompt of `num_tokens` looked up the cache and found `num_hit_tokens` (vLLM's
-        prefix_cache_queries / prefix_cache_hits, in tokens)."""
+        prefix_cache_queries / prefix_cache_hits, in tokens; the scheduler counts a request's
+        first admission only, as vLLM keeps preempted requests' lookups apart)."""
         if self.enable_prefix_caching:
             self.queries += num_tokens
             self.hits += num_hit_tokens

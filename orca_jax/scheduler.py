@@ -268,7 +268,8 @@ class Scheduler:
         if need + (self.watermark if self.running else 0) > self.pool.num_free - self.pool.num_cached_free(hashes[:hit]):
             return None
         self.waiting.popleft()
-        self.pool.count_query(n_ids, start)
+        if not req.num_preemptions:  # a resumed request finding its own pages is not a hit
+            self.pool.count_query(n_ids, start)
         req.pages = self.pool.acquire(hashes[:hit]) + self.pool.allocate(need)
         req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
         req.prefill_len, req.num_scheduled = n_ids, start
