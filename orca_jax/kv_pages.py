@@ -31,6 +31,11 @@ NO_HASH = None
 PAGE_SIZE = 64  # positions per page, default (docs/benchmarks.md, "Page size")
 
 
+def pages_for(positions: int, page_size: int) -> int:
+    """Pages that hold `positions` positions: the one rounding rule of every count of pages."""
+    return -(-positions // page_size)
+
+
 def page_hash(previous: bytes | None, tokens: Sequence[int]) -> bytes:
     """Key of a full page: a 128-bit BLAKE2b digest of its tokens and (through `previous`, the
     key of the page before it) everything before them. Collision-resistant: Python's own
@@ -139,11 +144,6 @@ class PagePool:
         if self.enable_prefix_caching and self.hash_of[page] is NO_HASH and h not in self.cached:
             self.cached[h] = page
             self.hash_of[page] = h
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached page (they stay allocated to whoever holds them)."""
-        self.cached.clear()
-        self.hash_of = [NO_HASH] * self.num_pages
 
     def check(self, held: Sequence[Sequence[int]]) -> None:
         """Invariants, for tests: reference counts equal the holders in `held` (every running

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .kv_pages import pages_for
 from .request import MAX_STOP_TOKEN_IDS, Request, SamplingParams
 from .scheduler import Batch
 
@@ -102,7 +103,7 @@ class PagedKV:
 
     @staticmethod
     def make(num_pages: int, page_size: int, max_len: int) -> "PagedKV":
-        return PagedKV(num_pages, page_size, -(-max_len // page_size))
+        return PagedKV(num_pages, page_size, pages_for(max_len, page_size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
         prompt_len[:nd] = dec_plen
         sample_rows[:nd] = np.arange(nd)
         rows += map(SampleRow, batch.decodes, [p - n + 1 for p, n in zip(dec_pos, dec_plen)])
-    dec_blocks = -(-(int(pos[:nd].max()) + 1) // B) if nd else 0
+    dec_blocks = pages_for(int(pos[:nd].max()) + 1, B) if nd else 0
 
     row, nhist = td, 0
     for s, c in enumerate(batch.prefills):

@@ -44,7 +44,7 @@ import dataclasses
 import heapq
 from typing import Literal
 
-from .kv_pages import PagePool, SwapSpace, chain_hashes
+from .kv_pages import PagePool, SwapSpace, chain_hashes, pages_for
 from .request import FinishReason, Request, Status
 
 
@@ -155,7 +155,7 @@ class Scheduler:
             raise ValueError(f"max_tokens={req.params.max_tokens} with a {req.prompt_len}-token prompt "
                              f"needs {req.max_total_len} tokens, over the maximum context length of "
                              f"{self.max_len}; lower max_tokens to at most {self.max_len - req.prompt_len}")
-        pages = -(-(req.max_total_len - 1) // self.page_size)
+        pages = pages_for(req.max_total_len - 1, self.page_size)
         if pages > self.pool.num_pages:
             raise ValueError(f"prompt + max_tokens needs {pages} KV pages of {self.page_size} tokens, "
                              f"more than the {self.pool.num_pages} the KV memory holds; lower "
@@ -264,7 +264,7 @@ class Scheduler:
         start = hit * B
         length = min(n_ids - start, budget)
         end = req.max_total_len - 1 if self.config.kv_admission == "reserve" else start + length
-        need = -(-end // B) - hit
+        need = pages_for(end, B) - hit
         if need + (self.watermark if self.running else 0) > self.pool.num_free - self.pool.num_cached_free(hashes[:hit]):
             return None
         self.waiting.popleft()
@@ -296,7 +296,7 @@ class Scheduler:
     def _grow(self, req: Request, n: int, batch: Batch) -> bool:
         """Give `req` the pages for `n` more positions, preempting the most recently admitted
         requests while the pool is short. False if `req` itself had to be preempted."""
-        need = -(-(req.num_scheduled + n) // self.page_size) - len(req.pages)
+        need = pages_for(req.num_scheduled + n, self.page_size) - len(req.pages)
         while need > self.pool.num_free:
             victim = self.running[-1]
             self._preempt(victim, batch)

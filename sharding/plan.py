@@ -29,7 +29,7 @@ from typing import Mapping
 
 import jax
 
-from ..kv_pages import PAGE_SIZE
+from ..kv_pages import PAGE_SIZE, pages_for
 from ..models.attention import KV_AXES, KVCache
 from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
 from .layouts import Layout, MeshAxes, get_layout, pipelined
@@ -132,11 +132,6 @@ def param_placements(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str
     return out
 
 
-def seq_pages(max_len: int, page_size: int) -> int:
-    """W: pages of a sequence of `max_len` tokens."""
-    return -(-max_len // page_size)
-
-
 def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], num_pages: int,
                  page_size: int, itemsize: int) -> Placement:
     """The K (or V) pages of every layer, as if stacked: [L, H, P, B, K]. The engine holds one
@@ -148,7 +143,7 @@ def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, in
 def slot_state_bytes(slots: int, max_len: int, page_size: int) -> int:
     """The engine's per-sequence token history [S, M] and last token [S], int32, replicated
     (M is `max_len` rounded up to whole pages, as allocated)."""
-    return 4 * slots * seq_pages(max_len, page_size) * page_size + 4 * slots
+    return 4 * slots * pages_for(max_len, page_size) * page_size + 4 * slots
 
 
 def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, num_pages: int, page_size: int,
@@ -254,7 +249,7 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     ex = _Explain()
     notes: list[str] = []
     params = param_placements(c, layout, mesh_shape, b)
-    kvb = kv_placement(c, layout, mesh_shape, batch * seq_pages(M, page_size), page_size, b)
+    kvb = kv_placement(c, layout, mesh_shape, batch * pages_for(M, page_size), page_size, b)
     memory = _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params, ex, notes)
     costs, parallelism = _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes)
     stages = costs.stages
@@ -311,7 +306,7 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
                           if p.dropped[0].startswith("vocab") else ""))
     ex(f"  total per device: {_fmt(p_dev)} ({p_dev} bytes)")
 
-    W = seq_pages(M, page_size)
+    W = pages_for(M, page_size)
     kv1 = kv_placement(c, layout, mesh_shape, W, page_size, b)
     kvb = kv_placement(c, layout, mesh_shape, batch * W, page_size, b)
     per_slot_dev = 2 * kv1.bytes_per_device

@@ -123,19 +123,6 @@ def test_chain_hashes_key_a_page_by_everything_before_it():
     assert chain_hashes([9, 9, 9, 9] + tokens[4:8], 4)[1] != hashes[1]
 
 
-def test_reset_prefix_cache_forgets_every_key_but_keeps_pages_held():
-    pool = PagePool(num_pages=4, page_size=2)
-    held, hashes = cached_pages(pool, [1, 2, 3, 4])
-    freed, other = cached_pages(pool, [7, 8])
-    pool.free(freed)
-    pool.reset_prefix_cache()
-    assert pool.num_cached(hashes) == pool.num_cached(other) == 0 and not pool.cached
-    assert pool.num_used == 2 and pool.num_free == 2
-    pool.check([held])
-    pool.free(held)
-    pool.check([])
-
-
 def test_prefix_caching_disabled_caches_and_counts_nothing():
     pool = PagePool(num_pages=4, page_size=2, enable_prefix_caching=False)
     pages, hashes = cached_pages(pool, [1, 2, 3, 4])

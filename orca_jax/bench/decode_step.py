@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..engine import Engine, freeze_startup_heap
+from ..kv_pages import pages_for
 from ..models.gpt2 import PRESETS, GPTConfig, init_params
 from ..request import SamplingParams
 
@@ -75,7 +76,7 @@ def step_seconds(eng: Engine, batch: int, rounds: int, steps: int, seed: int = 0
     while eng.has_unfinished():
         eng.step()
     B = eng.kv.page_size
-    return float(np.median(per_round)), -(-(PROMPT + 3 + rounds * steps) // B) * B
+    return float(np.median(per_round)), pages_for(PROMPT + 3 + rounds * steps, B) * B
 
 
 def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8,

@@ -22,7 +22,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..engine import Engine, freeze_startup_heap
 from ..outputs import Sampled
-from ..kv_pages import PAGE_SIZE
+from ..kv_pages import PAGE_SIZE, pages_for
 from ..plan import Buckets, PagedKV, SamplingTensors, StepPlan
 from ..request import SamplingParams
 
@@ -38,7 +38,7 @@ class HostOnlyRunner:
         self.model_config = types.SimpleNamespace(vocab_size=tokenizer.vocab_size,
                                                   eos_token_id=tokenizer.eos_token_id)
         self.num_slots, self.max_len, self.n_stages = num_slots, max_len, 1
-        self.kv = PagedKV.make(num_slots * -(-max_len // page_size), page_size, max_len)
+        self.kv = PagedKV.make(num_slots * pages_for(max_len, page_size), page_size, max_len)
         self.keep_in_flight, self.host_decode_tokens, self.num_compiles = 1, False, 0
         self._device = jax.devices()[0]
         self._rng = np.random.default_rng(seed)
