@@ -6,7 +6,7 @@ transpose is needed; the only reshapes split the fused QKV columns [D, 3D] into 
 and the attention out-projection rows [D, D] into [H, K, D] (HF `modeling_gpt2.py`,
 `GPT2Attention._split_heads`: column j of c_attn is (qkv j // D, head (j % D) // K, dim j % K)).
 
-Tensors are read one at a time with `safetensors.safe_open` (memory-mapped, numpy) and written
+Tensors are read one at a time, memory-mapped (`hf.SafetensorsFile`), and written
 into preallocated [L, ...] stacks, so peak host memory is about one copy of the model.
 We never read pickled PyTorch files: unpickling runs arbitrary code from the file.
 
@@ -14,18 +14,15 @@ Legend: V vocab, P positions, D width, H heads, K head dim, F MLP width, L layer
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..models.gpt2 import ACTIVATIONS, DTYPES, GPTConfig
-from .errors import (CheckpointError, CheckpointNotFoundError, TensorMismatchError, UnsafeCheckpointError,
-                     UnsupportedCheckpointError)
+from .errors import TensorMismatchError, UnsupportedCheckpointError
+from .hf import checkpoint_dtype, open_files, read_hf_config, weight_files
 from .store import TOKENIZER_FILES, save_checkpoint
 
 # (HF name, our path, HF shape, our shape). Shapes are dimension letters from the legend; a
@@ -54,7 +51,6 @@ LAYER_TENSORS = [
 # Buffers older transformers versions saved (causal mask, -1e4 fill): not weights.
 IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 LM_HEAD = "lm_head.weight"  # tied to wte in GPT-2; checked equal if present
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl")  # plus pytorch_model*.bin
 
 # HF GPT2Config options that change the computation; (field, value our model implements).
 REQUIRED_OPTIONS = [
@@ -117,32 +113,6 @@ def config_from_hf(hf: dict, dtype: str | None = None, source: str = "config.jso
         raise UnsupportedCheckpointError(f"{source}: {e}") from e
 
 
-def _weight_files(src: Path) -> dict[str, Path]:
-    """HF tensor name -> safetensors file holding it (single file or sharded index)."""
-    index = src / "model.safetensors.index.json"
-    single = src / "model.safetensors"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: src / f for name, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise CheckpointNotFoundError(f"{index.name} lists {f.name}, which is missing from {src}")
-        return files
-    if single.is_file():
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
-    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES
-                     or (p.name.startswith("pytorch_model") and p.suffix == ".bin"))
-    if pickles:
-        raise UnsafeCheckpointError(
-            f"{src} has only pickled PyTorch weights ({', '.join(pickles)}) and no model.safetensors. "
-            "Loading a pickle executes arbitrary code stored in the file, so orca-jax refuses to. "
-            "Re-save it as safetensors where you trust it, e.g. "
-            "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`.")
-    raise CheckpointNotFoundError(f"no weights in {src}: expected model.safetensors or "
-                                  "model.safetensors.index.json")
-
-
 def _entries(files: dict[str, Path], c: GPTConfig) -> list[tuple[str, str, str, str, int | None]]:
     """(HF name, our path, HF shape, our shape, layer or None) for every tensor to read.
 
@@ -167,36 +137,34 @@ def _entries(files: dict[str, Path], c: GPTConfig) -> list[tuple[str, str, str, 
 
 def load_hf_gpt2_params(src: Path, c: GPTConfig, progress: bool = True) -> dict:
     """Reads the safetensors weights of `src` into our params tree (numpy, dtype `c.dtype`)."""
-    files = _weight_files(src)
+    files = weight_files(src)
     entries = _entries(files, c)
     dtype = DTYPES[c.dtype]
     params: dict = {}
-    with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy"))
-                   for f in sorted(set(files.values()))}
-        for hf_name, ours, hf_spec, our_spec, layer in tqdm(
-                entries, desc="converting", unit="tensor", disable=not progress):
-            x = handles[files[hf_name]].get_tensor(hf_name)
-            want = _shape(hf_spec, c)
-            if x.shape != want:
-                raise TensorMismatchError(f"tensor {hf_name} has shape {x.shape}, but config.json "
-                                          f"implies {want} ({hf_spec})")
-            x = x.reshape(_shape(our_spec, c)).astype(dtype)
-            *parents, leaf = ours.split(".")
-            node = params
-            for key in parents:
-                node = node.setdefault(key, {})
-            if layer is None:
-                node[leaf] = x
-            else:
-                if leaf not in node:
-                    node[leaf] = np.zeros((c.n_layer, *x.shape), dtype)  # [L, ...]
-                node[leaf][layer] = x
-        if LM_HEAD in files:
-            head = handles[files[LM_HEAD]].get_tensor(LM_HEAD).astype(dtype)
-            if not np.array_equal(head, params["wte"]["embedding"]):
-                raise UnsupportedCheckpointError(f"{LM_HEAD} differs from wte.weight: untied LM "
-                                                 "heads are not supported")
+    handles = open_files(files)
+    for hf_name, ours, hf_spec, our_spec, layer in tqdm(
+            entries, desc="converting", unit="tensor", disable=not progress):
+        x = handles[files[hf_name]].get_tensor(hf_name)
+        want = _shape(hf_spec, c)
+        if x.shape != want:
+            raise TensorMismatchError(f"tensor {hf_name} has shape {x.shape}, but config.json "
+                                      f"implies {want} ({hf_spec})")
+        x = x.reshape(_shape(our_spec, c)).astype(dtype)
+        *parents, leaf = ours.split(".")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        if layer is None:
+            node[leaf] = x
+        else:
+            if leaf not in node:
+                node[leaf] = np.zeros((c.n_layer, *x.shape), dtype)  # [L, ...]
+            node[leaf][layer] = x
+    if LM_HEAD in files:
+        head = handles[files[LM_HEAD]].get_tensor(LM_HEAD).astype(dtype)
+        if not np.array_equal(head, params["wte"]["embedding"]):
+            raise UnsupportedCheckpointError(f"{LM_HEAD} differs from wte.weight: untied LM "
+                                             "heads are not supported")
     return params
 
 
@@ -204,23 +172,17 @@ def convert_hf_gpt2(src_dir: str | Path, out_dir: str | Path, dtype: str | None 
                     progress: bool = True, *, overwrite: bool = False) -> GPTConfig:
     """Converts a HF GPT-2 directory (config.json + safetensors) into an orca-jax checkpoint.
 
-    dtype: "float32" (default) or "bfloat16" for the stored params.
+    dtype: "float32", "bfloat16" or "float16" for the stored params (default: the weights' own).
     Returns the model's GPTConfig. Tokenizer files present in `src_dir` are copied.
     """
     src = Path(src_dir)
-    if not src.is_dir():
-        raise CheckpointNotFoundError(f"source directory {src} does not exist")
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointNotFoundError(f"{cfg_file} is missing: a Hugging Face checkpoint directory "
-                                      "needs its config.json")
+    hf_config = read_hf_config(src)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    try:
-        hf_config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    config = config_from_hf(hf_config, dtype, source=str(cfg_file))
+    if dtype is None:
+        files = weight_files(src)
+        dtype = checkpoint_dtype(files, open_files(files))
+    config = config_from_hf(hf_config, dtype, source=str(src / "config.json"))
     params = load_hf_gpt2_params(src, config, progress)
     tokenizer_files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
     save_checkpoint(out_dir, config, params, tokenizer_files, overwrite=overwrite)

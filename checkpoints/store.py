@@ -1,6 +1,6 @@
 """The on-disk checkpoint: ``config.json`` + an Orbax checkpoint of the params + tokenizer files.
 
-    <dir>/config.json      GPTConfig.to_json()
+    <dir>/config.json      the model config's to_json() (its `architecture` names the family)
     <dir>/params/          Orbax (StandardCheckpointer, OCDBT) of the pure params dict
     <dir>/tokenizer.json   ... copied from the source, if it had them
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from ..models.gpt2 import GPTConfig, abstract_params
+from ..models import FAMILIES, config_from_dict, family
 from ..sharding.layouts import Layout, param_shardings
 from ..sharding.mesh import single_device_mesh
 from .errors import CheckpointError, CheckpointNotFoundError, TensorMismatchError, UnsupportedCheckpointError
@@ -30,9 +30,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
                    "special_tokens_map.json", "generation_config.json")
 
 
-def _check_tree(config: GPTConfig, params: dict) -> None:
-    """Params must match `abstract_params(config)` leaf for leaf: shape and dtype."""
-    expected = abstract_params(config)
+def _check_tree(config, params: dict) -> None:
+    """Params must match the family's `abstract_params(config)` leaf for leaf: shape and dtype."""
+    expected = family(config).abstract_params(config)
     exp_leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     got_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     name = jax.tree_util.keystr
@@ -47,7 +47,7 @@ def _check_tree(config: GPTConfig, params: dict) -> None:
                                       f"got {tuple(got.shape)} {got.dtype}")
 
 
-def save_checkpoint(out_dir: str | Path, config: GPTConfig, params: dict,
+def save_checkpoint(out_dir: str | Path, config, params: dict,
                     tokenizer_files=(), *, overwrite: bool = False) -> Path:
     """Writes `params` (numpy or jax arrays) and `config` to `out_dir`; returns the path.
 
@@ -70,8 +70,8 @@ def save_checkpoint(out_dir: str | Path, config: GPTConfig, params: dict,
     return out
 
 
-def load_config(ckpt_dir: str | Path) -> GPTConfig:
-    """The GPTConfig of an orca-jax checkpoint directory."""
+def load_config(ckpt_dir: str | Path):
+    """The model config of an orca-jax checkpoint directory."""
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist")
@@ -87,13 +87,17 @@ def load_config(ckpt_dir: str | Path) -> GPTConfig:
                 "`orca-jax convert`." if "model_type" in d else "")
         raise CheckpointError(f"{cfg_file} has no 'architecture' field, so {path} is not an "
                               f"orca-jax checkpoint.{hint}")
-    if d["architecture"] != "gpt2":
-        raise UnsupportedCheckpointError(f"{cfg_file}: architecture {d['architecture']!r} is not supported (only 'gpt2')")
-    return GPTConfig.from_dict(d)
+    if d["architecture"] not in FAMILIES:
+        raise UnsupportedCheckpointError(f"{cfg_file}: architecture {d['architecture']!r} is not "
+                                         f"supported (known: {sorted(FAMILIES)})")
+    try:
+        return config_from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedCheckpointError(f"{cfg_file}: {e}") from e
 
 
 def load_checkpoint(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
-                    layout: str | Layout = "replicated", dtype: str | None = None) -> tuple[GPTConfig, dict]:
+                    layout: str | Layout = "replicated", dtype: str | None = None) -> tuple[object, dict]:
     """Restores (config, params) with every leaf placed by `layout` on `mesh`.
 
     mesh: default a 1-device mesh on `jax.devices()[0]`.
@@ -107,7 +111,7 @@ def load_checkpoint(ckpt_dir: str | Path, mesh: jax.sharding.Mesh | None = None,
         raise CheckpointNotFoundError(f"{Path(ckpt_dir)} is not a complete checkpoint: {params_dir} is missing")
     shardings = param_shardings(config, mesh or single_device_mesh(), layout)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params(config), shardings)
+                          family(config).abstract_params(config), shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(params_dir, target)

@@ -12,8 +12,9 @@ its page position (`write_kv`, `meta.kv_index`), then:
   or a prefix found in the prefix cache) also reads those positions through its block table,
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
-Legend: T tokens, Td/Tp decode/prefill rows, H heads, K head dim, L layers, P pages,
-B positions per page, W pages per sequence.
+Legend: T tokens, Td/Tp decode/prefill rows, H query heads, Hkv KV heads (G = H / Hkv query
+heads share one: grouped-query attention), K head dim, L layers, P pages, B positions per
+page, W pages per sequence.
 
 Layout: per layer `[H, P, B, K]` (heads before pages), what the Pallas GPU paged-attention
 kernel reads (`pallas_attention.py`), and on CPU the layout measured best for the XLA path:
@@ -47,8 +48,8 @@ class KVCache:
     """The KV page pool: one array of pages per layer, allocated once, donated to every step
     and updated in place."""
 
-    k: tuple[jax.Array, ...]  # L x [H, P, B, K]
-    v: tuple[jax.Array, ...]  # L x [H, P, B, K]
+    k: tuple[jax.Array, ...]  # L x [Hkv, P, B, K]
+    v: tuple[jax.Array, ...]  # L x [Hkv, P, B, K]
 
     @property
     def num_pages(self) -> int:
@@ -59,13 +60,13 @@ class KVCache:
         return self.k[0].shape[2]
 
     @staticmethod
-    def shape(num_pages: int, page_size: int, num_heads: int, head_dim: int) -> tuple[int, ...]:
+    def shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         """One layer's K (or V) pages."""
-        return (num_heads, num_pages, page_size, head_dim)
+        return (num_kv_heads, num_pages, page_size, head_dim)
 
     @staticmethod
-    def zeros(num_layers, num_pages, page_size, num_heads, head_dim, dtype, sharding=None) -> "KVCache":
-        shape = KVCache.shape(num_pages, page_size, num_heads, head_dim)
+    def zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype, sharding=None) -> "KVCache":
+        shape = KVCache.shape(num_pages, page_size, num_kv_heads, head_dim)
         make = jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                        out_shardings=sharding)
         return KVCache(k=make(), v=make())
@@ -90,9 +91,10 @@ def _page(pages: jax.Array, page) -> jax.Array:
 
 
 def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
-    """Online softmax (flash-decoding) of q [N,H,K] over the first `n_pages` pages of `table`
-    ([N, W]: each row its own, or [W]: shared by the rows); `valid(idx [B]) -> bool [N,B]`
-    masks positions. `init` = (running max [N,H], denominator [N,H], numerator [N,H,K]), f32."""
+    """Online softmax (flash-decoding) of q [N,Hkv,G,K] (G query heads per KV head) over the
+    first `n_pages` pages of `table` ([N, W]: each row its own, or [W]: shared by the rows);
+    `valid(idx [B]) -> bool [N,B]` masks positions. `init` = (running max [N,Hkv,G],
+    denominator [N,Hkv,G], numerator [N,Hkv,G,K]), f32."""
     f32 = jnp.float32
     B = k_pages.shape[2]
     per_row = table.ndim == 2
@@ -101,67 +103,78 @@ def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
         m, d, acc = carry
         idx = i * B + jnp.arange(B)                                              # [B]
         if per_row:
-            kb = jax.vmap(lambda p: _page(k_pages, p))(table[:, i])              # [N, H, B, K]
+            kb = jax.vmap(lambda p: _page(k_pages, p))(table[:, i])              # [N, Hkv, B, K]
             vb = jax.vmap(lambda p: _page(v_pages, p))(table[:, i])
-            s = jnp.einsum("nhk,nhbk->nhb", q, kb, preferred_element_type=f32) * scale
+            s = jnp.einsum("nhgk,nhbk->nhgb", q, kb, preferred_element_type=f32) * scale
         else:
-            kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [H, B, K]
-            s = jnp.einsum("nhk,hbk->nhb", q, kb, preferred_element_type=f32) * scale
-        s = jnp.where(valid(idx)[:, None, :], s, -jnp.inf)          # [N, H, B]
+            kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [Hkv, B, K]
+            s = jnp.einsum("nhgk,hbk->nhgb", q, kb, preferred_element_type=f32) * scale
+        s = jnp.where(valid(idx)[:, None, None, :], s, -jnp.inf)   # [N, Hkv, G, B]
         m_new = jnp.maximum(m, s.max(-1))
         # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])                          # [N, H, B]
+        p = jnp.exp(s - m_safe[..., None])                          # [N, Hkv, G, B]
         corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
         d = d * corr + p.sum(-1)
-        eq = "nhb,nhbk->nhk" if per_row else "nhb,hbk->nhk"
+        eq = "nhgb,nhbk->nhgk" if per_row else "nhgb,hbk->nhgk"
         acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=f32)
         return m_new, d, acc
 
     return jax.lax.fori_loop(0, n_pages, body, init)
 
 
+def _in_window(pos, idx, window: int | None):
+    """Key positions `idx` [B] a query at `pos` [N] may see: all up to it, or with a sliding
+    `window` the last `window` (HF: q - k < window)."""
+    ok = idx[None, :] <= pos[:, None]
+    return ok if window is None else ok & (idx[None, :] > pos[:, None] - window)
+
+
 def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
-           backend: str = "xla") -> jax.Array:
-    """Attention for one layer; its `k_pages`, `v_pages` [H,P,B,K] already hold this step's
-    keys and values. q, k_new, v_new: [T, H, K]. Returns [T, H, K] in q's dtype. `backend`
-    "pallas": decode rows through the Pallas GPU kernel (pallas_attention.py)."""
+           backend: str = "xla", window: int | None = None) -> jax.Array:
+    """Attention for one layer; its `k_pages`, `v_pages` [Hkv,P,B,K] already hold this step's
+    keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
+    and multi-query attention). Returns [T, H, K] in q's dtype. `backend` "pallas": decode rows
+    through the Pallas GPU kernel (pallas_attention.py). `window`: sliding-window attention
+    (each query sees its last `window` positions; Mistral)."""
     Td = meta.num_decode
+    T, H, K = q.shape
+    Hkv = k_pages.shape[0]
     f32 = jnp.float32
     outs = []
     if Td and backend == "pallas":
         from .pallas_attention import paged_decode_attention
         outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table,
-                                           meta.pos[:Td] + 1, scale))
-    elif Td:
+                                           meta.pos[:Td] + 1, scale).reshape(Td, Hkv, H // Hkv, K))
+    q = q.reshape(T, Hkv, H // Hkv, K)                                          # [T, Hkv, G, K]
+    if Td and backend != "pallas":
         # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
-        H, K = q.shape[1:]
-        init = (jnp.full((Td, H), -jnp.inf, f32), jnp.zeros((Td, H), f32), jnp.zeros((Td, H, K), f32))
+        init = (jnp.full(qd.shape[:-1], -jnp.inf, f32), jnp.zeros(qd.shape[:-1], f32), jnp.zeros(qd.shape, f32))
         _, d, acc = _pages_softmax(qd, k_pages, v_pages, meta.block_table, meta.dec_blocks,
-                                   lambda idx: idx[None, :] <= pos[:, None], scale, init)
+                                   lambda idx: _in_window(pos, idx, window), scale, init)
         outs.append(acc / d[..., None])
-    if q.shape[0] > Td:
-        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], k_pages, v_pages, meta, scale))
-    return jnp.concatenate(outs, axis=0).astype(q.dtype)
+    if T > Td:
+        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], k_pages, v_pages, meta, scale, window))
+    return jnp.concatenate(outs, axis=0).reshape(T, H, K).astype(q.dtype)
 
 
-def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float) -> jax.Array:
-    """Prefill rows [Tp, H, K]: causal within each segment of this step, then, for segments
-    that continue a sequence, its first hist_len positions from the pages."""
+def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float, window) -> jax.Array:
+    """Prefill rows q [Tp, Hkv, G, K] (k, v [Tp, Hkv, K]): causal within each segment of this
+    step, then, for segments that continue a sequence, its first hist_len positions from the pages."""
     f32 = jnp.float32
     seg, pos = meta.seg, meta.pos[meta.num_decode:]
-    s = jnp.einsum("thk,uhk->thu", q, k, preferred_element_type=f32) * scale    # [Tp, H, Tp]
-    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])       # [Tp, Tp]
-    s = jnp.where(mask[:, None, :], s, -jnp.inf)
+    s = jnp.einsum("thgk,uhk->thgu", q, k, preferred_element_type=f32) * scale  # [Tp, Hkv, G, Tp]
+    mask = (seg[:, None] == seg[None, :]) & _in_window(pos, pos, window)         # [Tp, Tp]
+    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
     m = s.max(-1)                     # finite: every row sees at least itself
     p = jnp.exp(s - m[..., None])
-    state = (m, p.sum(-1), jnp.einsum("thu,uhk->thk", p.astype(v.dtype), v, preferred_element_type=f32))
-    _, d, acc = _history(q, k_pages, v_pages, meta, scale, state)
+    state = (m, p.sum(-1), jnp.einsum("thgu,uhk->thgk", p.astype(v.dtype), v, preferred_element_type=f32))
+    _, d, acc = _history(q, k_pages, v_pages, meta, scale, state, pos, window)
     return acc / d[..., None]
 
 
-def _history(q, k_pages, v_pages, meta: AttnMeta, scale: float, state):
+def _history(q, k_pages, v_pages, meta: AttnMeta, scale: float, state, pos, window):
     """Folds into `state` (softmax state of the Tp prefill rows) each history segment's
     positions [0, hist_len) read from its pages, HIST_TILE rows at a time: the work is the
     segment's rows times its history, not every prefill row's."""
@@ -177,8 +190,8 @@ def _history(q, k_pages, v_pages, meta: AttnMeta, scale: float, state):
             rows = start + jnp.arange(n_tile)
             live = (rows >= first) & (rows < r0 + n)  # ...and masks rows already done
             cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, n_tile)
-            out = _pages_softmax(cut(q), k_pages, v_pages, table, -(-hist // B),
-                                 lambda idx: live[:, None] & (idx[None, :] < hist), scale,
+            valid = lambda idx: live[:, None] & (idx[None, :] < hist) & _in_window(cut(pos), idx, window)
+            out = _pages_softmax(cut(q), k_pages, v_pages, table, -(-hist // B), valid, scale,
                                  tuple(map(cut, state)))
             return tuple(jax.lax.dynamic_update_slice_in_dim(x, o, start, 0) for x, o in zip(state, out))
 

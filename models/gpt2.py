@@ -27,16 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import AttnMeta, KVCache, attend, write_kv
+from .layers import ACTIVATIONS, DTYPES, layer_norm
 
-ACTIVATIONS = {
-    # HF "gelu_new" / "gelu_pytorch_tanh": 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHITECTURE = "gpt2"  # the `architecture` of its config.json
+LAYERS = "h"          # the stacked-layers subtree of the params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +60,20 @@ class GPTConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
+    architecture = ARCHITECTURE
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    # The names every family's config answers to (engine, sharding, plan, server).
+    num_layers = property(lambda self: self.n_layer)
+    num_heads = property(lambda self: self.n_head)
+    num_kv_heads = property(lambda self: self.n_head)
+    hidden_size = property(lambda self: self.n_embd)
+    max_positions = property(lambda self: self.n_positions)
+    model_type = "gpt2"
+    eos_token_ids = ()  # GPT-2 configs name one end-of-sequence id
 
     @property
     def mlp_dim(self) -> int:
@@ -78,6 +83,11 @@ class GPTConfig:
     def jnp_dtype(self):
         return DTYPES[self.dtype]
 
+    @property
+    def layer_matmul_params(self) -> int:
+        """Matmul weights of one block (2 FLOPs each per token): QKV, out-projection, MLP."""
+        return 4 * self.n_embd ** 2 + 2 * self.n_embd * self.mlp_dim
+
     def num_params(self) -> int:
         """Parameter count (the LM head is tied to `wte`, so it is not counted twice)."""
         D, F, L = self.n_embd, self.mlp_dim, self.n_layer
@@ -85,6 +95,8 @@ class GPTConfig:
         return self.vocab_size * D + self.n_positions * D + L * per_layer + 2 * D
 
     def replace(self, **changes) -> "GPTConfig":
+        if "num_layers" in changes:
+            changes["n_layer"] = changes.pop("num_layers")
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -136,6 +148,17 @@ PARAM_AXES = {
 }
 
 
+def param_axes(config: GPTConfig) -> dict:
+    return PARAM_AXES
+
+
+def stage_keys(config: GPTConfig, first: bool, last: bool) -> tuple[str, ...]:
+    """Top-level params a pipeline stage holds: its layers, plus the embeddings (first) and
+    ln_f and the tied LM head (last)."""
+    return (("wte", "wpe") if first else ()) + ("h",) + (
+        ("ln_f",) + (() if first else ("wte",)) if last else ())
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, shape: tuple[int, ...], dtype):
         self.scale = nnx.Param(jnp.ones(shape, dtype))
@@ -173,15 +196,6 @@ class Blocks(nnx.Module):
         self.mlp = MLP(c, rngs, std_out)
 
 
-def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
-    """LayerNorm in float32 whatever the activation dtype (as HF does under autocast)."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
 def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
           meta: AttnMeta, attention: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
     """A transformer block (params `p` of that layer) on rows x [T, D]; writes its K, V into
@@ -216,7 +230,7 @@ class GPT(nnx.Module):
         KV buffer with this step's keys and values written in."""
         params = nnx.to_pure_dict(nnx.state(self))
         layers = unstack_layers(params["h"])
-        return decoder(self.config, layers, embed(params, tokens, positions), kv, meta)
+        return decoder(self.config, layers, embed(self.config, params, tokens, positions), kv, meta)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """x: [R, D] hidden states of the rows that sample. Returns float32 logits [R, V]."""
@@ -226,7 +240,7 @@ class GPT(nnx.Module):
 # The forward pass as pure functions over the params dict: a pipeline stage runs `embed` (first
 # stage), `decoder` over its own layers, and `lm_head` (last stage).
 
-def embed(params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+def embed(config: GPTConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token + position embeddings of T rows: [T, D]."""
     return params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][positions]
 

@@ -2,7 +2,7 @@
 
     template = ChatTemplate(source, special_tokens={"bos_token": "<s>", "eos_token": "</s>"})
     text = template.render(messages, add_generation_prompt=True)
-    ids = tokenizer.encode(text)   # no special tokens added: the template wrote them
+    ids = tokenizer.encode(text, add_special_tokens=False)   # the template wrote them
 
 The text equals `AutoTokenizer.apply_chat_template(messages, tokenize=False,
 add_generation_prompt=True)` for the same tokenizer files: the same sandboxed jinja2
@@ -11,7 +11,7 @@ environment (ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loopcont
 same variables (`messages`, `add_generation_prompt`, every special token of the tokenizer config
 as `bos_token`, `eos_token`, ...), keys whose value is null dropped from each message. transformers
 then encodes with `add_special_tokens=False` (a template that writes `{{ bos_token }}` must not
-get a second BOS), and so does `HFTokenizer.encode`.
+get a second BOS), and so do the servers.
 
 Where the template comes from (`checkpoint_template`): `chat_template.jinja` in the checkpoint
 directory, else `chat_template` in `tokenizer_config.json`, a string or a list of named templates

@@ -63,11 +63,22 @@ def swap_space(config: EngineConfig, model_config, kv, platform: str) -> SwapSpa
         return None
     platform = "gpu" if platform == "gpu" else "cpu"
     itemsize = 2 if model_config.dtype in ("bfloat16", "float16") else 4
-    kv_per_token = 2 * model_config.n_layer * model_config.n_embd * itemsize
+    kv_per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * itemsize
     capacity = int(config.swap_space * 2**30) // (kv_per_token * kv.page_size)
     return SwapSpace(capacity, 2 * kv_per_token / HOST_COPY_BYTES_PER_S[platform],
                      2 * model_config.num_params() / PREFILL_FLOPS_PER_S[platform], SWAP_FIXED_S,
                      config.preemption_mode)
+
+
+def eos_token_ids(model_config, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a sequence (unless ignore_eos), as vLLM stops: the model config's
+    (config.json may list several), generation_config.json's, else the tokenizer's EOS."""
+    ids = [model_config.eos_token_id, *getattr(model_config, "eos_token_ids", ()),
+           *getattr(tokenizer, "generation_eos_ids", ())]
+    ids = [i for i in dict.fromkeys(ids) if i is not None and 0 <= i < model_config.vocab_size]
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return tuple(ids)
 
 
 ISOLATED_IN_A_ROW = 3  # one-request iterations blamed in a row before the engine is at fault
@@ -136,9 +147,9 @@ class Engine:
                                               getattr(runner, "platform", "cpu")))
         self.buckets = Buckets.make(sched.max_batch_size, sched.max_num_batched_tokens,
                                     sched.max_prefill_seqs)
-        eos = self.model_config.eos_token_id
-        self.eos_token_id = eos if eos is not None else self.tokenizer.eos_token_id
-        self.output = OutputProcessor(self.tokenizer, self.eos_token_id,
+        self.eos_token_ids = eos_token_ids(self.model_config, self.tokenizer)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.output = OutputProcessor(self.tokenizer, self.eos_token_ids,
                                       static=engine_config.policy == "static")
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, Request] = {}
@@ -268,7 +279,7 @@ class Engine:
         rows = plan.rows
         sampling = SamplingTensors.from_params(
             [r.request.params for r in rows], [r.request.seed for r in rows],
-            [r.index for r in rows], plan.num_sample_rows, self.eos_token_id)
+            [r.index for r in rows], plan.num_sample_rows, self.eos_token_ids)
         return plan, sampling
 
     def _launch(self, batch: Batch) -> tuple[_InFlight | None, list[RequestOutput]]:

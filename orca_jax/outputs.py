@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -40,9 +40,9 @@ class _Output:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_id: int | None, static: bool = False):
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int], static: bool = False):
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.static = static
         self._outputs: dict[str, _Output] = {}
         self._held: list[RequestOutput] = []    # static policy: finals wait for the batch
@@ -71,7 +71,7 @@ class OutputProcessor:
     def _check_stop(self, req: Request, tok: int) -> FinishReason | None:
         p, o = req.params, self._outputs[req.request_id]
         n = len(req.output_ids)
-        stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos))
+        stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos))
         stopped = False
         if not stop_id:  # a stop token stays in token_ids but not in the text
             delta = o.detok.push((tok,))

@@ -21,7 +21,7 @@ PAD_SEG; sample slot S drops the sampled-token write.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -260,7 +260,8 @@ def _decode_tokens(batch: Batch, td: int) -> np.ndarray:
 
 # -- the sampling rows of a step -------------------------------------------------------------
 
-MAX_BANNED = MAX_STOP_TOKEN_IDS + 1  # EOS + the stop_token_ids, masked before min_tokens
+MAX_EOS = 4  # end-of-sequence ids a model may have (Llama 3.1 has 3)
+MAX_BANNED = MAX_STOP_TOKEN_IDS + MAX_EOS  # EOS ids + the stop_token_ids, masked before min_tokens
 NO_ID = 2**30         # padding of `banned`: out of range, so the masking scatter drops it
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +280,7 @@ class SamplingTensors:
     seed: np.ndarray               # [R, 2] u32: (high, low) words of the 63-bit request seed
     step: np.ndarray               # [R] i32: index of the token being generated (0 = first)
     banned: np.ndarray             # [R, MAX_BANNED] i32: ids masked out before min_tokens
-                                   # (EOS and stop ids; NO_ID pads)
+                                   # (EOS ids and stop ids; NO_ID pads)
     any_random: np.ndarray         # [] bool: some row has temperature > 0
     any_penalty: np.ndarray        # [] bool: some row has a penalty
     any_filter: np.ndarray         # [] bool: some sampling row uses top_k/top_p/min_p
@@ -287,11 +288,11 @@ class SamplingTensors:
 
     @staticmethod
     def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
-                    num_rows: int, eos_token_id: int | None = None) -> SamplingTensors:
+                    num_rows: int, eos_token_ids: Sequence[int] = ()) -> SamplingTensors:
         """Host-side builder (numpy): row i takes params_list[i]; None and rows past the list
         are greedy padding. Flags only count rows that need them: filters on a greedy row
         cannot change its argmax, so they do not switch on the sort. Until a row has made
-        `min_tokens` tokens, its EOS (unless ignore_eos) and stop ids cannot be drawn (vLLM's
+        `min_tokens` tokens, its EOS ids (unless ignore_eos) and stop ids cannot be drawn (vLLM's
         and HF's min_new_tokens semantics)."""
         if len(params_list) > num_rows:
             raise ValueError(f"{len(params_list)} rows of params for {num_rows} rows")
@@ -308,8 +309,8 @@ class SamplingTensors:
         for i, p in enumerate(params_list):
             if p is not None and steps[i] < p.min_tokens:  # rare: only before min_tokens
                 ids = list(p.stop_token_ids)
-                if eos_token_id is not None and not p.ignore_eos:
-                    ids.append(eos_token_id)
+                if not p.ignore_eos:
+                    ids += eos_token_ids[:MAX_EOS]
                 banned[i, :len(ids)] = ids
         # One pass over the rows; top_k (< 2**31) is exact in float64.
         cols = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,

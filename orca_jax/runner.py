@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import EngineConfig
 from .models.attention import KVCache
-from .models.gpt2 import GPTConfig
 from .outputs import Sampled
 from .plan import Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
 from .sampling import SampleOutput
@@ -91,12 +90,16 @@ def check_map_budget(start: int, compiled: int, total: int) -> None:
             f"--max-num-batched-tokens or --max-prefill-seqs)")
 
 
-def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int) -> str:
+def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
+                              sliding_window: int | None = None) -> str:
     """`--attention-backend` as this mesh runs it: "pallas" (the GPU paged-attention kernel
-    for decode rows, models/pallas_attention.py) or "xla"."""
+    for decode rows, models/pallas_attention.py) or "xla" (also for sliding-window models:
+    the kernel attends to whole contexts)."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     if backend == "auto":
-        backend = "pallas" if gpu and _pow2(kv.page_size) and _pow2(head_dim) else "xla"
+        backend = "pallas" if gpu and _pow2(kv.page_size) and _pow2(head_dim) and not sliding_window else "xla"
+    if backend == "pallas" and sliding_window:
+        raise ValueError("--attention-backend pallas does not apply a sliding window; use xla (or auto)")
     if backend == "pallas":
         if not gpu:
             raise ValueError("--attention-backend pallas runs on CUDA GPUs only; use xla (or auto)")
@@ -121,7 +124,7 @@ def kv_budget_bytes(config: EngineConfig, device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: GPTConfig, params, engine_config: EngineConfig = EngineConfig(),
+    def __init__(self, config, params, engine_config: EngineConfig = EngineConfig(),
                  mesh: jax.sharding.Mesh | None = None, layout: str | Layout = "replicated",
                  peers=None):
         """`params` (a pure dict) are placed on `mesh` (default: one device) by the sharding
@@ -140,24 +143,24 @@ class ModelRunner:
             raise ValueError(f"the mesh {dict(self.mesh.shape)} does not span the devices of all "
                              f"{jax.process_count()} processes; give --mesh over every process's "
                              "devices (e.g. tensor=N x devices per process)")
-        self.stages: list[Stage] = split_stages(self.mesh, config.n_layer)
+        self.stages: list[Stage] = split_stages(self.mesh, config.num_layers)
         self.n_stages = len(self.stages)
         # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
         self.local_stages = local_stages(self.stages)
-        self.stage_config = config.replace(n_layer=config.n_layer // self.n_stages)
+        self.stage_config = config.replace(num_layers=config.num_layers // self.n_stages)
         self._params = []  # per local stage: the sub-tree it holds, on its sub-mesh, per layer
         for st in self.local_stages:
             sh = param_shardings(self.stage_config, st.mesh, self.layout)
-            placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st)})
-            self._params.append(runtime_params(placed))
+            placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st, config)}, config)
+            self._params.append(runtime_params(config, placed))
         del params
-        self.max_len = min(engine_config.max_model_len or config.n_positions, config.n_positions)
+        self.max_len = min(engine_config.max_model_len or config.max_positions, config.max_positions)
         self.platform = self.mesh.devices.flat[0].platform
         self.num_slots = engine_config.max_batch_size  # rows of the per-sequence state
         self.swap_enabled = engine_config.swap_space > 0
         self.kv, self.kv_bytes = self._size_kv(engine_config)
         self.attention = resolve_attention_backend(engine_config.attention_backend, self.mesh, self.kv,
-                                                   config.head_dim)
+                                                   config.head_dim, getattr(config, "sliding_window", None))
         self._states = [self._init_state(st) for st in self.local_stages]
         if engine_config.swap_space and jax.process_count() > 1:
             raise ValueError("--swap-space works within one process; multi-process meshes "
@@ -202,7 +205,7 @@ class ModelRunner:
         itemsize = jnp.dtype(c.jnp_dtype).itemsize
         kv_spec = kv_placement(self.stage_config, self.layout, dict(st.mesh.shape), self.kv.num_pages,
                                self.kv.page_size, itemsize).spec[1:]  # per layer: without "layers"
-        return init_device_state(self.stage_config.n_layer, self.kv, self.num_slots, c.n_head,
+        return init_device_state(self.stage_config.num_layers, self.kv, self.num_slots, c.num_kv_heads,
                                  c.head_dim, c.jnp_dtype, NamedSharding(st.mesh, P(*kv_spec)),
                                  st.replicated, slot_state=st.last)
 

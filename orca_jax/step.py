@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models import gpt2
+from .models import family
 from .models.attention import KVCache
-from .models.gpt2 import GPTConfig
 from .plan import PagedKV, SampleInputs, SamplingTensors, StepInputs, StepPlan
 from .sampling import SampleOutput, sample
 
@@ -48,11 +47,11 @@ class DeviceState:
     history: jax.Array | None     # [S, M] int32: prompt + output ids of each slot (last stage)
 
 
-def init_device_state(num_layers, kv: PagedKV, num_slots, num_heads, head_dim, dtype,
+def init_device_state(num_layers, kv: PagedKV, num_slots, num_kv_heads, head_dim, dtype,
                       kv_sharding=None, other_sharding=None, slot_state: bool = True) -> DeviceState:
     """A stage's state; only the last (sampling) stage keeps `last_token` and `history`
     (per sequence slot: S rows of M = W * B positions)."""
-    pages = KVCache.zeros(num_layers, kv.num_pages, kv.page_size, num_heads, head_dim, dtype, kv_sharding)
+    pages = KVCache.zeros(num_layers, kv.num_pages, kv.page_size, num_kv_heads, head_dim, dtype, kv_sharding)
     if not slot_state:
         return DeviceState(kv=pages, last_token=None, history=None)
     zeros = lambda shape: jax.jit(lambda: jnp.zeros(shape, jnp.int32), out_shardings=other_sharding)()
@@ -60,19 +59,21 @@ def init_device_state(num_layers, kv: PagedKV, num_slots, num_heads, head_dim, d
                        history=zeros((num_slots, kv.max_pages * kv.page_size)))
 
 
-def runtime_params(params: dict) -> dict:
-    """The params as `run_step` takes them: the stacked layers `h` (every leaf [L', ...], as
+def runtime_params(config, params: dict) -> dict:
+    """The params as `run_step` takes them: the stacked layers (every leaf [L', ...], as
     checkpoints store them and layouts place them) split once into L' per-layer arrays, each
     keeping its sharding of the other axes. The stacked arrays can be freed afterwards."""
     def per_layer(x):
         return jax.NamedSharding(x.sharding.mesh, jax.P(*x.sharding.spec[1:]))
 
-    n = jax.tree.leaves(params["h"])[0].shape[0]
-    shardings = [jax.tree.map(per_layer, params["h"])] * n
-    return {**params, "h": jax.jit(gpt2.unstack_layers, out_shardings=shardings)(params["h"])}
+    model = family(config)
+    layers = params[model.LAYERS]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    shardings = [jax.tree.map(per_layer, layers)] * n
+    return {**params, model.LAYERS: jax.jit(model.unstack_layers, out_shardings=shardings)(layers)}
 
 
-def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInputs,
+def run_step(config, params: dict, state: DeviceState, inp: StepInputs,
              x: jax.Array | None = None, *, first: bool = True, last: bool = True,
              attention: str = "xla") -> tuple[DeviceState, jax.Array]:
     """One stage of the model over one iteration's rows (the whole model if `first` and
@@ -81,17 +82,18 @@ def run_step(config: GPTConfig, params: dict, state: DeviceState, inp: StepInput
     the sampling rows."""
     meta = inp.meta
     td = meta.num_decode
+    model = family(config)  # models/: the config's architecture
     if first:
         # Decode rows feed the token sampled for their slot by an earlier step (padding: slot
         # S, clipped: its row is never read).
         dec_tokens = (inp.decode_tokens if inp.decode_tokens is not None
                       else jnp.take(state.last_token, meta.slot[:td], mode="clip"))
         tokens = jnp.concatenate([dec_tokens, inp.prefill_tokens])               # [T]
-        x = gpt2.embed(params, tokens, meta.pos)                                   # [T, D]
-    x, kv = gpt2.decoder(config, params["h"], x, state.kv, meta, attention)       # [T, D]
+        x = model.embed(config, params, tokens, meta.pos)                          # [T, D]
+    x, kv = model.decoder(config, params[model.LAYERS], x, state.kv, meta, attention)  # [T, D]
     if not last:
         return dataclasses.replace(state, kv=kv), x
-    logits = gpt2.lm_head(config, params, x[inp.sample_rows])                     # [R, V] f32
+    logits = model.lm_head(config, params, x[inp.sample_rows])                    # [R, V] f32
     # Prompt tokens into the history (decode rows' tokens were written when they were sampled).
     history = state.history.at[meta.slot[td:], meta.pos[td:]].set(inp.prefill_tokens, mode="drop")
     return DeviceState(kv=kv, last_token=state.last_token, history=history), logits

@@ -4,6 +4,14 @@
 `merges.txt` (GPT-2 byte-level BPE), else a byte tokenizer (ids 0..255 are UTF-8 bytes), so
 every checkpoint can at least round-trip text.
 
+Special tokens as `transformers` adds them: `encode(text)` applies the tokenizer's
+post-processor (e.g. Llama's `<s>` before the text; GPT-2 and Qwen add nothing); with only
+vocab.json + merges.txt, tokenizer_config.json's `add_bos_token` / `add_eos_token` decide (as
+HF's GPT2Tokenizer does for OPT). With a tokenizer.json, transformers 5 follows its
+post-processor and ignores those two flags, and so do we. `encode(text, add_special_tokens=False)`
+is for text that already holds them (a rendered chat template). End-of-sequence ids from
+generation_config.json (Llama 3 lists several) are `generation_eos_ids`.
+
 Streaming hazard handled here rather than in the servers: a byte-level BPE token can end in
 the middle of a UTF-8 character, so decoding the tokens so far yields U+FFFD until the next
 token completes it: `IncrementalDetokenizer` holds such text back. (Stop strings split over
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import tokenizers
+import tokenizers.processors
 
 EOS_FALLBACK = "<|endoftext|>"  # GPT-2's end-of-text token, used when no config names one
 
@@ -27,7 +36,7 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     max_token_bytes: int | None  # UTF-8 bytes of the longest token (None: no bound from text length)
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -45,6 +54,7 @@ class HFTokenizer:
     chat_template: str | None = None
     chat_template_error: str | None = None
     special_tokens: dict[str, str] = {}
+    generation_eos_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id(s)
 
     def __init__(self, tok: tokenizers.Tokenizer, eos_token: str | None = None):
         self._tok = tok
@@ -59,10 +69,10 @@ class HFTokenizer:
             None if tok.normalizer is not None else max(map(len, self.token_bytes)) if self.token_bytes
             else 4 * max(map(len, tok.get_vocab())))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch releases the GIL (encode does not): a long prompt being tokenized in a
         # server's worker thread must not stall the engine thread and the event loop.
-        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -118,45 +128,77 @@ class ByteTokenizer:
     chat_template_error = None
     special_tokens: dict[str, str] = {}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-def _eos_token_name(path: Path) -> str | None:
-    """The eos token's text from tokenizer_config.json or special_tokens_map.json, if any."""
+def _token_name(path: Path, key: str) -> str | None:
+    """A special token's text (`key`: "eos_token", "bos_token") from tokenizer_config.json or
+    special_tokens_map.json, if any."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = path / name
         if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token")
-            if isinstance(eos, dict):  # AddedToken serialised as {"content": ..., ...}
-                eos = eos.get("content")
-            if isinstance(eos, str):
-                return eos
+            tok = json.loads(f.read_text()).get(key)
+            if isinstance(tok, dict):  # AddedToken serialised as {"content": ..., ...}
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                return tok
     return None
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _bos_eos_template(tok: tokenizers.Tokenizer, path: Path) -> None:
+    """vocab.json + merges.txt: add BOS / EOS around the text as tokenizer_config.json's
+    `add_bos_token` / `add_eos_token` say (HF GPT2Tokenizer; default: neither)."""
+    cfg = _json(path / "tokenizer_config.json")
+    single, special = "$A", []
+    for flag, key, where in (("add_bos_token", "bos_token", "before"), ("add_eos_token", "eos_token", "after")):
+        name = _token_name(path, key)
+        tid = tok.token_to_id(name) if cfg.get(flag) and name else None
+        if tid is not None:
+            single = f"{name} {single}" if where == "before" else f"{single} {name}"
+            special.append((name, tid))
+    if special:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(single=single, special_tokens=special)
+
+
+def _generation_eos_ids(path: Path) -> tuple[int, ...]:
+    eos = _json(path / "generation_config.json").get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    return tuple(i for i in eos if isinstance(i, int) and not isinstance(i, bool))
 
 
 def load_tokenizer(checkpoint_dir: str | Path) -> HFTokenizer | ByteTokenizer:
     path = Path(checkpoint_dir)
     if (path / "tokenizer.json").is_file():
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        return _with_chat_template(HFTokenizer(tok, _eos_token_name(path)), path)
+        return _with_chat_template(HFTokenizer(tok, _token_name(path, "eos_token")), path)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         # GPT-2's original files: byte-level BPE without a prefix space (HF GPT2Tokenizer).
         bpe = tokenizers.ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
         tok = tokenizers.Tokenizer.from_str(bpe.to_str())
         if tok.token_to_id(EOS_FALLBACK) is not None:
             tok.add_special_tokens([EOS_FALLBACK])
-        return _with_chat_template(HFTokenizer(tok, _eos_token_name(path)), path)
+        _bos_eos_template(tok, path)
+        return _with_chat_template(HFTokenizer(tok, _token_name(path, "eos_token")), path)
     return ByteTokenizer()
 
 
 def _with_chat_template(tok: HFTokenizer, path: Path) -> HFTokenizer:
-    """Records the checkpoint's chat template and special-token strings on `tok`."""
+    """Records the checkpoint's chat template, special-token strings and generation EOS ids on `tok`."""
     from .chat import checkpoint_template, special_tokens
     tok.special_tokens = special_tokens(path)
+    tok.generation_eos_ids = _generation_eos_ids(path)
     try:
         tok.chat_template = checkpoint_template(path)
     except (ValueError, OSError) as e:  # several templates and no default; unreadable file

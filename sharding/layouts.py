@@ -1,7 +1,7 @@
 """Named sharding layouts: logical axis -> mesh axis rules (levanter-style).
 
-A parameter or buffer declares the *logical* axes of each dimension (`PARAM_AXES` in
-`models/gpt2.py`, `KV_AXES` in `models/attention.py`); a `Layout` maps those names to mesh
+A parameter or buffer declares the *logical* axes of each dimension (each model family's
+`param_axes`, models/, and `KV_AXES` in `models/attention.py`); a `Layout` maps those names to mesh
 axes. Trying a new layout is a new entry in `LAYOUTS` or a small JSON/TOML rules file
 (`load_layout`, format in docs/distributed.md), never a code change in the model or engine.
 
@@ -31,13 +31,14 @@ from typing import Mapping, Union
 import jax
 
 from ..models.attention import KV_AXES
-from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
+from ..models import decoder, family, gpt2
 
 MeshAxes = Union[str, tuple[str, ...], None]  # what one dimension is split over
 
 
 def _logical_names() -> frozenset[str]:
-    leaves = jax.tree.leaves(PARAM_AXES, is_leaf=lambda x: isinstance(x, tuple))
+    trees = [gpt2.PARAM_AXES, decoder.param_axes(decoder.DecoderConfig(qk_norm=True, qkv_bias=True))]
+    leaves = jax.tree.leaves(trees, is_leaf=lambda x: isinstance(x, tuple))
     return frozenset(a for axes in [*leaves, KV_AXES] for a in axes if a is not None)
 
 
@@ -209,10 +210,11 @@ def spec_for(logical_axes: tuple[str | None, ...], layout: str | Layout, mesh: j
     return jax.P(*get_layout(layout).resolve(logical_axes, dict(mesh.shape), shape))
 
 
-def param_shardings(config: GPTConfig, mesh: jax.sharding.Mesh, layout: str | Layout) -> dict:
-    """Tree of `NamedSharding` matching the params tree (same structure as `PARAM_AXES`)."""
+def param_shardings(config, mesh: jax.sharding.Mesh, layout: str | Layout) -> dict:
+    """Tree of `NamedSharding` matching the params tree (the family's `param_axes`)."""
     layout = get_layout(layout)
-    shapes = abstract_params(config)
+    model = family(config)
+    shapes = model.abstract_params(config)
     return jax.tree.map(
         lambda axes, a: jax.NamedSharding(mesh, spec_for(axes, layout, mesh, a.shape)),
-        PARAM_AXES, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        model.param_axes(config), shapes, is_leaf=lambda x: isinstance(x, tuple))

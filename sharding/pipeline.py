@@ -22,6 +22,8 @@ import functools
 import jax
 import numpy as np
 
+from ..models import family
+
 PIPELINE = "pipeline"
 
 
@@ -59,18 +61,22 @@ def split_stages(mesh: jax.sharding.Mesh, n_layer: int) -> list[Stage]:
     return stages
 
 
-def stage_keys(stage: Stage) -> tuple[str, ...]:
-    """Top-level params a stage holds: its layers, plus the embeddings (first) and ln_f and
-    the tied LM head (last); a 1-stage model holds all four."""
-    return (("wte", "wpe") if stage.first else ()) + ("h",) + (
-        ("ln_f",) + (() if stage.first else ("wte",)) if stage.last else ())
+def stage_keys(stage: Stage, config) -> tuple[str, ...]:
+    """Top-level params a stage holds: its layers, plus the embeddings (first) and the final
+    norm and LM head (last), as the model's family says; a 1-stage model holds all."""
+    return family(config).stage_keys(config, stage.first, stage.last)
 
 
-def stage_params(params: dict, stage: Stage) -> dict:
+def _layers_key(config) -> str:
+    return family(config).LAYERS
+
+
+def stage_params(params: dict, stage: Stage, config) -> dict:
     """The part of the params tree one stage holds (its layers sliced out of the stack)."""
     a, b = stage.layers
-    return {k: jax.tree.map(lambda x: x if (a, b) == (0, len(x)) else x[a:b], params[k]) if k == "h" else params[k]
-            for k in stage_keys(stage)}
+    layers = _layers_key(config)
+    return {k: jax.tree.map(lambda x: x if (a, b) == (0, len(x)) else x[a:b], params[k]) if k == layers else params[k]
+            for k in stage_keys(stage, config)}
 
 
 def local_stages(stages: list[Stage]) -> list[Stage]:
@@ -90,18 +96,18 @@ def local_stages(stages: list[Stage]) -> list[Stage]:
     return [st for st, o in zip(stages, owners) if jax.process_index() in o]
 
 
-def local_stage_params(params: dict, stage: Stage, shardings: dict) -> dict:
+def local_stage_params(params: dict, stage: Stage, shardings: dict, config) -> dict:
     """`stage_params` placed on the stage's sub-mesh by `shardings`. When the params are
     global arrays of a multi-process mesh with the layers split over `pipeline`, the shards
     this process holds are exactly its stage's: they become the stage's arrays in place."""
-    keys = stage_keys(stage)
+    keys, layers = stage_keys(stage, config), _layers_key(config)
     if all(not isinstance(x, jax.Array) or x.is_fully_addressable
            for k in keys for x in jax.tree.leaves(params[k])):
-        return jax.device_put(stage_params(params, stage), shardings)
+        return jax.device_put(stage_params(params, stage, config), shardings)
     a, b = stage.layers
 
     def local(key, x, sharding):
-        shape = (b - a,) + x.shape[1:] if key == "h" else x.shape
+        shape = (b - a,) + x.shape[1:] if key == layers else x.shape
         return jax.make_array_from_single_device_arrays(shape, sharding, [s.data for s in x.addressable_shards])
 
     return {k: jax.tree.map(functools.partial(local, k), params[k], shardings[k]) for k in keys}

@@ -31,7 +31,7 @@ import jax
 
 from ..kv_pages import PAGE_SIZE, pages_for
 from ..models.attention import KV_AXES, KVCache
-from ..models.gpt2 import PARAM_AXES, GPTConfig, abstract_params
+from ..models import family, preset
 from .layouts import Layout, MeshAxes, get_layout, pipelined
 from .mesh import axis_span, parse_mesh_spec
 
@@ -73,9 +73,9 @@ ACCELERATORS = {
 # ----------------------------------------------------------------------------- placement
 
 
-def param_shapes(c: GPTConfig) -> dict:
-    """Shapes of every parameter, same tree as `PARAM_AXES` (no allocation: `eval_shape`)."""
-    return jax.tree.map(lambda a: a.shape, abstract_params(c))
+def param_shapes(c) -> dict:
+    """Shapes of every parameter, same tree as the family's `param_axes` (no allocation)."""
+    return jax.tree.map(lambda a: a.shape, family(c).abstract_params(c))
 
 
 def _mesh_names(axes: MeshAxes) -> tuple[str, ...]:
@@ -115,7 +115,7 @@ def place(name: str, shape, logical, layout: Layout, mesh_shape: Mapping[str, in
     return Placement(name, tuple(shape), tuple(logical), spec, itemsize, shards, dropped)
 
 
-def param_placements(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int],
+def param_placements(c, layout: str | Layout, mesh_shape: Mapping[str, int],
                      itemsize: int) -> dict[str, Placement]:
     """Every parameter, keyed by its dotted name (``h.attn.c_attn.kernel``)."""
     layout = get_layout(layout)
@@ -128,15 +128,15 @@ def param_placements(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str
             else:
                 out[prefix + k] = place(prefix + k, shapes[k], axes[k], layout, mesh_shape, itemsize)
 
-    walk(PARAM_AXES, param_shapes(c), "")
+    walk(family(c).param_axes(c), param_shapes(c), "")
     return out
 
 
-def kv_placement(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], num_pages: int,
+def kv_placement(c, layout: str | Layout, mesh_shape: Mapping[str, int], num_pages: int,
                  page_size: int, itemsize: int) -> Placement:
-    """The K (or V) pages of every layer, as if stacked: [L, H, P, B, K]. The engine holds one
-    [H, P, B, K] array per layer, placed by this spec without its first entry."""
-    shape = (c.n_layer, *KVCache.shape(num_pages, page_size, c.n_head, c.head_dim))
+    """The K (or V) pages of every layer, as if stacked: [L, Hkv, P, B, K]. The engine holds
+    one [Hkv, P, B, K] array per layer, placed by this spec without its first entry."""
+    shape = (c.num_layers, *KVCache.shape(num_pages, page_size, c.num_kv_heads, c.head_dim))
     return place("kv.k", shape, ("layers",) + KV_AXES, get_layout(layout), mesh_shape, itemsize)
 
 
@@ -146,13 +146,13 @@ def slot_state_bytes(slots: int, max_len: int, page_size: int) -> int:
     return 4 * slots * pages_for(max_len, page_size) * page_size + 4 * slots
 
 
-def kv_bytes_per_device(c: GPTConfig, layout, mesh_shape, num_pages: int, page_size: int,
+def kv_bytes_per_device(c, layout, mesh_shape, num_pages: int, page_size: int,
                         itemsize: int) -> int:
     """K + V pages that one device holds."""
     return 2 * kv_placement(c, layout, mesh_shape, num_pages, page_size, itemsize).bytes_per_device
 
 
-def fit_kv_pages(c: GPTConfig, layout: str | Layout, mesh_shape: Mapping[str, int], page_size: int,
+def fit_kv_pages(c, layout: str | Layout, mesh_shape: Mapping[str, int], page_size: int,
                  budget_bytes: int, itemsize: int | None = None) -> int:
     """The most pages whose K and V fit in `budget_bytes` per device. A layout that splits the
     pages over n devices does so only when n divides their count (even tiling): from the
@@ -202,7 +202,7 @@ def _link(mesh_shape, axes: tuple[str, ...], acc: Accelerator) -> tuple[float, s
 class _Costs:
     """What one iteration's estimate reads: the model, its shards and links, the accelerator."""
 
-    c: GPTConfig
+    c: object                 # the model config
     acc: Accelerator
     b: int                    # bytes per parameter / KV element
     t_attn: int               # shards of the heads, of the MLP, of the vocabulary
@@ -223,7 +223,7 @@ def _ring(n: int) -> float:
     return 2 * (n - 1) / n
 
 
-def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: str | Layout,
+def make_plan(config, mesh: str | Mapping[str, int], layout: str | Layout,
               accelerator: str | Accelerator, batch: int = 64, context: int | None = None,
               dtype: str = "bfloat16", prefill_tokens: int = 512, reserve: float = 0.1,
               name: str | None = None, page_size: int = PAGE_SIZE) -> dict:
@@ -242,9 +242,9 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if batch < 1 or prefill_tokens < 1 or not 0 <= reserve < 1:
         raise ValueError("batch and prefill_tokens must be >= 1 and reserve in [0, 1)")
-    M = context or c.n_positions
-    if M > c.n_positions:
-        raise ValueError(f"context {M} exceeds the model's {c.n_positions} positions")
+    M = context or c.max_positions
+    if M > c.max_positions:
+        raise ValueError(f"context {M} exceeds the model's {c.max_positions} positions")
     b = DTYPE_BYTES[dtype]
     ex = _Explain()
     notes: list[str] = []
@@ -267,8 +267,10 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
     memory["params"] = {k: {"shape": list(p.shape), "spec": [list(_mesh_names(a)) or None for a in p.spec],
                             "bytes_per_device": p.bytes_per_device} for k, p in params.items()}
     return {
-        "model": {"name": name, "params": c.num_params(), "n_layer": c.n_layer, "n_embd": c.n_embd,
-                  "n_head": c.n_head, "vocab_size": c.vocab_size, "n_positions": c.n_positions},
+        "model": {"name": name, "architecture": c.architecture, "model_type": c.model_type,
+                  "params": c.num_params(), "n_layer": c.num_layers, "n_embd": c.hidden_size,
+                  "n_head": c.num_heads, "n_kv_head": c.num_kv_heads, "head_dim": c.head_dim,
+                  "vocab_size": c.vocab_size, "n_positions": c.max_positions},
         "mesh": dict(mesh_shape), "layout": layout.to_dict(),
         "accelerator": dataclasses.asdict(acc), "dtype": dtype, "batch": batch, "context": M,
         "prefill_tokens": prefill_tokens, "reserve": reserve, "memory": memory,
@@ -277,12 +279,9 @@ def make_plan(config: GPTConfig | str, mesh: str | Mapping[str, int], layout: st
 
 
 def _resolve(config, mesh, layout, accelerator):
-    """(GPTConfig, mesh shape, layout as the engine runs it, Accelerator) from names or objects."""
+    """(model config, mesh shape, layout as the engine runs it, Accelerator) from names or objects."""
     if isinstance(config, str):
-        from ..models.gpt2 import PRESETS
-        if config not in PRESETS:
-            raise ValueError(f"unknown model preset {config!r}; known: {sorted(PRESETS)}")
-        config = PRESETS[config]
+        config = preset(config)
     if isinstance(accelerator, str) and accelerator.lower() not in ACCELERATORS:
         raise ValueError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}")
     acc = ACCELERATORS[accelerator.lower()] if isinstance(accelerator, str) else accelerator
@@ -313,8 +312,8 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
     kv_dev = 2 * kvb.bytes_per_device
     state_dev = slot_state_bytes(batch, M, page_size)
     ex(f"== KV pages ({page_size} tokens each) ==")
-    ex(f"per sequence of {M} tokens ({W} pages): K and V x L x {W * page_size} x D x {b} B = "
-       f"2 x {c.n_layer} x {W * page_size} x {c.n_embd} x {b} = {_fmt(2 * kv1.bytes)}; "
+    ex(f"per sequence of {M} tokens ({W} pages): K and V x L x {W * page_size} x KV heads x head dim x {b} B = "
+       f"2 x {c.num_layers} x {W * page_size} x {c.num_kv_heads} x {c.head_dim} x {b} = {_fmt(2 * kv1.bytes)}; "
        f"per device / {kv1.shards} (spec {kv1.spec}) = {_fmt(per_slot_dev)}")
     ex(f"batch of {batch} sequences: 2 x {_fmt(kvb.bytes)} / {kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
        f" + sequence state (int32 history [S, M] + last token [S], replicated) {_fmt(state_dev)}")
@@ -341,8 +340,13 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
 def _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes) -> tuple[_Costs, dict]:
     """How the layout splits the work, as the shards of the arrays it places say, and the links
     each group communicates over."""
-    cproj, fc2, cattn, wte = (params["h.attn.c_proj.kernel"], params["h.mlp.c_proj.kernel"],
-                              params["h.attn.c_attn.kernel"], params["wte.embedding"])
+    model = family(c)
+    role = lambda *logical: next(p for p in params.values() if p.logical[:len(logical)] == logical)
+    cproj, fc2 = role("layers", "heads", "head_dim", "embed"), role("layers", "mlp", "embed")
+    cattn = role("layers")
+    head_keys = set(model.stage_keys(c, False, True)) - {model.LAYERS}
+    head = [p for k, p in params.items() if k.split(".")[0] in head_keys]
+    wte = next(p for p in head if p.logical == ("vocab", "embed"))  # the LM head's weight
     t_attn, t_mlp = cproj.dim_shards(1, mesh_shape), fc2.dim_shards(1, mesh_shape)
     stages, t_vocab = cattn.dim_shards(0, mesh_shape), wte.dim_shards(0, mesh_shape)
     kv_layer, kv_slot, kv_head = (kvb.dim_shards(i, mesh_shape) for i in (0, 2, 1))  # [L, H, P, B, K]
@@ -366,10 +370,10 @@ def _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes) -> tuple
     costs = _Costs(
         c=c, acc=acc, b=b, t_attn=t_attn, t_mlp=t_mlp, t_vocab=t_vocab, stages=stages,
         kv_layer=kv_layer, kv_slot=kv_slot, kv_head=kv_head,
-        layer_w=sum(params[k].bytes_per_device for k in params if k.startswith("h.")),
-        head_w=wte.bytes_per_device + params["ln_f.scale"].bytes_per_device + params["ln_f.bias"].bytes_per_device,
-        matmul_elems=sum(params[k].bytes_per_device // b for k in
-                         ("h.attn.c_attn.kernel", "h.attn.c_proj.kernel", "h.mlp.c_fc.kernel", "h.mlp.c_proj.kernel")),
+        layer_w=sum(p.bytes_per_device for k, p in params.items() if k.startswith(model.LAYERS + ".")),
+        head_w=sum(p.bytes_per_device for p in head),
+        matmul_elems=sum(p.bytes_per_device // b for k, p in params.items()
+                         if k.startswith(model.LAYERS + ".") and k.endswith(".kernel")),
         links=links)
     return costs, {"devices": n_dev, "tensor_heads": t_attn, "tensor_mlp": t_mlp, "vocab": t_vocab,
                    "stages": stages, "kv_slots": kv_slot, "tensor_link": links["tensor"][1],
@@ -380,20 +384,21 @@ def _iteration(k: _Costs, ex, label: str, T: int, R: int, pairs: int, kv_read_to
     """One iteration of T rows (R sampled), `pairs` (query, key) pairs per layer and head
     group, `kv_read_tokens` positions read from the buffer per layer."""
     c, b = k.c, k.b
-    V, D, L = c.vocab_size, c.n_embd, c.n_layer
+    V, D, L = c.vocab_size, c.hidden_size, c.num_layers
+    HK, KVD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim  # query and KV widths
     peak = k.acc.flops_32 if b == 4 else k.acc.flops_16
     ex(f"== {label}: T = {T} rows, R = {R} sampled, on the last stage's devices ==")
-    flops = (2 * T * k.matmul_elems + 4 * pairs * D * L // (k.kv_layer * k.kv_head)
+    flops = (2 * T * k.matmul_elems + 4 * pairs * HK * L // (k.kv_layer * k.kv_head)
              + 2 * R * V * D // k.t_vocab)
-    ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x D x L / (layer x head shards) + 2 R V D / vocab shards")
-    ex(f"      = 2 x {T} x {k.matmul_elems} + 4 x {pairs} x {D} x {L} / ({k.kv_layer} x {k.kv_head}) + "
+    ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x H K x L / (layer x head shards) + 2 R V D / vocab shards")
+    ex(f"      = 2 x {T} x {k.matmul_elems} + 4 x {pairs} x {HK} x {L} / ({k.kv_layer} x {k.kv_head}) + "
        f"2 x {R} x {V} x {D} / {k.t_vocab} = {flops:.4g}")
     kv_shards = k.kv_layer * k.kv_head * k.kv_slot
-    kv_r = kv_read_tokens * 2 * D * b * L // kv_shards
-    kv_w = T * 2 * D * b * L // kv_shards
+    kv_r = kv_read_tokens * 2 * KVD * b * L // kv_shards
+    kv_w = T * 2 * KVD * b * L // kv_shards
     byts = k.layer_w + k.head_w + kv_r + kv_w
     ex(f"bytes = layer weights/device {_fmt(k.layer_w)} + LM head {_fmt(k.head_w)} + KV read "
-       f"{kv_read_tokens} x 2 x {D} x {b} x {L} / {kv_shards} = {_fmt(kv_r)} + KV write {_fmt(kv_w)} = {_fmt(byts)}")
+       f"{kv_read_tokens} x 2 x {KVD} x {b} x {L} / {kv_shards} = {_fmt(kv_r)} + KV write {_fmt(kv_w)} = {_fmt(byts)}")
     t_c, t_m = flops / peak, byts / k.acc.hbm_bw
     ex(f"compute {flops:.4g} / {peak:.4g} FLOP/s = {_t(t_c)}; memory {byts} / {k.acc.hbm_bw:.4g} B/s = {_t(t_m)}")
     comm, t_comm, t_hand = _communication(k, ex, T, R, kv_read_tokens)
@@ -411,8 +416,9 @@ def _iteration(k: _Costs, ex, label: str, T: int, R: int, pairs: int, kv_read_to
 
 def _communication(k: _Costs, ex, T: int, R: int, kv_read_tokens: int) -> tuple[dict, float, float]:
     """(bytes per collective kind, collective seconds, pipeline hand-off seconds) of one stage."""
-    V, D, b = k.c.vocab_size, k.c.n_embd, k.b
-    layers_here = k.c.n_layer // k.stages
+    V, D, b = k.c.vocab_size, k.c.hidden_size, k.b
+    KVD = k.c.num_kv_heads * k.c.head_dim
+    layers_here = k.c.num_layers // k.stages
     (tp_bw, tp_link), (pp_bw, pp_link) = k.links["tensor"], k.links["pipeline"]
     (sl_bw, sl_link), (voc_bw, _) = k.links["slot"], k.links["vocab"]
     msg = T * D * b
@@ -434,9 +440,9 @@ def _communication(k: _Costs, ex, T: int, R: int, kv_read_tokens: int) -> tuple[
     comm["vocab_bytes"] = voc_bytes
     sl_bytes = 0.0
     if k.kv_slot > 1:
-        sl_bytes = kv_read_tokens * 2 * D * b // k.kv_head * _ring(k.kv_slot) * layers_here
+        sl_bytes = kv_read_tokens * 2 * KVD * b // k.kv_head * _ring(k.kv_slot) * layers_here
         ex(f"slot split: each layer all-reduces the gathered K, V blocks of every row over the slot group: "
-           f"{kv_read_tokens} x 2 x {D} x {b} / {k.kv_head} x {_ring(k.kv_slot):.3f} x {layers_here} layers = {_fmt(sl_bytes)} over {sl_link}")
+           f"{kv_read_tokens} x 2 x {KVD} x {b} / {k.kv_head} x {_ring(k.kv_slot):.3f} x {layers_here} layers = {_fmt(sl_bytes)} over {sl_link}")
     comm["slot_bytes"] = sl_bytes
     handoff = T * D * b if k.stages > 1 else 0
     comm["pipeline_handoff_bytes"] = handoff

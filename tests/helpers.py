@@ -11,10 +11,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from orca_jax.models import family
 from orca_jax.models.attention import AttnMeta, KVCache
-from orca_jax.models.gpt2 import GPTConfig, from_params
 
 HF_DEFAULTS = dict(vocab_size=1001, n_positions=32, n_embd=48, n_layer=2, n_head=6,
                    bos_token_id=0, eos_token_id=0, initializer_range=0.2)
@@ -52,39 +51,41 @@ def hf_logits(model, ids) -> np.ndarray:
         return model(torch.tensor(np.asarray(ids)[None])).logits[0].float().numpy()
 
 
-def _forward(config: GPTConfig, params: dict):
-    """A jitted (tokens, kv, meta) -> (logits [T, V], kv) over `params` (split once)."""
-    graphdef, state = nnx.split(from_params(config, params))
+def _forward(config, params: dict):
+    """A jitted (tokens, kv, meta) -> (logits [T, V], kv) of the model family's pure
+    functions over `params` (layers split once)."""
+    model = family(config)
+    params = {**params, model.LAYERS: model.unstack_layers(params[model.LAYERS])}
 
     @jax.jit
-    def fwd(state, tokens, kv, meta):
-        model = nnx.merge(graphdef, state)
-        x, kv = model(tokens, meta.pos, kv, meta)
-        return model.logits(x), kv
+    def fwd(params, tokens, kv, meta):
+        x = model.embed(config, params, tokens, meta.pos)
+        x, kv = model.decoder(config, params[model.LAYERS], x, kv, meta)
+        return model.lm_head(config, params, x), kv
 
-    return lambda tokens, kv, meta: fwd(state, jnp.asarray(tokens, jnp.int32), kv, meta)
+    return lambda tokens, kv, meta: fwd(params, jnp.asarray(tokens, jnp.int32), kv, meta)
 
 
 PAGE = 16  # small pages: every context below spans several, scattered (_pages)
 
 
-def _kv(config: GPTConfig, sharding=None) -> KVCache:
+def _kv(config, sharding=None) -> KVCache:
     """A pool of 4 sequences' worth of pages."""
-    return KVCache.zeros(config.n_layer, 4 * _width(config), PAGE, config.n_head, config.head_dim,
+    return KVCache.zeros(config.num_layers, 4 * _width(config), PAGE, config.num_kv_heads, config.head_dim,
                          config.jnp_dtype, sharding=sharding)
 
 
-def _width(config: GPTConfig) -> int:
-    return -(-config.n_positions // PAGE)
+def _width(config) -> int:
+    return -(-config.max_positions // PAGE)
 
 
-def _pages(config: GPTConfig) -> np.ndarray:
+def _pages(config) -> np.ndarray:
     """The block table of the one sequence: pages taken out of order, from the pool's end."""
     W = _width(config)
     return (4 * W - 1 - 2 * np.arange(W)).astype(np.int32)
 
 
-def prefill_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
+def prefill_logits(config, params: dict, ids, kv_sharding=None) -> np.ndarray:
     """Logits [T, V] of one whole prompt in a single prefill step."""
     T, i32 = len(ids), np.int32
     pos, table = np.arange(T, dtype=i32), _pages(config)
@@ -96,7 +97,7 @@ def prefill_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np
     return np.asarray(logits, np.float32)
 
 
-def decode_logits(config: GPTConfig, params: dict, ids, kv_sharding=None) -> np.ndarray:
+def decode_logits(config, params: dict, ids, kv_sharding=None) -> np.ndarray:
     """Logits [T, V] feeding `ids` one token per step through the KV pages.
 
     Each step has a second, padding row (its KV write points past the last page: dropped),

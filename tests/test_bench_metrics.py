@@ -99,12 +99,19 @@ def test_aggregate_only():
 
 
 def test_request_flops_by_hand():
+    from orca_jax.models import PRESETS
+    from orca_jax.models.gpt2 import GPTConfig
     # L=1, D=2, F=8, V=10; prompt 3, output 2 -> 4 tokens fed.
     # weights 2*(4*4 + 2*2*8)*4 = 384; head 2*10*2*2 = 80; attention 4*1*2*(1+2+3+4) = 80.
-    assert request_flops(1, 2, 8, 10, 3, 2) == 544.0
+    tiny = GPTConfig(vocab_size=10, n_positions=8, n_embd=2, n_layer=1, n_head=1, n_inner=8)
+    assert request_flops(tiny, 3, 2) == 544.0
     # GPT-2 small, one decode token at context 1: ~2 x 85M weights + 2 x 38.6M LM head.
-    f = request_flops(12, 768, 3072, 50257, 1, 1)
+    f = request_flops(PRESETS["gpt2-small"], 1, 1)
     assert f == 2 * 12 * (4 * 768**2 + 2 * 768 * 3072) + 2 * 50257 * 768 + 4 * 12 * 768
+    # Llama-3-8B: grouped-query K and V (8 of 32 heads) and a gated MLP; 7.5B params in layers.
+    c = PRESETS["llama-3-8b"]
+    assert c.layer_matmul_params == 4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336
+    assert abs(c.num_params() - 8.03e9) < 0.01e9
 
 
 def test_max_throughput_under_slo():

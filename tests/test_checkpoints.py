@@ -134,7 +134,7 @@ def _edit_config(path, **changes):
 
 def test_missing_directory_config_and_weights(tmp_path, hf_dir):
     with pytest.raises(ValueError, match="dtype must be one of"):
-        convert_hf_gpt2(hf_dir, tmp_path / "out", dtype="float16")
+        convert_hf_gpt2(hf_dir, tmp_path / "out", dtype="int8")
     with pytest.raises(CheckpointNotFoundError, match="nope.*does not exist"):
         convert_hf_gpt2(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()
@@ -159,7 +159,7 @@ def test_refuses_pickled_weights(tmp_path, hf_dir):
     ("model_type", "llama", "model_type is 'llama'"),
     ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True"),
     ("reorder_and_upcast_attn", True, "reorder_and_upcast_attn=True"),
-    ("activation_function", "swish", "activation_function='swish'"),
+    ("activation_function", "gelu_10", "activation_function='gelu_10'"),
     ("tie_word_embeddings", False, "tie_word_embeddings=False"),
     ("n_head", 5, "n_embd=48 is not divisible by n_head=5"),
 ])

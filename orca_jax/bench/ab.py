@@ -76,10 +76,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from ..config import EngineConfig
     from ..engine import Engine, freeze_startup_heap
-    from ..models.gpt2 import PRESETS, init_params
+    from ..models import PRESETS, family
     batches = [int(b) for b in args.batches.split(",")]
     c = PRESETS[args.preset]
-    params = init_params(c)
+    params = family(c).init_params(c)
     common = dict(max_batch_size=max(batches), max_model_len=args.prompt + args.steps + 16,
                   kv_memory=int(4e9), warmup=False)
     with tempfile.TemporaryDirectory() as tmp:

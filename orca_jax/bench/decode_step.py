@@ -22,7 +22,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..engine import Engine, freeze_startup_heap
 from ..kv_pages import pages_for
-from ..models.gpt2 import PRESETS, GPTConfig, init_params
+from ..models import PRESETS, family
 from ..request import SamplingParams
 
 PROMPT = 32
@@ -46,13 +46,14 @@ def ceilings(dtype) -> tuple[float, float]:
     return bandwidth, 2 * 2048**3 / _best(jax.jit(lambda x: x @ x), a)
 
 
-def floors(c: GPTConfig, batch: int, context: int, bandwidth: float, flops: float) -> dict:
-    """A decode step's two floors in seconds: its weights (layers + tied LM head) and the
+def floors(c, batch: int, context: int, bandwidth: float, flops: float) -> dict:
+    """A decode step's two floors in seconds: its weights (layers + LM head) and the
     batch's KV read once at `bandwidth`, and its matmul FLOPs at `flops`."""
-    L, D, F, V, size = c.n_layer, c.n_embd, c.mlp_dim, c.vocab_size, jnp.dtype(c.jnp_dtype).itemsize
-    weights = (L * (4 * D * D + 2 * D * F) + V * D) * size
-    kv = batch * context * L * 2 * D * size
-    matmul = 2 * batch * (L * (4 * D * D + 2 * D * F) + D * V) + 4 * batch * context * D * L
+    L, D, V, size = c.num_layers, c.hidden_size, c.vocab_size, jnp.dtype(c.jnp_dtype).itemsize
+    HK, KVD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    weights = (L * c.layer_matmul_params + V * D) * size
+    kv = batch * context * L * 2 * KVD * size
+    matmul = 2 * batch * (L * c.layer_matmul_params + D * V) + 4 * batch * context * HK * L
     return {"read": (weights + kv) / bandwidth, "matmul": matmul / flops}
 
 
@@ -86,7 +87,7 @@ def measure(preset: str, batches: list[int], rounds: int = 7, steps: int = 8,
     start = ceilings(c.jnp_dtype)
     ec = EngineConfig(max_batch_size=max(batches), max_model_len=256, kv_memory=int(4e9), warmup=False,
                       page_size=page_size)
-    eng = Engine.build(c, init_params(c), ec)
+    eng = Engine.build(c, family(c).init_params(c), ec)
     freeze_startup_heap()  # as `serve` does once its engine is built
     times = {b: step_seconds(eng, b, rounds, steps) for b in batches}
     end = ceilings(c.jnp_dtype)

@@ -27,7 +27,7 @@ import numpy as np
 def add_parser(wsub) -> None:
     w = wsub.add_parser("latency", help="time per output token vs this machine's floors; host time "
                                         "per iteration", description=__doc__.splitlines()[0])
-    w.add_argument("--preset", default="gpt2-small", help="shape of the random model (models.gpt2.PRESETS)")
+    w.add_argument("--preset", default="gpt2-small", help="shape of the random model (orca_jax.models.PRESETS: GPT-2 and Llama shapes)")
     w.add_argument("--batches", default="1,4,16,64", help="decoding requests per step, comma-separated")
     w.add_argument("--rounds", type=int, default=7, help="timed rounds per batch (median reported)")
     w.add_argument("--steps", type=int, default=8, help="engine steps per round")

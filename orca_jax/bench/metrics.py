@@ -145,17 +145,16 @@ def summarize_aggregate(duration: float, requests: int, input_tokens: int, outpu
 
 # -- model FLOPs ------------------------------------------------------------------------------
 
-def request_flops(n_layer: int, n_embd: int, mlp_dim: int, vocab_size: int,
-                  prompt_len: int, output_len: int) -> float:
-    """Matmul FLOPs one request needs, counting useful work only (no padding):
-    prompt + output - 1 tokens go through the blocks (the last sampled token is never fed
-    back); the LM head runs once per output token; attention scores and values cost
-    4 * D FLOPs per layer per (token, context position) pair."""
-    L, D, F, V = n_layer, n_embd, mlp_dim, vocab_size
+def request_flops(c, prompt_len: int, output_len: int) -> float:
+    """Matmul FLOPs one request needs on model config `c`, counting useful work only (no
+    padding): prompt + output - 1 tokens go through the layers (the last sampled token is
+    never fed back), 2 FLOPs per layer matmul weight; the LM head runs once per output token;
+    attention scores and values cost 4 * H * K FLOPs per layer per (token, context position) pair."""
+    L, D, V, HK = c.num_layers, c.hidden_size, c.vocab_size, c.num_heads * c.head_dim
     fed = prompt_len + output_len - 1
-    weights = 2 * L * (4 * D * D + 2 * D * F) * fed
+    weights = 2 * L * c.layer_matmul_params * fed
     head = 2 * V * D * output_len
-    attention = 4 * L * D * fed * (fed + 1) // 2  # token j attends to j + 1 positions
+    attention = 4 * L * HK * fed * (fed + 1) // 2  # token j attends to j + 1 positions
     return float(weights + head + attention)
 
 

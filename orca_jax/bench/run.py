@@ -57,8 +57,8 @@ def add_parser(sub):
         w = wsub.add_parser(kind, help=helps[kind], description=helps[kind], epilog=ENGINE_EPILOG)
         g = w.add_argument_group("model")
         g.add_argument("--hf-model", default=None,
-                       help="Hugging Face GPT-2 directory; default: a random-weight --preset model")
-        g.add_argument("--preset", default="gpt2-small", help="shape of the random model (models.gpt2.PRESETS)")
+                       help="Hugging Face model directory (any supported family); default: a random-weight --preset model")
+        g.add_argument("--preset", default="gpt2-small", help="shape of the random model (orca_jax.models.PRESETS: GPT-2 and Llama shapes)")
         g = w.add_argument_group("workload")
         g.add_argument("--requests", type=int, default=64 if kind == "offline" else 32)
         g.add_argument("--seed", type=int, default=0, help="seeds the trace (lengths, arrivals, token ids)")
@@ -110,9 +110,10 @@ def add_parser(sub):
 # -- set-up ------------------------------------------------------------------------------------
 
 def random_hf_checkpoint(preset: str, seed: int = 0) -> str:
-    """A random-weight HF GPT-2 of a preset's shape (transformers' init), saved once."""
+    """A random-weight HF model of a preset's shape (transformers' init), saved once: GPT-2
+    presets as GPT2LMHeadModel, the Llama-shaped ones (models/decoder.py) as LlamaForCausalLM."""
     from ..demo_model import orca_home
-    from ..models.gpt2 import PRESETS
+    from ..models import PRESETS
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     home = orca_home()
@@ -120,12 +121,22 @@ def random_hf_checkpoint(preset: str, seed: int = 0) -> str:
     if (path / "config.json").exists():
         return str(path)
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
     c = PRESETS[preset]
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions,
-                                       n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                                       bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
+    if c.architecture == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
+    else:
+        assert c.model_type == "llama", c.model_type
+        rope = {"rope_type": "default", **c.rope, "rope_theta": c.rope_theta}
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, max_position_embeddings=c.max_positions,
+            rms_norm_eps=c.norm_eps, rope_parameters=rope, tie_word_embeddings=c.tie_embeddings,
+            bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id))
     _build_once(path, lambda d: model.save_pretrained(d, safe_serialization=True))
     return str(path)
 
@@ -150,7 +161,7 @@ def _build_once(target: Path, build) -> None:
 
 def converted_checkpoint(hf_dir: str) -> str:
     """The orca-jax conversion of `hf_dir`, cached by path and file times."""
-    from ..checkpoints.hf_gpt2 import convert_hf_gpt2
+    from ..checkpoints.hf import convert_hf
     from ..demo_model import orca_home
     src = Path(hf_dir).resolve()
     key = hashlib.sha1(str(src).encode())
@@ -158,7 +169,7 @@ def converted_checkpoint(hf_dir: str) -> str:
         key.update(f"{f.name}:{f.stat().st_mtime_ns}".encode())
     out = orca_home() / "bench-checkpoints" / f"{src.name}-{key.hexdigest()[:10]}"
     if not (out / "config.json").exists():
-        _build_once(out, lambda d: convert_hf_gpt2(src, d, progress=False))
+        _build_once(out, lambda d: convert_hf(src, d, progress=False))
     return str(out)
 
 
@@ -287,8 +298,7 @@ def cmd_bench(args) -> int:
     for r in runs:
         key = tuple(r.pop("lengths"))
         if key not in flops:
-            flops[key] = sum(request_flops(cfg.n_layer, cfg.n_embd, cfg.mlp_dim, cfg.vocab_size, p, o)
-                             for p, o in key)
+            flops[key] = sum(request_flops(cfg, p, o) for p, o in key)
         r["model_flops"] = flops[key]
         r["achieved_gflops"] = flops[key] / r["metrics"]["duration_s"] / 1e9
         r["mfu"] = r["achieved_gflops"] / ceiling["ceiling"]
@@ -302,8 +312,9 @@ def cmd_bench(args) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": machine_info(ceiling),
         "model": {"hf_dir": hf_dir, "checkpoint": ckpt, "preset": None if args.hf_model else args.preset,
-                  "params": cfg.num_params(), "dtype": args.dtype or cfg.dtype, "n_layer": cfg.n_layer,
-                  "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
+                  "params": cfg.num_params(), "dtype": args.dtype or cfg.dtype, "model_type": cfg.model_type,
+                  "n_layer": cfg.num_layers, "n_embd": cfg.hidden_size, "n_head": cfg.num_heads,
+                  "n_kv_head": cfg.num_kv_heads, "vocab_size": cfg.vocab_size},
         "workload": {**base.summary(), "rates": rates if online else None,
                      "trace_file": str(out_dir / "trace.json")},
         "engine": dataclasses.asdict(engine_config(args, base))

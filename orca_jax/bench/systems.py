@@ -200,7 +200,7 @@ def passive_omp() -> bool:
 
 
 class HFSystem:
-    """`GPT2LMHeadModel.generate` (PyTorch, CPU, fp32) in static batches: a batch is formed
+    """`AutoModelForCausalLM.generate` (PyTorch, CPU, fp32) in static batches: a batch is formed
     from up to `batch_size` requests that have arrived, runs until its longest output is
     done, and returns together. Prompts are left-padded. Tokens are timestamped as each step
     makes them; a request's last token reaches the caller when the batch returns (the same
@@ -208,13 +208,13 @@ class HFSystem:
 
     def __init__(self, hf_dir: str, batch_size: int, threads: int | None = None):
         import torch
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.name = "hf"
         self.batch_size = batch_size
-        self.model = GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
     def describe(self) -> dict:
         import torch

@@ -17,11 +17,12 @@ from .flags import add_engine_flags, add_sampling_flags, build_engine, sampling_
 
 
 def cmd_convert(args) -> int:
-    from ..checkpoints.hf_gpt2 import convert_hf_gpt2
+    from ..checkpoints.hf import convert_hf
     if args.source != "hf":
         raise SystemExit(f"unsupported --from {args.source!r}; supported: hf")
-    cfg = convert_hf_gpt2(args.path, args.out, dtype=args.dtype, progress=not args.quiet)
-    print(f"wrote {args.out}: GPT-2 with {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head} heads, "
+    cfg = convert_hf(args.path, args.out, dtype=args.dtype, progress=not args.quiet)
+    heads = f"{cfg.num_heads} heads" + (f" ({cfg.num_kv_heads} KV heads)" if cfg.num_kv_heads != cfg.num_heads else "")
+    print(f"wrote {args.out}: {cfg.model_type} with {cfg.num_layers} layers, d={cfg.hidden_size}, {heads}, "
           f"vocab {cfg.vocab_size}, {cfg.num_params() / 1e6:.1f}M parameters ({cfg.dtype})")
     return 0
 
@@ -65,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="log details of every library")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face GPT-2 checkpoint to Orbax")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen2/3, "
+                                       "GPT-NeoX, GPT-J, OPT) to Orbax")
     p.add_argument("--from", dest="source", default="hf", help="source format (hf)")
     p.add_argument("path", help="Hugging Face model directory (config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="stored dtype (default: the checkpoint's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_convert)
 

@@ -18,7 +18,7 @@ def _model(arg: str):
     """A preset name, an orca-jax checkpoint directory, or its config.json."""
     from ..checkpoints.errors import CheckpointError
     from ..checkpoints.store import load_config
-    from ..models.gpt2 import PRESETS
+    from ..models import PRESETS
     if arg in PRESETS:
         return PRESETS[arg], arg
     path = Path(arg)
@@ -34,7 +34,7 @@ def _model(arg: str):
 def cmd_plan(args) -> int:
     from ..sharding.plan import ACCELERATORS, format_plan, make_plan
     if args.list:
-        from ..models.gpt2 import PRESETS
+        from ..models import PRESETS
         from ..sharding.layouts import LAYOUTS
         print("models:       " + ", ".join(PRESETS))
         print("layouts:      " + ", ".join(f"{k} ({v.description})" for k, v in LAYOUTS.items()))

@@ -91,9 +91,9 @@ class ServerConfig:
 def model_info(engine: AsyncEngine, model_name: str, max_request_bytes: int) -> pb.ModelInfo:
     c, eos = engine.model_config, engine.eos_token_id
     return pb.ModelInfo(
-        model_name=model_name, architecture="gpt2", max_model_len=engine.max_len, vocab_size=c.vocab_size,
+        model_name=model_name, architecture=c.model_type, max_model_len=engine.max_len, vocab_size=c.vocab_size,
         eos_token_id=-1 if eos is None else eos, max_batch_size=engine.num_slots, max_logprobs=MAX_LOGPROBS,
-        num_layers=c.n_layer, hidden_size=c.n_embd, num_heads=c.n_head, num_parameters=c.num_params(),
+        num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads, num_parameters=c.num_params(),
         dtype=c.dtype, version=__version__, max_request_bytes=max_request_bytes)
 
 

@@ -60,8 +60,9 @@ def sampling_params(fields: dict) -> SamplingParams:
 
 def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
                ids: Sequence[int] | None, *, text_field: str = "prompt",
-               ids_field: str = "prompt_token_ids") -> tuple[list[int], str]:
-    """The prompt's token ids and the field they came from. Exactly one of text/ids."""
+               ids_field: str = "prompt_token_ids", add_special_tokens: bool = True) -> tuple[list[int], str]:
+    """The prompt's token ids and the field they came from. Exactly one of text/ids. Text is
+    encoded with the tokenizer's special tokens (BOS, ...) unless `add_special_tokens` is False."""
     if text and ids:
         raise InvalidArgument(text_field, f"give either {text_field} or {ids_field}, not both")
     if ids:
@@ -79,7 +80,7 @@ def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
         raise InvalidArgument(text_field, f"the prompt is {len(text)} characters; the maximum "
                               f"context length is {limits.max_model_len} tokens of at most "
                               f"{most // limits.max_model_len} bytes each")
-    out = tokenizer.encode(text)
+    out = tokenizer.encode(text, add_special_tokens)
     if not out:
         raise InvalidArgument(text_field, "the prompt encodes to zero tokens")
     return out, text_field
@@ -128,7 +129,8 @@ def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, field
         raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
     if not text:
         raise InvalidArgument("messages", "the chat template rendered an empty prompt")
-    tokens, field = prompt_ids(tokenizer, limits, text, None, text_field="messages")
+    # The template wrote the special tokens (transformers encodes it without adding more).
+    tokens, field = prompt_ids(tokenizer, limits, text, None, text_field="messages", add_special_tokens=False)
     if fields.get("max_tokens") is None and len(tokens) < limits.max_model_len:
         params = sampling_params({**fields, "max_tokens": limits.max_model_len - len(tokens)})
     check_length(limits, len(tokens), params, field)

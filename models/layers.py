@@ -1,0 +1,106 @@
+"""Numerics shared by the model families: norms, activations, rotary position embeddings.
+
+Each follows the Hugging Face implementation it replaces, in float32 where HF upcasts, so that
+fp32 logits agree within 1e-4 and bf16 models round where HF's do.
+
+Legend: T rows, H heads, K head dim, R rotary dims (R <= K).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+ACTIVATIONS = {
+    # HF "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast": 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))).
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """LayerNorm in float32 whatever the activation dtype (as HF does under autocast); `p`
+    holds `scale` and, optionally, `bias`."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+    """RMSNorm as HF's LlamaRMSNorm: normalised in float32, cast back to x's dtype, then scaled."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+    return p["scale"] * y
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies [R/2] (float32) of R = `dim` rotary dims, with HF's static scalings
+    (modeling_rope_utils: "linear" divides them by `factor`, "llama3" smooths long wavelengths).
+    "dynamic" is per position: see `rope_angles`."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_angles(positions: jax.Array, dim: int, theta: float, scaling: dict | None,
+                max_positions: int) -> jax.Array:
+    """Rotation angles [T, R/2] (float32) of each row's position.
+
+    "dynamic" (dynamic NTK): a row at position p uses the base HF computes for a sequence of
+    p + 1 tokens, max(p + 1, max_positions) (its default frequencies inside the trained
+    context). That is what HF applies when it decodes token by token; for a prompt longer than
+    the trained context HF rotates every prompt token with the prompt's length instead."""
+    pos = positions.astype(jnp.float32)[:, None]                                     # [T, 1]
+    if (scaling or {}).get("rope_type") != "dynamic":
+        return pos * jnp.asarray(rope_inv_freq(dim, theta, scaling))
+    factor = scaling["factor"]
+    seq = jnp.maximum(pos + 1, max_positions)
+    base = theta * (factor * seq / max_positions - (factor - 1)) ** (dim / (dim - 2))  # [T, 1]
+    expo = jnp.asarray(np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)  # [R/2]
+    return pos / base ** expo
+
+
+def apply_rope(x: jax.Array, angles: jax.Array, interleaved: bool) -> jax.Array:
+    """Rotates the first R = 2 * angles.shape[-1] dims of every head of x [T, H, K]: pairs
+    (i, i + R/2) (GPT-NeoX / Llama "rotate_half") or, `interleaved`, (2i, 2i + 1) (GPT-J)."""
+    R = 2 * angles.shape[-1]
+    cos = jnp.cos(angles)[:, None, :].astype(x.dtype)                           # [T, 1, R/2]
+    sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
+    rot, rest = x[..., :R], x[..., R:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+    else:
+        x1, x2 = rot[..., :R // 2], rot[..., R // 2:]
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([out, rest], axis=-1) if R < x.shape[-1] else out
