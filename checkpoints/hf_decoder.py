@@ -56,7 +56,9 @@ def _refuse(hf: dict, options: dict) -> None:
 
 def _rope(hf: dict, theta_default: float) -> dict:
     """rope_theta and scaling from either spelling: `rope_theta` + `rope_scaling` (checkpoints
-    on the Hub) or `rope_parameters` (transformers 5)."""
+    on the Hub) or `rope_parameters` (transformers 5). Linear and dynamic scaling stretch the
+    context to max_position_embeddings x factor (vLLM's rule); llama3 configs already give
+    the stretched length."""
     params = dict(_get(hf, "rope_parameters", "rope_scaling", default={}) or {})
     theta = params.pop("rope_theta", None) or _get(hf, "rope_theta", "rotary_emb_base", default=theta_default)
     params.pop("partial_rotary_factor", None)
@@ -64,14 +66,19 @@ def _rope(hf: dict, theta_default: float) -> dict:
     if kind in ("yarn", "longrope", "proportional") or kind.startswith("dynamic") and kind != "dynamic":
         raise UnsupportedCheckpointError(f"rope scaling {kind!r} is not supported "
                                          "(supported: default, linear, dynamic, llama3)")
-    scaling = {}
+    scaling, out = {}, {}
+    trained = _get(hf, "max_position_embeddings", "n_positions")
     if kind != "default":
         scaling = {"rope_type": kind, "factor": float(params["factor"])}
         if kind == "llama3":
             scaling.update(low_freq_factor=float(params["low_freq_factor"]),
                            high_freq_factor=float(params["high_freq_factor"]),
                            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    return {"rope_theta": float(theta), "rope_scaling": tuple(sorted(scaling.items()))}
+        else:
+            out["max_positions"] = int(trained * scaling["factor"])
+        if kind == "dynamic":
+            scaling["original_max_position_embeddings"] = int(trained)
+    return {**out, "rope_theta": float(theta), "rope_scaling": tuple(sorted(scaling.items()))}
 
 
 def _common(hf: dict) -> dict:
@@ -88,12 +95,12 @@ def _llama_config(hf: dict) -> dict:
     kind = hf.get("model_type")
     _refuse(hf, {"use_sliding_window": False} if kind in ("qwen2", "qwen3") else {})
     bias = bool(hf.get("attention_bias", False))
-    return {**_common(hf), **_rope(hf, 10000.0),
+    return {**_common(hf), "max_positions": hf["max_position_embeddings"], **_rope(hf, 10000.0),
             "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
             "num_heads": hf["num_attention_heads"],
             "num_kv_heads": _get(hf, "num_key_value_heads", "num_attention_heads"),
             "head_dim": hf.get("head_dim"), "intermediate_size": hf["intermediate_size"],
-            "max_positions": hf["max_position_embeddings"], "norm": "rms", "norm_eps": hf.get("rms_norm_eps", 1e-6),
+            "norm": "rms", "norm_eps": hf.get("rms_norm_eps", 1e-6),
             "mlp": "gated", "activation": hf.get("hidden_act", "silu"),
             "qkv_bias": True if kind == "qwen2" else bias, "o_bias": False if kind == "qwen2" else bias,
             "mlp_bias": bool(hf.get("mlp_bias", False)), "qk_norm": kind == "qwen3",
@@ -123,9 +130,9 @@ def _neox_config(hf: dict) -> dict:
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     pct = _get(hf, "partial_rotary_factor", default=None)
     pct = pct if pct is not None else (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-    return {**_common(hf), **_rope(hf, 10000.0), "hidden_size": D, "num_layers": hf["num_hidden_layers"],
-            "num_heads": H, "intermediate_size": hf["intermediate_size"],
-            "max_positions": hf["max_position_embeddings"], "norm": "layer", "norm_bias": True,
+    return {**_common(hf), "max_positions": hf["max_position_embeddings"], **_rope(hf, 10000.0),
+            "hidden_size": D, "num_layers": hf["num_hidden_layers"],
+            "num_heads": H, "intermediate_size": hf["intermediate_size"], "norm": "layer", "norm_bias": True,
             "norm_eps": hf.get("layer_norm_eps", 1e-5), "mlp": "plain", "activation": hf.get("hidden_act", "gelu"),
             "qkv_bias": hf.get("attention_bias", True), "o_bias": hf.get("attention_bias", True), "mlp_bias": True,
             "parallel_residual": hf.get("use_parallel_residual", True), "rotary_dim": int(D // H * pct),

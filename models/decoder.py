@@ -104,6 +104,11 @@ class DecoderConfig:
             kind = self.rope.get("rope_type", "default")
             if kind not in ROPE_TYPES:
                 raise ValueError(f"rope scaling {kind!r} is not supported; supported: {list(ROPE_TYPES)}")
+            need = {"linear": ["factor"], "dynamic": ["factor", "original_max_position_embeddings"],
+                    "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+            missing = [k for k in need.get(kind, []) if k not in self.rope]
+            if missing:
+                raise ValueError(f"rope scaling {kind!r} needs {missing}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
@@ -314,7 +319,7 @@ def decoder(c: DecoderConfig, layers: list[dict], x: jax.Array, kv: KVCache, met
             attention: str = "xla") -> tuple[jax.Array, KVCache]:
     """The layers `layers` (one params dict each) over x [T, D], unrolled; layer l reads and
     writes layer l of kv. The rotary angles are computed once for all layers."""
-    angles = (rope_angles(meta.pos, c.rope_dim, c.rope_theta, c.rope, c.max_positions)
+    angles = (rope_angles(meta.pos, c.rope_dim, c.rope_theta, c.rope)
               if c.positions == "rope" else None)                                # [T, R/2]
     ks, vs = list(kv.k), list(kv.v)
     for l, p in enumerate(layers):

@@ -72,20 +72,19 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.nda
     return inv.astype(np.float32)
 
 
-def rope_angles(positions: jax.Array, dim: int, theta: float, scaling: dict | None,
-                max_positions: int) -> jax.Array:
+def rope_angles(positions: jax.Array, dim: int, theta: float, scaling: dict | None) -> jax.Array:
     """Rotation angles [T, R/2] (float32) of each row's position.
 
     "dynamic" (dynamic NTK): a row at position p uses the base HF computes for a sequence of
-    p + 1 tokens, max(p + 1, max_positions) (its default frequencies inside the trained
+    p + 1 tokens, max(p + 1, trained context) (its default frequencies inside the trained
     context). That is what HF applies when it decodes token by token; for a prompt longer than
     the trained context HF rotates every prompt token with the prompt's length instead."""
     pos = positions.astype(jnp.float32)[:, None]                                     # [T, 1]
     if (scaling or {}).get("rope_type") != "dynamic":
         return pos * jnp.asarray(rope_inv_freq(dim, theta, scaling))
-    factor = scaling["factor"]
-    seq = jnp.maximum(pos + 1, max_positions)
-    base = theta * (factor * seq / max_positions - (factor - 1)) ** (dim / (dim - 2))  # [T, 1]
+    factor, trained = scaling["factor"], scaling["original_max_position_embeddings"]
+    seq = jnp.maximum(pos + 1, trained)
+    base = theta * (factor * seq / trained - (factor - 1)) ** (dim / (dim - 2))      # [T, 1]
     expo = jnp.asarray(np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)  # [R/2]
     return pos / base ** expo
 

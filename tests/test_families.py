@@ -1,0 +1,215 @@
+"""Every model family against Hugging Face: conversion, logits, and the real engine's tokens.
+
+For each family a tiny random checkpoint is made with `transformers` (odd sizes: 6 heads of
+12 dims, vocabulary 1001, fewer KV heads than heads where the family has them, the family's
+options switched on: llama3 RoPE scaling, a sliding window, QKV biases, q/k norms, partial and
+interleaved rotary, parallel residuals, learned positions with OPT's offset), converted with
+`orca-jax convert`'s function, and then
+
+* its logits on a 60-token prompt, in one prefill and token by token through the KV pages,
+  are within 1e-4 of HF's (fp32);
+* 24 concurrent greedy requests (prompts of 1 to 200 tokens, chunked at 64 per iteration,
+  8 running at once) produce exactly HF `generate`'s tokens, with the sampled tokens'
+  logprobs within 1e-4 of HF's log-softmax; on one device, and on a `tensor=2,pipeline=2`
+  mesh (megatron inside each of 2 stages; the Llama case by default, the others under -m slow);
+* a bf16 checkpoint converts to bf16 (2 bytes per parameter in the Orbax files and on the
+  device) and generates.
+"""
+from __future__ import annotations
+
+import gc
+import json
+
+import jax
+import numpy as np
+import pytest
+from helpers import decode_logits, hf_logits, prefill_logits
+
+from orca_jax.checkpoints.errors import UnsupportedCheckpointError
+from orca_jax.checkpoints.hf import convert_hf, supported_architectures
+from orca_jax.checkpoints.store import load_checkpoint
+from orca_jax.engine import Engine, EngineConfig
+from orca_jax.request import SamplingParams
+from orca_jax.sharding.mesh import make_mesh
+
+V, MAX_LEN = 1001, 256
+ATTN = dict(vocab_size=V, hidden_size=72, num_hidden_layers=2, num_attention_heads=6, max_position_embeddings=MAX_LEN)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# name -> (transformers config class, model class, config kwargs)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(ATTN, num_key_value_heads=2, intermediate_size=100, rope_parameters=LLAMA3, attention_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(ATTN, num_key_value_heads=3, intermediate_size=100, sliding_window=40)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(ATTN, num_key_value_heads=1, intermediate_size=100, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(ATTN, num_key_value_heads=2, head_dim=16, intermediate_size=100)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(ATTN, intermediate_size=100, rotary_pct=0.5, use_parallel_residual=True)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             dict(vocab_size=V, n_embd=72, n_layer=2, n_head=6, n_positions=MAX_LEN, rotary_dim=8,
+                  bos_token_id=0, eos_token_id=0)),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(ATTN, ffn_dim=100, word_embed_proj_dim=72, bos_token_id=2, eos_token_id=2, pad_token_id=1)),
+}
+EC = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4, max_model_len=MAX_LEN,
+                  kv_memory=int(64e6), warmup=False)
+
+
+def make_hf(path, name: str, seed: int = 0, dtype=None, **overrides):
+    """A random HF model of family `name` saved (safetensors) to `path`; norms and biases
+    perturbed so that a mis-mapped one shows."""
+    import torch
+    import transformers
+    cfg_cls, model_cls, kwargs = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(
+        **{**kwargs, **overrides}, initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias") or "norm" in n or "ln" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None  # references never stop early
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, HF model, converted checkpoint dir, config)."""
+    d = tmp_path_factory.mktemp(request.param)
+    hf = make_hf(d / "hf", request.param)
+    config = convert_hf(d / "hf", d / "ckpt", progress=False)
+    return request.param, hf, str(d / "ckpt"), config
+
+
+def test_logits_match_hf_prefill_and_decode(family):
+    name, hf, ckpt, config = family
+    assert config.model_type == name and config.dtype == "float32"
+    _, params = load_checkpoint(ckpt)
+    ids = np.random.default_rng(1).integers(0, V, 60)
+    ref = hf_logits(hf, ids)
+    np.testing.assert_allclose(prefill_logits(config, params, ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(decode_logits(config, params, ids), ref, atol=1e-4, rtol=0)
+
+
+def _workload():
+    rng = np.random.default_rng(7)
+    lengths = [1, 2, 200, 199] + rng.integers(1, 201, 20).tolist()
+    return [(rng.integers(0, V, n).tolist(), int(rng.integers(1, 17))) for n in lengths]
+
+
+def _run(engine: Engine, work) -> list[tuple[list[int], list[float]]]:
+    """All of `work` added at once (8 run, the rest wait); greedy with logprobs."""
+    reqs = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0))
+            for p, n in work]
+    out = {r.request_id: ([], []) for r in reqs}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id][0].extend(o.token_ids)
+            out[o.request_id][1].extend(lp["logprob"] for lp in o.logprobs or [])
+    return [out[r.request_id] for r in reqs]
+
+
+def _check_against_hf(hf, work, got) -> None:
+    """Tokens equal HF `generate`'s, logprobs within 1e-4 of the log-softmax of the logits
+    generate computed for them (its prefill, then one token at a time with its KV cache)."""
+    import torch
+    for (prompt, n), (ids, lps) in zip(work, got):
+        ids_t = torch.tensor([prompt])
+        with torch.no_grad():  # an explicit mask: generate would mask prompt tokens equal to pad_token_id
+            out = hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ref = out.sequences[0, len(prompt):].tolist()
+        assert ids == ref, f"prompt of {len(prompt)} tokens"
+        lsm = torch.log_softmax(torch.cat(out.logits).float(), -1).numpy()                # [n, V]
+        np.testing.assert_allclose(lps, lsm[np.arange(n), ref], atol=1e-4, rtol=0)
+
+
+def test_24_concurrent_greedy_requests_match_hf_generate(family):
+    name, hf, ckpt, _ = family
+    work = _workload()
+    _check_against_hf(hf, work, _run(Engine.from_checkpoint(ckpt, EC), work))
+    gc.collect()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "llama" else [pytest.mark.slow])
+                                  for n in FAMILIES])
+def test_tensor_and_pipeline_mesh_matches_hf(name, tmp_path):
+    """megatron on tensor=2 x pipeline=2: query heads split 3 + 3 and, where they divide, KV
+    heads too (Llama: 2 KV heads, one per device; Mistral's 3 and Qwen2's 1 stay replicated)."""
+    hf = make_hf(tmp_path / "hf", name)
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    work = _workload()[:12]
+    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC, mesh=make_mesh("tensor=2,pipeline=2"),
+                                    layout="megatron")
+    _check_against_hf(hf, work, _run(engine, work))
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    import torch
+    hf = make_hf(tmp_path / "hf", "llama", dtype=torch.bfloat16)
+    config = convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    assert config.dtype == "bfloat16"
+    _, params = load_checkpoint(tmp_path / "ckpt")
+    leaves = jax.tree.leaves(params)
+    assert {str(x.dtype) for x in leaves} == {"bfloat16"}
+    assert sum(x.nbytes for x in leaves) == 2 * config.num_params()
+    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC)
+    assert engine.runner.kv_bytes > 0 and engine.runner._states[0].kv.k[0].dtype == jax.numpy.bfloat16
+    (ids, _), = _run(engine, [(list(range(1, 30)), 8)])
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([list(range(1, 30))]), attention_mask=torch.ones(1, 29, dtype=torch.long),
+                          max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 29:].tolist()
+    assert len(ids) == 8 and sum(a == b for a, b in zip(ids, ref)) >= 6  # bf16 rounding differs from torch's
+    # --dtype float32 widens it.
+    assert convert_hf(tmp_path / "hf", tmp_path / "f32", dtype="float32", progress=False).dtype == "float32"
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_scalings_match_hf(tmp_path, rope):
+    """Trained on 40 positions, stretched x2 (the context becomes 80, vLLM's rule). Linear:
+    logits everywhere; dynamic NTK: inside the trained context, then decoding token by token
+    past it, as HF does (each new token rotated with the frequencies of its own length)."""
+    hf = make_hf(tmp_path / "hf", "llama", rope_parameters={"rope_theta": 10000.0, **rope},
+                 max_position_embeddings=40)
+    config = convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    assert dict(config.rope_scaling)["rope_type"] == rope["rope_type"] and config.max_positions == 80
+    _, params = load_checkpoint(tmp_path / "ckpt")
+    ids = np.random.default_rng(2).integers(0, V, 36 if rope["rope_type"] == "dynamic" else 70)
+    np.testing.assert_allclose(prefill_logits(config, params, ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    work = [(ids[:30].tolist(), 40)]  # 30 + 40 positions: 30 past the trained context
+    _check_against_hf(hf, work, _run(Engine.from_checkpoint(str(tmp_path / "ckpt"), EC), work))
+
+
+def test_unknown_architectures_and_options_are_refused_by_name(tmp_path):
+    make_hf(tmp_path / "hf", "llama")
+    cfg_file = tmp_path / "hf" / "config.json"
+    original = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**original, "architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
+    with pytest.raises(UnsupportedCheckpointError, match="FalconForCausalLM.*supported architectures:.*LlamaForCausalLM"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPTNeoXForCausalLM",
+            "GPTJForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel"} <= set(supported_architectures())
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 64}
+    cfg_file.write_text(json.dumps({**original, "rope_parameters": yarn}))
+    with pytest.raises(UnsupportedCheckpointError, match="rope scaling 'yarn' is not supported"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
+    cfg_file.write_text(json.dumps({**original, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+                                    "use_sliding_window": True}))
+    with pytest.raises(UnsupportedCheckpointError, match="use_sliding_window=True is not supported"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
+    cfg_file.write_text(json.dumps({**original, "hidden_act": "gelu_10"}))
+    with pytest.raises(UnsupportedCheckpointError, match="activation 'gelu_10' is not supported"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
+    cfg_file.write_text(json.dumps({**original, "num_key_value_heads": 4}))  # 6 heads: not a multiple
+    with pytest.raises(UnsupportedCheckpointError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
+    cfg_file.write_text(json.dumps({**original, "intermediate_size": 99}))
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(100, 72\).*\(99, 72\)"):
+        convert_hf(tmp_path / "hf", tmp_path / "out")
