@@ -8,7 +8,9 @@ Special tokens as `transformers` adds them: `encode(text)` applies the tokenizer
 post-processor (e.g. Llama's `<s>` before the text; GPT-2 and Qwen add nothing); with only
 vocab.json + merges.txt, tokenizer_config.json's `add_bos_token` / `add_eos_token` decide (as
 HF's GPT2Tokenizer does for OPT). With a tokenizer.json, transformers 5 follows its
-post-processor and ignores those two flags, and so do we. `encode(text, add_special_tokens=False)`
+post-processor and ignores those two flags, and so do we. A SentencePiece-style tokenizer.json
+whose tokenizer_config.json names LlamaTokenizer(Fast) (Llama 2, TinyLlama, Mistral v0.1) is
+rebuilt the way transformers 5's LlamaTokenizer rebuilds it (`_as_llama_tokenizer`). `encode(text, add_special_tokens=False)`
 is for text that already holds them (a rendered chat template). End-of-sequence ids from
 generation_config.json (Llama 3 lists several) are `generation_eos_ids`.
 
@@ -172,6 +174,28 @@ def _bos_eos_template(tok: tokenizers.Tokenizer, path: Path) -> None:
         tok.post_processor = tokenizers.processors.TemplateProcessing(single=single, special_tokens=special)
 
 
+LLAMA_TOKENIZERS = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _as_llama_tokenizer(tok: tokenizers.Tokenizer, path: Path) -> None:
+    """transformers 5's LlamaTokenizer keeps a SentencePiece-style tokenizer.json's vocabulary
+    and merges but replaces its normalizer and decoder: no normalizer, a Metaspace
+    pre-tokenizer that prepends '▁' to the first word ("first"; "always" with legacy: true,
+    "never" with add_prefix_space: false), and the decoder to match. Byte-level
+    tokenizer.json files (Llama 3) are used as they are, by transformers too."""
+    cfg = _json(path / "tokenizer_config.json")
+    if cfg.get("tokenizer_class") not in LLAMA_TOKENIZERS or type(tok.model).__name__ != "BPE" or (
+            type(tok.pre_tokenizer).__name__ == "ByteLevel" or type(tok.decoder).__name__ == "ByteLevel"):
+        return
+    from tokenizers import decoders, pre_tokenizers
+    prefix = cfg.get("add_prefix_space") is not False
+    scheme = ("always" if cfg.get("legacy", False) else "first") if prefix else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+
+
 def _generation_eos_ids(path: Path) -> tuple[int, ...]:
     eos = _json(path / "generation_config.json").get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
@@ -182,6 +206,7 @@ def load_tokenizer(checkpoint_dir: str | Path) -> HFTokenizer | ByteTokenizer:
     path = Path(checkpoint_dir)
     if (path / "tokenizer.json").is_file():
         tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        _as_llama_tokenizer(tok, path)
         return _with_chat_template(HFTokenizer(tok, _token_name(path, "eos_token")), path)
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         # GPT-2's original files: byte-level BPE without a prefix space (HF GPT2Tokenizer).

@@ -213,3 +213,119 @@ def test_unknown_architectures_and_options_are_refused_by_name(tmp_path):
     cfg_file.write_text(json.dumps({**original, "intermediate_size": 99}))
     with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(100, 72\).*\(99, 72\)"):
         convert_hf(tmp_path / "hf", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- tokenizers and chat
+
+LLAMA2_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% elif m['role'] == 'system' %}{{ '<<SYS>>' + m['content'] + '<</SYS>>' }}"
+               "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+TEXTS = ["The sea is wide.", " leading space", "ünïcödé and emoji 🐋", "a\nb\n\nc", "x"]
+
+
+def sentencepiece_like_tokenizer(path, add_bos: bool = True):
+    """A Llama-2-style tokenizer.json (BPE over '▁'-joined words, byte fallback) whose
+    post-processor puts `<s>` before the text, as Llama's does; chat template as Llama 2's."""
+    from pathlib import Path
+
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, processors, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    corpus = (Path(__file__).parents[1] / "orca_jax" / "demo_corpus.txt").read_text()[:6000]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=900, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                                          show_progress=False))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": add_bos, "chat_template": LLAMA2_CHAT}))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def llama_chat_dir(tmp_path_factory):
+    """A converted Llama with a Llama-2-style tokenizer and chat template, and generation EOS ids [2, 5]."""
+    d = tmp_path_factory.mktemp("llama-chat")
+    make_hf(d / "hf", "llama", bos_token_id=1, eos_token_id=2)
+    sentencepiece_like_tokenizer(d / "hf")
+    (d / "hf" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
+    convert_hf(d / "hf", d / "ckpt", progress=False)
+    return d
+
+
+def test_text_prompts_tokenize_as_transformers(llama_chat_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from orca_jax.tokenizer import load_tokenizer
+    ours, theirs = load_tokenizer(llama_chat_dir / "ckpt"), transformers.AutoTokenizer.from_pretrained(llama_chat_dir / "hf")
+    for text in TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"] and ours.encode(text)[0] == 1
+        assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
+        ids = theirs(text)["input_ids"]
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    for flags in ({"legacy": True}, {"add_prefix_space": False}):  # the other Metaspace schemes
+        cfg = json.loads((llama_chat_dir / "hf" / "tokenizer_config.json").read_text())
+        d = tmp_path / str(flags)
+        d.mkdir()
+        (d / "tokenizer.json").write_bytes((llama_chat_dir / "hf" / "tokenizer.json").read_bytes())
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, **flags}))
+        ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+        for text in TEXTS:
+            assert ours.encode(text) == theirs(text)["input_ids"], (flags, text)
+    # vocab.json + merges.txt only (OPT's files): add_bos_token decides, as HF's GPT2Tokenizer.
+    import tokenizers
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXTS * 3, vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+    for add_bos in (True, False):
+        d = tmp_path / f"opt-{add_bos}"
+        d.mkdir()
+        bpe.save_model(str(d))
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "</s>",
+                                                             "eos_token": "</s>", "add_bos_token": add_bos}))
+        ours, theirs = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+        for text in TEXTS:
+            assert ours.encode(text) == theirs(text)["input_ids"], (add_bos, text)
+
+
+def test_generation_config_eos_ids_all_stop(llama_chat_dir):
+    engine = Engine.from_checkpoint(str(llama_chat_dir / "ckpt"), EC)
+    assert engine.eos_token_ids == (2, 5) and engine.eos_token_id == 2
+    out = engine.output
+    assert out.eos_token_ids == {2, 5}
+
+
+def test_chat_on_a_llama_checkpoint_equals_completions_and_streams(llama_chat_dir):
+    openai = pytest.importorskip("openai")
+    transformers = pytest.importorskip("transformers")
+    from orca_jax.async_engine import AsyncEngine
+    from orca_jax.server import BackgroundServer, ServerConfig
+    from test_server import http
+    messages = [{"role": "system", "content": "You are an orca."}, {"role": "user", "content": "The sea"}]
+    want = transformers.AutoTokenizer.from_pretrained(llama_chat_dir / "hf").apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want)
+    assert want[0] == 1 and want.count(1) == 1  # one BOS: the template's
+    engine = AsyncEngine(Engine.from_checkpoint(str(llama_chat_dir / "ckpt"), EC)).start()
+    served = BackgroundServer(engine, ServerConfig(grpc_port=None, http_port=0), "llama").start()
+    try:
+        body = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        st, chat = http(served, "/v1/chat/completions", {"messages": messages, **body})
+        assert st == 200, chat
+        st, ref = http(served, "/v1/completions", {"prompt": want, **body})
+        assert st == 200, ref
+        assert chat["usage"]["prompt_tokens"] == len(want)
+        assert chat["choices"][0]["message"]["content"] == ref["choices"][0]["text"]
+        client = openai.OpenAI(base_url=served.http_url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="llama", messages=messages, stream=True, max_tokens=12,
+                                                temperature=0, extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == ref["choices"][0]["text"]
+    finally:
+        served.stop()
+        engine.shutdown()
