@@ -19,7 +19,9 @@ import pytest
 from orca_jax.cli import plan as plan_cli
 from orca_jax.engine import Engine, EngineConfig
 from orca_jax.models.attention import KV_AXES
-from orca_jax.models.gpt2 import PRESETS, GPTConfig, abstract_params
+from orca_jax.models import family
+from orca_jax.models.decoder import DecoderConfig
+from orca_jax.models.gpt2 import PRESETS, GPTConfig
 from orca_jax.sharding.layouts import param_shardings, spec_for
 from orca_jax.sharding.mesh import make_mesh
 from orca_jax.kv_pages import PAGE_SIZE
@@ -30,11 +32,14 @@ from orca_jax.step import init_device_state
 
 CFG = GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
 ODD = CFG.replace(vocab_size=1001)  # vocab not divisible: the embedding stays replicated
+# Grouped-query Llama shape: 8 query heads, 2 KV heads (split over tensor=2, replicated on 4).
+GQA = DecoderConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
+                    intermediate_size=96, max_positions=128, tie_embeddings=False)
 
 
-def zeros_params(config: GPTConfig) -> dict:
+def zeros_params(config) -> dict:
     """Host arrays of the params' shapes (values do not matter for placement)."""
-    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(config))
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), family(config).abstract_params(config))
 
 
 def per_device_bytes(tree) -> dict:
@@ -48,7 +53,8 @@ def per_device_bytes(tree) -> dict:
 CASES = [(CFG, "data=1", "replicated"), (CFG, "tensor=4", "megatron"), (ODD, "tensor=4", "megatron"),
          (CFG, "data=2,tensor=4", "megatron"), (CFG, "tensor=2,pipeline=2", "megatron"),
          (CFG, "tensor=4", "megatron-vocab-replicated"), (CFG, "data=2,tensor=2", "slots"),
-         (CFG, "tensor=8", "slots")]
+         (CFG, "tensor=8", "slots"), (GQA, "tensor=2", "megatron"), (GQA, "tensor=4", "megatron"),
+         (GQA, "tensor=2,pipeline=2", "megatron")]
 
 
 @pytest.mark.parametrize("config, spec, layout", CASES)
@@ -67,9 +73,9 @@ def test_plan_param_and_kv_bytes_equal_real_shards(config, spec, layout):
     # The KV pages and sequence state as placed by the layout (what the step is compiled for):
     # one array per layer of a stage (pipeline stages hold their own layers' pages).
     kv = PagedKV.make(slots * -(-max_len // PAGE_SIZE), PAGE_SIZE, max_len)
-    shape = KVCache.shape(kv.num_pages, PAGE_SIZE, config.n_head, config.head_dim)
+    shape = KVCache.shape(kv.num_pages, PAGE_SIZE, config.num_kv_heads, config.head_dim)
     stages = dict(mesh.shape).get("pipeline", 1)
-    state = init_device_state(config.n_layer // stages, kv, slots, config.n_head, config.head_dim,
+    state = init_device_state(config.num_layers // stages, kv, slots, config.num_kv_heads, config.head_dim,
                               config.jnp_dtype, jax.NamedSharding(mesh, spec_for(KV_AXES, layout, mesh, shape)),
                               jax.NamedSharding(mesh, jax.P()))
     assert set(per_device_bytes(state.kv).values()) == {mem["kv_bytes_per_device"]}
@@ -194,3 +200,18 @@ def test_numbers_scale_as_expected():
     assert four["param_bytes_per_device"] < one["param_bytes_per_device"]
     assert math.isclose(make_plan("gpt2-small", "data=1", "replicated", "h200", batch=8)["decode"]["memory_s"] * 4800,
                         make_plan("gpt2-small", "data=1", "replicated", "h100", batch=8)["decode"]["memory_s"] * 3350)
+
+
+def test_llama_presets_plan_grouped_query_kv():
+    """Llama-3-8B: 8 of 32 heads hold K and V, so a token's KV is 2 x 32 layers x 8 x 128 x 2 B
+    = 128 KiB (a quarter of multi-head attention's); 70B's 8 KV heads split over tensor=8 and
+    are replicated, with a note, over tensor=16."""
+    p = make_plan("llama-3-8b", "tensor=1", "megatron", "h100", batch=1, context=8192, dtype="bfloat16")
+    assert p["model"]["n_kv_head"] == 8 and abs(p["model"]["params"] - 8.03e9) < 0.01e9
+    assert p["memory"]["kv_bytes_per_slot_per_device"] == 8192 * 2 * 32 * 8 * 128 * 2
+    p8 = make_plan("llama-3-70b", "tensor=8", "megatron", "h100", batch=1, context=8192, dtype="bfloat16")
+    assert p8["memory"]["kv_spec"][1] == ["tensor"]
+    assert p8["memory"]["kv_bytes_per_slot_per_device"] == 8192 * 2 * 80 * 8 * 128 * 2 // 8
+    p16 = make_plan("llama-3-70b", "tensor=16", "megatron", "h100", batch=1, context=8192, dtype="bfloat16")
+    assert p16["memory"]["kv_spec"][1] is None
+    assert any("kv_heads=8" in n and "replicated" in n for n in p16["notes"])
