@@ -27,7 +27,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 # Tokenizer-side files worth carrying along from a Hugging Face directory.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 def _check_tree(config, params: dict) -> None:

@@ -255,6 +255,10 @@ def llama_chat_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama-chat")
     make_hf(d / "hf", "llama", bos_token_id=1, eos_token_id=2)
     sentencepiece_like_tokenizer(d / "hf")
+    # transformers 5 saves the template beside the tokenizer: the converter must carry it along.
+    cfg = json.loads((d / "hf" / "tokenizer_config.json").read_text())
+    (d / "hf" / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+    (d / "hf" / "tokenizer_config.json").write_text(json.dumps(cfg))
     (d / "hf" / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
     convert_hf(d / "hf", d / "ckpt", progress=False)
     return d

@@ -99,14 +99,17 @@ def test_lowers_to_triton_for_cuda(heads, page_size, head_dim, pages_per_row, dt
     assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 1
 
 
-def test_matches_the_xla_decode_path():
+@pytest.mark.parametrize("groups", [1, 3])
+def test_matches_the_xla_decode_path(groups):
     """The engine's two decode paths agree: models/attention.py `attend` (XLA, what CPU runs)
     and the Pallas kernel (what `--attention-backend pallas` runs on CUDA), here in interpret
-    mode, over the same pages, block tables and positions (decode row i attends to [0, pos])."""
+    mode, over the same pages, block tables and positions (decode row i attends to [0, pos]);
+    `groups` query heads per KV head (3: grouped-query attention, 12 query heads on 4 KV heads)."""
     from orca_jax.models.attention import attend
     from orca_jax.plan import AttnMeta
     heads, page_size, head_dim, width = 4, 16, 32, 5
     q, k_pages, v_pages, tables, lengths = make_case(7, heads, page_size, head_dim, width)
+    q = np.repeat(q, groups, axis=1) * np.linspace(0.5, 1.5, heads * groups, dtype=np.float32)[None, :, None]
     real = lengths > 0
     q, tables, lengths = q[real], tables[real], lengths[real]
     n, i32 = len(lengths), np.int32
