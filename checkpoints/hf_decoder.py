@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..models.decoder import DecoderConfig, abstract_params
 from ..models.layers import ACTIVATIONS, DTYPES
 from .errors import TensorMismatchError, UnsupportedCheckpointError
-from .hf import checkpoint_dtype, open_files, read_hf_config, weight_files
+from .hf_files import check_tensor_names, checkpoint_dtype, open_files, read_hf_config, weight_files
 from .store import TOKENIZER_FILES, save_checkpoint
 
 
@@ -227,10 +227,19 @@ IGNORED = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.a
                      r"rotary_emb\.inv_freq)$")
 
 
+def _family(hf: dict, source: str) -> Family:
+    """The family of a HF config: by `architectures`, else `model_type`."""
+    archs = hf.get("architectures") or []
+    for fam in FAMILIES.values():
+        if (archs and archs[0] in fam.architectures) or (not archs and hf.get("model_type") == fam.model_type):
+            return fam
+    raise UnsupportedCheckpointError(f"{source}: {archs or hf.get('model_type')!r} is not one of "
+                                     f"{sorted(a for f in FAMILIES.values() for a in f.architectures)}")
+
+
 def config_from_hf(hf: dict, dtype: str | None = None, source: str = "config.json") -> DecoderConfig:
     """Our DecoderConfig from a HF config.json dict of a supported family."""
-    from .hf import family_of
-    fam = FAMILIES[family_of(hf, source)]
+    fam = _family(hf, source)
     try:
         fields = fam.config(hf)
         act = fields.get("activation")
@@ -291,15 +300,8 @@ def load_hf_decoder_params(src: Path, c: DecoderConfig, progress: bool = True) -
         entries.append((head, "lm_head.kernel", "V D", "=", None))
         if c.lm_head_bias:
             entries.append((head.replace(".weight", ".bias"), "lm_head.bias", "V", "=", None))
-    known = {e[0] for e in entries} | ({head} if head else set())
-    unexpected = sorted(n for n in files if n not in known and not IGNORED.fullmatch(n))
-    if unexpected:
-        raise TensorMismatchError(f"unexpected tensors for a {c.model_type} model with {c.num_layers} layers: "
-                                  f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    missing = [e[0] for e in entries if e[0] not in files]
-    if missing:
-        raise TensorMismatchError(f"missing tensor {missing[0]}"
-                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} in the safetensors weights")
+    check_tensor_names(files, [e[0] for e in entries], {head} if head else set(), IGNORED.fullmatch,
+                       f"a {c.model_type} model with {c.num_layers} layers")
 
     dtype = DTYPES[c.dtype]
     shapes = abstract_params(c)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..models.gpt2 import ACTIVATIONS, DTYPES, GPTConfig
 from .errors import TensorMismatchError, UnsupportedCheckpointError
-from .hf import checkpoint_dtype, open_files, read_hf_config, weight_files
+from .hf_files import check_tensor_names, checkpoint_dtype, open_files, read_hf_config, weight_files
 from .store import TOKENIZER_FILES, save_checkpoint
 
 # (HF name, our path, HF shape, our shape). Shapes are dimension letters from the legend; a
@@ -121,17 +121,8 @@ def _entries(files: dict[str, Path], c: GPTConfig) -> list[tuple[str, str, str, 
     entries = [(prefix + hf, ours, hs, os_, None) for hf, ours, hs, os_ in GLOBAL_TENSORS]
     entries += [(f"{prefix}h.{i}.{hf}", ours, hs, os_, i)
                 for i in range(c.n_layer) for hf, ours, hs, os_ in LAYER_TENSORS]
-    known = {e[0] for e in entries} | {LM_HEAD}
-    unexpected = sorted(n for n in files
-                        if n not in known and not IGNORED.fullmatch(n.removeprefix(prefix)))
-    if unexpected:
-        raise TensorMismatchError(f"unexpected tensors for a GPT-2 LM with n_layer={c.n_layer}: "
-                                  f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    missing = [e[0] for e in entries if e[0] not in files]
-    if missing:
-        raise TensorMismatchError(f"missing tensor {missing[0]}"
-                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} "
-                                  "in the safetensors weights")
+    check_tensor_names(files, [e[0] for e in entries], {LM_HEAD},
+                       lambda n: IGNORED.fullmatch(n.removeprefix(prefix)), f"a GPT-2 LM with n_layer={c.n_layer}")
     return entries
 
 

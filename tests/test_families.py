@@ -333,3 +333,14 @@ def test_chat_on_a_llama_checkpoint_equals_completions_and_streams(llama_chat_di
     finally:
         served.stop()
         engine.shutdown()
+
+
+def test_convert_cli_names_the_family(tmp_path, capsys):
+    from orca_jax.cli import main
+    make_hf(tmp_path / "hf", "qwen2")
+    assert main(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2 with 2 layers, d=72, 6 heads (1 KV heads), vocab 1001" in out and "(float32)" in out
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
+    assert main(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 2
+    assert "BloomForCausalLM" in capsys.readouterr().err
