@@ -28,7 +28,7 @@ class EngineConfig:
     policy: Literal["iteration", "static"] = _knob(
         "iteration", "iteration-level scheduling (Orca) or the static request-level baseline")
     max_model_len: int | None = _knob(None, "longest sequence, prompt + output (default: the "
-                                             "model's n_positions)")
+                                             "model's context: n_positions, max_position_embeddings)")
     kv_memory: int | None = _knob(None, "KV pages budget in bytes (e.g. 2e9); default: "
                                         "--kv-memory-fraction")
     kv_memory_fraction: float = _knob(0.5, "fraction of free device memory (CPU: of RAM) for the "

@@ -333,12 +333,12 @@ def _prepare(args, out_dir: Path):
     ckpt = converted_checkpoint(hf_dir)
     cfg = load_config(ckpt)
     base = make_trace(args, cfg.vocab_size)
-    if base.max_total_len > cfg.n_positions:
+    if base.max_total_len > cfg.max_positions:
         raise ValueError(f"the trace needs {base.max_total_len} positions (prompt + output) but the model "
-                         f"has {cfg.n_positions}; lower --prompt-len/--output-len")
-    if base.max_prompt_len + (getattr(args, "max_tokens", None) or 0) > cfg.n_positions:
+                         f"has {cfg.max_positions}; lower --prompt-len/--output-len")
+    if base.max_prompt_len + (getattr(args, "max_tokens", None) or 0) > cfg.max_positions:
         raise ValueError(f"--max-tokens {args.max_tokens} after a {base.max_prompt_len}-token prompt is "
-                         f"over the model's {cfg.n_positions} positions")
+                         f"over the model's {cfg.max_positions} positions")
     if max(t for r in base.requests for t in r.prompt_ids) >= cfg.vocab_size:
         raise ValueError(f"the trace has token ids outside the model's vocabulary ({cfg.vocab_size})")
     base.save(out_dir / "trace.json")

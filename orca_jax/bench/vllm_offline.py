@@ -40,7 +40,8 @@ def main() -> None:
     params = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True,
                              detokenize=False) for n in work["output_lens"]]
     with open(os.path.join(args.checkpoint, "config.json")) as f:
-        positions = json.load(f).get("n_positions", 1024)
+        hf = json.load(f)
+    positions = hf.get("n_positions") or hf.get("max_position_embeddings") or 1024  # GPT-2 / others
     longest = max(len(p) + n for p, n in zip(work["prompts"], work["output_lens"]))
     llm = LLM(model=args.checkpoint, skip_tokenizer_init=True, dtype="float32",
               max_model_len=min(positions, max(longest, 256)))
