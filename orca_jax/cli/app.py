@@ -10,6 +10,7 @@ import logging
 import sys
 
 from ..bench import latency as bench_latency
+from ..bench import online as bench_online
 from ..bench import run as bench_run
 from ..bench import stages as bench_stages
 from . import plan, serve
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = bench_run.add_parser(sub)  # bench offline|orca|sharegpt-like|stages|latency
     bench_stages.add_parser(workloads)
     bench_latency.add_parser(workloads)
+    bench_online.add_parser(workloads)
     serve.add_parsers(sub)  # serve, demo
     plan.add_parser(sub)
 
