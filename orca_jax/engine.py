@@ -155,6 +155,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._blamed_in_a_row = 0  # iterations in a row whose every request was blamed (_isolate)
+        self._sampling = None  # (rows' request ids and R, their SamplingTensors) of the last iteration
         self.stats = EngineStats()
         log.info("KV cache: %d pages x %d tokens = %d tokens of KV (%.1f MiB per device), %s "
                  "admission, prefix caching %s; %d sequences of up to %d tokens; %d step programs "
@@ -277,9 +278,14 @@ class Engine:
                 self.fault_hook("prepare", req)
         plan = build_plan(batch, self.buckets, self.num_slots, self.kv, self.runner.host_decode_tokens)
         rows = plan.rows
-        sampling = SamplingTensors.from_params(
-            [r.request.params for r in rows], [r.request.seed for r in rows],
-            [r.index for r in rows], plan.num_sample_rows, self.eos_token_ids)
+        params, steps = [r.request.params for r in rows], [r.index for r in rows]
+        key = (tuple(r.request.request_id for r in rows), plan.num_sample_rows)
+        if self._sampling is not None and self._sampling[0] == key:  # the same rows as last time
+            sampling = self._sampling[1].next_step(params, steps, self.eos_token_ids)
+        else:
+            sampling = SamplingTensors.from_params(params, [r.request.seed for r in rows], steps,
+                                                   plan.num_sample_rows, self.eos_token_ids)
+        self._sampling = (key, sampling)
         return plan, sampling
 
     def _launch(self, batch: Batch) -> tuple[_InFlight | None, list[RequestOutput]]:
@@ -339,15 +345,16 @@ class Engine:
         self.scheduler.iteration_done(f.batch)
         now = time.monotonic()
         outs = []
+        append, hook = self.output.append, self.fault_hook  # per token: hoisted
         for i, row in enumerate(f.plan.rows):
             req = row.request
             if req.finished:  # aborted, or stopped while this step was in flight
                 continue
             try:
-                if self.fault_hook is not None:
-                    self.fault_hook("output", req)
-                reason = self.output.append(req, sampled, i, now)
-                outs.append(self.output.delta(req) if reason is None else self._finish(req, reason))
+                if hook is not None:
+                    hook("output", req)
+                reason, delta = append(req, sampled, i, now)
+                outs.append(delta if reason is None else self._finish(req, reason))
             except Exception as e:  # this request's output (detokenizer, stop strings): it alone fails
                 outs.append(self._fail_request(req, e))
         return outs

@@ -55,9 +55,11 @@ class OutputProcessor:
     def has_held(self) -> bool:
         return bool(self._held)
 
-    def append(self, req: Request, sampled: Sampled, row: int, now: float) -> FinishReason | None:
-        """Take row `row`'s token: record it (and its logprobs), detokenize it, and return why
-        the request stops now, or None."""
+    def append(self, req: Request, sampled: Sampled, row: int,
+               now: float) -> tuple[FinishReason | None, RequestOutput | None]:
+        """Take row `row`'s token: record it (and its logprobs), detokenize it; returns why the
+        request stops now (None: it goes on) and, when it goes on, its delta. Once per token
+        of every running request: one dictionary lookup, no other call on the common path."""
         tok = sampled.ids[row]
         req.output_ids.append(tok)
         if req.first_token_time is None:
@@ -66,15 +68,17 @@ class OutputProcessor:
         if n_lp is not None:
             top = {int(t): float(v) for t, v in zip(sampled.top_ids[row, :n_lp], sampled.top_logprobs[row, :n_lp])}
             req.logprobs.append({"token_id": tok, "logprob": float(sampled.logprob[row]), "top": top})
-        return self._check_stop(req, tok)
+        o = self._outputs[req.request_id]
+        reason = self._check_stop(req, o, tok)
+        return reason, (self._delta(req, o, finished=False) if reason is None else None)
 
-    def _check_stop(self, req: Request, tok: int) -> FinishReason | None:
-        p, o = req.params, self._outputs[req.request_id]
+    def _check_stop(self, req: Request, o: _Output, tok: int) -> FinishReason | None:
+        p = req.params
         n = len(req.output_ids)
         stop_id = n > p.min_tokens and (tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos))
         stopped = False
         if not stop_id:  # a stop token stays in token_ids but not in the text
-            delta = o.detok.push((tok,))
+            delta = o.detok.push_one(tok)
             if n > p.min_tokens:  # vLLM: no stop check of any kind before min_tokens
                 delta, stopped = o.stops.push(delta)
             o.unsent += delta
@@ -85,10 +89,6 @@ class OutputProcessor:
             emit, _ = o.stops.push(o.detok.flush())  # stop-string prefix) goes out now
             o.unsent += emit + o.stops.flush()
         return reason
-
-    def delta(self, req: Request) -> RequestOutput:
-        """What `req` made since its last delta (it goes on)."""
-        return self._delta(req, self._outputs[req.request_id], finished=False)
 
     def final(self, req: Request) -> RequestOutput:
         """The last delta of a finished (stopped, aborted or failed) request; forgets it."""

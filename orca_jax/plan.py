@@ -21,6 +21,7 @@ PAD_SEG; sample slot S drops the sampled-token write.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -204,18 +205,22 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
     rows: list[SampleRow] = []
 
     # Decode rows: position num_scheduled - 1 (the scheduler already advanced it), each samples.
-    nd = len(batch.decodes)
-    if nd:
-        dec_pos = [r.num_scheduled - 1 for r in batch.decodes]
-        dec_plen = [r.prompt_len for r in batch.decodes]
-        slot[:nd] = sample_slot[:nd] = [r.slot for r in batch.decodes]
+    decodes = batch.decodes
+    nd = len(decodes)
+    if nd:  # one pass over the rows (this runs for every running request every iteration)
+        cols = np.array([(r.num_scheduled - 1, r.prompt_len, r.slot, r.pages[(r.num_scheduled - 1) // B],
+                          len(r.pages)) for r in decodes], np.int32).T       # [5, nd]
+        dec_pos, dec_plen, n_pages = cols[0], cols[1], cols[4]
+        slot[:nd] = sample_slot[:nd] = cols[2]
         pos[:nd] = sample_pos[:nd] = dec_pos
-        kv_index[:nd] = [r.pages[p // B] * B + p % B for r, p in zip(batch.decodes, dec_pos)]
-        for i, r in enumerate(batch.decodes):
-            block_table[i, :len(r.pages)] = r.pages
+        kv_index[:nd] = cols[3] * B + dec_pos % B
+        # Every row's pages in one scatter: row i, columns 0..len(pages_i)-1.
+        flat = np.fromiter(itertools.chain.from_iterable(r.pages for r in decodes), np.int32, int(n_pages.sum()))
+        starts = np.repeat(np.cumsum(n_pages) - n_pages, n_pages)
+        block_table[np.repeat(np.arange(nd), n_pages), np.arange(len(flat)) - starts] = flat
         prompt_len[:nd] = dec_plen
         sample_rows[:nd] = np.arange(nd)
-        rows += map(SampleRow, batch.decodes, [p - n + 1 for p, n in zip(dec_pos, dec_plen)])
+        rows += map(SampleRow, decodes, (dec_pos - dec_plen + 1).tolist())
     dec_blocks = pages_for(int(pos[:nd].max()) + 1, B) if nd else 0
 
     row, nhist = td, 0
@@ -300,18 +305,10 @@ class SamplingTensors:
         n = len(params_list)
         live = np.array([p is not None for p in params_list] + [False] * (num_rows - n), bool)
         seed = np.zeros((num_rows, 2), np.uint32)
-        step = np.zeros((num_rows,), np.int32)
         s64 = np.array(seeds[:n], np.uint64)
         seed[:n, 0], seed[:n, 1] = s64 >> np.uint64(32), s64 & np.uint64(0xFFFFFFFF)
-        step[:n] = steps[:n]
-        seed[~live], step[~live] = 0, 0
-        banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
-        for i, p in enumerate(params_list):
-            if p is not None and steps[i] < p.min_tokens:  # rare: only before min_tokens
-                ids = list(p.stop_token_ids)
-                if not p.ignore_eos:
-                    ids += eos_token_ids[:MAX_EOS]
-                banned[i, :len(ids)] = ids
+        seed[~live] = 0
+        step, banned = SamplingTensors._per_step(params_list, steps, num_rows, eos_token_ids)
         # One pass over the rows; top_k (< 2**31) is exact in float64.
         cols = np.array([(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
                           p.presence_penalty, p.frequency_penalty) for p in ps], np.float64).T
@@ -326,6 +323,29 @@ class SamplingTensors:
             any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
             any_filter=np.bool_(filtered.any()),
             any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
+
+    def next_step(self, params_list: list[SamplingParams | None], steps: list[int],
+                  eos_token_ids: Sequence[int] = ()) -> SamplingTensors:
+        """These tensors for the same rows one iteration later: only `step` and `banned`
+        change (a steady decode batch keeps its rows, so the engine builds the rest once)."""
+        step, banned = self._per_step(params_list, steps, len(self.step), eos_token_ids)
+        return dataclasses.replace(self, step=step, banned=banned)
+
+    @staticmethod
+    def _per_step(params_list, steps, num_rows, eos_token_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(step [R], banned [R, MAX_BANNED]): what changes from one iteration to the next."""
+        n = len(params_list)
+        step = np.zeros((num_rows,), np.int32)
+        step[:n] = steps[:n]
+        step[:n][[p is None for p in params_list]] = 0
+        banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
+        for i, p in enumerate(params_list):
+            if p is not None and p.min_tokens and steps[i] < p.min_tokens:  # rare: only before min_tokens
+                ids = list(p.stop_token_ids)
+                if not p.ignore_eos:
+                    ids += eos_token_ids[:MAX_EOS]
+                banned[i, :len(ids)] = ids
+        return step, banned
 
 
 _PADDING = SamplingParams(temperature=0.0)

@@ -199,13 +199,17 @@ class Scheduler:
             cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_stages))
         ready = [r for r in self.running if not (cfg.n_stages > 1 and r.in_flight)]
         batch = Batch([], [])
+        decodes, B, RUNNING = batch.decodes, self.page_size, Status.RUNNING
         for req in ready:  # decode rows first, FCFS
-            if len(batch.decodes) >= cap:
+            if len(decodes) >= cap:
                 break
-            if (req.status is Status.RUNNING and not req.in_prefill and self._wants_token(req)
-                    and self._grow(req, 1, batch)):
-                batch.decodes.append(req)
-        budget -= len(batch.decodes)
+            n = req.num_scheduled
+            if req.status is not RUNNING or n < req.prefill_len or not self._wants_token(req):
+                continue
+            # Inline `_grow(req, 1)` while its pages hold position n (most iterations).
+            if n < len(req.pages) * B or self._grow(req, 1, batch):
+                decodes.append(req)
+        budget -= len(decodes)
         for req in ready:  # then prompts started earlier (chunked, or resumed after a preemption)
             length = min(req.prefill_len - req.num_scheduled, budget)
             if (req.status is Status.RUNNING and req.in_prefill and budget > 0
@@ -241,8 +245,10 @@ class Scheduler:
         step reads them): offer the prefix cache the full pages it fills. Not earlier: a
         request dropped from the batch while it was prepared never fills them."""
         if self.pool.enable_prefix_caching:
+            B = self.page_size
             for req in batch.requests():
-                self._offer_full_pages(req)
+                if req.num_scheduled // B > req.num_registered:  # a page filled (cheap check first)
+                    self._offer_full_pages(req)
 
     def _admit(self, req: Request, budget: int, batch: Batch) -> int | None:
         """Move the first waiting request into the batch with the pages it needs now (its

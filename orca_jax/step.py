@@ -132,13 +132,16 @@ class Packing:
         return jax.tree.unflatten(self.treedef, out)
 
 
+_DTYPE_NAMES = {np.dtype(n): n for n in ("float32", "int32", "uint32", "bool")}  # dtype.name is slow
+
+
 def pack(tree) -> tuple[np.ndarray, np.ndarray, Packing]:
     """Host side: a pytree of numpy arrays -> (ints [I] i32, floats [F] f32, its Packing)."""
     leaves, treedef = jax.tree.flatten(tree)
     ints, floats, spec, n_int, n_float = [], [], [], 0, 0
     for x in leaves:
         x = np.asarray(x)
-        dtype = x.dtype.name
+        dtype = _DTYPE_NAMES.get(x.dtype) or x.dtype.name
         if dtype == "float32":
             spec.append((dtype, x.shape, n_float))
             floats.append(x.ravel())

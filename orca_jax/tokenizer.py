@@ -247,9 +247,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        # Byte-level tokenizers: bytes in, UTF-8 out, split characters held by the decoder.
+        # Byte-level tokenizers: bytes in, UTF-8 out; the bytes of a split character wait in
+        # `_pending` (what codecs' incremental decoder does, without its Python wrapper).
         self._bytes = getattr(tokenizer, "token_bytes", None)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._bytes else None
+        self._pending = b""
         # Others: a window of ids, with a few prompt tokens of context.
         self.ids: list[int] = [] if self._bytes else list(prompt_ids[-5:])
         self.read_offset = len(self.ids)
@@ -257,16 +258,29 @@ class IncrementalDetokenizer:
 
     def push(self, new_ids: Sequence[int]) -> str:
         """Appends `new_ids`; returns the newly completed text (possibly '')."""
-        if self._utf8 is not None:
+        if self._bytes is not None:
             table, n = self._bytes, len(self._bytes)
-            return self._utf8.decode(b"".join([table[i] if 0 <= i < n else b"" for i in new_ids]))
+            return self._utf8(b"".join([table[i] if 0 <= i < n else b"" for i in new_ids]))
         self.ids.extend(int(i) for i in new_ids)
         return self._emit(final=False)
 
+    def push_one(self, tok: int) -> str:
+        """`push((tok,))`, without building a sequence: the per-token path of the engine."""
+        table = self._bytes
+        if table is not None:
+            return self._utf8(table[tok] if 0 <= tok < len(table) else b"")
+        return self.push((tok,))
+
+    def _utf8(self, data: bytes) -> str:
+        text, used = codecs.utf_8_decode(self._pending + data, "replace", False)
+        self._pending = (self._pending + data)[used:]
+        return text
+
     def flush(self) -> str:
         """End of stream: returns whatever is still held back (with U+FFFD for broken bytes)."""
-        if self._utf8 is not None:
-            return self._utf8.decode(b"", final=True)
+        if self._bytes is not None:
+            text, self._pending = codecs.utf_8_decode(self._pending, "replace", True)[0], b""
+            return text
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
