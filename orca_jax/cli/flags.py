@@ -46,7 +46,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         else:
             base = args[0] if args else kind
             g.add_argument(name, type=_number if base is int else base, default=f.default, help=help_)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="cast parameters (default: as stored)")
     g = p.add_argument_group("distributed (docs/distributed.md)")
     g.add_argument("--mesh", default=None,
