@@ -388,10 +388,12 @@ def _iteration(k: _Costs, ex, label: str, T: int, R: int, pairs: int, kv_read_to
     HK, KVD = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim  # query and KV widths
     peak = k.acc.flops_32 if b == 4 else k.acc.flops_16
     ex(f"== {label}: T = {T} rows, R = {R} sampled, on the last stage's devices ==")
-    flops = (2 * T * k.matmul_elems + 4 * pairs * HK * L // (k.kv_layer * k.kv_head)
+    # Attention work splits with the query heads (a device whose KV heads are replicated
+    # still computes only its own query heads).
+    flops = (2 * T * k.matmul_elems + 4 * pairs * HK * L // (k.kv_layer * k.t_attn)
              + 2 * R * V * D // k.t_vocab)
-    ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x H K x L / (layer x head shards) + 2 R V D / vocab shards")
-    ex(f"      = 2 x {T} x {k.matmul_elems} + 4 x {pairs} x {HK} x {L} / ({k.kv_layer} x {k.kv_head}) + "
+    ex("FLOPs = 2 T x matmul weights/device + 4 x pairs x H K x L / (layer x query-head shards) + 2 R V D / vocab shards")
+    ex(f"      = 2 x {T} x {k.matmul_elems} + 4 x {pairs} x {HK} x {L} / ({k.kv_layer} x {k.t_attn}) + "
        f"2 x {R} x {V} x {D} / {k.t_vocab} = {flops:.4g}")
     kv_shards = k.kv_layer * k.kv_head * k.kv_slot
     kv_r = kv_read_tokens * 2 * KVD * b * L // kv_shards
