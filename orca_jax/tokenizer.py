@@ -42,6 +42,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_string(self, token_id: int) -> str: ...
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer`; `decode` skips special tokens (as vLLM does by default).
@@ -78,6 +80,10 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_string(self, token_id: int) -> str:
+        """The vocabulary's string for one id (HF `convert_ids_to_tokens`: 'Ġthe', '▁the')."""
+        return self._tok.id_to_token(token_id) or ""
 
 
 def _gpt2_unicode_to_byte() -> dict[str, int]:
@@ -135,6 +141,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_string(self, token_id: int) -> str:
+        return bytes([token_id]).decode("latin-1") if 0 <= token_id < 256 else ""
 
 
 def _token_name(path: Path, key: str) -> str | None:

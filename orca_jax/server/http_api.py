@@ -28,7 +28,8 @@ import uuid
 from aiohttp import web
 
 from ..request import FinishReason, RequestOutput, is_int
-from .inputs import InvalidArgument, prepare_async, prepare_chat_async
+from .. import __version__
+from .inputs import InvalidArgument, detokenize, in_prepare_pool, prepare_async, prepare_chat_async, tokenize
 from .stream import classify
 
 log = logging.getLogger("orca_jax.server")
@@ -151,8 +152,39 @@ class CompletionsAPI:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.health)   # vLLM's (SageMaker's) name for it, GET and POST
+        app.router.add_post("/ping", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/version", self.version)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         return app
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize (vLLM's): a prompt or chat messages -> token ids, as generation
+        would see them."""
+        s = self.server
+        body = await self._body(request)
+        self._check_model(body)
+        try:
+            out = await in_prepare_pool(tokenize, s.tokenizer, s.chat, body)
+        except InvalidArgument as e:
+            raise HttpError(400, str(e), e.field) from None
+        return web.json_response({"count": out["count"], "max_model_len": s.limits.max_model_len,
+                                  "tokens": out["tokens"], "token_strs": out["token_strs"]})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize (vLLM's): token ids -> text."""
+        s = self.server
+        body = await self._body(request)
+        self._check_model(body)
+        try:
+            return web.json_response(await in_prepare_pool(detokenize, s.tokenizer, s.limits, body))
+        except InvalidArgument as e:
+            raise HttpError(400, str(e), e.field) from None
 
     async def health(self, request: web.Request) -> web.Response:
         problem = self.server.health_problem()

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from ..request import SamplingParams, valid_unicode
+from ..request import SamplingParams, is_int, valid_unicode
 from ..tokenizer import Tokenizer
 
 MAX_REQUEST_ID_CHARS = 256  # a client's own request id (gRPC `request_id`)
@@ -143,13 +143,61 @@ def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, field
 _PREPARE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="orca-prepare")
 
 
+async def in_prepare_pool(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a tokenizing thread (the `tokenizers` encoder releases the GIL)."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE, functools.partial(fn, *args, **kwargs))
+
+
 async def prepare_async(*args, **kwargs) -> tuple[list[int], SamplingParams]:
-    """`prepare` in a worker thread (the `tokenizers` encoder releases the GIL)."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _PREPARE, functools.partial(prepare, *args, **kwargs))
+    """`prepare` in a worker thread."""
+    return await in_prepare_pool(prepare, *args, **kwargs)
 
 
 async def prepare_chat_async(*args, **kwargs) -> tuple[list[int], SamplingParams, str]:
     """`prepare_chat` in a worker thread (rendering a long conversation is not free either)."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _PREPARE, functools.partial(prepare_chat, *args, **kwargs))
+    return await in_prepare_pool(prepare_chat, *args, **kwargs)
+
+
+def tokenize(tokenizer: Tokenizer, template, body: dict) -> dict:
+    """vLLM's POST /tokenize: a `prompt` (special tokens added unless `add_special_tokens` is
+    false) or chat `messages` rendered with `template` (none added unless asked; the
+    generation prompt unless `add_generation_prompt` is false). Returns the ids, their count
+    and, with `return_token_strs`, each id's vocabulary string."""
+    from ..chat import ChatError
+    flags = {k: body.get(k) for k in ("add_special_tokens", "add_generation_prompt", "return_token_strs")}
+    for k, v in flags.items():
+        if v is not None and not isinstance(v, bool):
+            raise InvalidArgument(k, "must be a boolean")
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("prompt", "give either prompt (a string) or messages")
+    if messages is not None:
+        if template is None:
+            raise InvalidArgument("messages", "this server has no chat template")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidArgument("messages", "must be a non-empty list of {role, content} messages")
+        try:
+            prompt = template.render(messages, flags["add_generation_prompt"] is not False)
+        except ChatError as e:
+            raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
+        special = flags["add_special_tokens"] is True
+    else:
+        if not isinstance(prompt, str):
+            raise InvalidArgument("prompt", "must be a string")
+        if not valid_unicode(prompt):
+            raise InvalidArgument("prompt", "is not valid Unicode (it holds a lone surrogate)")
+        special = flags["add_special_tokens"] is not False
+    ids = tokenizer.encode(prompt, special) if prompt else []
+    strs = [tokenizer.token_string(i) for i in ids] if flags["return_token_strs"] else None
+    return {"tokens": ids, "count": len(ids), "token_strs": strs}
+
+
+def detokenize(tokenizer: Tokenizer, limits: Limits, body: dict) -> dict:
+    """vLLM's POST /detokenize: `tokens` (ids) -> their text, special tokens skipped."""
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(is_int(t) for t in ids):
+        raise InvalidArgument("tokens", "must be a list of token ids")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidArgument("tokens", f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    return {"prompt": tokenizer.decode(ids)}

@@ -1,0 +1,76 @@
+"""vLLM's utility endpoints on a real server over loopback: /tokenize, /detokenize, /version,
+/ping, with the demo model (a chat template added) and vLLM's request and response shapes."""
+import pytest
+from test_chat import CHATML, MESSAGES, with_template
+from test_server import http
+
+from orca_jax import LLM, __version__
+from orca_jax.async_engine import AsyncEngine
+from orca_jax.engine import EngineConfig
+from orca_jax.server import BackgroundServer, ServerConfig
+
+
+@pytest.fixture(scope="module")
+def served(demo_model_dir, tmp_path_factory):
+    model = with_template(demo_model_dir, tmp_path_factory.mktemp("util") / "model", CHATML)
+    llm = LLM(str(model), engine_config=EngineConfig(max_batch_size=2, max_num_batched_tokens=32,
+                                                     max_prefill_seqs=2, max_model_len=64))
+    engine = AsyncEngine(llm.engine).start()
+    bg = BackgroundServer(engine, ServerConfig(grpc_port=None, http_port=0), "demo").start()
+    bg.tok, bg.model_dir = llm.tokenizer, model
+    yield bg
+    bg.stop()
+    engine.shutdown()
+
+
+def test_tokenize_prompt_and_messages_as_generation_sees_them(served):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(served.model_dir))
+    st, out = http(served, "/tokenize", {"model": "demo", "prompt": "The sea is wide", "return_token_strs": True})
+    assert st == 200, out
+    ids = hf("The sea is wide")["input_ids"]
+    assert out == {"count": len(ids), "max_model_len": 64, "tokens": ids,
+                   "token_strs": hf.convert_ids_to_tokens(ids)}
+    st, out = http(served, "/tokenize", {"messages": MESSAGES})
+    want = hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert st == 200 and out["tokens"] == want and out["token_strs"] is None
+    # The chat endpoint's usage counts exactly these tokens.
+    st, chat = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1})
+    assert st == 200 and chat["usage"]["prompt_tokens"] == out["count"]
+    st, out = http(served, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False})
+    assert st == 200 and out["count"] < len(want)
+    st, out = http(served, "/tokenize", {"prompt": ""})
+    assert st == 200 and out["count"] == 0 and out["tokens"] == []
+
+
+def test_detokenize_round_trips(served):
+    st, out = http(served, "/tokenize", {"prompt": "Orcas hunt in pods."})
+    st, text = http(served, "/detokenize", {"tokens": out["tokens"]})
+    assert st == 200 and text == {"prompt": "Orcas hunt in pods."}
+
+
+@pytest.mark.parametrize("path, body, field, status", [
+    ("/tokenize", {}, "prompt", 400),
+    ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt", 400),
+    ("/tokenize", {"prompt": 5}, "prompt", 400),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens", 400),
+    ("/tokenize", {"messages": []}, "messages", 400),
+    ("/tokenize", {"prompt": "a", "model": "other"}, "model", 404),
+    ("/detokenize", {"tokens": [1, "x"]}, "tokens", 400),
+    ("/detokenize", {"tokens": [10**6]}, "tokens", 400),
+    ("/detokenize", {}, "tokens", 400),
+])
+def test_bad_requests_name_the_field(served, path, body, field, status):
+    st, out = http(served, path, body)
+    assert st == status and out["error"]["param"] == field, out
+
+
+def test_version_and_ping(served):
+    assert http(served, "/version") == (200, {"version": __version__})
+    st, _ = http(served, "/ping")
+    assert st == 200
+    st, _ = http(served, "/ping", b"", method="POST")
+    assert st == 200
+    st, out = http(served, "/no/such/path")
+    assert st == 404 and out["error"]["code"] == 404  # JSON, as every other error
