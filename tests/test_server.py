@@ -284,9 +284,15 @@ def test_openai_client(served):
         s = client.completions.create(model="demo", prompt=prompt, max_tokens=n, temperature=0, stop=[stop])
         assert s.choices[0].finish_reason == "stop" and stop not in s.choices[0].text
 
-    many = client.completions.create(model="demo", prompt=[prompt, "The sea"], max_tokens=3, temperature=0, n=2)
+    many = client.completions.create(model="demo", prompt=[prompt, "The sea"], max_tokens=3, temperature=1.0,
+                                     seed=3, n=2)
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
-    assert many.choices[0].text == many.choices[1].text == expect.text[:len(many.choices[0].text)]
+    with pytest.raises(openai.BadRequestError, match="n: must be 1 when using greedy sampling"):
+        client.completions.create(model="demo", prompt="x", temperature=0, n=2)  # as vLLM
+    # logprobs: 0 gives each sampled token's own entry (vLLM), not an empty dict
+    zero = client.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0, logprobs=0)
+    lp = zero.choices[0].logprobs
+    assert [list(t.items()) for t in lp.top_logprobs] == [[(s, v)] for s, v in zip(lp.tokens, lp.token_logprobs)]
 
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="demo", prompt="x", temperature=-1)

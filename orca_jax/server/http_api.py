@@ -253,7 +253,10 @@ class CompletionsAPI:
 
     @staticmethod
     def _samples(tokens: list[int], params, n: int) -> list[tuple[list[int], object]]:
-        """n samples of one prompt: distinct seeds when one is given."""
+        """n samples of one prompt: distinct seeds when one is given. Greedy samples would all
+        be the same: n > 1 needs a temperature (vLLM refuses it too)."""
+        if n > 1 and params.temperature == 0:
+            raise _invalid("n", f"must be 1 when using greedy sampling (temperature 0), got {n}")
         return [(tokens, params if j == 0 or params.seed is None else
                  dataclasses.replace(params, seed=(params.seed + j) % 2**63)) for j in range(n)]
 
@@ -467,8 +470,9 @@ class CompletionsAPI:
         return None if failed is None else HttpError(failed[0].http_status, failed[1])
 
     def _logprobs(self, ids: list[int], lps: list[dict], start: int = 0) -> dict:
-        """OpenAI legacy logprobs: token strings, their logprobs, top alternatives, and each
-        token's offset in the completion's text (from `start`: a stream's earlier chunks)."""
+        """OpenAI legacy logprobs: token strings, their logprobs, top alternatives (the sampled
+        token among them, first, as vLLM: `logprobs: 0` gives just it), and each token's
+        offset in the completion's text (from `start`: a stream's earlier chunks)."""
         dec = self.server.token_text
         tokens = [dec(t) for t in ids]
         offsets, pos = [], start
@@ -476,7 +480,8 @@ class CompletionsAPI:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
-                "top_logprobs": [{dec(t): v for t, v in lp["top"].items()} for lp in lps],
+                "top_logprobs": [{dec(lp["token_id"]): lp["logprob"], **{dec(t): v for t, v in lp["top"].items()}}
+                                 for lp in lps],
                 "text_offset": offsets}
 
     def _token_bytes(self, token_id: int) -> list[int]:
