@@ -16,7 +16,8 @@ generation_config.json (Llama 3 lists several) are `generation_eos_ids`.
 
 Streaming hazard handled here rather than in the servers: a byte-level BPE token can end in
 the middle of a UTF-8 character, so decoding the tokens so far yields U+FFFD until the next
-token completes it: `IncrementalDetokenizer` holds such text back. (Stop strings split over
+token completes it: `IncrementalDetokenizer` holds such text back (as vLLM does, for as long
+as the text ends in U+FFFD) and drops a character the stream never completes. (Stop strings split over
 tokens: orca_jax/stops.py.)
 """
 from __future__ import annotations
@@ -250,10 +251,6 @@ class IncrementalDetokenizer:
     not O(output).
     """
 
-    # A UTF-8 character is at most 4 bytes, so a genuinely incomplete one is pending over at
-    # most 4 tokens; past that the U+FFFD is real (invalid bytes) and is emitted as such.
-    MAX_PENDING = 4
-
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         # Byte-level tokenizers: bytes in, UTF-8 out; the bytes of a split character wait in
@@ -286,21 +283,22 @@ class IncrementalDetokenizer:
         return text
 
     def flush(self) -> str:
-        """End of stream: returns whatever is still held back (with U+FFFD for broken bytes)."""
+        """End of stream: returns whatever is still held back, except a character the stream
+        never completed (vLLM drops that trailing U+FFFD instead of emitting it)."""
         if self._bytes is not None:
-            text, self._pending = codecs.utf_8_decode(self._pending, "replace", True)[0], b""
-            return text
-        return self._emit(final=True)
+            self._pending = b""  # only ever the start of an unfinished character
+            return ""
+        return self._emit(final=True).rstrip("\ufffd")
 
     def _emit(self, final: bool) -> str:
         if self.read_offset >= len(self.ids):
             return ""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        pending = len(self.ids) - self.read_offset
-        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < self.MAX_PENDING
-                                        and not final):
-            return ""  # nothing new yet (e.g. a skipped special token), or a character in flight
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            # Nothing new yet (e.g. a skipped special token), or text ending in a character in
+            # flight: held (as vLLM holds it) until a token completes it or the stream ends.
+            return ""
         delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return delta

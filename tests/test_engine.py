@@ -542,7 +542,8 @@ def test_stop_string_split_across_tokens(model, engine, idle):
     prompt, ref, stop, end = _stop_string_case(model)
     full = run_one(engine, prompt, greedy(40))
     assert full.ids == ref and full.reason is FinishReason.LENGTH
-    assert full.text == ByteTokenizer().decode(ref)
+    # the whole output's text, less a trailing character it never completed (dropped, as vLLM)
+    assert full.text == ByteTokenizer().decode(ref).rstrip("\ufffd")
     at = full.text.index(stop)
 
     got = run_one(engine, prompt, greedy(40, stop=(stop, "\x00never")))
@@ -622,7 +623,7 @@ def test_llm_generate_text_and_token_prompts(model):
     for out, p in zip(outs, prompts):
         ids = tok.encode(p) if isinstance(p, str) else p
         assert list(out.token_ids) == model.greedy(ids, 12)
-        assert out.text == tok.decode(out.token_ids)
+        assert out.text == tok.decode(out.token_ids).rstrip("\ufffd")  # an unfinished last character: dropped
         assert out.finished and out.finish_reason is FinishReason.LENGTH
         assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 12
     # per-prompt params, a single prompt, and an EOS stop through the offline API

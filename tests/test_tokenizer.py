@@ -81,7 +81,9 @@ def test_incremental_detokenizer_flushes_broken_bytes():
     tok = ByteTokenizer()
     detok = IncrementalDetokenizer(tok)
     assert detok.push([0xE4, 0xB8]) == ""        # first 2 bytes of a 3-byte character
-    assert detok.flush() == "\ufffd"             # stream ended: emit what there is
+    assert detok.flush() == ""                   # stream ended mid-character: dropped, as vLLM
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push([*b"ok", 0xE4]) == "" and detok.flush() == "ok"  # held with it, then released
     detok = IncrementalDetokenizer(tok)
     got = "".join(detok.push([b]) for b in [0xFF, *b"abcd"])  # 0xFF is never valid UTF-8
     assert got + detok.flush() == "\ufffdabcd" and "\ufffd" in got  # not held forever
