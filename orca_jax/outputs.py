@@ -83,6 +83,8 @@ class OutputProcessor:
                 delta, stopped = o.stops.push(delta)
             o.unsent += delta
         reason = FinishReason.STOP if stop_id or stopped else None
+        if reason is not None:  # which stop token id or string (vLLM's stop_reason; EOS: None)
+            req.stop_reason = o.stops.matched if stopped else tok if tok in p.stop_token_ids else None
         if reason is None and n >= p.max_tokens:
             reason = FinishReason.LENGTH
         if reason is not None and not stopped:  # held-back text (a partial character, a
@@ -107,7 +109,7 @@ class OutputProcessor:
         text, o.unsent, o.sent_tokens = o.unsent, "", n
         return RequestOutput(req.request_id, new_ids, text, finished, req.finish_reason,
                              Usage(req.prompt_len, n), new_lp, req.error,
-                             _metrics(req) if finished else None)
+                             _metrics(req) if finished else None, req.stop_reason if finished else None)
 
     def hold_finals(self, outputs: list[RequestOutput], batch_done: bool) -> list[RequestOutput]:
         """Static batching returns a batch's results only when all of it is done (the

@@ -176,6 +176,7 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or string that ended it (not EOS)
     error: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -232,3 +233,4 @@ class RequestOutput:
     logprobs: Sequence[dict] | None = None  # per token: {"token_id", "logprob", "top": {id: lp}}
     error: str | None = None
     metrics: dict | None = None           # arrival/first-token/finish times (seconds, monotonic)
+    stop_reason: int | str | None = None  # final output: the stop token id or string that ended it

@@ -107,6 +107,7 @@ class StopStringMatcher:
         self.state = 0
         self.held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, delta: str) -> tuple[str, bool]:
         if self.stopped:
@@ -121,6 +122,7 @@ class StopStringMatcher:
             state = auto.step(state, ch)
             if auto.match[state]:
                 end = len(self.held) + i + 1
+                self.matched = buf[end - auto.match[state]:end]
                 self.stopped, self.held = True, ""
                 return buf[:end if self.include else end - auto.match[state]], True
         self.state = state

@@ -1,10 +1,11 @@
-"""vLLM's utility endpoints on a real server over loopback: /tokenize, /detokenize, /version,
-/ping, with the demo model (a chat template added) and vLLM's request and response shapes."""
+"""vLLM's utility endpoints and response fields on a real server over loopback: /tokenize,
+/detokenize, /version, /ping, stop_reason and system_fingerprint, with the demo model (a chat
+template added) and vLLM's request and response shapes."""
 import pytest
 from test_chat import CHATML, MESSAGES, with_template
 from test_server import http
 
-from orca_jax import LLM, __version__
+from orca_jax import LLM, SamplingParams, __version__
 from orca_jax.async_engine import AsyncEngine
 from orca_jax.engine import EngineConfig
 from orca_jax.server import BackgroundServer, ServerConfig
@@ -74,3 +75,28 @@ def test_version_and_ping(served):
     assert st == 200
     st, out = http(served, "/no/such/path")
     assert st == 404 and out["error"]["code"] == 404  # JSON, as every other error
+
+
+def test_stop_reason_and_system_fingerprint(served):
+    """vLLM's choices[].stop_reason: the stop string or stop token id that ended the text
+    (None for EOS and length), and its top-level system_fingerprint (null)."""
+    prompt = "The orca"
+    ids = LLM(str(served.model_dir), engine_config=EngineConfig(max_batch_size=2, max_num_batched_tokens=32,
+                                                                max_prefill_seqs=2, max_model_len=64, warmup=False)
+              ).generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                         use_tqdm=False)[0].token_ids
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    st, full = http(served, "/v1/completions", body)
+    assert st == 200 and full["system_fingerprint"] is None
+    assert full["choices"][0]["finish_reason"] == "length" and full["choices"][0]["stop_reason"] is None
+    st, out = http(served, "/v1/completions", {**body, "stop_token_ids": [ids[3]]})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == ids[3]
+    assert out["usage"]["completion_tokens"] == ids.index(ids[3]) + 1
+    text = full["choices"][0]["text"]
+    stop = text[len(text) // 2:][:2]
+    if stop.strip():
+        st, out = http(served, "/v1/completions", {**body, "stop": [stop, "\x00never"]})
+        assert out["choices"][0]["stop_reason"] == stop and out["choices"][0]["text"] == text[:text.index(stop)]
+    st, chat = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
+    assert st == 200 and chat["system_fingerprint"] is None and "stop_reason" in chat["choices"][0]

@@ -284,7 +284,8 @@ class CompletionsAPI:
             jobs += self._samples(tokens, params, n)
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
+        head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
+                "system_fingerprint": None}  # vLLM's field (None unless configured)
         if stream:
             return await self._stream(request, jobs, n, cid, head, include_usage)
         return await self._complete(jobs, n, cid, head)
@@ -343,7 +344,7 @@ class CompletionsAPI:
         jobs = self._samples(tokens, params, n)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "object": "chat.completion", "created": int(time.time()),
-                "model": s.model_name}
+                "model": s.model_name, "system_fingerprint": None}
         if stream:
             return await self._stream(request, jobs, n, cid, {**head, "object": "chat.completion.chunk"},
                                       include_usage, chat=True)
@@ -375,11 +376,11 @@ class CompletionsAPI:
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": self._chat_logprobs(ids, lps) if want_lp else None,
-                                "finish_reason": finish})
+                                "finish_reason": finish, "stop_reason": last.stop_reason})
             else:
                 choices.append({"index": i, "text": text,
                                 "logprobs": self._logprobs(ids, lps) if want_lp else None,
-                                "finish_reason": finish})
+                                "finish_reason": finish, "stop_reason": last.stop_reason})
             if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
                 prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
@@ -433,13 +434,14 @@ class CompletionsAPI:
                     if out.text or lp is not None or out.finished:  # nothing new: no chunk
                         await _sse(resp, {**head, "choices": [{
                             "index": i, "delta": {"content": out.text} if out.text else {},
-                            "logprobs": lp, "finish_reason": finish}]}, wt)
+                            "logprobs": lp, "finish_reason": finish, "stop_reason": out.stop_reason}]}, wt)
                 else:
                     if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
                         lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()), text_offset[i])
                         text_offset[i] += sum(map(len, lp["tokens"]))
                     await _sse(resp, {**head, "choices": [{
-                        "index": i, "text": out.text, "logprobs": lp, "finish_reason": finish}]}, wt)
+                        "index": i, "text": out.text, "logprobs": lp, "finish_reason": finish,
+                        "stop_reason": out.stop_reason}]}, wt)
                 if out.finished:
                     left -= 1
                     usage.append((i, out.usage))
