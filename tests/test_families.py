@@ -10,8 +10,8 @@ interleaved rotary, parallel residuals, learned positions with OPT's offset), co
   are within 1e-4 of HF's (fp32);
 * 24 concurrent greedy requests (prompts of 1 to 200 tokens, chunked at 64 per iteration,
   8 running at once) produce exactly HF `generate`'s tokens, with the sampled tokens'
-  logprobs within 1e-4 of HF's log-softmax; on one device, and on a `tensor=2,pipeline=2`
-  mesh (megatron inside each of 2 stages; the Llama case by default, the others under -m slow);
+  logprobs within 1e-4 of HF's log-softmax; on one device, and on `tensor=2`, `pipeline=2` and
+  `tensor=2,pipeline=2` megatron meshes (Llama on the first two by default, the rest under -m slow);
 * a bf16 checkpoint converts to bf16 (2 bytes per parameter in the Orbax files and on the
   device) and generates.
 """
@@ -137,16 +137,19 @@ def test_24_concurrent_greedy_requests_match_hf_generate(family):
     gc.collect()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "llama" else [pytest.mark.slow])
-                                  for n in FAMILIES])
-def test_tensor_and_pipeline_mesh_matches_hf(name, tmp_path):
-    """megatron on tensor=2 x pipeline=2: query heads split 3 + 3 and, where they divide, KV
-    heads too (Llama: 2 KV heads, one per device; Mistral's 3 and Qwen2's 1 stay replicated)."""
+MESH_CASES = [pytest.param(name, mesh, marks=[] if name == "llama" and mesh != "tensor=2,pipeline=2" else [pytest.mark.slow])
+              for name in FAMILIES for mesh in ("tensor=2", "pipeline=2", "tensor=2,pipeline=2")]
+
+
+@pytest.mark.parametrize("name, mesh", MESH_CASES)
+def test_tensor_and_pipeline_meshes_match_hf(name, mesh, tmp_path):
+    """megatron on `tensor=2`, `pipeline=2` and both: query heads split 3 + 3 and, where they
+    divide, KV heads too (Llama: 2 KV heads, one per device; Mistral's 3 and Qwen2's 1 stay
+    replicated); 2 stages of one layer each. Llama in the default suite, the rest under -m slow."""
     hf = make_hf(tmp_path / "hf", name)
     convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
     work = _workload()[:12]
-    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC, mesh=make_mesh("tensor=2,pipeline=2"),
-                                    layout="megatron")
+    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC, mesh=make_mesh(mesh), layout="megatron")
     _check_against_hf(hf, work, _run(engine, work))
 
 
