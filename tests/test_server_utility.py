@@ -100,3 +100,30 @@ def test_stop_reason_and_system_fingerprint(served):
         assert out["choices"][0]["stop_reason"] == stop and out["choices"][0]["text"] == text[:text.index(stop)]
     st, chat = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
     assert st == 200 and chat["system_fingerprint"] is None and "stop_reason" in chat["choices"][0]
+
+
+def test_request_id_header_and_field(served):
+    """vLLM's request ids: the X-Request-Id header (echoed back), else the body's request_id,
+    name the response (cmpl-<id>); the same id twice at once is fine."""
+    import json
+    import urllib.request
+    body = {"prompt": "The orca", "max_tokens": 2, "temperature": 0}
+    req = urllib.request.Request(served.http_url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "X-Request-Id": "abc-1"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["X-Request-Id"] == "abc-1" and json.loads(r.read())["id"] == "cmpl-abc-1"
+    st, out = http(served, "/v1/completions", {**body, "request_id": "mine"})
+    assert st == 200 and out["id"] == "cmpl-mine"
+    st, out = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1, "request_id": "c1"})
+    assert st == 200 and out["id"] == "chatcmpl-c1"
+    st, out = http(served, "/v1/completions", {**body, "request_id": 7})
+    assert st == 400 and out["error"]["param"] == "request_id"
+    stream = urllib.request.Request(served.http_url + "/v1/completions",
+                                    data=json.dumps({**body, "stream": True, "n": 1}).encode(),
+                                    headers={"Content-Type": "application/json", "X-Request-Id": "s-2"})
+    with urllib.request.urlopen(stream, timeout=30) as r:
+        assert r.headers["X-Request-Id"] == "s-2" and b"cmpl-s-2" in r.read()
+    import concurrent.futures  # the same id twice at once: both answered
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: http(served, "/v1/completions", {**body, "request_id": "dup"}), range(2)))
+    assert [st for st, _ in outs] == [200, 200]

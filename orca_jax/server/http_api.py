@@ -98,6 +98,23 @@ async def json_errors(request: web.Request, handler):
                                  status=500)
 
 
+@web.middleware
+async def request_id_header(request: web.Request, handler):
+    """A request's `X-Request-Id` comes back on its response (a stream sets it itself, before
+    its headers leave)."""
+    resp = await handler(request)
+    rid = request.headers.get("X-Request-Id")
+    if rid and not resp.prepared:
+        resp.headers["X-Request-Id"] = rid
+    return resp
+
+
+def _engine_id(cid: str, i: int) -> str:
+    """The engine's id for choice `i` of response `cid`: unique even when a client sends the
+    same request id twice."""
+    return f"{cid}-{i}-{uuid.uuid4().hex[:8]}"
+
+
 def _sampling_fields(body: dict) -> dict:
     fields = {k: body[k] for k in SAMPLING_BODY if body.get(k) is not None}  # null: the default
     if fields.get("top_k") == -1:  # vLLM spells "off" as -1; ours is 0
@@ -147,7 +164,7 @@ class CompletionsAPI:
 
     def app(self, middlewares=()) -> web.Application:
         app = web.Application(client_max_size=self.server.limits.max_request_bytes,
-                              middlewares=[json_errors, *middlewares])
+                              middlewares=[request_id_header, json_errors, *middlewares])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -222,6 +239,17 @@ class CompletionsAPI:
                             "body", "timeout_error") from None
         return await asyncio.to_thread(_parse_body, raw)  # a 1 MiB body: off the event loop
 
+    @staticmethod
+    def _request_id(request: web.Request, body: dict) -> str:
+        """The response id's suffix, as vLLM takes it: the `X-Request-Id` header, else the
+        body's `request_id`, else a fresh one. Clients may reuse theirs: engine ids stay unique."""
+        rid = request.headers.get("X-Request-Id") or body.get("request_id")
+        if rid is None:
+            return uuid.uuid4().hex
+        if not isinstance(rid, str) or not rid or len(rid) > 256:
+            raise _invalid("request_id", "must be a non-empty string of at most 256 characters")
+        return rid
+
     def _check_model(self, body: dict) -> None:
         s = self.server
         model = body.get("model")
@@ -282,7 +310,7 @@ class CompletionsAPI:
             except InvalidArgument as e:
                 raise HttpError(400, str(e), e.field) from None
             jobs += self._samples(tokens, params, n)
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        cid = f"cmpl-{self._request_id(request, body)}"
         created = int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
                 "system_fingerprint": None}  # vLLM's field (None unless configured)
@@ -342,7 +370,7 @@ class CompletionsAPI:
                                 "top_logprobs") from None
             raise HttpError(400, str(e), e.field) from None
         jobs = self._samples(tokens, params, n)
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        cid = f"chatcmpl-{self._request_id(request, body)}"
         head = {"id": cid, "object": "chat.completion", "created": int(time.time()),
                 "model": s.model_name, "system_fingerprint": None}
         if stream:
@@ -353,7 +381,7 @@ class CompletionsAPI:
     async def _complete(self, jobs, n: int, cid: str, head: dict, chat: bool = False) -> web.Response:
         async def one(i, tokens, params):
             pieces: list[RequestOutput] = []
-            async with contextlib.aclosing(self.server.outputs(tokens, params, f"{cid}-{i}")) as st:
+            async with contextlib.aclosing(self.server.outputs(tokens, params, _engine_id(cid, i))) as st:
                 async for out in st:
                     pieces.append(out)
             return pieces
@@ -390,7 +418,7 @@ class CompletionsAPI:
 
     async def _stream(self, request: web.Request, jobs, n: int, cid: str, head: dict,
                       include_usage: bool, chat: bool = False) -> web.StreamResponse:
-        streams = [self.server.outputs(t, p, f"{cid}-{i}") for i, (t, p) in enumerate(jobs)]
+        streams = [self.server.outputs(t, p, _engine_id(cid, i)) for i, (t, p) in enumerate(jobs)]
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
         async def pump(i, st):
@@ -410,8 +438,9 @@ class CompletionsAPI:
             for i, f in enumerate(firsts):
                 queue.put_nowait((i, f.result()))
             tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+            rid = {"X-Request-Id": request.headers["X-Request-Id"]} if request.headers.get("X-Request-Id") else {}
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
+                                               "Cache-Control": "no-cache", **rid})
             await resp.prepare(request)
             usage, left = [], len(jobs)
             if chat:  # OpenAI and vLLM: each choice's first delta names the role
