@@ -155,7 +155,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._blamed_in_a_row = 0  # iterations in a row whose every request was blamed (_isolate)
-        self._sampling = None  # (rows' request ids and R, their SamplingTensors) of the last iteration
+        self._sampling = None  # (the rows' requests, their SamplingTensors) of the last iteration
         self.stats = EngineStats()
         log.info("KV cache: %d pages x %d tokens = %d tokens of KV (%.1f MiB per device), %s "
                  "admission, prefix caching %s; %d sequences of up to %d tokens; %d step programs "
@@ -278,14 +278,18 @@ class Engine:
                 self.fault_hook("prepare", req)
         plan = build_plan(batch, self.buckets, self.num_slots, self.kv, self.runner.host_decode_tokens)
         rows = plan.rows
-        params, steps = [r.request.params for r in rows], [r.index for r in rows]
-        key = (tuple(r.request.request_id for r in rows), plan.num_sample_rows)
-        if self._sampling is not None and self._sampling[0] == key:  # the same rows as last time
-            sampling = self._sampling[1].next_step(params, steps, self.eos_token_ids)
+        reqs = [r.request for r in rows]
+        params, steps = [r.params for r in reqs], [r.index for r in rows]
+        last = self._sampling
+        # The very same Request objects in the same rows as last iteration (not just their
+        # ids: a finished request's id may be given again, with other params).
+        if (last is not None and len(last[0]) == len(reqs) and last[1].step.shape[0] == plan.num_sample_rows
+                and all(a is b for a, b in zip(last[0], reqs))):
+            sampling = last[1].next_step(params, steps, self.eos_token_ids)
         else:
-            sampling = SamplingTensors.from_params(params, [r.request.seed for r in rows], steps,
+            sampling = SamplingTensors.from_params(params, [r.seed for r in reqs], steps,
                                                    plan.num_sample_rows, self.eos_token_ids)
-        self._sampling = (key, sampling)
+        self._sampling = (reqs, sampling)
         return plan, sampling
 
     def _launch(self, batch: Batch) -> tuple[_InFlight | None, list[RequestOutput]]:

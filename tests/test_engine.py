@@ -281,6 +281,25 @@ def test_requests_join_and_leave_at_iteration_granularity(model, engine, idle):
     assert acc[long.request_id].ids == model.greedy(long_prompt, 40)
 
 
+def test_a_request_id_given_again_samples_with_its_own_params(engine, idle):
+    """The engine reuses last iteration's sampling tensors while the same requests fill the
+    same rows; a finished request's id given again (other params), taking its row at once
+    beside a long request, must not pick them up."""
+    rng = np.random.default_rng(4)
+    prompt, long_prompt = prompt_of(rng, 3), prompt_of(rng, 5)
+    sampled = SamplingParams(temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    want = run_one(engine, prompt, sampled).ids
+    acc: dict = {}
+    engine.add_request(long_prompt, greedy(40), request_id="long")
+    engine.add_request(prompt, greedy(4), request_id="again")
+    while "again" not in acc or acc["again"].reason is None:
+        step(engine, acc)
+    del acc["again"]
+    engine.add_request(prompt, sampled, request_id="again")  # the same id, straight into the batch
+    drain(engine, acc)
+    assert acc["again"].ids == want
+
+
 def test_seeded_sampling_reproducible_across_batch_compositions(engine, small_engine, idle):
     rng = np.random.default_rng(3)
     prompt = prompt_of(rng, 20)
