@@ -113,6 +113,16 @@ def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequenc
     return tokens, params
 
 
+def render_chat(template, messages, add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
+    """The messages rendered with `template` (a chat.ChatTemplate); its errors as
+    InvalidArgument naming the field."""
+    from ..chat import ChatError
+    try:
+        return template.render(messages, add_generation_prompt, **(template_kwargs or {}))
+    except ChatError as e:
+        raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
+
+
 def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, fields: dict, *,
                  add_generation_prompt: bool = True,
                  template_kwargs: dict | None = None) -> tuple[list[int], SamplingParams, str]:
@@ -121,12 +131,8 @@ def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, field
     writes them, as transformers' apply_chat_template). Without `max_tokens` the output may
     fill the rest of the context (vLLM's chat default; completions' default stays 16).
     Returns (ids, params, the prompt text)."""
-    from ..chat import ChatError
     params = sampling_params(fields)  # field errors first, as for completions
-    try:
-        text = template.render(messages, add_generation_prompt, **(template_kwargs or {}))
-    except ChatError as e:
-        raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
+    text = render_chat(template, messages, add_generation_prompt, template_kwargs)
     if not text:
         raise InvalidArgument("messages", "the chat template rendered an empty prompt")
     # The template wrote the special tokens (transformers encodes it without adding more).
@@ -163,7 +169,6 @@ def tokenize(tokenizer: Tokenizer, template, body: dict) -> dict:
     false) or chat `messages` rendered with `template` (none added unless asked; the
     generation prompt unless `add_generation_prompt` is false). Returns the ids, their count
     and, with `return_token_strs`, each id's vocabulary string."""
-    from ..chat import ChatError
     flags = {k: body.get(k) for k in ("add_special_tokens", "add_generation_prompt", "return_token_strs")}
     for k, v in flags.items():
         if v is not None and not isinstance(v, bool):
@@ -176,10 +181,7 @@ def tokenize(tokenizer: Tokenizer, template, body: dict) -> dict:
             raise InvalidArgument("messages", "this server has no chat template")
         if not isinstance(messages, list) or not messages:
             raise InvalidArgument("messages", "must be a non-empty list of {role, content} messages")
-        try:
-            prompt = template.render(messages, flags["add_generation_prompt"] is not False)
-        except ChatError as e:
-            raise InvalidArgument(e.field, str(e).removeprefix(e.field + ": ")) from None
+        prompt = render_chat(template, messages, flags["add_generation_prompt"] is not False)
         special = flags["add_special_tokens"] is True
     else:
         if not isinstance(prompt, str):
