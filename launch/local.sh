@@ -18,8 +18,10 @@
 #   DEVICES_PER_PROCESS  CPU only: K virtual CPU devices per process (sets JAX_PLATFORMS=cpu and
 #                        XLA_FLAGS=--xla_force_host_platform_device_count=K); default: unset,
 #                        each process uses the devices its platform shows it
-#   GPUS_PER_PROCESS     GPU only: process I sees GPUs I*G .. I*G+G-1 (CUDA_VISIBLE_DEVICES);
-#                        needed when several processes share one machine's GPUs
+#   GPUS_PER_PROCESS     GPU only: process I owns GPUs I*G .. I*G+G-1 (as JAX's local device
+#                        ids, ORCA_JAX_LOCAL_DEVICE_IDS; every process still sees every GPU, which
+#                        NCCL needs for peer-to-peer copies); needed when several processes
+#                        share one machine's GPUs
 #   COORDINATOR_PORT     port of JAX's coordination service on process 0 (default 8476); the
 #                        leader also takes the next one for its plan connections to followers
 #   MESH                 --mesh spec spanning all processes' devices (default: tensor=N*K,
@@ -54,6 +56,9 @@ n="${NUM_PROCESSES:-2}"
 if ! [[ "$n" =~ ^[1-9][0-9]*$ ]]; then
   echo "local.sh: NUM_PROCESSES must be a positive integer, got '$n'" >&2; exit 2
 fi
+if [[ -n "${GPUS_PER_PROCESS:-}" && ! "$GPUS_PER_PROCESS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "local.sh: GPUS_PER_PROCESS must be a positive integer, got '$GPUS_PER_PROCESS'" >&2; exit 2
+fi
 per_process="${DEVICES_PER_PROCESS:-${GPUS_PER_PROCESS:-}}"
 mesh="${MESH:-}"
 if [[ -z "$mesh" ]]; then
@@ -80,9 +85,12 @@ process_env() {
            "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
   fi
   if [[ -n "${GPUS_PER_PROCESS:-}" ]]; then
+    # JAX's local device ids (jax.distributed.initialize's local_device_ids), not
+    # CUDA_VISIBLE_DEVICES: hiding the other processes' GPUs from CUDA would also hide them
+    # from NCCL, whose transfers between processes of one machine then leave NVLink.
     local first=$(( $1 * GPUS_PER_PROCESS )) ids="" g
     for (( g = first; g < first + GPUS_PER_PROCESS; g++ )); do ids+="${ids:+,}$g"; done
-    penv+=("CUDA_VISIBLE_DEVICES=$ids")
+    penv+=("ORCA_JAX_LOCAL_DEVICE_IDS=$ids")
   fi
 }
 

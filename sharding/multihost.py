@@ -56,22 +56,83 @@ class LeaderLostError(RuntimeError):
     """The leader closed the control connection without a stop message."""
 
 
+# The environment variable the launchers (launch/local.sh, launch/slurm.sbatch) set to the JAX
+# local device ids a process owns: "0,1,2,3". Unset: every device the process can see.
+LOCAL_DEVICE_IDS_ENV = "ORCA_JAX_LOCAL_DEVICE_IDS"
+
+# What JAX's fault-tolerance guide asks for on GPU so that a dead peer neither takes this
+# process down nor leaves it stuck in a collective forever
+# (https://docs.jax.dev/en/latest/fault_tolerance.html, "Surviving Faults" and "Cancelling
+# Collectives"): NCCL errors must not terminate the process, and collectives run
+# asynchronously on non-blocking communicators so that they can be aborted when a
+# participant fails.
+GPU_FAULT_TOLERANCE_XLA_FLAGS = ("--xla_gpu_nccl_terminate_on_error=false",
+                                 "--xla_gpu_nccl_async_execution=true",
+                                 "--xla_gpu_nccl_blocking_communicators=false")
+GPU_FAULT_TOLERANCE_ENV = {"XLA_PYTHON_CLIENT_ABORT_COLLECTIVES_ON_FAILURE": "1",
+                           "XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT": "1"}
+# "0" turns them off (e.g. to compare against XLA's defaults).
+GPU_FAULT_TOLERANCE_SWITCH = "ORCA_JAX_GPU_FAULT_TOLERANCE"
+
+
 def initialize(coordinator: str, num_processes: int, process_id: int,
-               heartbeat_timeout_s: int = 10) -> None:
+               local_device_ids: list[int] | None = None, heartbeat_timeout_s: int = 10) -> None:
     """`jax.distributed.initialize` (coordinator "host:port" of process 0), with gloo as the
     CPU collectives so CPU-only runs (tests, laptops) work across processes, and recoverability
     on so that a dead peer does not abort this process. Call it before anything touches a
-    device."""
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator_plugin():
+    device.
+
+    `local_device_ids`: the JAX ids of the GPUs this process owns (`local_device_ids_from_env`);
+    None means every device it can see. JAX's cluster auto-detection is turned off: under
+    `srun` it would otherwise set `local_device_ids=[$SLURM_LOCALID]` (one GPU per process),
+    which breaks a one-process-per-node mesh; coordinator, count and id are given anyway."""
+    on_gpu = not os.environ.get("JAX_PLATFORMS", "").startswith("cpu") and _has_accelerator_plugin()
+    if not on_gpu:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    elif os.environ.get(GPU_FAULT_TOLERANCE_SWITCH, "1") != "0":
+        os.environ.update(gpu_fault_tolerance_env(os.environ))  # read when the GPU client starts
     try:  # experimental in JAX 0.10: without it a dead peer aborts this process
         jax.config.update("jax_enable_recoverability", True)
     except AttributeError:
         log.warning("this JAX has no jax_enable_recoverability: a dead follower will abort the "
                     "leader after the heartbeat timeout instead of leaving it up to report it")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids,
+                               cluster_detection_method="deactivate",
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
     jax.devices()  # every process creates its backend now (a rendezvous), before anything else
+
+
+def local_device_ids_from_env(environ=os.environ) -> list[int] | None:
+    """$ORCA_JAX_LOCAL_DEVICE_IDS ("0,1,2,3") as a list, or None when unset or empty. These
+    are JAX's local device ids, i.e. indices among the GPUs CUDA shows this process (after
+    any CUDA_VISIBLE_DEVICES): a process given 0-3 of a machine's 8 still sees the other 4,
+    which NCCL needs for peer-to-peer transfers between processes on one host."""
+    text = environ.get(LOCAL_DEVICE_IDS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"${LOCAL_DEVICE_IDS_ENV} must be comma-separated device ids such as "
+                         f"0,1,2,3; got {text!r}") from None
+    if min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ValueError(f"${LOCAL_DEVICE_IDS_ENV} must list distinct non-negative device ids; "
+                         f"got {text!r}")
+    return ids
+
+
+def gpu_fault_tolerance_env(environ) -> dict[str, str]:
+    """The variables to set for JAX's GPU fault tolerance (GPU_FAULT_TOLERANCE_*), given the
+    current environment: the user's XLA_FLAGS are kept and win (a flag they already set is not
+    added again), and so do variables they set themselves."""
+    flags = environ.get("XLA_FLAGS", "")
+    given = {f.split("=", 1)[0] for f in flags.split()}
+    extra = [f for f in GPU_FAULT_TOLERANCE_XLA_FLAGS if f.split("=", 1)[0] not in given]
+    out = {k: v for k, v in GPU_FAULT_TOLERANCE_ENV.items() if k not in environ}
+    if extra:
+        out["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    return out
 
 
 def _has_accelerator_plugin() -> bool:

@@ -32,7 +32,9 @@ IDENTITY = ("ORCA_JAX_COORDINATOR", "ORCA_JAX_NUM_PROCESSES", "ORCA_JAX_PROCESS_
 SETTINGS = ("NUM_PROCESSES", "DEVICES_PER_PROCESS", "GPUS_PER_PROCESS", "COORDINATOR_PORT", "MESH",
             "LAYOUT", "HOST", "LOG_DIR", "STOP_TIMEOUT", "DRY_RUN", "MODEL", "MODEL_NAME",
             "GRPC_PORT", "HTTP_PORT", "TLS_CERT", "TLS_KEY", "AUTH_TOKEN_FILE", "DRAIN_TIMEOUT",
-            "XLA_FLAGS", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", *IDENTITY)
+            "XLA_FLAGS", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "ORCA_JAX_LOCAL_DEVICE_IDS",
+            "ORCA_JAX_GPUS_PER_PROCESS", "ORCA_JAX_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE",
+            "SLURM_LOCALID", "SLURM_GPUS_ON_NODE", *IDENTITY)
 
 
 def _env(**settings) -> dict[str, str]:
@@ -110,12 +112,24 @@ def test_local_dry_run_gpus_and_default_mesh():
     r = subprocess.run([str(LOCAL)], env=_env(DRY_RUN=1, NUM_PROCESSES=2, GPUS_PER_PROCESS=4),
                        capture_output=True, text=True, check=True)
     procs = _commands(r.stdout)
-    assert [env for env, _ in procs] == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}]
+    # Each process owns its 4 GPUs as JAX's local device ids, and CUDA still shows it all 8
+    # (NCCL needs that for NVLink between the processes): no CUDA_VISIBLE_DEVICES.
+    assert [env for env, _ in procs] == [{"ORCA_JAX_LOCAL_DEVICE_IDS": "0,1,2,3"},
+                                         {"ORCA_JAX_LOCAL_DEVICE_IDS": "4,5,6,7"}]
     assert all(_flag(argv, "--mesh") == "tensor=8" for _, argv in procs)
     assert all(_flag(argv, "--coordinator") == "127.0.0.1:8476" for _, argv in procs)
 
 
-@pytest.mark.parametrize("settings", [dict(NUM_PROCESSES=2), dict(NUM_PROCESSES="two", MESH="tensor=2")])
+def test_local_dry_run_gpus_four_processes_of_two():
+    r = subprocess.run([str(LOCAL), "--dry-run"], env=_env(NUM_PROCESSES=4, GPUS_PER_PROCESS=2),
+                       capture_output=True, text=True, check=True)
+    procs = _commands(r.stdout)
+    assert [env["ORCA_JAX_LOCAL_DEVICE_IDS"] for env, _ in procs] == ["0,1", "2,3", "4,5", "6,7"]
+    assert all(_flag(argv, "--mesh") == "tensor=8" for _, argv in procs)
+
+
+@pytest.mark.parametrize("settings", [dict(NUM_PROCESSES=2), dict(NUM_PROCESSES="two", MESH="tensor=2"),
+                                      dict(NUM_PROCESSES=2, GPUS_PER_PROCESS="all")])
 def test_local_refuses_bad_settings(settings):
     r = subprocess.run([str(LOCAL), "--dry-run"], env=_env(**settings), capture_output=True, text=True)
     assert r.returncode == 2 and "local.sh:" in r.stderr
@@ -243,35 +257,108 @@ def test_local_log_dir(fake_group, tmp_path):
 # -- slurm.sbatch ----------------------------------------------------------------------------
 
 
-def test_slurm_tasks(tmp_path):
-    """Runs the batch script with stand-ins: scontrol lists two nodes, srun runs its command
-    once per task with SLURM_PROCID set, orca-jax prints its identity env and flags."""
+# A stand-in `srun`: runs its command once per task, with what SLURM gives each task: its
+# SLURM_PROCID and SLURM_LOCALID (tasks fill node 0 first), and CUDA_VISIBLE_DEVICES by
+# FAKE_BINDING: "node" (--gpus-per-node: the whole node's GPUs), "task" (--gpus-per-task=G
+# without device cgroups: the task's own physical ids), "cgroup" (--gpus-per-task=G with
+# ConstrainDevices: the task's own GPUs, renumbered from 0) or "none" (no variable).
+FAKE_SRUN = r"""while [[ "$1" == --* ]]; do shift; done
+tpn="${SLURM_NTASKS_PER_NODE:-$(( SLURM_NTASKS / SLURM_JOB_NUM_NODES ))}" g=$(( SLURM_GPUS_ON_NODE / tpn ))
+for (( i = 0; i < SLURM_NTASKS; i++ )); do
+  local_id=$(( i % tpn )) ids=""
+  case "$FAKE_BINDING" in
+    node)   for (( d = 0; d < SLURM_GPUS_ON_NODE; d++ )); do ids+="${ids:+,}$d"; done ;;
+    task)   for (( d = local_id * g; d < local_id * g + g; d++ )); do ids+="${ids:+,}$d"; done ;;
+    cgroup) for (( d = 0; d < g; d++ )); do ids+="${ids:+,}$d"; done ;;
+  esac
+  if [[ -n "$ids" ]]; then export CUDA_VISIBLE_DEVICES="$ids"; else unset CUDA_VISIBLE_DEVICES; fi
+  SLURM_PROCID=$i SLURM_LOCALID=$local_id "$@" || exit
+done"""
+
+
+def _run_slurm(tmp_path, nodes: int = 2, tasks_per_node: int | None = None, gpus_on_node: int = 8,
+               binding: str = "node", ntasks: int | None = None, srun: str = FAKE_SRUN,
+               args=("--max-batch-size", "32"), check=True):
+    """Runs the batch script with stand-ins: scontrol lists the nodes, srun (FAKE_SRUN) runs
+    each task, orca-jax prints its identity env, its GPU ids and its flags."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
+    names = "".join(f"gpu-node-{7 + k:02d}\\n" for k in range(nodes))
     stubs = {
-        "scontrol": 'printf "gpu-node-07\\ngpu-node-08\\n"',
-        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
-                'for (( i = 0; i < SLURM_NTASKS; i++ )); do SLURM_PROCID=$i "$@" || exit; done',
-        "orca-jax": 'echo "task $ORCA_JAX_PROCESS_ID/$ORCA_JAX_NUM_PROCESSES $ORCA_JAX_COORDINATOR: $*"',
+        "scontrol": f'printf "{names}"',
+        "srun": srun,
+        "orca-jax": 'echo "task $ORCA_JAX_PROCESS_ID/$ORCA_JAX_NUM_PROCESSES $ORCA_JAX_COORDINATOR'
+                    ' gpus=$ORCA_JAX_LOCAL_DEVICE_IDS: $*"',
     }
     for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = _env(SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_NTASKS=2, SLURM_JOB_NUM_NODES=2,
-               SLURM_GPUS_ON_NODE=8, SLURM_SUBMIT_DIR=ROOT, HTTP_PORT=8000,
-               ORCA_JAX_COMPILE_CACHE=tmp_path / "xla")
+    settings = dict(SLURM_JOB_NODELIST=f"gpu-node-[07-{6 + nodes:02d}]", SLURM_JOB_NUM_NODES=nodes,
+                    SLURM_NTASKS=ntasks or nodes * (tasks_per_node or 1), SLURM_GPUS_ON_NODE=gpus_on_node,
+                    SLURM_SUBMIT_DIR=ROOT, HTTP_PORT=8000, ORCA_JAX_COMPILE_CACHE=tmp_path / "xla",
+                    FAKE_BINDING=binding)
+    if tasks_per_node is not None:
+        settings["SLURM_NTASKS_PER_NODE"] = tasks_per_node
+    env = _env(**settings)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    r = subprocess.run(["bash", str(SLURM), "--max-batch-size", "32"], env=env,
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(["bash", str(SLURM), *args], env=env, capture_output=True, text=True, check=check)
     tasks = [line for line in r.stdout.splitlines() if line.startswith("task ")]
+    return r, tasks
+
+
+def _task_gpus(line: str) -> str:
+    return line.split(" gpus=", 1)[1].split(":", 1)[0]
+
+
+def test_slurm_tasks(tmp_path):
+    """One task per node (the script's default): each is one process with all 8 of its node's GPUs."""
+    r, tasks = _run_slurm(tmp_path, nodes=2, tasks_per_node=1)
     assert len(tasks) == 2, r.stdout
     for i, line in enumerate(tasks):
-        assert line.startswith(f"task {i}/2 gpu-node-07:8476: serve ")
+        assert line.startswith(f"task {i}/2 gpu-node-07:8476 gpus=0,1,2,3,4,5,6,7: serve ")
         argv = line.split(": ", 1)[1].split()
         assert _flag(argv, "--mesh") == "tensor=16"
         assert _flag(argv, "--host") == "0.0.0.0" and _flag(argv, "--http-port") == "8000"
         assert argv[-2:] == ["--max-batch-size", "32"]
     assert "clients connect to gpu-node-07:50051 (gRPC) and gpu-node-07:8000 (HTTP)" in r.stdout
+
+
+@pytest.mark.parametrize("tasks_per_node, binding, want", [
+    (1, "none", ["0,1,2,3,4,5,6,7"] * 2),               # no CUDA_VISIBLE_DEVICES at all
+    (8, "node", [str(d) for d in range(8)] * 2),        # --ntasks-per-node=8 --gpus-per-node=8
+    (8, "task", ["0"] * 16),                            # --gpus-per-task=1: CUDA shows only its own
+    (8, "cgroup", ["0"] * 16),
+    (2, "node", ["0,1,2,3", "4,5,6,7"] * 2),            # 2 processes of 4 GPUs per node
+    (2, "task", ["0,1,2,3"] * 4),                       # --gpus-per-task=4
+    (2, "cgroup", ["0,1,2,3"] * 4),
+])
+def test_slurm_every_task_gets_all_its_gpus(tmp_path, tasks_per_node, binding, want):
+    r, tasks = _run_slurm(tmp_path, nodes=2, tasks_per_node=tasks_per_node, binding=binding)
+    assert [_task_gpus(line) for line in tasks] == want, r.stdout + r.stderr
+    assert [line.split()[1] for line in tasks] == [f"{i}/{len(want)}" for i in range(len(want))]
+    assert all(_flag(line.split(": ", 1)[1].split(), "--mesh") == "tensor=16" for line in tasks)
+
+
+def test_slurm_tasks_per_node_from_the_task_count(tmp_path):
+    """Without SLURM_NTASKS_PER_NODE (`sbatch --nodes=2 --ntasks=16`): 16 / 2 tasks per node,
+    so one GPU each."""
+    r, tasks = _run_slurm(tmp_path, nodes=2, tasks_per_node=None, ntasks=16, binding="node")
+    assert [_task_gpus(line) for line in tasks] == [str(d) for d in range(8)] * 2, r.stdout + r.stderr
+
+
+def test_slurm_refuses_gpus_that_do_not_split_evenly(tmp_path):
+    r, tasks = _run_slurm(tmp_path, nodes=1, tasks_per_node=3, binding="node", check=False)
+    assert r.returncode == 2 and not tasks
+    assert "8 GPUs per node cannot be shared evenly by 3 tasks per node" in r.stderr
+
+
+def test_slurm_task_that_sees_too_few_gpus_fails_clearly(tmp_path):
+    """A task that should own 4 GPUs (2 tasks on 8) but is shown 2: a message, not a bad mesh."""
+    srun = ('while [[ "$1" == --* ]]; do shift; done\n'
+            'CUDA_VISIBLE_DEVICES=0,1 SLURM_PROCID=1 SLURM_LOCALID=1 "$@"')
+    r, tasks = _run_slurm(tmp_path, nodes=1, tasks_per_node=2, srun=srun, check=False)
+    assert r.returncode == 2 and not tasks
+    assert "task 1 (local id 1) should own 4 GPU(s) but sees 2 (CUDA_VISIBLE_DEVICES=0,1)" in r.stderr
 
 
 def test_slurm_sbatch_header():
@@ -385,3 +472,101 @@ def test_statefulset_probe_passes_on_followers_and_checks_pod_0():
     cmd = probe["exec"]["command"]
     assert subprocess.run(cmd, env=_env(HOSTNAME="orca-jax-1")).returncode == 0
     assert "http://127.0.0.1:8000/health" in cmd[-1]  # pod 0 asks its own /health
+
+
+# -- the Python side: the launchers' environment -> jax.distributed.initialize ---------------
+
+
+@pytest.fixture
+def captured_initialize(monkeypatch):
+    """sharding.multihost with jax.distributed.initialize, jax.config.update and jax.devices
+    replaced by recorders (no process group, no global JAX setting changed): returns
+    (multihost module, {"initialize": kwargs, "config": {name: value}})."""
+    import jax
+
+    from orca_jax.sharding import multihost
+    seen: dict = {"config": {}}
+    monkeypatch.setattr(jax.distributed, "initialize",
+                        lambda *args, **kwargs: seen.update(initialize=dict(zip(
+                            ("coordinator_address",), args), **kwargs)))
+    monkeypatch.setattr(jax.config, "update", lambda name, value: seen["config"].__setitem__(name, value))
+    monkeypatch.setattr(jax, "devices", lambda *a: [])
+    return multihost, seen
+
+
+@pytest.mark.parametrize("text, ids", [("0,1,2,3", [0, 1, 2, 3]), ("4,5,6,7", [4, 5, 6, 7]), (" 3 ", [3]),
+                                       ("", None)])
+def test_local_device_ids_env_reaches_initialize(captured_initialize, monkeypatch, text, ids):
+    multihost, seen = captured_initialize
+    monkeypatch.setenv("ORCA_JAX_LOCAL_DEVICE_IDS", text)
+    multihost.initialize("10.0.0.1:8476", 2, 1, local_device_ids=multihost.local_device_ids_from_env())
+    kwargs = seen["initialize"]
+    assert kwargs["coordinator_address"] == "10.0.0.1:8476"
+    assert kwargs["num_processes"] == 2 and kwargs["process_id"] == 1
+    assert kwargs["local_device_ids"] == ids  # None: every device the process sees
+    # SLURM's auto-detection would narrow the process to [$SLURM_LOCALID]: always off.
+    assert kwargs["cluster_detection_method"] == "deactivate"
+    assert seen["config"]["jax_enable_recoverability"] is True
+
+
+def test_jax_would_narrow_an_srun_task_to_one_gpu_without_deactivate(monkeypatch):
+    """Why `deactivate`: JAX's own SLURM detection, given the very arguments we pass but
+    local_device_ids, picks [$SLURM_LOCALID] as the process's only device."""
+    from jax._src import clusters
+    for name, value in dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="gpu-node-07", SLURM_NTASKS="2",
+                            SLURM_PROCID="1", SLURM_LOCALID="1").items():
+        monkeypatch.setenv(name, value)
+    *_, ids = clusters.ClusterEnv.auto_detect_unset_distributed_params("10.0.0.1:8476", 2, 1, None, None, 10)
+    assert ids == [1]
+
+
+@pytest.mark.parametrize("text", ["0,x", "1,1", "-1"])
+def test_local_device_ids_env_refuses_nonsense(captured_initialize, monkeypatch, text):
+    multihost, _ = captured_initialize
+    monkeypatch.setenv("ORCA_JAX_LOCAL_DEVICE_IDS", text)
+    with pytest.raises(ValueError, match="ORCA_JAX_LOCAL_DEVICE_IDS"):
+        multihost.local_device_ids_from_env()
+
+
+def test_gpu_fault_tolerance_env_keeps_the_users_settings():
+    from orca_jax.sharding.multihost import gpu_fault_tolerance_env
+    env = gpu_fault_tolerance_env({"XLA_FLAGS": "--xla_gpu_autotune_level=0 "
+                                                "--xla_gpu_nccl_async_execution=false",
+                                   "XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT": "0"})
+    assert env == {"XLA_FLAGS": "--xla_gpu_autotune_level=0 --xla_gpu_nccl_async_execution=false "
+                                "--xla_gpu_nccl_terminate_on_error=false "
+                                "--xla_gpu_nccl_blocking_communicators=false",
+                   "XLA_PYTHON_CLIENT_ABORT_COLLECTIVES_ON_FAILURE": "1"}
+    assert gpu_fault_tolerance_env({})["XLA_FLAGS"] == (
+        "--xla_gpu_nccl_terminate_on_error=false --xla_gpu_nccl_async_execution=true "
+        "--xla_gpu_nccl_blocking_communicators=false")
+
+
+FAULT_TOLERANCE_VARS = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_ABORT_COLLECTIVES_ON_FAILURE",
+                        "XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT", "ORCA_JAX_GPU_FAULT_TOLERANCE")
+
+
+@pytest.mark.parametrize("platforms, plugin, switch, applied", [
+    ("", True, None, True),        # a CUDA plugin: JAX's GPU fault-tolerance settings
+    ("", True, "0", False),        # ... unless turned off
+    ("cpu", True, None, False),    # CPU runs (tests): gloo, no GPU settings
+    ("", False, None, False),      # no CUDA plugin installed
+])
+def test_gpu_fault_tolerance_only_with_a_cuda_plugin(captured_initialize, monkeypatch,
+                                                     platforms, plugin, switch, applied):
+    multihost, seen = captured_initialize
+    for name in FAULT_TOLERANCE_VARS:  # setenv first, so that the test's end restores them all
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    if switch is not None:
+        monkeypatch.setenv("ORCA_JAX_GPU_FAULT_TOLERANCE", switch)
+    monkeypatch.setattr(multihost, "_has_accelerator_plugin", lambda: plugin)
+    multihost.initialize("127.0.0.1:8476", 2, 0)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_force_host_platform_device_count=2"  # the user's, kept
+    assert ("--xla_gpu_nccl_terminate_on_error=false" in flags) is applied
+    assert (os.environ.get("XLA_PYTHON_CLIENT_ABORT_COLLECTIVES_ON_FAILURE") == "1") is applied
+    gloo = seen["config"].get("jax_cpu_collectives_implementation") == "gloo"
+    assert gloo is (platforms == "cpu" or not plugin)

@@ -137,7 +137,8 @@ def cmd_serve(args) -> int:
             raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT (or $ORCA_JAX_COORDINATOR)")
         if not 0 <= args.process_id < args.num_processes:
             raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-        multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+        multihost.initialize(args.coordinator, args.num_processes, args.process_id,
+                             local_device_ids=multihost.local_device_ids_from_env())
         address = multihost.control_address(args.coordinator, args.control_port)
         if args.process_id != 0:
             return _follow(args, address)
