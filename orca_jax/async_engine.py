@@ -11,6 +11,14 @@ event loop with `call_soon_threadsafe`. Errors a user can act on (bad input, ful
 raised from `generate` before the first delta. If a step raises, every request in the engine
 fails with FinishReason.ERROR, the engine is marked dead (`healthy()` is False) and later
 submissions raise EngineDeadError: nothing hangs.
+
+A step that never returns (a device wait on a collective whose peer process died or hung:
+NCCL never returns) cannot be failed from the loop thread, which is inside it. With
+`fail_when_stuck`, a watchdog thread does it: once one iteration has run `stuck_after_s`,
+every in-flight and queued request fails with an error naming the stuck iteration, the
+engine is marked dead and `stuck` says why, so that a server answers UNAVAILABLE / 503, its
+health turns unhealthy and it exits for a restart. Without it (the library default) a stuck
+iteration only makes `healthy()` false until it completes.
 """
 from __future__ import annotations
 
@@ -34,6 +42,13 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped (a step failed, or it was shut down)."""
 
 
+def stuck_message(iteration: int, stuck_for_s: float, stuck_after_s: float) -> str:
+    """What clients and health checks are told when an iteration never completes."""
+    return (f"the engine is stuck: iteration {iteration} has run for {stuck_for_s:.1f} s, longer "
+            f"than --stuck-after ({stuck_after_s:g} s); a device or a peer process of the mesh "
+            "is hung or dead. The server is restarting; retry")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSnapshot:
     """What /metrics and health checks read, updated by the loop every iteration."""
@@ -51,19 +66,29 @@ class EngineSnapshot:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, stuck_after_s: float = 60.0):
+    def __init__(self, engine: Engine, stuck_after_s: float = 60.0, fail_when_stuck: bool = False):
+        if stuck_after_s <= 0:
+            raise ValueError(f"stuck_after_s must be > 0, got {stuck_after_s}")
         self.engine = engine  # touched by the loop thread only
         # What servers read about the model: fixed at start-up, safe from any thread.
         self.tokenizer, self.model_config = engine.tokenizer, engine.model_config
         self.max_len, self.num_slots, self.eos_token_id = engine.max_len, engine.num_slots, engine.eos_token_id
         self.stuck_after_s = stuck_after_s
+        self.fail_when_stuck = fail_when_stuck
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
+        # Who waits on what; the loop and `_fail_outstanding` (any thread) share them, under
+        # the lock: a request's final output goes out exactly once, from one or the other.
+        self._lock = threading.Lock()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._queued: set[concurrent.futures.Future] = set()  # submissions not yet added
+        self._failed_outside: list[str] = []  # ids failed while the loop was inside a step
         self._thread = threading.Thread(target=self._loop, name="orca-engine", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="orca-watchdog", daemon=True)
         self._stop = False
         self._accepting = True
         self.dead: str | None = None
+        self.stuck: str | None = None  # set (with `dead`) when a stuck iteration failed everyone
         self.snapshot = EngineSnapshot(0, 0, 0.0, 0, time.monotonic(), 0)
         self._listeners: list[Callable[[RequestOutput], None]] = []
         self._iteration_listeners: list[Callable[[int, int], None]] = []
@@ -72,6 +97,8 @@ class AsyncEngine:
 
     def start(self) -> "AsyncEngine":
         self._thread.start()
+        if self.fail_when_stuck:
+            self._watchdog.start()
         return self
 
     def stop_accepting(self) -> None:
@@ -88,10 +115,10 @@ class AsyncEngine:
 
     def fail(self, error: str) -> None:
         """From any thread: the engine cannot go on (e.g. a follower process of its mesh died).
-        Health turns false now; the loop fails every request with `error` as soon as it is
-        between iterations, and later submissions raise EngineDeadError."""
-        if self.dead is None:
-            self.dead = error
+        Health turns false and every request in flight or queued fails with `error` now,
+        even while the loop is inside a step that may never return (a collective with the
+        dead peer); later submissions raise EngineDeadError."""
+        self._fail_outstanding(error)
         self._wake.set()
 
     def healthy(self) -> bool:
@@ -115,7 +142,7 @@ class AsyncEngine:
         """Submit a request and yield its deltas; cancelling the iteration aborts it."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        sink = lambda out: loop.call_soon_threadsafe(deltas.put_nowait, out)
+        sink = lambda out: _call_soon(loop, deltas.put_nowait, out)
         submitted = self._submit(prompt, params, request_id, sink)
         rid, finished = None, False
         try:
@@ -133,26 +160,32 @@ class AsyncEngine:
 
     def _submit(self, prompt, params, request_id, sink) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self.dead is not None or not self._thread.is_alive():
-            fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'not started'}"))
-            return fut
-        if not self._accepting:
-            fut.set_exception(EngineDeadError("the server is shutting down"))
-            return fut
+        with self._lock:  # once queued, `_fail_outstanding` fails it if the engine dies first
+            if self.dead is not None or not self._thread.is_alive():
+                fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'not started'}"))
+                return fut
+            if not self._accepting:
+                fut.set_exception(EngineDeadError("the server is shutting down"))
+                return fut
+            self._queued.add(fut)
 
         def add():
-            if not fut.set_running_or_notify_cancel():  # the caller gave up while queued
-                return
-            if self.dead is not None or self._stop:
-                fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'shut down'}"))
-                return
-            try:
-                req = self.engine.add_request(prompt, params, request_id)
-            except Exception as e:  # ValueError / QueueFullError go back to the caller
-                fut.set_exception(e)
-                return
-            self._sinks[req.request_id] = sink
-            fut.set_result(req.request_id)
+            with self._lock:
+                if fut not in self._queued:  # failed meanwhile by `_fail_outstanding`
+                    return
+                self._queued.discard(fut)
+                if not fut.set_running_or_notify_cancel():  # the caller gave up while queued
+                    return
+                if self.dead is not None or self._stop:
+                    fut.set_exception(EngineDeadError(f"the engine is not running: {self.dead or 'shut down'}"))
+                    return
+                try:
+                    req = self.engine.add_request(prompt, params, request_id)
+                except Exception as e:  # ValueError / QueueFullError go back to the caller
+                    fut.set_exception(e)
+                    return
+                self._sinks[req.request_id] = sink
+            fut.set_result(req.request_id)  # outside the lock: it runs the caller's callbacks
 
         self._commands.put(add)
         self._wake.set()
@@ -172,9 +205,10 @@ class AsyncEngine:
     # -- the loop -------------------------------------------------------------------------------
 
     def _emit(self, out: RequestOutput) -> None:
-        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-        if sink is not None:
-            sink(out)
+        with self._lock:  # the sink is called inside: no delta can follow a watchdog's final
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                sink(out)
         if out.finished:
             for fn in self._listeners:
                 _call_safely(fn, out)
@@ -212,13 +246,50 @@ class AsyncEngine:
                                        s.num_preemptions, s.pool.queries, s.pool.hits, s.num_swapped)
 
     def _fail_all(self, error: str) -> None:
-        self.dead = error
-        for rid in list(self._sinks):
+        """On the loop thread: fail every request the engine holds, and free their slots."""
+        with self._lock:
+            self.dead = self.dead or error
+            error = self.dead
+            rids = list(self._sinks) + self._failed_outside  # the latter only to free their slots
+            self._failed_outside = []
+        for rid in rids:
             out = self.engine.abort(rid, FinishReason.ERROR, error)
             if out is None:
                 out = RequestOutput(rid, [], "", True, FinishReason.ERROR, Usage(0, 0), error=error)
             self._emit(out)
         self._run_commands()  # submissions queued meanwhile now fail with EngineDeadError
+
+    def _fail_outstanding(self, error: str) -> None:
+        """From any thread, even while the loop is inside a step: mark the engine dead and
+        fail every request waiting on it (streaming ones get a final ERROR output, queued
+        submissions EngineDeadError). The loop, if it ever gets out of its step, frees their
+        slots (`_fail_all`)."""
+        with self._lock:
+            if self.dead is None:
+                self.dead = error
+            error = self.dead
+            sinks, self._sinks = self._sinks, {}
+            queued, self._queued = self._queued, set()
+            self._failed_outside += list(sinks)
+        for fut in queued:
+            if fut.set_running_or_notify_cancel():  # False: its caller gave up already
+                fut.set_exception(EngineDeadError(f"the engine is not running: {error}"))
+        for rid, sink in sinks.items():
+            sink(RequestOutput(rid, [], "", True, FinishReason.ERROR, Usage(0, 0), error=error))
+
+    def _watch(self) -> None:
+        """The watchdog (`fail_when_stuck`): fails everything once one iteration has run for
+        `stuck_after_s`. It polls ten times per deadline (at most once a second), so requests
+        fail within 1.1 x stuck_after_s."""
+        poll_s = min(1.0, self.stuck_after_s / 10)
+        while not self._stop and self.dead is None:
+            time.sleep(poll_s)
+            snap = self.snapshot
+            stuck_for_s = time.monotonic() - snap.last_iteration_time
+            if stuck_for_s >= self.stuck_after_s and self.dead is None and not self._stop:
+                self.stuck = stuck_message(snap.iterations + 1, stuck_for_s, self.stuck_after_s)
+                log.error("%s: failing every request", self.stuck)
+                self._fail_outstanding(self.stuck)
 
     def _run_commands(self) -> None:
         while True:
@@ -230,6 +301,15 @@ class AsyncEngine:
                 cmd()
             except Exception:  # a command must never take the loop down with it
                 log.error("engine command failed:\n%s", traceback.format_exc())
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """`call_soon_threadsafe`, except that a caller whose event loop has closed meanwhile is
+    skipped (it is no longer waiting) instead of raising on the engine's thread."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _call_safely(fn, *args) -> None:

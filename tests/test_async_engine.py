@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import make_hf_gpt2
 
 from orca_jax.async_engine import AsyncEngine, EngineDeadError
 from orca_jax.checkpoints.hf_gpt2 import convert_hf_gpt2
 from orca_jax.engine import Engine, EngineConfig
+from orca_jax.client import Client
 from orca_jax.request import FinishReason, SamplingParams
+from orca_jax.server import BackgroundServer, ServerConfig
 
 CONFIG = EngineConfig(max_batch_size=8, max_num_batched_tokens=16, max_prefill_seqs=4)
 TIMEOUT = 60.0
@@ -362,3 +369,216 @@ def test_a_host_failure_that_blames_everyone_is_the_engines(model, engine, monke
     finally:
         aeng.shutdown(TIMEOUT)
     assert engine.scheduler.num_free_slots == engine.num_slots
+
+
+# -- a stuck iteration (a device wait that never returns) -----------------------------------
+
+STUCK_AFTER_S = 0.5
+SLACK_S = 1.0  # the watchdog polls every stuck_after / 10; the rest is thread and loop hops
+
+
+class BlockingFetch:
+    """Wraps the runner's `fetch` (the engine thread's wait for a step's results on device):
+    once armed, the next fetch blocks until released, as a wait on a collective whose peer
+    process died would. `blocked_at` is when it started blocking."""
+
+    def __init__(self, engine: Engine, monkeypatch):
+        self.real = engine.runner.fetch
+        self.armed, self.release = threading.Event(), threading.Event()
+        self.blocked = threading.Event()
+        self.blocked_at = 0.0
+        monkeypatch.setattr(engine.runner, "fetch", self)
+
+    def __call__(self, *args, **kwargs):
+        if self.armed.is_set() and not self.release.is_set():
+            self.blocked_at = time.monotonic()
+            self.blocked.set()
+            self.release.wait()
+        return self.real(*args, **kwargs)
+
+
+@pytest.fixture
+def stuck_engine(engine, monkeypatch):
+    """(AsyncEngine that fails everything when stuck, its BlockingFetch); afterwards the
+    fetch is released and the shared engine is left clean (the loop frees every slot)."""
+    fetch = BlockingFetch(engine, monkeypatch)
+    aeng = AsyncEngine(engine, stuck_after_s=STUCK_AFTER_S, fail_when_stuck=True).start()
+    yield aeng, fetch
+    fetch.release.set()
+    aeng.shutdown(TIMEOUT)
+    assert not aeng._thread.is_alive(), "the loop thread did not get out of the released step"
+
+
+def test_a_stuck_iteration_fails_every_request_within_the_deadline(engine, stuck_engine):
+    """In-flight, waiting (more requests than slots) and queued (submitted while the loop is
+    inside the stuck step) requests all fail within stuck_after + slack, with an error naming
+    the iteration and --stuck-after; health is false and new submissions are refused at once."""
+    aeng, fetch = stuck_engine
+
+    async def main():
+        streams = [Stream() for _ in range(12)]  # 8 slots: 4 wait
+        tasks = [asyncio.create_task(collect(aeng.generate(f"p{i}", greedy(200)), into=s))
+                 for i, s in enumerate(streams)]
+        await eventually(lambda: len(streams[0].ids) >= 2, "the first requests to stream")
+        fetch.armed.set()
+        await eventually(fetch.blocked.is_set, "the engine thread to block in fetch")
+        late = asyncio.create_task(collect(aeng.generate("late", greedy(5))))  # never added
+        done = await asyncio.gather(*tasks)
+        failed_at = time.monotonic()
+        with pytest.raises(EngineDeadError) as late_error:
+            await late
+        with pytest.raises(EngineDeadError, match="stuck"):  # later: refused at once
+            await aeng.generate("later", greedy(3)).__anext__()
+        return done, failed_at, str(late_error.value)
+
+    done, failed_at, late_error = run(main())
+    assert failed_at - fetch.blocked_at < STUCK_AFTER_S + SLACK_S
+    assert failed_at - fetch.blocked_at >= STUCK_AFTER_S * 0.9  # not before the deadline
+    assert any(s.ids for s in done)  # some were streaming, some never got a token
+    assert any(not s.ids for s in done)
+    for s in done:
+        assert s.final.finished and s.final.finish_reason is FinishReason.ERROR
+        assert len(s.ids) < 200
+    error = done[0].final.error
+    assert f"iteration {aeng.snapshot.iterations + 1} has run for" in error
+    assert f"longer than --stuck-after ({STUCK_AFTER_S:g} s)" in error
+    assert all(s.final.error == error for s in done) and error in late_error
+    assert aeng.stuck == error and aeng.dead == error and not aeng.healthy()
+    assert aeng.num_unfinished() == 0
+
+
+def test_a_slow_iteration_under_the_deadline_fails_nothing(engine, monkeypatch):
+    """The watchdog only fires past stuck_after: an iteration that takes 60 % of it passes."""
+    fetch = BlockingFetch(engine, monkeypatch)
+    aeng = AsyncEngine(engine, stuck_after_s=STUCK_AFTER_S, fail_when_stuck=True).start()
+    try:
+        async def main():
+            seen = Stream()
+            task = asyncio.create_task(collect(aeng.generate("slow", greedy(20)), into=seen))
+            await eventually(lambda: len(seen.ids) >= 2, "tokens")
+            fetch.armed.set()
+            await eventually(fetch.blocked.is_set, "the engine thread to block")
+            await asyncio.sleep(STUCK_AFTER_S * 0.6)
+            fetch.release.set()
+            return await task
+
+        done = run(main())
+        assert done.final.finish_reason is FinishReason.LENGTH and len(done.ids) == 20
+        assert aeng.healthy() and aeng.stuck is None
+    finally:
+        fetch.release.set()
+        aeng.shutdown(TIMEOUT)
+
+
+def test_fail_from_another_thread_fails_requests_while_a_step_hangs(engine, monkeypatch):
+    """`fail` (a lost follower) does not wait for the loop: the step may never return."""
+    fetch = BlockingFetch(engine, monkeypatch)
+    aeng = AsyncEngine(engine).start()  # no watchdog: only `fail` can end these requests
+    try:
+        async def main():
+            seen = Stream()
+            task = asyncio.create_task(collect(aeng.generate("hung", greedy(100)), into=seen))
+            await eventually(lambda: len(seen.ids) >= 2, "tokens")
+            fetch.armed.set()
+            await eventually(fetch.blocked.is_set, "the engine thread to block")
+            aeng.fail("follower process 1 of 2 is gone")
+            return await asyncio.wait_for(task, 5)
+
+        done = run(main())
+        assert done.final.finish_reason is FinishReason.ERROR
+        assert done.final.error == "follower process 1 of 2 is gone"
+        assert not aeng.healthy() and aeng.stuck is None
+    finally:
+        fetch.release.set()
+        aeng.shutdown(TIMEOUT)
+
+
+def _http(url: str, body: dict | None = None) -> tuple[int, str]:
+    """(status, whole body) of a GET, or of a POST of `body` (an SSE stream: every event)."""
+    req = urllib.request.Request(url, data=body and json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_stuck_engine_fails_server_clients_with_unavailable(engine, stuck_engine):
+    """A real server on loopback over a stuck engine: a gRPC stream and an HTTP SSE stream
+    that were streaming, and gRPC / HTTP / HTTP-stream requests sent while the step hangs,
+    all end with UNAVAILABLE / 503 naming --stuck-after within the deadline (the streams
+    that had not started get a 503 status, not 200 and an error event); both health checks
+    turn unhealthy."""
+    aeng, fetch = stuck_engine
+    bg = BackgroundServer(aeng, ServerConfig(grpc_port=0, http_port=0, health_poll_s=0.05), "m").start()
+    results: dict[str, tuple] = {}
+    streaming = {"grpc": threading.Event(), "sse": threading.Event()}
+    long = dict(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    def grpc_call(name: str) -> None:
+        with Client(bg.grpc_target, timeout=30) as c:
+            try:
+                for d in c.stream(name, **long):
+                    if d.token_ids and name in streaming:
+                        streaming[name].set()
+                results[name] = ("finished",)
+            except grpc.RpcError as e:
+                results[name] = (e.code(), e.details(), time.monotonic())
+
+    def sse_started() -> None:  # reads the stream line by line: it starts before the hang
+        req = urllib.request.Request(bg.http_url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": "sse", "stream": True, **long}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            for line in r:
+                event = line.decode().removeprefix("data: ").strip()
+                if event.startswith("{") and "error" in json.loads(event):
+                    results["sse"] = (r.status, json.loads(event)["error"], time.monotonic())
+                    return
+                if event.startswith("{"):
+                    streaming["sse"].set()
+        results["sse"] = ("finished",)
+
+    def http_call(name: str, stream: bool) -> None:
+        status, body = _http(bg.http_url + "/v1/completions", {"prompt": name, "stream": stream, **long})
+        results[name] = (status, body, time.monotonic())
+
+    try:
+        before = [threading.Thread(target=grpc_call, args=("grpc",)), threading.Thread(target=sse_started)]
+        for t in before:
+            t.start()
+        assert streaming["grpc"].wait(30) and streaming["sse"].wait(30)
+        fetch.armed.set()
+        assert fetch.blocked.wait(30)
+        during = [threading.Thread(target=grpc_call, args=("grpc-late",)),
+                  threading.Thread(target=http_call, args=("http-late", False)),
+                  threading.Thread(target=http_call, args=("sse-late", True))]
+        for t in during:
+            t.start()
+        for t in before + during:
+            t.join(30)
+        deadline = fetch.blocked_at + STUCK_AFTER_S + SLACK_S
+
+        for name in ("grpc", "grpc-late"):
+            code, details, at = results[name]
+            assert code == grpc.StatusCode.UNAVAILABLE, (name, details)
+            assert "stuck" in details and "--stuck-after" in details and at < deadline
+        status, error, at = results["sse"]  # 200 was sent long ago: the error is an event
+        assert status == 200 and error["code"] == 503 and "--stuck-after" in error["message"]
+        assert at < deadline
+        for name in ("http-late", "sse-late"):
+            status, body, at = results[name]
+            assert status == 503, (name, body)
+            assert "--stuck-after" in json.loads(body)["error"]["message"] and at < deadline
+
+        status, body = _http(bg.http_url + "/health")
+        assert status == 503 and "stuck" in body
+        with grpc.insecure_channel(bg.grpc_target) as ch:  # it follows the engine every 50 ms
+            check = lambda: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            until = time.monotonic() + 2.0
+            while check().status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < until, "gRPC health still SERVING 2 s after the failure"
+                time.sleep(0.02)
+    finally:
+        fetch.release.set()
+        bg.stop()

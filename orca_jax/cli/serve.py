@@ -74,7 +74,10 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish")
     g.add_argument("--stuck-after", type=float, default=60.0,
-                   help="health turns NOT_SERVING / 503 when one iteration runs longer (seconds)")
+                   help="when one iteration runs longer than this (seconds; e.g. a collective "
+                        "whose peer process died), every in-flight and queued request fails with "
+                        "UNAVAILABLE / 503, health turns NOT_SERVING / 503 and the server exits "
+                        "with status 3 for a restart")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="jinja chat template for /v1/chat/completions, over the checkpoint's own "
                         "(chat_template.jinja or tokenizer_config.json's chat_template)")
@@ -119,7 +122,8 @@ def _start_engine(model: str, args, peers=None):
           f"{kv.page_size} tokens = {kv.num_pages * kv.page_size} tokens, up to {engine.num_slots} "
           f"sequences of {engine.max_len} tokens, {len(engine.buckets.shapes())} step programs",
           file=sys.stderr, flush=True)
-    return AsyncEngine(engine, stuck_after_s=getattr(args, "stuck_after", 60.0)).start()
+    return AsyncEngine(engine, stuck_after_s=getattr(args, "stuck_after", 60.0),
+                       fail_when_stuck=True).start()
 
 
 def cmd_serve(args) -> int:
@@ -164,9 +168,23 @@ def cmd_serve(args) -> int:
     try:
         return serve(engine, config, args.served_model_name or default_name, on_ready=ready)
     finally:
+        if engine.stuck is not None:
+            _exit_stuck(engine.stuck)
         engine.shutdown()
         if leader:
             leader.close()
+
+
+def _exit_stuck(reason: str) -> None:
+    """Exit at once with ENGINE_FAILED_EXIT: the engine thread is blocked inside the device
+    runtime (e.g. a collective with a dead peer) and may never return, and neither may a normal
+    exit, whose JAX hooks wait for outstanding device work and for every process at the
+    distributed shutdown barrier. Followers see the leader's connection close and exit too."""
+    from ..server.app import ENGINE_FAILED_EXIT
+    print(f"orca-jax serve: error: {reason}; exiting with status {ENGINE_FAILED_EXIT} without "
+          "waiting for the stuck device work", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(ENGINE_FAILED_EXIT)
 
 
 def _follow(args, address) -> int:
