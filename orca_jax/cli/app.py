@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from ..bench import gpu_check as bench_gpu_check
 from ..bench import latency as bench_latency
 from ..bench import online as bench_online
 from ..bench import run as bench_run
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_stages.add_parser(workloads)
     bench_latency.add_parser(workloads)
     bench_online.add_parser(workloads)
+    bench_gpu_check.add_parser(workloads)
     serve.add_parsers(sub)  # serve, demo
     plan.add_parser(sub)
 
