@@ -3,8 +3,8 @@
     orca-jax bench gpu-check --out $OUT/gpu-check            # a GPU: GPT-2 small, < 8 minutes
     orca-jax bench gpu-check --quick --out /tmp/gpu-check    # CPU / CI: a tiny model, < 1 minute
 
-Phases, in order (--phases picks some): devices, numerics, warmup, donation, throughput, host,
-restart, hlo, pallas. Each writes <out>/<phase>.json (status ok / fail / timeout / skipped, its
+Phases, in order (--phases picks some): devices, model, numerics, warmup, donation, throughput,
+host, restart, hlo, pallas. Each writes <out>/<phase>.json (status ok / fail / timeout / skipped, its
 seconds, its figures, the error of a failed one) and prints one line; a phase that fails or
 runs past its time budget is recorded and the next one runs. <out>/summary.json lists them
 all; the exit code is 1 when any phase failed or timed out. Every compiled program goes to a
@@ -116,8 +116,10 @@ def check(ok: bool, message: str) -> None:
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise PhaseTimeout in this (main) thread after `seconds`: at the next Python bytecode,
-    so a long compile overruns by at most itself. No limit off the main thread."""
+    """Raise PhaseTimeout in this (main) thread after `seconds`, and every second after until
+    the phase ends (an exception raised inside a finalizer or a gc callback is swallowed):
+    at the next Python bytecode, so a long compile overruns by at most itself. No limit off
+    the main thread."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -126,7 +128,7 @@ def time_limit(seconds: float):
         raise PhaseTimeout(f"over its time budget of {seconds:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -467,12 +469,12 @@ def phase_donation(ctx: Context, res: dict) -> str:
     from ..request import SamplingParams
     eng = ctx.engine()
     runner = eng.runner
-    kv_pointers = lambda: [x.unsafe_buffer_pointer() for st in runner.device_states for x in jax.tree.leaves(st.kv)]  # noqa: E731
-    all_pointers = lambda: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(runner.device_states)]  # noqa: E731
+    kv_pointers = lambda: _pointers([st.kv for st in runner.device_states])  # noqa: E731
+    all_pointers = lambda: _pointers(runner.device_states)  # noqa: E731
     kv_old = jax.tree.leaves([st.kv for st in runner.device_states])
     kv0, all0 = kv_pointers(), all_pointers()
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    long = min(ctx.sizes.max_model_len - 8, ctx.sizes.max_num_batched_tokens + 8)  # a chunked prefill
+    long = min(ctx.sizes.max_model_len - 8, ctx.sizes.max_num_batched_tokens + 8)  # chunked if it can be
     eng.add_request(list(range(1, long + 1)), greedy)
     eng.add_request([5], greedy)
     steps = kv_moved = state_moved = 0
@@ -487,6 +489,12 @@ def phase_donation(ctx: Context, res: dict) -> str:
     check(res["old_kv_deleted"], "the step did not donate the KV buffers (the old arrays are alive)")
     return (f"{len(kv0)} KV arrays at the same device address over {steps} steps, donated; other state "
             f"moved in {state_moved} steps")
+
+
+def _pointers(tree) -> list[int]:
+    """The device address of every array in `tree`."""
+    import jax
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)]
 
 
 # -- 5. throughput ----------------------------------------------------------------------------
@@ -528,8 +536,8 @@ def decode_row(eng, batch: int, rounds: int, steps: int, bandwidth: float, flops
 def phase_host(ctx: Context, res: dict) -> str:
     eng, s = ctx.engine(), ctx.sizes
     res["engine"] = host_and_wait(eng, *s.host, ctx.args.seed)
-    res["profile"] = profile(eng, ctx.out / "profile", s.profile_steps, ctx.args.seed)
     res["host_only"] = host_only(s.host_only, s.host_only_steps)
+    res["profile"] = profile(eng, ctx.out / "profile", s.profile_steps, ctx.args.seed)  # last: needs the profiler
     e, pr = res["engine"], res["profile"]
     d2h = (f"{pr['d2h_copies_per_step']:.1f} D2H copies/step" if pr["device_planes"]
            else "no device plane in the trace (no D2H copies to count)")
@@ -649,8 +657,9 @@ def phase_restart(ctx: Context, res: dict) -> str:
     spec = {"checkpoint": ckpt, "dtype": ctx.args.dtype, "engine": dataclasses.asdict(ctx.engine_config())}
     env = dict(os.environ, ORCA_JAX_COMPILE_CACHE=str(ctx.cache))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orca_jax.bench.gpu_check", "--restart-child", json.dumps(spec)],
-                          env=env, capture_output=True, text=True, timeout=BUDGETS["restart"] * ctx.args.budget_scale)
+    child_cmd = [sys.executable, "-m", "orca_jax.bench.gpu_check", "--restart-child", json.dumps(spec)]
+    proc = subprocess.run(child_cmd, env=env, capture_output=True, text=True,
+                          timeout=BUDGETS["restart"] * ctx.args.budget_scale)
     check(proc.returncode == 0, f"the restarted process failed: {proc.stderr[-2000:]}")
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     res.update(cache_dir=str(ctx.cache), cache_entries=entries, process_s=time.perf_counter() - t0,
@@ -697,8 +706,8 @@ def phase_hlo(ctx: Context, res: dict) -> str:
                                                           runner.compiled_step(0, plan)))
         if hasattr(runner, "compiled_sample"):  # (plan, sampling) -> HLO text, where the runner has it
             for kind, sampling in sampling_batches(plan.num_sample_rows).items():
-                text = runner.compiled_sample(plan, sampling)
-                res["programs"][f"sample_{kind}_td{td}"] = scan_hlo(_save(ctx.out / f"hlo-sample-{kind}-td{td}.txt", text))
+                text = _save(ctx.out / f"hlo-sample-{kind}-td{td}.txt", runner.compiled_sample(plan, sampling))
+                res["programs"][f"sample_{kind}_td{td}"] = scan_hlo(text)
     if not hasattr(runner, "compiled_sample"):
         res["sample"] = "not inspected: the runner has no compiled_sample(plan, sampling) hook"
     return "; ".join(f"{name} {r['while']} while ({r['while_unknown_trip_count']} unknown trip count), "
