@@ -27,7 +27,8 @@
 #
 # Probes: gRPC grpc.health.v1.Health (service "" or "orca_jax.v1.Generation"), or HTTP
 # GET /health (200, or 503 while draining or when the engine loop is dead or stuck).
-# An engine that dies (a failed device step, a lost follower) fails every request, then the
+# An engine that dies (a failed device step, a lost follower) or gets stuck (one iteration
+# longer than --stuck-after, e.g. a collective with a hung peer) fails every request, then the
 # server exits with status 3: restart it (Restart=on-failure, restartPolicy: Always).
 set -euo pipefail
 

@@ -88,7 +88,11 @@ class AsyncEngine:
         self._stop = False
         self._accepting = True
         self.dead: str | None = None
-        self.stuck: str | None = None  # set (with `dead`) when a stuck iteration failed everyone
+        # Set with `dead` when the engine was failed from outside its loop: `broken` by `fail`
+        # (a lost follower) or the watchdog, `stuck` by the watchdog only. No request is at
+        # fault then: servers answer UNAVAILABLE / 503 (retry elsewhere), not INTERNAL / 500.
+        self.broken: str | None = None
+        self.stuck: str | None = None
         self.snapshot = EngineSnapshot(0, 0, 0.0, 0, time.monotonic(), 0)
         self._listeners: list[Callable[[RequestOutput], None]] = []
         self._iteration_listeners: list[Callable[[int, int], None]] = []
@@ -120,6 +124,11 @@ class AsyncEngine:
         dead peer); later submissions raise EngineDeadError."""
         self._fail_outstanding(error)
         self._wake.set()
+
+    def loop_alive(self) -> bool:
+        """Whether the loop thread still runs (after `shutdown`: it is inside a step that has
+        not returned)."""
+        return self._thread.is_alive()
 
     def healthy(self) -> bool:
         """False when the loop died, or has been inside one iteration for too long."""
@@ -266,7 +275,7 @@ class AsyncEngine:
         slots (`_fail_all`)."""
         with self._lock:
             if self.dead is None:
-                self.dead = error
+                self.dead = self.broken = error
             error = self.dead
             sinks, self._sinks = self._sinks, {}
             queued, self._queued = self._queued, set()
@@ -287,9 +296,11 @@ class AsyncEngine:
             snap = self.snapshot
             stuck_for_s = time.monotonic() - snap.last_iteration_time
             if stuck_for_s >= self.stuck_after_s and self.dead is None and not self._stop:
-                self.stuck = stuck_message(snap.iterations + 1, stuck_for_s, self.stuck_after_s)
-                log.error("%s: failing every request", self.stuck)
-                self._fail_outstanding(self.stuck)
+                message = stuck_message(snap.iterations + 1, stuck_for_s, self.stuck_after_s)
+                log.error("%s: failing every request", message)
+                self._fail_outstanding(message)
+                if self.broken == message:  # else the loop or `fail` was first
+                    self.stuck = message
 
     def _run_commands(self) -> None:
         while True:

@@ -24,8 +24,9 @@ EOF at once and calls `on_lost` (the server marks the engine dead: requests fail
 error, health turns NOT_SERVING / 503) while the leader process stays up. That needs JAX's
 `jax_enable_recoverability` (set by `initialize`): without it the coordination service aborts
 every process once a peer misses its heartbeats. A follower whose leader goes away exits
-non-zero. A follower that hangs (alive but stuck) blocks the leader inside a collective: the
-server's stuck-iteration check (`--stuck-after`) then reports unhealthy.
+non-zero. A follower that hangs (alive but stuck), or one that dies inside a collective on
+GPUs (NCCL does not return), blocks the leader inside that collective: the engine's watchdog
+(`--stuck-after`) then fails every request, health turns unhealthy and the server exits 3.
 """
 from __future__ import annotations
 

@@ -443,7 +443,7 @@ def test_a_stuck_iteration_fails_every_request_within_the_deadline(engine, stuck
     assert f"iteration {aeng.snapshot.iterations + 1} has run for" in error
     assert f"longer than --stuck-after ({STUCK_AFTER_S:g} s)" in error
     assert all(s.final.error == error for s in done) and error in late_error
-    assert aeng.stuck == error and aeng.dead == error and not aeng.healthy()
+    assert aeng.stuck == aeng.broken == aeng.dead == error and not aeng.healthy()
     assert aeng.num_unfinished() == 0
 
 
@@ -488,6 +488,7 @@ def test_fail_from_another_thread_fails_requests_while_a_step_hangs(engine, monk
         assert done.final.finish_reason is FinishReason.ERROR
         assert done.final.error == "follower process 1 of 2 is gone"
         assert not aeng.healthy() and aeng.stuck is None
+        assert aeng.broken == aeng.dead == "follower process 1 of 2 is gone"  # servers: UNAVAILABLE
     finally:
         fetch.release.set()
         aeng.shutdown(TIMEOUT)

@@ -168,21 +168,23 @@ def cmd_serve(args) -> int:
     try:
         return serve(engine, config, args.served_model_name or default_name, on_ready=ready)
     finally:
-        if engine.stuck is not None:
-            _exit_stuck(engine.stuck)
-        engine.shutdown()
+        # A stuck loop is not waited for; one failed by a lost follower gets a few seconds to
+        # leave its step (a collective with the dead peer may never return).
+        engine.shutdown(timeout=0 if engine.stuck else 5 if engine.broken else 10)
+        if engine.loop_alive() and engine.dead is not None:
+            _exit_now(engine.dead)
         if leader:
             leader.close()
 
 
-def _exit_stuck(reason: str) -> None:
+def _exit_now(reason: str) -> None:
     """Exit at once with ENGINE_FAILED_EXIT: the engine thread is blocked inside the device
-    runtime (e.g. a collective with a dead peer) and may never return, and neither may a normal
-    exit, whose JAX hooks wait for outstanding device work and for every process at the
-    distributed shutdown barrier. Followers see the leader's connection close and exit too."""
+    runtime (e.g. a collective with a dead or hung peer) and may never return, and neither may
+    a normal exit, whose JAX hooks wait for outstanding device work and for every process at
+    the distributed shutdown barrier. Followers see the leader's connection close and exit."""
     from ..server.app import ENGINE_FAILED_EXIT
-    print(f"orca-jax serve: error: {reason}; exiting with status {ENGINE_FAILED_EXIT} without "
-          "waiting for the stuck device work", file=sys.stderr, flush=True)
+    print(f"orca-jax serve: error: {reason}; the engine thread is still inside a device step: "
+          f"exiting with status {ENGINE_FAILED_EXIT} without waiting for it", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(ENGINE_FAILED_EXIT)
 

@@ -158,30 +158,31 @@ class Server:
     async def outputs(self, prompt, params, request_id: str):
         """`AsyncEngine.generate`'s deltas (submission errors raise from the first one; closing
         or cancelling aborts), tracked in `self.active` so that a timed-out drain can abort it.
-        A request that a stuck engine fails before its first token raises EngineDeadError like
-        a refused submission, so that an HTTP stream answers 503 rather than 200 and an error
-        event."""
+        A request that a broken engine (a stuck iteration, a lost follower) fails before its
+        first token raises EngineDeadError like a refused submission, so that an HTTP stream
+        answers 503 rather than 200 and an error event."""
         self.active.add(request_id)
         try:
             async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as st:
                 first = True
                 async for out in st:
-                    if first and self._stuck_failure(out):
+                    if first and self._engine_broke(out):
                         raise EngineDeadError(out.error)
                     first = False
                     yield out
         finally:
             self.active.discard(request_id)
 
-    def _stuck_failure(self, out: RequestOutput) -> bool:
-        return out.finish_reason is FinishReason.ERROR and self.engine.stuck is not None
+    def _engine_broke(self, out: RequestOutput) -> bool:
+        """Whether `out` failed because the engine was failed from outside (AsyncEngine.broken)."""
+        return out.finish_reason is FinishReason.ERROR and self.engine.broken is not None
 
     def failure(self, out: RequestOutput) -> tuple[ErrorKind, str] | None:
         """How a final output that is not a normal finish must be reported, or None."""
         if out.finish_reason is FinishReason.ERROR and self.draining:
             return ErrorKind.UNAVAILABLE, f"the server shut down before the request finished ({out.error})"
-        if self._stuck_failure(out):  # not the request's fault: retry on a healthy server
-            return ErrorKind.UNAVAILABLE, out.error
+        if self._engine_broke(out):  # not the request's fault: retry on a healthy server
+            return ErrorKind.UNAVAILABLE, f"the engine failed: {out.error}"
         if out.finish_reason is FinishReason.ERROR:
             return ErrorKind.INTERNAL, f"the engine failed this request: {out.error}"
         if out.finish_reason is FinishReason.ABORT and self.closing:
