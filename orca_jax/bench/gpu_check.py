@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import os
 import re
@@ -315,8 +316,8 @@ def phase_devices(ctx: Context, res: dict) -> str:
                          "process_index": d.process_index, "memory_stats": d.memory_stats()}
                         for d in devices])
     for lib in ("torch", "transformers"):
-        with contextlib.suppress(ImportError):
-            res[lib] = __import__(lib).__version__
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            res[lib] = importlib.metadata.version(lib)
     res["nvidia_smi"] = _nvidia_smi()
     limit = (devices[0].memory_stats() or {}).get("bytes_limit")
     memory = f", {limit / 2**30:.1f} GiB for XLA" if limit else ", no memory_stats() limit"
@@ -501,14 +502,18 @@ def _pointers(tree) -> list[int]:
 
 def phase_throughput(ctx: Context, res: dict) -> str:
     """Offline throughput, then each decode batch's step time against its floor (bench/
-    decode_step.py: read bandwidth from a jitted sum over 1 GiB, the matmul ceiling)."""
+    decode_step.py: read bandwidth from a jitted sum over 1 GiB, the matmul ceiling at the
+    engine's matmul precision)."""
     from . import decode_step, workloads
     from .metrics import summarize
     from .systems import Clock
+    import jax
     eng, s = ctx.engine(), ctx.sizes
     cfg = eng.model_config
-    bandwidth, flops = decode_step.ceilings(cfg.jnp_dtype)
-    res.update(bandwidth_gbs=bandwidth / 1e9, matmul_gflops=flops / 1e9)
+    precision = getattr(eng.runner, "matmul_precision", None)  # the engine's: not a TF32 ceiling for fp32
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        bandwidth, flops = decode_step.ceilings(cfg.jnp_dtype)
+    res.update(bandwidth_gbs=bandwidth / 1e9, matmul_gflops=flops / 1e9, matmul_precision=precision)
     n, p, o = s.offline
     records, info = ctx.system.run(workloads.offline(n, str(p), str(o), cfg.vocab_size, ctx.args.seed), Clock())
     m = summarize(records)
@@ -655,7 +660,8 @@ def phase_restart(ctx: Context, res: dict) -> str:
     first = ctx.results.get("warmup", {})
     entries = sum(1 for _ in ctx.cache.glob("*-cache")) if ctx.cache.is_dir() else 0
     spec = {"checkpoint": ckpt, "dtype": ctx.args.dtype, "engine": dataclasses.asdict(ctx.engine_config())}
-    env = dict(os.environ, ORCA_JAX_COMPILE_CACHE=str(ctx.cache))
+    # This process holds XLA's preallocated 75% of a GPU: the restarted one allocates as it goes.
+    env = dict(os.environ, ORCA_JAX_COMPILE_CACHE=str(ctx.cache), XLA_PYTHON_CLIENT_PREALLOCATE="false")
     t0 = time.perf_counter()
     child_cmd = [sys.executable, "-m", "orca_jax.bench.gpu_check", "--restart-child", json.dumps(spec)]
     proc = subprocess.run(child_cmd, env=env, capture_output=True, text=True,
