@@ -12,6 +12,11 @@ its page position (`write_kv`, `meta.kv_index`), then:
   or a prefix found in the prefix cache) also reads those positions through its block table,
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
+That is backend "xla", for CPU. On GPUs a runtime trip count costs a host round trip per
+trip (XLA:GPU copies the loop predicate to the host), so backends "xla-static" and "pallas"
+use static shapes instead: whole block tables gathered at once and masked (`_table_softmax`),
+history tiles a fixed number (`_history_static`); "pallas" sends decode rows to the kernel.
+
 Legend: T tokens, Td/Tp decode/prefill rows, H query heads, Hkv KV heads (G = H / Hkv query
 heads share one: grouped-query attention), K head dim, L layers, P pages, B positions per
 page, W pages per sequence.
@@ -90,37 +95,56 @@ def _page(pages: jax.Array, page) -> jax.Array:
     return jax.lax.dynamic_slice(pages, (0, page, 0, 0), (H, 1, B, K))[:, 0]
 
 
+def _fold(carry, s, vb, eq: str):
+    """Online-softmax step (flash attention): merge scores s [N, Hkv, G, M] (masked: -inf) and
+    their values vb into carry = (running max [N,Hkv,G], denominator [N,Hkv,G], numerator
+    [N,Hkv,G,K]), f32; `eq` contracts p [N,Hkv,G,M] with vb."""
+    m, d, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])                              # [N, Hkv, G, M]
+    corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+    d = d * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return m_new, d, acc
+
+
 def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
     """Online softmax (flash-decoding) of q [N,Hkv,G,K] (G query heads per KV head) over the
     first `n_pages` pages of `table` ([N, W]: each row its own, or [W]: shared by the rows);
-    `valid(idx [B]) -> bool [N,B]` masks positions. `init` = (running max [N,Hkv,G],
-    denominator [N,Hkv,G], numerator [N,Hkv,G,K]), f32."""
-    f32 = jnp.float32
+    `valid(idx [B]) -> bool [N,B]` masks positions. `init`: the `_fold` carry."""
     B = k_pages.shape[2]
     per_row = table.ndim == 2
 
     def body(i, carry):
-        m, d, acc = carry
         idx = i * B + jnp.arange(B)                                              # [B]
         if per_row:
             kb = jax.vmap(lambda p: _page(k_pages, p))(table[:, i])              # [N, Hkv, B, K]
             vb = jax.vmap(lambda p: _page(v_pages, p))(table[:, i])
-            s = jnp.einsum("nhgk,nhbk->nhgb", q, kb, preferred_element_type=f32) * scale
+            s = jnp.einsum("nhgk,nhbk->nhgb", q, kb, preferred_element_type=jnp.float32) * scale
         else:
             kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [Hkv, B, K]
-            s = jnp.einsum("nhgk,hbk->nhgb", q, kb, preferred_element_type=f32) * scale
+            s = jnp.einsum("nhgk,hbk->nhgb", q, kb, preferred_element_type=jnp.float32) * scale
         s = jnp.where(valid(idx)[:, None, None, :], s, -jnp.inf)   # [N, Hkv, G, B]
-        m_new = jnp.maximum(m, s.max(-1))
-        # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])                          # [N, Hkv, G, B]
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        d = d * corr + p.sum(-1)
-        eq = "nhgb,nhbk->nhgk" if per_row else "nhgb,hbk->nhgk"
-        acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=f32)
-        return m_new, d, acc
+        return _fold(carry, s, vb, "nhgb,nhbk->nhgk" if per_row else "nhgb,hbk->nhgk")
 
     return jax.lax.fori_loop(0, n_pages, body, init)
+
+
+def _table_softmax(q, k_pages, v_pages, table, valid, scale, init):
+    """`_pages_softmax` with static shapes (backends xla-static and pallas): q [N, R, Hkv, G, K]
+    is N groups of R rows, group n reading every page of its table [N, W] in one gather
+    ([N, Hkv, W*B, K]); `valid(idx [W*B]) -> bool [N, R, W*B]` masks what a row may not see;
+    `init`: the `_fold` carry ([N, R, ...]). No loop, so XLA:GPU never copies a trip count to
+    the host and waits; the price is reading all W pages of a table, not just the context."""
+    Hkv, _, B, K = k_pages.shape
+    N, W = table.shape
+    gather = lambda pages: pages[:, table].reshape(Hkv, N, W * B, K).swapaxes(0, 1)  # [N, Hkv, W*B, K]
+    kb, vb = gather(k_pages), gather(v_pages)
+    s = jnp.einsum("nrhgk,nhmk->nrhgm", q, kb, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid(jnp.arange(W * B))[:, :, None, None, :], s, -jnp.inf)   # [N, R, Hkv, G, W*B]
+    return _fold(init, s, vb, "nrhgm,nhmk->nrhgk")
 
 
 def _in_window(pos, idx, window: int | None):
@@ -134,13 +158,16 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
            backend: str = "xla", window: int | None = None) -> jax.Array:
     """Attention for one layer; its `k_pages`, `v_pages` [Hkv,P,B,K] already hold this step's
     keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
-    and multi-query attention). Returns [T, H, K] in q's dtype. `backend` "pallas": decode rows
-    through the Pallas GPU kernel (pallas_attention.py). `window`: sliding-window attention
+    and multi-query attention). Returns [T, H, K] in q's dtype. `backend`: "xla" loops over
+    pages as far as the step's longest context (runtime trip counts: least work, for CPU);
+    "xla-static" reads whole block tables with static shapes (no loop: XLA:GPU would copy each
+    runtime trip count to the host and wait); "pallas": decode rows through the Pallas GPU
+    kernel (pallas_attention.py), history as xla-static. `window`: sliding-window attention
     (each query sees its last `window` positions; Mistral)."""
     Td = meta.num_decode
     T, H, K = q.shape
     Hkv = k_pages.shape[0]
-    f32 = jnp.float32
+    static = backend != "xla"
     outs = []
     if Td and backend == "pallas":
         from .pallas_attention import paged_decode_attention
@@ -150,16 +177,29 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     if Td and backend != "pallas":
         # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
-        init = (jnp.full(qd.shape[:-1], -jnp.inf, f32), jnp.zeros(qd.shape[:-1], f32), jnp.zeros(qd.shape, f32))
-        _, d, acc = _pages_softmax(qd, k_pages, v_pages, meta.block_table, meta.dec_blocks,
-                                   lambda idx: _in_window(pos, idx, window), scale, init)
+        if static:  # each row a group of one
+            init = _softmax_init(qd[:, None])
+            _, d, acc = _table_softmax(qd[:, None], k_pages, v_pages, meta.block_table,
+                                       lambda idx: _in_window(pos, idx, window)[:, None], scale, init)
+            d, acc = d[:, 0], acc[:, 0]
+        else:
+            _, d, acc = _pages_softmax(qd, k_pages, v_pages, meta.block_table, meta.dec_blocks,
+                                       lambda idx: _in_window(pos, idx, window), scale, _softmax_init(qd))
         outs.append(acc / d[..., None])
     if T > Td:
-        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], k_pages, v_pages, meta, scale, window))
+        outs.append(_prefill_attend(q[Td:], k_new[Td:], v_new[Td:], k_pages, v_pages, meta, scale,
+                                    window, static))
     return jnp.concatenate(outs, axis=0).reshape(T, H, K).astype(q.dtype)
 
 
-def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float, window) -> jax.Array:
+def _softmax_init(q):
+    """The `_fold` carry before any position: max -inf, denominator 0, numerator 0 (f32)."""
+    f32 = jnp.float32
+    return jnp.full(q.shape[:-1], -jnp.inf, f32), jnp.zeros(q.shape[:-1], f32), jnp.zeros(q.shape, f32)
+
+
+def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float, window,
+                    static: bool = False) -> jax.Array:
     """Prefill rows q [Tp, Hkv, G, K] (k, v [Tp, Hkv, K]): causal within each segment of this
     step, then, for segments that continue a sequence, its first hist_len positions from the pages."""
     f32 = jnp.float32
@@ -170,7 +210,8 @@ def _prefill_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float, win
     m = s.max(-1)                     # finite: every row sees at least itself
     p = jnp.exp(s - m[..., None])
     state = (m, p.sum(-1), jnp.einsum("thgu,uhk->thgk", p.astype(v.dtype), v, preferred_element_type=f32))
-    _, d, acc = _history(q, k_pages, v_pages, meta, scale, state, pos, window)
+    history = _history_static if static else _history
+    _, d, acc = history(q, k_pages, v_pages, meta, scale, state, pos, window)
     return acc / d[..., None]
 
 
@@ -198,3 +239,31 @@ def _history(q, k_pages, v_pages, meta: AttnMeta, scale: float, state, pos, wind
         return jax.lax.fori_loop(0, -(-n // n_tile), tile, state)
 
     return jax.lax.fori_loop(0, meta.num_hist, segment, state)
+
+
+def _history_static(q, k_pages, v_pages, meta: AttnMeta, scale: float, state, pos, window):
+    """`_history` with static shapes: the segments' rows cut into a fixed number of tiles of
+    HIST_TILE rows (each segment's tiles as `_history` cuts them; unused tiles have no live
+    rows), every tile reading its segment's whole block table at once (`_table_softmax`)."""
+    Tp, Nh = q.shape[0], meta.hist_len.shape[0]
+    n_tile = min(HIST_TILE, Tp)
+    NT = -(-Tp // n_tile) + Nh  # each segment's ceil(rows / n_tile) tiles, summed, fit
+    n_tiles = jnp.where(jnp.arange(Nh) < meta.num_hist, -(-meta.hist_rows // n_tile), 0)  # [Nh]
+    ends = jnp.cumsum(n_tiles)
+    t = jnp.arange(NT)
+    j = jnp.minimum(jnp.searchsorted(ends, t, side="right"), Nh - 1)      # [NT] the tile's segment
+    first = meta.hist_row0[j] + (t - ends[j] + n_tiles[j]) * n_tile        # [NT]
+    start = jnp.minimum(first, Tp - n_tile)   # a tile at the end is shifted back...
+    rows = start[:, None] + jnp.arange(n_tile)                             # [NT, n_tile]
+    live = ((t < ends[-1])[:, None] & (rows >= first[:, None])             # ...and masks rows done
+            & (rows < (meta.hist_row0[j] + meta.hist_rows[j])[:, None]))
+    hist = meta.hist_len[j]
+
+    def valid(idx):                                                       # [NT, n_tile, W*B]
+        seen = _in_window(pos[rows].reshape(-1), idx, window).reshape(*rows.shape, -1)
+        return live[..., None] & (idx < hist[:, None, None]) & seen
+
+    out = _table_softmax(q[rows], k_pages, v_pages, meta.hist_table[j], valid, scale,
+                         tuple(x[rows] for x in state))
+    dest = jnp.where(live, rows, Tp)          # each live row once; the rest dropped
+    return tuple(x.at[dest].set(o, mode="drop") for x, o in zip(state, out))

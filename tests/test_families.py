@@ -17,6 +17,7 @@ interleaved rotary, parallel residuals, learned positions with OPT's offset), co
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 
@@ -151,6 +152,17 @@ def test_tensor_and_pipeline_meshes_match_hf(name, mesh, tmp_path):
     work = _workload()[:12]
     engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC, mesh=make_mesh(mesh), layout="megatron")
     _check_against_hf(hf, work, _run(engine, work))
+
+
+def test_gpu_path_with_a_sliding_window_and_gqa_matches_hf(tmp_path):
+    """The GPU path (static-shape attention, host-switched sampling; tests/test_gpu_path.py)
+    on Mistral: 3 KV heads for 6 query heads, a 40-position window over 200-token prompts
+    chunked by 64 (history read from pages), tokens and logprobs as HF's."""
+    hf = make_hf(tmp_path / "hf", "mistral")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    work = _workload()[:12]
+    ec = dataclasses.replace(EC, attention_backend="xla-static", sampling_control="host")
+    _check_against_hf(hf, work, _run(Engine.from_checkpoint(str(tmp_path / "ckpt"), ec), work))
 
 
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
