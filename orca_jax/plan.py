@@ -268,6 +268,8 @@ def _decode_tokens(batch: Batch, td: int) -> np.ndarray:
 MAX_EOS = 4  # end-of-sequence ids a model may have (Llama 3.1 has 3)
 MAX_BANNED = MAX_STOP_TOKEN_IDS + MAX_EOS  # EOS ids + the stop_token_ids, masked before min_tokens
 NO_ID = 2**30         # padding of `banned`: out of range, so the masking scatter drops it
+# The batch-wide switches of the sampler's optional stages (SamplingTensors fields).
+SAMPLING_SWITCHES = ("any_random", "any_penalty", "any_filter", "any_logprobs")
 
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:

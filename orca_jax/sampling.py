@@ -14,10 +14,16 @@ The order of operations and each formula follow vLLM's sampler (and HF's logits 
   categorical   key = fold_in(key(seed), step): a row's draw depends only on its own seed and
                 step, never on batch composition or row index (what `SamplingParams.seed` promises)
 
-Batch-wide flags in `SamplingTensors` gate the work through `lax.cond`, so a batch of greedy
-requests runs a plain argmax: no sort, no RNG, no [R, V] scatter. They are runtime values, not
-static metadata: every mix of sampling parameters runs the one program compiled for the step's
-bucket shape (a flag per combination would multiply the programs to warm up by 16).
+Batch-wide switches in `SamplingTensors` (any_penalty, any_filter, any_random, any_logprobs)
+skip the stages no row needs, so a batch of greedy requests runs a plain argmax: no sort, no
+RNG, no [R, V] scatter. Who reads them is the `variant` (`--sampling-control`):
+
+* None (device control, CPU): `lax.cond`s on the runtime switches, one program per row bucket
+  for every mix of parameters (a static flag per combination would be 16 programs);
+* "greedy" / "full" (host control, GPU): the host picks one of two programs per row bucket,
+  a plain argmax or every stage unconditionally (neutral parameters leave a row's token
+  exactly as the skipped stage would). No conditional: XLA:GPU copies a `cond`'s predicate
+  to the host and waits for the device to reach it, which would stall every step.
 """
 from __future__ import annotations
 
@@ -93,14 +99,22 @@ def filter_logits(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
 
 
 def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: jax.Array,
-           prompt_len: jax.Array, hist_len: jax.Array) -> SampleOutput:
+           prompt_len: jax.Array, hist_len: jax.Array, variant: str | None = None) -> SampleOutput:
     """Pick one token per row of [R, V] float32 logits. The token history of each row (slot
     `slots[r]` of `history` [S, M]; lengths [R], [R]) is gathered and read only when some row
-    has a penalty: a greedy batch copies none of it."""
+    has a penalty: a greedy batch copies none of it. `variant`: who switches the optional
+    stages (module docstring)."""
+    assert variant in (None, "greedy", "full"), variant
+
+    def gate(switch, on, off):
+        if variant is None:
+            return jax.lax.cond(switch, on, off)
+        return on() if variant == "full" else off()
+
     R = logits.shape[0]
     N = min(MAX_LOGPROBS, logits.shape[1])
     logits = logits.astype(jnp.float32)
-    x = jax.lax.cond(st.any_penalty,
+    x = gate(st.any_penalty,
                      lambda: apply_penalties(logits, st, jnp.take(history, slots, axis=0, mode="clip"),
                                              prompt_len, hist_len),
                      lambda: logits)
@@ -112,7 +126,7 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
     def draw():
         random = st.temperature > 0
         scaled = x / jnp.where(random, st.temperature, 1.0)[:, None]
-        scaled = jax.lax.cond(st.any_filter,
+        scaled = gate(st.any_filter,
                               lambda: filter_logits(scaled, st.top_k, st.top_p, st.min_p),
                               lambda: scaled)
         keys = jax.random.wrap_key_data(st.seed.astype(jnp.uint32), impl="threefry2x32")
@@ -120,7 +134,7 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
         drawn = jax.vmap(jax.random.categorical)(keys, scaled)             # Gumbel-max per row
         return jnp.where(random, drawn.astype(jnp.int32), greedy)
 
-    ids = jax.lax.cond(st.any_random, draw, lambda: greedy)
+    ids = gate(st.any_random, draw, lambda: greedy)
 
     def logprobs():
         logp = jax.nn.log_softmax(logits, axis=-1)                         # [R, V] raw
@@ -129,4 +143,4 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
                 top_logprobs)
 
     none = lambda: (jnp.zeros((R,), jnp.float32), jnp.zeros((R, N), jnp.int32), jnp.zeros((R, N), jnp.float32))
-    return SampleOutput(ids, *jax.lax.cond(st.any_logprobs, logprobs, none))
+    return SampleOutput(ids, *gate(st.any_logprobs, logprobs, none))

@@ -99,10 +99,12 @@ def run_step(config, params: dict, state: DeviceState, inp: StepInputs,
     return DeviceState(kv=kv, last_token=state.last_token, history=history), logits
 
 
-def run_sample(state: DeviceState, logits: jax.Array,
-               inp: SampleInputs) -> tuple[DeviceState, SampleOutput]:
-    """Sample one token per row and record it as its slot's next input token."""
-    out = sample(logits, inp.sampling, state.history, inp.sample_slot, inp.prompt_len, inp.sample_pos + 1)
+def run_sample(state: DeviceState, logits: jax.Array, inp: SampleInputs,
+               variant: str | None = None) -> tuple[DeviceState, SampleOutput]:
+    """Sample one token per row (`variant`: see `sampling.sample`) and record it as its slot's
+    next input token."""
+    out = sample(logits, inp.sampling, state.history, inp.sample_slot, inp.prompt_len,
+                 inp.sample_pos + 1, variant)
     last_token = state.last_token.at[inp.sample_slot].set(out.ids, mode="drop")
     history = state.history.at[inp.sample_slot, inp.sample_pos + 1].set(out.ids, mode="drop")
     return DeviceState(kv=state.kv, last_token=last_token, history=history), out
