@@ -31,8 +31,11 @@ class EngineConfig:
                                              "model's context: n_positions, max_position_embeddings)")
     kv_memory: int | None = _knob(None, "KV pages budget in bytes (e.g. 2e9); default: "
                                         "--kv-memory-fraction")
-    kv_memory_fraction: float = _knob(0.5, "fraction of free device memory (CPU: of RAM) for the "
-                                           "KV pages")
+    kv_memory_fraction: float | None = _knob(
+        None, "fraction for the KV pages: on accelerators of what XLA's allocator can still give "
+              "after the weights (default 0.9; XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default, is "
+              "the allocator's share of HBM: the rest stays for NCCL and cuBLAS workspaces), on "
+              "CPU of RAM (default 0.5)")
     page_size: int = _knob(PAGE_SIZE, "tokens per KV page")
     kv_admission: Literal["on-demand", "reserve"] = _knob(
         "on-demand", "on-demand: pages as tokens arrive, preempting the newest request when "
@@ -43,9 +46,21 @@ class EngineConfig:
     preemption_mode: Literal["auto", "recompute", "swap"] = _knob(
         "auto", "how a preempted request resumes with --swap-space: whichever is cheaper for it "
                 "(auto), or always one way")
-    attention_backend: Literal["auto", "xla", "pallas"] = _knob(
-        "auto", "decode attention: the Pallas GPU paged-attention kernel (pallas, CUDA only) or "
-                "XLA; auto: pallas on CUDA, else xla")
+    attention_backend: Literal["auto", "xla", "xla-static", "pallas"] = _knob(
+        "auto", "attention: xla (loops over pages as far as each step's longest context: least "
+                "work, for CPU), xla-static (static shapes, no loop: XLA:GPU would wait on the host "
+                "for each loop's trip count), pallas (the Pallas GPU paged-attention kernel for "
+                "decode rows, CUDA only); auto: on CUDA pallas for 16-bit models and xla-static for "
+                "float32 (the kernel's dots run in TF32), else xla")
+    sampling_control: Literal["auto", "device", "host"] = _knob(
+        "auto", "who switches the sampler's optional stages (penalties, top-k/p/min-p, random "
+                "draws, logprobs) per iteration: device (lax.cond in one program per row bucket: "
+                "skips unused work, for CPU) or host (a greedy and a full program per bucket, "
+                "no conditional: XLA:GPU would wait on the host for each predicate); auto: host on GPU")
+    matmul_precision: Literal["auto", "highest", "high", "default"] = _knob(
+        "auto", "precision of float32 matmuls (jax_default_matmul_precision): highest is full "
+                "float32; default lets NVIDIA GPUs use TF32 (faster, ~1e-3 relative error); auto: "
+                "highest for float32 models, default for 16-bit ones")
     warmup: bool = _knob(True, "compile every bucket program at start-up (else: when first used)")
     seed: int = _knob(0, "draws the seeds of requests that give none", flag=False)
 
@@ -62,9 +77,12 @@ class EngineConfig:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.preemption_mode not in ("auto", "recompute", "swap"):
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
-        if self.attention_backend not in ("auto", "xla", "pallas"):
-            raise ValueError(f"attention_backend must be auto, xla or pallas, got {self.attention_backend!r}")
-        if not 0.0 < self.kv_memory_fraction <= 1.0:
+        for name, choices in (("attention_backend", ("auto", "xla", "xla-static", "pallas")),
+                              ("sampling_control", ("auto", "device", "host")),
+                              ("matmul_precision", ("auto", "highest", "high", "default"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
 

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .config import EngineConfig
 from .models.attention import KVCache
 from .outputs import Sampled
-from .plan import Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
+from .plan import SAMPLING_SWITCHES, Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
 from .sampling import SampleOutput
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
@@ -49,9 +49,15 @@ log = logging.getLogger("orca_jax")
 def enable_compile_cache() -> str | None:
     """Persist compiled programs across processes (JAX's compilation cache), so only the first
     start-up of a model and bucket set pays for warm-up. $ORCA_JAX_COMPILE_CACHE picks the
-    folder (default ~/.cache/orca-jax/xla); "off" disables it."""
+    folder (default ~/.cache/orca-jax/xla); "off" disables it. With it JAX also keeps XLA:GPU's
+    autotuning results (per fusion, in its xla_gpu_per_fusion_autotune_cache_dir; process 0
+    writes them, the others read). In a group of processes, a program that spans them is
+    compiled by process 0 only and its binary handed to the others
+    (jax_share_binary_between_hosts), instead of every rank compiling and autotuning it."""
     path = os.environ.get("ORCA_JAX_COMPILE_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "orca-jax", "xla"))
+    if jax.process_count() > 1:
+        jax.config.update("jax_share_binary_between_hosts", True)
     if path == "off":
         return None
     if jax.config.jax_compilation_cache_dir != path:
@@ -91,22 +97,44 @@ def check_map_budget(start: int, compiled: int, total: int) -> None:
 
 
 def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
-                              sliding_window: int | None = None) -> str:
-    """`--attention-backend` as this mesh runs it: "pallas" (the GPU paged-attention kernel
-    for decode rows, models/pallas_attention.py) or "xla" (also for sliding-window models:
-    the kernel attends to whole contexts)."""
+                              sliding_window: int | None = None, dtype=jnp.float32) -> str:
+    """`--attention-backend` as this mesh runs it (models/attention.py `attend`): on CUDA
+    "pallas" (the paged-attention kernel for decode rows, models/pallas_attention.py) for
+    16-bit models, else "xla-static" (the kernel's float32 dots run in TF32, and it attends to
+    whole contexts: no sliding window); "xla" on CPU."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     if backend == "auto":
-        backend = "pallas" if gpu and _pow2(kv.page_size) and _pow2(head_dim) and not sliding_window else "xla"
+        fits = _pow2(kv.page_size) and _pow2(head_dim) and not sliding_window
+        backend = ("pallas" if fits and jnp.dtype(dtype).itemsize == 2 else "xla-static") if gpu else "xla"
     if backend == "pallas" and sliding_window:
-        raise ValueError("--attention-backend pallas does not apply a sliding window; use xla (or auto)")
+        raise ValueError("--attention-backend pallas does not apply a sliding window; use xla-static (or auto)")
     if backend == "pallas":
         if not gpu:
             raise ValueError("--attention-backend pallas runs on CUDA GPUs only; use xla (or auto)")
         if not (_pow2(kv.page_size) and _pow2(head_dim)):
             raise ValueError(f"the Pallas GPU kernel needs a power-of-two page size and head dim, "
-                             f"got {kv.page_size} and {head_dim}; use --attention-backend xla")
+                             f"got {kv.page_size} and {head_dim}; use --attention-backend xla-static")
     return backend
+
+
+def resolve_controls(config: EngineConfig, platform: str, dtype) -> tuple[str, str]:
+    """(sampling control, matmul precision) as `--sampling-control` and `--matmul-precision`
+    resolve on `platform` for parameters of `dtype`: the sampler's stages switched by the
+    host on GPU (no conditional in the program), by lax.cond elsewhere; float32 models at full
+    float32 precision (NVIDIA GPUs would otherwise run their matmuls in TF32 and drift from
+    Hugging Face's outputs), 16-bit models at the platform's default."""
+    control = config.sampling_control
+    if control == "auto":
+        control = "host" if platform == "gpu" else "device"
+    precision = config.matmul_precision
+    if precision == "auto":
+        precision = "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
+    return control, precision
+
+
+def _spec(x, sharding) -> jax.ShapeDtypeStruct:
+    """What `jit(...).lower` needs of an array (or its shape) that a step puts on `sharding`."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
 def _pow2(n: int) -> bool:
@@ -114,13 +142,20 @@ def _pow2(n: int) -> bool:
 
 
 def kv_budget_bytes(config: EngineConfig, device) -> int:
+    """Bytes for the KV pages (and sequence state) on `device`, once the weights are placed:
+    `--kv-memory`, else `--kv-memory-fraction` of what XLA's allocator can still hand out
+    (accelerators; default 0.9, the rest for each step's temporaries) or of RAM (CPU; 0.5)."""
     if config.kv_memory is not None:
         return config.kv_memory
+    if device.platform == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int((config.kv_memory_fraction or 0.5) * ram)
     stats = device.memory_stats() or {}
-    if "bytes_limit" in stats:  # accelerators: a fraction of what the weights left free
-        return int(config.kv_memory_fraction * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(config.kv_memory_fraction * ram)
+    if "bytes_limit" not in stats:
+        raise ValueError(f"{device.platform} device {device.id} reports no memory limit (XLA's "
+                         f"platform allocator, XLA_PYTHON_CLIENT_ALLOCATOR=platform?), so the KV "
+                         "pages cannot be sized from it: give --kv-memory BYTES")
+    return int((config.kv_memory_fraction or 0.9) * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
 
 class ModelRunner:
@@ -148,11 +183,8 @@ class ModelRunner:
         # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
         self.local_stages = local_stages(self.stages)
         self.stage_config = config.replace(num_layers=config.num_layers // self.n_stages)
-        self._params = []  # per local stage: the sub-tree it holds, on its sub-mesh, per layer
-        for st in self.local_stages:
-            sh = param_shardings(self.stage_config, st.mesh, self.layout)
-            placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st, config)}, config)
-            self._params.append(runtime_params(config, placed))
+        # per local stage: the sub-tree it holds, on its sub-mesh, per layer
+        self._params = [self._place(params, st) for st in self.local_stages]
         del params
         self.max_len = min(engine_config.max_model_len or config.max_positions, config.max_positions)
         self.platform = self.mesh.devices.flat[0].platform
@@ -160,7 +192,10 @@ class ModelRunner:
         self.swap_enabled = engine_config.swap_space > 0
         self.kv, self.kv_bytes = self._size_kv(engine_config)
         self.attention = resolve_attention_backend(engine_config.attention_backend, self.mesh, self.kv,
-                                                   config.head_dim, getattr(config, "sliding_window", None))
+                                                   config.head_dim, getattr(config, "sliding_window", None),
+                                                   config.jnp_dtype)
+        self.sampling_control, self.matmul_precision = resolve_controls(engine_config, self.platform,
+                                                                        config.jnp_dtype)
         self._states = [self._init_state(st) for st in self.local_stages]
         if engine_config.swap_space and jax.process_count() > 1:
             raise ValueError("--swap-space works within one process; multi-process meshes "
@@ -175,6 +210,14 @@ class ModelRunner:
         # every decode row's input token instead of the device reading its slot's last one.
         self.host_decode_tokens = self.n_stages > 1
         self.warmup_seconds = 0.0
+
+    def _place(self, params: dict, st: Stage) -> dict:
+        """Stage `st`'s parameters on its sub-mesh, per layer. The stacked copy it places first
+        is freed on return, before the KV pages are sized from the memory left."""
+        sh = param_shardings(self.stage_config, st.mesh, self.layout)
+        placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st, self.model_config)},
+                                    self.model_config)
+        return runtime_params(self.model_config, placed)
 
     def _size_kv(self, ec: EngineConfig) -> tuple[PagedKV, int]:
         """(the page pool's geometry, bytes per device of pages and sequence state): as many
@@ -219,7 +262,7 @@ class ModelRunner:
             fn = functools.partial(self._traced_step, self.stage_config, st.first, st.last, self.attention)
             steps.append(jax.jit(fn, donate_argnames=("state",), static_argnames=("packing",),
                                  out_shardings=(state_sh, st.replicated)))
-        sample = jax.jit(self._traced_sample, donate_argnames=("state",), static_argnames=("packing",),
+        sample = jax.jit(self._traced_sample, donate_argnames=("state",), static_argnames=("packing", "variant"),
                          out_shardings=(jax.tree.map(lambda x: x.sharding, self._states[-1]),
                                         self.local_stages[-1].replicated))
         return steps, sample
@@ -269,12 +312,22 @@ class ModelRunner:
 
     def _traced_step(self, config, first, last, attention, params, state, ints, floats, packing, x):
         self.num_compiles += 1  # runs at trace time only: one per compiled program
-        return run_step(config, params, state, packing.unpack(ints, floats), x, first=first, last=last,
-                        attention=attention)
+        with jax.default_matmul_precision(self.matmul_precision):
+            return run_step(config, params, state, packing.unpack(ints, floats), x, first=first,
+                            last=last, attention=attention)
 
-    def _traced_sample(self, state, logits, ints, floats, packing):
+    def _traced_sample(self, state, logits, ints, floats, packing, variant):
         self.num_compiles += 1
-        return run_sample(state, logits, packing.unpack(ints, floats))
+        with jax.default_matmul_precision(self.matmul_precision):
+            return run_sample(state, logits, packing.unpack(ints, floats), variant)
+
+    def _sample_variant(self, sampling: SamplingTensors) -> str | None:
+        """The sampling program's variant for this iteration (`sampling.sample`): None when the
+        device switches the stages; else "greedy" when no row needs more than an argmax, "full"
+        when any does."""
+        if self.sampling_control == "device":
+            return None
+        return "full" if any(getattr(sampling, f) for f in SAMPLING_SWITCHES) else "greedy"
 
     # -- what the engine core calls -------------------------------------------------------------
 
@@ -297,7 +350,8 @@ class ModelRunner:
             self._states[i], x = self._steps[i](self._params[i], self._states[i], *step_in, x=x)
         if not self.local_stages[-1].last:
             return self.peers.forward(x)
-        self._states[-1], out = self._sample(self._states[-1], x, *sample_in)
+        self._states[-1], out = self._sample(self._states[-1], x, *sample_in,
+                                             variant=self._sample_variant(sampling))
         return out
 
     def fetch(self, out: SampleOutput | concurrent.futures.Future, logprobs: bool) -> Sampled:
@@ -309,18 +363,24 @@ class ModelRunner:
                                                        (out.logprob, out.top_ids, out.top_logprobs)))
 
     def warmup(self, buckets: Buckets) -> None:
-        """Compile the program of every bucket shape now, not while serving."""
+        """Compile the program of every bucket shape now, not while serving: all of this
+        process's programs in parallel threads (XLA compiles outside the GIL), then one
+        all-padding iteration per shape (later stages in other processes compile theirs as
+        these reach them). With host sampling control, each sample-row bucket's "full"
+        variant too."""
         t0 = time.perf_counter()
-        replies = []  # later stages in other processes compile theirs too: wait for them
         shapes = buckets.shapes()
-        maps0 = memory_maps() if self.mesh.devices.flat[0].platform == "cpu" else None
-        for i, (td, tp) in enumerate(shapes):
-            plan = warmup_plan(td, tp, buckets, self.num_slots, self.kv, self.host_decode_tokens)
-            out = self.run(plan, SamplingTensors.from_params([], [], [], plan.num_sample_rows))
-            if isinstance(out, concurrent.futures.Future):
-                replies.append(out)
-            if maps0 is not None:
-                check_map_budget(maps0[0], i + 1, len(shapes))
+        plans = [warmup_plan(td, tp, buckets, self.num_slots, self.kv, self.host_decode_tokens)
+                 for td, tp in shapes]
+        greedy = lambda plan: SamplingTensors.from_params([], [], [], plan.num_sample_rows)
+        runs = [(plan, greedy(plan)) for plan in plans]
+        if self.sampling_control == "host":
+            full = {plan.num_sample_rows: plan for plan in reversed(plans)}  # smallest step per R
+            runs += [(plan, dataclasses.replace(greedy(plan), **dict.fromkeys(SAMPLING_SWITCHES, np.True_)))
+                     for plan in full.values()]
+        self._precompile(runs)
+        replies = [out for out in (self.run(plan, st) for plan, st in runs)
+                   if isinstance(out, concurrent.futures.Future)]
         for fut in replies:
             fut.result()
         if self.swap_enabled:  # compile the two copy programs too
@@ -328,6 +388,39 @@ class ModelRunner:
         jax.block_until_ready(self._states)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: %d programs in %.1f s", self.num_compiles, self.warmup_seconds)
+
+    def _precompile(self, runs: list[tuple[StepPlan, SamplingTensors]]) -> None:
+        """Lower and compile this process's programs for `runs` in a thread pool; `run` then
+        finds them in jit's cache. XLA:CPU maps memory per compiled kernel: stop before the
+        process would pass the kernel's limit (`check_map_budget`)."""
+        maps0 = memory_maps() if self.platform == "cpu" else None
+        jobs = {}  # one per distinct program: (stage or "sample", packing[, variant]) -> lowered
+        for plan, sampling in runs:
+            step_host, sample_host = pack_inputs(plan, sampling if self.local_stages[-1].last else None)
+            x = None
+            for i, st in enumerate(self.local_stages):
+                key = (i, step_host[2])
+                if key not in jobs:
+                    ints, floats = (_spec(a, st.replicated) for a in step_host[:2])
+                    x = None if x is None else _spec(x, st.replicated)
+                    # called as `run` calls it (jit's cache tells positional from keyword)
+                    jobs[key] = self._steps[i].lower(self._params[i], self._states[i], ints, floats,
+                                                     step_host[2], x=x)
+                x = jobs[key].out_info[1]  # the activations (last stage: logits) it returns
+            variant = self._sample_variant(sampling)
+            key = ("sample", None if sample_host is None else sample_host[2], variant)
+            if sample_host is not None and key not in jobs:
+                st = self.local_stages[-1]
+                ints, floats = (_spec(a, st.replicated) for a in sample_host[:2])
+                jobs[key] = self._sample.lower(self._states[-1], _spec(x, st.replicated), ints, floats,
+                                               sample_host[2], variant=variant)
+        workers = min(len(jobs), os.cpu_count() or 1) or 1
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="orca-compile") as pool:
+            futures = [pool.submit(lowered.compile) for lowered in jobs.values()]
+            for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                fut.result()
+                if maps0 is not None:
+                    check_map_budget(maps0[0], done, len(futures))
 
     @property
     def params(self) -> list[dict]:
@@ -339,6 +432,17 @@ class ModelRunner:
         (`x`: the activations a later stage takes), to read its collectives and loops."""
         (step_in,) = device_put_packed([pack_inputs(plan, None)[0]], self.local_stages[stage].replicated)
         lowered = self._steps[stage].lower(self._params[stage], self._states[stage], *step_in, x=x)
+        return lowered.compile().as_text()
+
+    def compiled_sample(self, plan: StepPlan, sampling: SamplingTensors) -> str:
+        """The compiled sampling program (its variant for `sampling`) at `plan`'s shape, as HLO text."""
+        st = self.local_stages[-1]
+        _, sample_host = pack_inputs(plan, sampling)
+        (sample_in,) = device_put_packed([sample_host], st.replicated)
+        logits = jax.ShapeDtypeStruct((plan.num_sample_rows, self.model_config.vocab_size), jnp.float32,
+                                      sharding=st.replicated)
+        lowered = self._sample.lower(self._states[-1], logits, *sample_in,
+                                     variant=self._sample_variant(sampling))
         return lowered.compile().as_text()
 
     @property
