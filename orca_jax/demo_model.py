@@ -75,12 +75,21 @@ def _demo_params(config) -> dict:
 
     Eagerly or under a default jit, compiling the threefry RNG for each parameter shape takes
     5-6 s on a small CPU; at optimisation level 0 it takes ~1 s. The random bits are
-    identical; the normal transform may differ from an optimised build in the last ulp. Always
-    building on CPU keeps the weights the same whichever accelerator the machine has.
+    identical; the normal transform may differ from an optimised build in the last ulp. Building
+    on CPU keeps the weights the same whichever accelerator the machine has; a process without
+    the CPU backend (JAX_PLATFORMS=cuda) builds them on its default device.
     """
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(_cpu_device()):
         init = jax.jit(lambda: init_params(config, seed=0)).lower()
         return init.compile(compiler_options={"xla_backend_optimization_level": 0})()
+
+
+def _cpu_device():
+    """The first CPU device, or None (the default device) where JAX_PLATFORMS leaves none."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def ensure_demo_model(path: str | os.PathLike | None = None) -> str:

@@ -50,3 +50,19 @@ def test_concurrent_creation_keeps_the_first_finished_model(demo_model_dir, tmp_
     assert ensure_demo_model(target) == str(target)
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     assert load_checkpoint(target)[0] == PRESETS["gpt2-tiny"]
+
+
+def test_weights_build_without_a_cpu_backend(monkeypatch):
+    """Under JAX_PLATFORMS=cuda there is no CPU backend: the weights are built on the default
+    device instead of failing, with the same values (threefry bits do not depend on it)."""
+    want = demo_model._demo_params(PRESETS["gpt2-tiny"])
+    real = jax.devices
+
+    def no_cpu(backend=None):
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real(backend)
+
+    monkeypatch.setattr(jax, "devices", no_cpu)
+    got = demo_model._demo_params(PRESETS["gpt2-tiny"])
+    jax.tree.map(np.testing.assert_array_equal, got, want)
