@@ -39,11 +39,14 @@ def _best(f, *args, n: int = 7) -> float:
 
 
 def ceilings(dtype) -> tuple[float, float]:
-    """(read bytes/s, matmul FLOP/s) of this machine through XLA."""
+    """(read bytes/s, matmul FLOP/s) of this machine through XLA; the matmul at the precision
+    the engine runs `dtype` at (float32: full float32, not a GPU's TF32)."""
     big = jnp.ones((1 << 28,), jnp.float32)                                  # 1 GiB
     bandwidth = big.nbytes / _best(jax.jit(jnp.sum), big)
     a = jnp.ones((2048, 2048), dtype)
-    return bandwidth, 2 * 2048**3 / _best(jax.jit(lambda x: x @ x), a)
+    with jax.default_matmul_precision("highest" if jnp.dtype(dtype) == jnp.float32 else "default"):
+        matmul = jax.jit(lambda x: x @ x)
+        return bandwidth, 2 * 2048**3 / _best(matmul, a)
 
 
 def floors(c, batch: int, context: int, bandwidth: float, flops: float) -> dict:

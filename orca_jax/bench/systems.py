@@ -200,7 +200,8 @@ def passive_omp() -> bool:
 
 
 class HFSystem:
-    """`AutoModelForCausalLM.generate` (PyTorch, CPU, fp32) in static batches: a batch is formed
+    """`AutoModelForCausalLM.generate` (PyTorch, fp32; on CUDA when the engine runs on a GPU,
+    else CPU) in static batches: a batch is formed
     from up to `batch_size` requests that have arrived, runs until its longest output is
     done, and returns together. Prompts are left-padded. Tokens are timestamped as each step
     makes them; a request's last token reaches the caller when the batch returns (the same
@@ -214,11 +215,12 @@ class HFSystem:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.name = "hf"
         self.batch_size = batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.device = torch_device()  # CUDA when the engine runs on a GPU: like against like
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(self.device)
 
     def describe(self) -> dict:
         import torch
-        return {"batch_size": self.batch_size, "torch": torch.__version__,
+        return {"batch_size": self.batch_size, "torch": torch.__version__, "device": self.device,
                 "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
     def warm(self, trace: Trace) -> None:
@@ -236,8 +238,8 @@ class HFSystem:
             mask[j, width - r.prompt_len:] = 1
         steps = _StepTimes(clock)
         with torch.no_grad():
-            self.model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
-                                min_new_tokens=max_new, pad_token_id=0, streamer=steps)
+            self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                                max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0, streamer=steps)
         return steps.times, clock.now()
 
     def run(self, trace: Trace, clock: Clock, progress=None) -> tuple[list[RequestRecord], dict]:
@@ -306,7 +308,9 @@ def vllm_skip_reason(python: str, trace: Trace) -> str | None:
 
 def matmul_ceiling_gflops(reps: int = 5) -> dict:
     """fp32 GEMM throughput of this machine through XLA and through torch, best of `reps`, on
-    GPT-2-small-like MLP shapes ([1024, 3072] x [3072, 768] and its transpose pair). MFU is
+    GPT-2-small-like MLP shapes ([1024, 3072] x [3072, 768] and its transpose pair), at full
+    float32 precision as the engine runs float32 models (a GPU's TF32 would be a higher roof
+    than the model ever sees); torch on the device JAX runs on when it can (CUDA). MFU is
     reported against the larger: the roof no fp32 matmul library here beat."""
     import jax
     import jax.numpy as jnp
@@ -322,17 +326,31 @@ def matmul_ceiling_gflops(reps: int = 5) -> dict:
         return flops / t / 1e9
 
     xla, tch = 0.0, None
-    mm = jax.jit(lambda a, b: a @ b)
-    for m, k, n in shapes:
-        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        xla = max(xla, best(lambda: mm(a, b).block_until_ready(), 2 * m * k * n))
+    with jax.default_matmul_precision("highest"):
+        mm = jax.jit(lambda a, b: a @ b)
+        for m, k, n in shapes:
+            a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+            xla = max(xla, best(lambda: mm(a, b).block_until_ready(), 2 * m * k * n))
     try:
         import torch
+        device = torch_device()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         tch = 0.0
         for m, k, n in shapes:
-            a, b = torch.ones(m, k), torch.ones(k, n)
-            tch = max(tch, best(lambda: torch.mm(a, b), 2 * m * k * n))
+            a, b = torch.ones(m, k, device=device), torch.ones(k, n, device=device)
+            tch = max(tch, best(lambda: (torch.mm(a, b), sync()), 2 * m * k * n))
     except ImportError:
         pass
     return {"xla": xla, "torch": tch, "ceiling": max(xla, tch or 0.0)}
 
+
+def torch_device() -> str:
+    """Where torch baselines run: CUDA when JAX runs on a GPU and torch sees one (float32
+    matmuls there at full precision, like ours: TF32 off), else the CPU."""
+    import jax
+    import torch
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return "cuda"
+    return "cpu"
