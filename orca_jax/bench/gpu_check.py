@@ -4,7 +4,7 @@
     orca-jax bench gpu-check --quick --out /tmp/gpu-check    # CPU / CI: a tiny model, < 1 minute
 
 Phases, in order (--phases picks some): devices, model, numerics, warmup, donation, throughput,
-host, restart, hlo, pallas. Each writes <out>/<phase>.json (status ok / fail / timeout / skipped, its
+host, hlo, restart, pallas. Each writes <out>/<phase>.json (status ok / fail / timeout / skipped, its
 seconds, its figures, the error of a failed one) and prints one line; a phase that fails or
 runs past its time budget is recorded and the next one runs. <out>/summary.json lists them
 all; the exit code is 1 when any phase failed or timed out. Every compiled program goes to a
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("devices", "model", "numerics", "warmup", "donation", "throughput", "host", "restart", "hlo",
+PHASES = ("devices", "model", "numerics", "warmup", "donation", "throughput", "host", "hlo", "restart",
           "pallas")
 # Seconds per phase, estimated for GPT-2 small on one H200 (no GPU has run it yet; --budget-scale
 # stretches them): together 7.7 minutes, one 8-minute GPU session with the start-up.
@@ -92,6 +92,9 @@ def add_parser(wsub) -> None:
                         "compares the backends)")
     w.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     w.add_argument("--budget-scale", type=float, default=1.0, help="multiply every phase's time budget")
+    w.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the whole run: a phase gets at most what is left, and one that "
+                        "cannot start is recorded as a timeout (so a device call ends in time)")
     w.add_argument("--seed", type=int, default=0, help="seeds prompts and workloads")
     w.set_defaults(fn=cmd_gpu_check)
 
@@ -137,12 +140,15 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_phase(name: str, fn, ctx: "Context") -> dict:
-    """Run one phase under its budget; write <out>/<name>.json and print its line."""
-    budget = BUDGETS[name] * ctx.args.budget_scale
+def run_phase(name: str, fn, ctx: Context) -> dict:
+    """Run one phase under its budget (at most the run's time left); write <out>/<name>.json
+    and print its line."""
+    budget = min(BUDGETS[name] * ctx.args.budget_scale, ctx.time_left())
     res = {"phase": name, "status": "ok", "seconds": None, "budget_s": budget, "summary": "", "error": None}
     t0 = time.perf_counter()
     try:
+        if budget < 1:
+            raise PhaseTimeout("not run: the --time-limit of the run is used up")
         with time_limit(budget):
             res["summary"] = fn(ctx, res)
     except Skipped as e:
@@ -206,6 +212,7 @@ class Context:
 
     def __init__(self, args, sizes: Sizes, out: Path, cache: Path):
         self.args, self.sizes, self.out, self.cache = args, sizes, out, cache
+        self.deadline = None if args.time_limit is None else time.perf_counter() + args.time_limit
         self.results: dict[str, dict] = {}
         self.system = None  # bench/systems.py EngineSystem, built by the warmup phase
         self._model: tuple | BaseException | None = None
@@ -220,6 +227,9 @@ class Context:
         if isinstance(self._model, BaseException):
             raise RuntimeError(f"no model: {self._model}")
         return self._model
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
 
     def engine(self):
         if self.system is None:
@@ -665,7 +675,7 @@ def phase_restart(ctx: Context, res: dict) -> str:
     t0 = time.perf_counter()
     child_cmd = [sys.executable, "-m", "orca_jax.bench.gpu_check", "--restart-child", json.dumps(spec)]
     proc = subprocess.run(child_cmd, env=env, capture_output=True, text=True,
-                          timeout=BUDGETS["restart"] * ctx.args.budget_scale)
+                          timeout=min(BUDGETS["restart"] * ctx.args.budget_scale, ctx.time_left()))
     check(proc.returncode == 0, f"the restarted process failed: {proc.stderr[-2000:]}")
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     res.update(cache_dir=str(ctx.cache), cache_entries=entries, process_s=time.perf_counter() - t0,
