@@ -517,13 +517,11 @@ def phase_throughput(ctx: Context, res: dict) -> str:
     from . import decode_step, workloads
     from .metrics import summarize
     from .systems import Clock
-    import jax
     eng, s = ctx.engine(), ctx.sizes
     cfg = eng.model_config
-    precision = getattr(eng.runner, "matmul_precision", None)  # the engine's: not a TF32 ceiling for fp32
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-        bandwidth, flops = decode_step.ceilings(cfg.jnp_dtype)
-    res.update(bandwidth_gbs=bandwidth / 1e9, matmul_gflops=flops / 1e9, matmul_precision=precision)
+    bandwidth, flops = decode_step.ceilings(cfg.jnp_dtype)
+    res.update(bandwidth_gbs=bandwidth / 1e9, matmul_gflops=flops / 1e9,
+               matmul_precision=getattr(eng.runner, "matmul_precision", None))
     n, p, o = s.offline
     records, info = ctx.system.run(workloads.offline(n, str(p), str(o), cfg.vocab_size, ctx.args.seed), Clock())
     m = summarize(records)
