@@ -210,6 +210,7 @@ class ModelRunner:
         # every decode row's input token instead of the device reading its slot's last one.
         self.host_decode_tokens = self.n_stages > 1
         self.warmup_seconds = 0.0
+        self.warmup_times: dict[str, float] = {}  # program ("step Td=8 Tp=64", "sample R=8") -> compile s
 
     def _place(self, params: dict, st: Stage) -> dict:
         """Stage `st`'s parameters on its sub-mesh, per layer. The stacked copy it places first
@@ -391,34 +392,43 @@ class ModelRunner:
 
     def _precompile(self, runs: list[tuple[StepPlan, SamplingTensors]]) -> None:
         """Lower and compile this process's programs for `runs` in a thread pool; `run` then
-        finds them in jit's cache. XLA:CPU maps memory per compiled kernel: stop before the
-        process would pass the kernel's limit (`check_map_budget`)."""
+        finds them in jit's cache. Each program's compile time goes to `warmup_times`. XLA:CPU
+        maps memory per compiled kernel: stop before the process would pass the kernel's
+        limit (`check_map_budget`)."""
         maps0 = memory_maps() if self.platform == "cpu" else None
-        jobs = {}  # one per distinct program: (stage or "sample", packing[, variant]) -> lowered
+        jobs = {}  # one per distinct program: its name -> lowered
         for plan, sampling in runs:
             step_host, sample_host = pack_inputs(plan, sampling if self.local_stages[-1].last else None)
+            shape = f"Td={plan.num_decode} Tp={plan.num_prefill}"
             x = None
             for i, st in enumerate(self.local_stages):
-                key = (i, step_host[2])
-                if key not in jobs:
+                name = f"step stage {i} {shape}" if self.n_stages > 1 else f"step {shape}"
+                if name not in jobs:
                     ints, floats = (_spec(a, st.replicated) for a in step_host[:2])
                     x = None if x is None else _spec(x, st.replicated)
                     # called as `run` calls it (jit's cache tells positional from keyword)
-                    jobs[key] = self._steps[i].lower(self._params[i], self._states[i], ints, floats,
-                                                     step_host[2], x=x)
-                x = jobs[key].out_info[1]  # the activations (last stage: logits) it returns
+                    jobs[name] = self._steps[i].lower(self._params[i], self._states[i], ints, floats,
+                                                      step_host[2], x=x)
+                x = jobs[name].out_info[1]  # the activations (last stage: logits) it returns
             variant = self._sample_variant(sampling)
-            key = ("sample", None if sample_host is None else sample_host[2], variant)
-            if sample_host is not None and key not in jobs:
+            name = f"sample R={plan.num_sample_rows}" + (f" {variant}" if variant else "")
+            if sample_host is not None and name not in jobs:
                 st = self.local_stages[-1]
                 ints, floats = (_spec(a, st.replicated) for a in sample_host[:2])
-                jobs[key] = self._sample.lower(self._states[-1], _spec(x, st.replicated), ints, floats,
-                                               sample_host[2], variant=variant)
+                jobs[name] = self._sample.lower(self._states[-1], _spec(x, st.replicated), ints, floats,
+                                                sample_host[2], variant=variant)
+
+        def compile_one(name, lowered):
+            t0 = time.perf_counter()
+            lowered.compile()
+            return name, time.perf_counter() - t0
+
         workers = min(len(jobs), os.cpu_count() or 1) or 1
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="orca-compile") as pool:
-            futures = [pool.submit(lowered.compile) for lowered in jobs.values()]
+            futures = [pool.submit(compile_one, *job) for job in jobs.items()]
             for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-                fut.result()
+                name, seconds = fut.result()
+                self.warmup_times[name] = seconds
                 if maps0 is not None:
                     check_map_budget(maps0[0], done, len(futures))
 
