@@ -174,3 +174,37 @@ def test_sigterm_stops_the_whole_group_cleanly(ckpt, tmp_path, mesh):
         assert len(first.token_ids) + sum(len(d.token_ids) for d in rest) == 40  # drained, not cut
         assert leader.wait(60) == 0, log(0)[-3000:]
         assert follower.wait(60) == 0, log(1)[-3000:]
+
+
+STUCK_AFTER_S = 3.0
+
+
+@pytest.mark.parametrize("fault", [pytest.param("SIGKILL", marks=pytest.mark.slow), "SIGSTOP"])
+def test_a_follower_dying_or_hanging_mid_stream_fails_the_stream_not_hangs(ckpt, tmp_path, monkeypatch, fault):
+    """The follower dies (SIGKILL: its control connection closes, the leader calls `fail`)
+    or hangs (SIGSTOP: alive, connection open, the leader waits inside a collective that
+    never completes) while a request streams. Either way the stream ends with UNAVAILABLE
+    naming the cause, within --stuck-after (+ slack) for the hang, and the leader exits with
+    status 3 for a restart instead of hanging."""
+    monkeypatch.setattr(sys.modules[__name__], "ENGINE_FLAGS",  # read by serving_group
+                        ENGINE_FLAGS + ["--stuck-after", str(STUCK_AFTER_S)])
+    with serving_group(ckpt, tmp_path) as (leader, follower, target, http, log):
+        with Client(target, timeout=60) as c:
+            stream = c.stream(_prompts()[0], max_tokens=100, temperature=0.0, ignore_eos=True)
+            assert next(stream).token_ids
+            follower.send_signal(getattr(signal, fault))
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            failed_after_s = time.monotonic() - t0
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        if fault == "SIGKILL":
+            assert "follower process 1 of 2 is gone" in err.value.details()
+            assert failed_after_s < 10
+        else:
+            assert "stuck" in err.value.details() and "--stuck-after" in err.value.details()
+            assert failed_after_s < STUCK_AFTER_S + 4  # the step before the stop may finish first
+        assert leader.wait(60) == 3, log(0)[-3000:]
+        if fault == "SIGSTOP":  # it did not wait for the collective, which never returns
+            assert "still inside a device step" in log(0), log(0)[-3000:]
