@@ -51,13 +51,13 @@ def enable_compile_cache() -> str | None:
     start-up of a model and bucket set pays for warm-up. $ORCA_JAX_COMPILE_CACHE picks the
     folder (default ~/.cache/orca-jax/xla); "off" disables it. With it JAX also keeps XLA:GPU's
     autotuning results (per fusion, in its xla_gpu_per_fusion_autotune_cache_dir; process 0
-    writes them, the others read). In a group of processes, a program that spans them is
-    compiled by process 0 only and its binary handed to the others
-    (jax_share_binary_between_hosts), instead of every rank compiling and autotuning it."""
+    writes them, the others read), so every rank of a group shares them when the folder is
+    on a shared file system (launch/slurm.sbatch puts it there). Not
+    jax_share_binary_between_hosts (process 0 compiles, the others fetch its binary): with
+    it a two-process group hung at start-up (tests/test_multihost.py), probably because
+    JAX gives process 0 other compile options (that autotune cache mode) and so another key."""
     path = os.environ.get("ORCA_JAX_COMPILE_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "orca-jax", "xla"))
-    if jax.process_count() > 1:
-        jax.config.update("jax_share_binary_between_hosts", True)
     if path == "off":
         return None
     if jax.config.jax_compilation_cache_dir != path:
