@@ -141,12 +141,13 @@ class Engine:
         self.tokenizer = tokenizer or ByteTokenizer()
         self.num_slots, self.max_len, self.kv = runner.num_slots, runner.max_len, runner.kv
         sched = scheduler_config(engine_config, runner.num_slots, runner.n_stages)
+        self.buckets = Buckets.make(sched.max_batch_size, sched.max_num_batched_tokens,
+                                    sched.max_prefill_seqs)
+        sched = dataclasses.replace(sched, prefill_buckets=self.buckets.prefill[1:])  # chunks fit them
         self.pool = PagePool(self.kv.num_pages, self.kv.page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(sched, runner.num_slots, runner.max_len, self.pool,
                                    swap_space(engine_config, self.model_config, self.kv,
                                               getattr(runner, "platform", "cpu")))
-        self.buckets = Buckets.make(sched.max_batch_size, sched.max_num_batched_tokens,
-                                    sched.max_prefill_seqs)
         self.eos_token_ids = eos_token_ids(self.model_config, self.tokenizer)
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids,

@@ -64,6 +64,7 @@ class SchedulerConfig:
     n_stages: int = 1                   # iterations in flight (pipeline stages); > 1: a request
                                          # is not scheduled again until its result is back
     kv_admission: Literal["on-demand", "reserve"] = "on-demand"  # reserve: Orca's, never preempts
+    prefill_buckets: tuple[int, ...] = ()  # prefill row counts a step is padded to (plan.Buckets)
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -232,6 +233,8 @@ class Scheduler:
             if length:
                 batch.prefills.append(Chunk(req, req.num_scheduled, length))
                 budget -= length
+        if not static:
+            self._fit_prefill_bucket(batch)
         for req in batch.decodes:
             req.num_scheduled += 1
             req.in_flight += 1
@@ -239,6 +242,33 @@ class Scheduler:
             c.request.num_scheduled += c.length
             c.request.in_flight += 1
         return batch
+
+    def _fit_prefill_bucket(self, batch: Batch) -> None:
+        """Bucket-aware chunking: a step's prefill rows are padded up to the next bucket
+        (plan.py `Buckets`: 16, 64, 256, 512, ...). When they pass a bucket by less than the
+        padding up to the next one would add, cut the last chunks back to that bucket; the
+        rest runs next iteration. A lone 272-token prompt takes 256 rows now and 16 next, not
+        512 rows of work with every decoding stream waiting on it. A chunk cut to nothing
+        leaves its request admitted, with its pages, to continue next iteration."""
+        n = sum(c.length for c in batch.prefills)
+        above = next((b for b in self.config.prefill_buckets if b >= n), None)
+        below = max((b for b in self.config.prefill_buckets if b < n), default=0)
+        if above is None or not below or above - n <= n - below:
+            return
+        excess = n - below
+        while excess:
+            last = batch.prefills[-1]
+            cut = min(excess, last.length)
+            excess -= cut
+            if cut == last.length:
+                batch.prefills.pop()
+            else:
+                batch.prefills[-1] = Chunk(last.request, last.start, last.length - cut)
+            req = last.request
+            if self.config.kv_admission == "on-demand":  # give back the pages of the cut positions
+                keep = pages_for(last.start + last.length - cut, self.page_size)
+                self.pool.free(req.pages[keep:])
+                del req.pages[keep:]
 
     def launched(self, batch: Batch) -> None:
         """`batch` was dispatched (its requests' KV will be in their pages before any later

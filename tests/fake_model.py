@@ -252,6 +252,8 @@ class FakeEngine:
         self.engine.scheduler._release = release
         if buckets is not None:  # other buckets than the engine's (odd minimum sizes)
             self.engine.buckets = buckets
+            sched = self.engine.scheduler
+            sched.config = dataclasses.replace(sched.config, prefill_buckets=buckets.prefill[1:])
             self.runner.warmup(buckets)
         self.scheduler, self.buckets = self.engine.scheduler, self.engine.buckets
         self.records: list[StepRecord] = []

@@ -342,18 +342,38 @@ def test_every_chunk_that_continues_a_sequence_is_a_history_entry(pipelined):
 def test_chunked_and_unchunked_runs_give_the_same_outputs(pipelined):
     prompts = [list(range(k, k + n)) for k, n in [(3, 1), (10, 25), (40, 7), (60, 16), (0, 2)]]
 
-    def outputs(budget):
+    def outputs(budget, buckets=None):
         eng = FakeEngine(cfg(max_batch_size=4, max_num_batched_tokens=budget), num_slots=3, max_len=64,
-                         pipelined=pipelined)
+                         pipelined=pipelined, buckets=buckets)
         reqs = [eng.submit(p, 6) for p in prompts]
         eng.run()
         return eng, [r.output_ids for r in reqs]
 
     chunked, out_chunked = outputs(4)
-    whole, out_whole = outputs(256)
+    whole, out_whole = outputs(256, Buckets.make(3, 256, 3, min_prefill=256))  # one prefill bucket: no cut
     assert any(c[1] > 0 for r in chunked.records for c in r.chunks)
     assert not any(c[1] > 0 for r in whole.records for c in r.chunks)
     assert out_chunked == out_whole == [expected_output(p, 6) for p in prompts]
+
+
+def test_prefill_chunks_are_cut_back_to_a_bucket_when_that_pads_less():
+    """Buckets 16, 64 (budget 64): 20 prompt tokens would pad to 64 rows, so the step takes 16
+    and the next 4 (the cut chunk continues); 50 tokens are nearer 64 and go whole. Two
+    prompts of 12: the second is cut to 4, then continues."""
+    eng = FakeEngine(cfg(max_batch_size=4, max_num_batched_tokens=64), num_slots=4, max_len=128, page_size=B)
+    assert eng.scheduler.config.prefill_buckets == (16, 64)
+    eng.submit(list(range(20)), 2, "a")
+    eng.run()
+    eng.submit(list(range(50)), 2, "b")
+    eng.run()
+    eng.submit(list(range(12)), 2, "c")
+    eng.submit(list(range(30, 42)), 2, "d")
+    eng.run()
+    chunks = [r.chunks for r in eng.records if r.chunks]
+    assert chunks == [[("a", 0, 16)], [("a", 16, 4)], [("b", 0, 50)],
+                      [("c", 0, 12), ("d", 0, 4)], [("d", 4, 8)]]
+    for rid in "abcd":
+        assert eng.requests[rid].output_ids == expected_output(eng.requests[rid].prompt_ids, 2)
 
 
 # -- abort -------------------------------------------------------------------------------------
@@ -755,11 +775,13 @@ def check_iteration(eng: FakeEngine, rec: StepRecord) -> None:
             if n >= req[rid].prompt_len and n - req[rid].prompt_len + 1 < req[rid].params.max_tokens]
     assert rec.decodes == owed
     # Chunks: a prompt resumes where it stopped; a chunk shorter than what is left of its
-    # prompt means the budget ran out.
+    # prompt means the budget ran out, or the prefill rows were cut back to a bucket.
+    prefill = sum(length for _, _, length in rec.chunks)
+    cut = c.policy == "iteration" and prefill in c.prefill_buckets
     for rid, start, length in rec.chunks:
         assert start == before.get(rid, 0) and length >= 1
         if start + length < req[rid].prompt_len:
-            assert rec.num_tokens == c.max_num_batched_tokens
+            assert rec.num_tokens == c.max_num_batched_tokens or cut
     # FCFS, no overtaking: the admitted are the head of the queue, in order.
     assert rec.admitted == rec.waiting_before[:len(rec.admitted)]
     assert rec.waiting_after == rec.waiting_before[len(rec.admitted):]
@@ -770,7 +792,7 @@ def check_iteration(eng: FakeEngine, rec: StepRecord) -> None:
         elif c.policy == "static":  # a static batch takes every request that has a slot
             assert rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size
         else:
-            assert (rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size
+            assert (rec.free_slots == 0 or len(rec.slots) >= c.max_batch_size or cut
                     or rec.num_tokens >= c.max_num_batched_tokens or len(rec.chunks) >= c.max_prefill_seqs)
     if c.policy == "static" and rec.running_before:
         assert not rec.admitted
