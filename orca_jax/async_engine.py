@@ -7,7 +7,8 @@ requests and read token deltas from an async iterator.
 
 The engine itself is single-threaded: every call into it (add, abort, step) happens on the
 loop thread. Callers hand it commands through a queue; results come back to each caller's
-event loop with `call_soon_threadsafe`. Errors a user can act on (bad input, full queue) are
+event loop with `call_soon_threadsafe`, once per iteration per event loop; a caller that falls
+behind reads its queued deltas merged into one. Errors a user can act on (bad input, full queue) are
 raised from `generate` before the first delta. If a step raises, every request in the engine
 fails with FinishReason.ERROR, the engine is marked dead (`healthy()` is False) and later
 submissions raise EngineDeadError: nothing hangs.
@@ -80,7 +81,7 @@ class AsyncEngine:
         # Who waits on what; the loop and `_fail_outstanding` (any thread) share them, under
         # the lock: a request's final output goes out exactly once, from one or the other.
         self._lock = threading.Lock()
-        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._sinks: dict[str, _Sink | Callable[[RequestOutput], None]] = {}
         self._queued: set[concurrent.futures.Future] = set()  # submissions not yet added
         self._failed_outside: list[str] = []  # ids failed while the loop was inside a step
         self._thread = threading.Thread(target=self._loop, name="orca-engine", daemon=True)
@@ -149,15 +150,15 @@ class AsyncEngine:
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; cancelling the iteration aborts it."""
-        loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        sink = lambda out: _call_soon(loop, deltas.put_nowait, out)
-        submitted = self._submit(prompt, params, request_id, sink)
+        submitted = self._submit(prompt, params, request_id, _Sink(asyncio.get_running_loop(), deltas))
         rid, finished = None, False
         try:
             rid = await asyncio.wrap_future(submitted)
             while not finished:
                 out = await deltas.get()
+                while not out.finished and not deltas.empty():  # the caller fell behind: one
+                    out = merge_deltas(out, deltas.get_nowait())  # write, not one per token
                 finished = out.finished
                 yield out
         finally:
@@ -222,6 +223,25 @@ class AsyncEngine:
             for fn in self._listeners:
                 _call_safely(fn, out)
 
+    def _emit_iteration(self, outs: Sequence[RequestOutput]) -> None:
+        """One iteration's outputs, handed to each caller's event loop in one
+        `call_soon_threadsafe` per loop (each call wakes that loop through its self-pipe:
+        one per output cost ~10 us x running requests, every iteration)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:  # as `_emit`: no delta can follow a watchdog's final
+            for out in outs:
+                sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+                if isinstance(sink, _Sink):
+                    batches.setdefault(sink.loop, []).append((sink.queue, out))
+                elif sink is not None:
+                    sink(out)
+        for loop, items in batches.items():
+            _call_soon(loop, _deliver, items)
+        for out in outs:
+            if out.finished:
+                for fn in self._listeners:
+                    _call_safely(fn, out)
+
     def _loop(self) -> None:
         eng = self.engine
         while not self._stop:
@@ -240,8 +260,7 @@ class AsyncEngine:
                 self._fail_all(self.dead or f"{type(e).__name__}: {e}")  # `fail`'s reason first
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 return
-            for out in result:
-                self._emit(out)
+            self._emit_iteration(result)
             if result.batch_size:  # a step that only read back the last results launched none
                 for fn in self._iteration_listeners:
                     _call_safely(fn, result.batch_size, result.num_tokens)
@@ -312,6 +331,31 @@ class AsyncEngine:
                 cmd()
             except Exception:  # a command must never take the loop down with it
                 log.error("engine command failed:\n%s", traceback.format_exc())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sink:
+    """Where one request's outputs go: its caller's event loop and queue."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def __call__(self, out: RequestOutput) -> None:
+        _call_soon(self.loop, self.queue.put_nowait, out)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On a caller's event loop: an iteration's outputs into their requests' queues."""
+    for q, out in items:
+        q.put_nowait(out)
+
+
+def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one request as one (tokens, text and logprobs in order; the
+    rest, final fields included, from the later)."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else [*(a.logprobs or []), *(b.logprobs or [])]
+    return dataclasses.replace(b, token_ids=[*a.token_ids, *b.token_ids], text=a.text + b.text,
+                               logprobs=logprobs)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

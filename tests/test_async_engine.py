@@ -150,6 +150,39 @@ def test_streamed_deltas_concatenate_to_the_offline_result(model, aeng):
     assert aeng.healthy()
 
 
+def test_one_wakeup_per_iteration_and_a_slow_reader_gets_merged_deltas(model, aeng):
+    """All of an iteration's deltas reach the event loop in one call_soon_threadsafe (not one
+    per request), and a reader that falls behind gets its queued deltas as one, in order:
+    the same tokens, text and logprobs as the offline run."""
+    _, work, offline = model
+    calls = []
+
+    async def slow(agen, s: Stream):
+        async for out in agen:
+            s.add(out)
+            await asyncio.sleep(0.3)  # several iterations pass meanwhile
+        return s
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (calls.append(threading.current_thread().name), real(*a, **k))[1]
+        fast = [collect(aeng.generate(p, sp)) for p, sp in work[:2]]
+        return await asyncio.gather(*fast, slow(aeng.generate(*work[2]), Stream()))
+
+    it0 = aeng.snapshot.iterations
+    streams = run(main())
+    iterations = aeng.snapshot.iterations - it0
+    from_engine = calls.count("orca-engine")
+    # one per iteration, plus one per submission (its future resolves on the engine thread)
+    assert 0 < from_engine <= iterations + 3, (from_engine, iterations)
+    assert sum(len(s.deltas) for s in streams) > from_engine
+    for got, want in zip(streams, offline[:3]):  # (another batch than offline's: ulps differ)
+        assert got.ids == want.ids and got.text == want.text
+        assert [lp["logprob"] for lp in got.logprobs] == pytest.approx([lp["logprob"] for lp in want.logprobs], abs=1e-5)
+    assert len(streams[2].deltas) < len(streams[2].ids), "the slow reader got a delta per token"
+
+
 def test_cancelling_the_consumer_aborts_and_frees_the_slot(engine, aeng):
     finals = []
     aeng.add_listener(finals.append)
