@@ -724,6 +724,15 @@ def phase_hlo(ctx: Context, res: dict) -> str:
                 res["programs"][f"sample_{kind}_td{td}"] = scan_hlo(text)
     if not hasattr(runner, "compiled_sample"):
         res["sample"] = "not inspected: the runner has no compiled_sample(plan, sampling) hook"
+    b = eng.buckets  # the largest mixed step: decode rows and prefill rows with history tiles
+    plan = warmup_plan(b.decode[-1], b.prefill[-1], b, eng.num_slots, eng.kv, runner.host_decode_tokens)
+    res["programs"]["mixed_largest"] = scan_hlo(_save(ctx.out / "hlo-mixed-largest.txt", runner.compiled_step(0, plan)))
+    trips = sum(r["while_unknown_trip_count"] + r["conditional"] for r in res["programs"].values())
+    res["host_round_trips"] = trips
+    if getattr(runner, "platform", "cpu") == "gpu" and trips:
+        raise AssertionError(f"{trips} runtime-trip-count loops or conditionals in the GPU path's programs "
+                             f"(attention {getattr(runner, 'attention', '?')}, sampling control "
+                             f"{getattr(runner, 'sampling_control', '?')}): each waits on the host")
     return "; ".join(f"{name} {r['while']} while ({r['while_unknown_trip_count']} unknown trip count), "
                      f"{r['conditional']} cond" for name, r in res["programs"].items())
 
