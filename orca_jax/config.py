@@ -41,6 +41,9 @@ class EngineConfig:
         "on-demand", "on-demand: pages as tokens arrive, preempting the newest request when "
                      "they run out; reserve: Orca's, prompt + max_tokens up front, never preempted")
     enable_prefix_caching: bool = _knob(True, "reuse the KV pages of prompt prefixes seen before")
+    bucket_chunking: bool = _knob(True, "cut a step's prompt chunks back to a prefill bucket when "
+                                        "that pads less than rounding up to the next (fewer padded "
+                                        "rows, shorter stalls of the decoding streams)")
     swap_space: float = _knob(0.0, "GiB of host memory for the KV pages of preempted requests "
                                    "(0: preempted requests recompute)")
     preemption_mode: Literal["auto", "recompute", "swap"] = _knob(

@@ -143,7 +143,8 @@ class Engine:
         sched = scheduler_config(engine_config, runner.num_slots, runner.n_stages)
         self.buckets = Buckets.make(sched.max_batch_size, sched.max_num_batched_tokens,
                                     sched.max_prefill_seqs)
-        sched = dataclasses.replace(sched, prefill_buckets=self.buckets.prefill[1:])  # chunks fit them
+        if engine_config.bucket_chunking:  # chunks cut back to fit them
+            sched = dataclasses.replace(sched, prefill_buckets=self.buckets.prefill[1:])
         self.pool = PagePool(self.kv.num_pages, self.kv.page_size, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(sched, runner.num_slots, runner.max_len, self.pool,
                                    swap_space(engine_config, self.model_config, self.kv,

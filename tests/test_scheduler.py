@@ -374,6 +374,12 @@ def test_prefill_chunks_are_cut_back_to_a_bucket_when_that_pads_less():
                       [("c", 0, 12), ("d", 0, 4)], [("d", 4, 8)]]
     for rid in "abcd":
         assert eng.requests[rid].output_ids == expected_output(eng.requests[rid].prompt_ids, 2)
+    # --no-bucket-chunking: the scheduler gets no buckets to cut back to
+    from fake_model import FakeRunner
+    from orca_jax.engine import Engine, EngineConfig
+    off = Engine(FakeRunner(4, 128, 97, None), EngineConfig(max_batch_size=4, max_num_batched_tokens=64,
+                                                            bucket_chunking=False))
+    assert off.scheduler.config.prefill_buckets == ()
 
 
 # -- abort -------------------------------------------------------------------------------------
