@@ -165,6 +165,18 @@ def test_gpu_path_with_a_sliding_window_and_gqa_matches_hf(tmp_path):
     _check_against_hf(hf, work, _run(Engine.from_checkpoint(str(tmp_path / "ckpt"), ec), work))
 
 
+def test_gpu_path_on_a_tensor_and_pipeline_mesh_matches_hf(tmp_path):
+    """The GPU path's static-shape gathers and host-chosen sampling programs over KV pages
+    split by head (tensor=2) and over two pipeline stages."""
+    hf = make_hf(tmp_path / "hf", "llama")
+    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    work = _workload()[:8]
+    ec = dataclasses.replace(EC, attention_backend="xla-static", sampling_control="host")
+    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), ec, mesh=make_mesh("tensor=2,pipeline=2"),
+                                    layout="megatron")
+    _check_against_hf(hf, work, _run(engine, work))
+
+
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     import torch
     hf = make_hf(tmp_path / "hf", "llama", dtype=torch.bfloat16)
