@@ -98,7 +98,8 @@ def _page(pages: jax.Array, page) -> jax.Array:
 def _fold(carry, s, vb, eq: str):
     """Online-softmax step (flash attention): merge scores s [N, Hkv, G, M] (masked: -inf) and
     their values vb into carry = (running max [N,Hkv,G], denominator [N,Hkv,G], numerator
-    [N,Hkv,G,K]), f32; `eq` contracts p [N,Hkv,G,M] with vb."""
+    [N,Hkv,G,K]), f32; `eq` contracts p [N,Hkv,G,M] with vb ("shared": vb [Hkv, M, K], one
+    page for every row)."""
     m, d, acc = carry
     m_new = jnp.maximum(m, s.max(-1))
     # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
@@ -106,8 +107,13 @@ def _fold(carry, s, vb, eq: str):
     p = jnp.exp(s - m_safe[..., None])                              # [N, Hkv, G, M]
     corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
     d = d * corr + p.sum(-1)
-    acc = acc * corr[..., None] + jnp.einsum(eq, p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-    return m_new, d, acc
+    p = p.astype(vb.dtype)
+    if eq == "shared":  # KV heads leading in both: XLA:CPU's dot thunk rejects the bfloat16
+        # "nhgb,hbk->nhgk" (batch dim second on one side) -> f32 on hosts without AVX-512
+        pv = jnp.einsum("hngb,hbk->hngk", p.swapaxes(0, 1), vb, preferred_element_type=jnp.float32).swapaxes(0, 1)
+    else:
+        pv = jnp.einsum(eq, p, vb, preferred_element_type=jnp.float32)
+    return m_new, d, acc * corr[..., None] + pv
 
 
 def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
@@ -127,7 +133,7 @@ def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
             kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [Hkv, B, K]
             s = jnp.einsum("nhgk,hbk->nhgb", q, kb, preferred_element_type=jnp.float32) * scale
         s = jnp.where(valid(idx)[:, None, None, :], s, -jnp.inf)   # [N, Hkv, G, B]
-        return _fold(carry, s, vb, "nhgb,nhbk->nhgk" if per_row else "nhgb,hbk->nhgk")
+        return _fold(carry, s, vb, "nhgb,nhbk->nhgk" if per_row else "shared")
 
     return jax.lax.fori_loop(0, n_pages, body, init)
 

@@ -188,11 +188,16 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     assert sum(x.nbytes for x in leaves) == 2 * config.num_params()
     engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC)
     assert engine.runner.kv_bytes > 0 and engine.runner._states[0].kv.k[0].dtype == jax.numpy.bfloat16
-    (ids, _), = _run(engine, [(list(range(1, 30)), 8)])
+    prompt = list(range(1, 30))
+    (ids, _), = _run(engine, [(prompt, 8)])
+    # Each token is HF bf16's argmax given the same context (teacher-forced), up to one bf16
+    # step at logits ~5 (0.03): bf16 logits tie often, and HF's generate, decoding one token
+    # at a time, rounds differently from its own full forward, so comparing with its greedy
+    # continuation would test the rounding, not the model.
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([list(range(1, 30))]), attention_mask=torch.ones(1, 29, dtype=torch.long),
-                          max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 29:].tolist()
-    assert len(ids) == 8 and sum(a == b for a, b in zip(ids, ref)) >= 6  # bf16 rounding differs from torch's
+        logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()  # [8, V]
+    gap = logits.max(-1).values - logits[torch.arange(8), torch.tensor(ids)]
+    assert len(ids) == 8 and gap.max().item() <= 0.05, gap.tolist()
     # --dtype float32 widens it.
     assert convert_hf(tmp_path / "hf", tmp_path / "f32", dtype="float32", progress=False).dtype == "float32"
 
