@@ -95,25 +95,29 @@ def _page(pages: jax.Array, page) -> jax.Array:
     return jax.lax.dynamic_slice(pages, (0, page, 0, 0), (H, 1, B, K))[:, 0]
 
 
-def _fold(carry, s, vb, eq: str):
-    """Online-softmax step (flash attention): merge scores s [N, Hkv, G, M] (masked: -inf) and
-    their values vb into carry = (running max [N,Hkv,G], denominator [N,Hkv,G], numerator
-    [N,Hkv,G,K]), f32; `eq` contracts p [N,Hkv,G,M] with vb ("shared": vb [Hkv, M, K], one
-    page for every row)."""
+def _fold(carry, s, values):
+    """Online-softmax step (flash attention): merge scores s [N, Hkv, G, M] (masked: -inf;
+    any leading dims) into carry = (running max [N,Hkv,G], denominator [N,Hkv,G], numerator
+    [N,Hkv,G,K]), f32; `values(p)` is the numerator's increment, p [N,Hkv,G,M] times the
+    positions' values."""
     m, d, acc = carry
     m_new = jnp.maximum(m, s.max(-1))
     # Rows that have seen no valid position yet keep m = -inf; guard exp(-inf - -inf).
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     p = jnp.exp(s - m_safe[..., None])                              # [N, Hkv, G, M]
     corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-    d = d * corr + p.sum(-1)
+    return m_new, d * corr + p.sum(-1), acc * corr[..., None] + values(p)
+
+
+def _pv(eq: str, p, vb, swap: tuple[int, int] | None = None):
+    """p (f32) in vb's dtype times vb, accumulated in f32. `swap`: axes of p exchanged before
+    and after, so that the batch dims lead in the same order on both sides: XLA:CPU's dot
+    thunk rejects some bfloat16 x bfloat16 -> float32 dots whose batch dims do not (on this
+    AMD host without AVX-512, "nhgb,hbk->nhgk" and "nrhgm,nhmk->nrhgk" alone, jitted)."""
     p = p.astype(vb.dtype)
-    if eq == "shared":  # KV heads leading in both: XLA:CPU's dot thunk rejects the bfloat16
-        # "nhgb,hbk->nhgk" (batch dim second on one side) -> f32 on hosts without AVX-512
-        pv = jnp.einsum("hngb,hbk->hngk", p.swapaxes(0, 1), vb, preferred_element_type=jnp.float32).swapaxes(0, 1)
-    else:
-        pv = jnp.einsum(eq, p, vb, preferred_element_type=jnp.float32)
-    return m_new, d, acc * corr[..., None] + pv
+    if swap is None:
+        return jnp.einsum(eq, p, vb, preferred_element_type=jnp.float32)
+    return jnp.einsum(eq, p.swapaxes(*swap), vb, preferred_element_type=jnp.float32).swapaxes(*swap)
 
 
 def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
@@ -133,7 +137,9 @@ def _pages_softmax(q, k_pages, v_pages, table, n_pages, valid, scale, init):
             kb, vb = _page(k_pages, table[i]), _page(v_pages, table[i])           # [Hkv, B, K]
             s = jnp.einsum("nhgk,hbk->nhgb", q, kb, preferred_element_type=jnp.float32) * scale
         s = jnp.where(valid(idx)[:, None, None, :], s, -jnp.inf)   # [N, Hkv, G, B]
-        return _fold(carry, s, vb, "nhgb,nhbk->nhgk" if per_row else "shared")
+        if per_row:
+            return _fold(carry, s, lambda p: _pv("nhgb,nhbk->nhgk", p, vb))
+        return _fold(carry, s, lambda p: _pv("hngb,hbk->hngk", p, vb, swap=(0, 1)))
 
     return jax.lax.fori_loop(0, n_pages, body, init)
 
@@ -150,7 +156,7 @@ def _table_softmax(q, k_pages, v_pages, table, valid, scale, init):
     kb, vb = gather(k_pages), gather(v_pages)
     s = jnp.einsum("nrhgk,nhmk->nrhgm", q, kb, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid(jnp.arange(W * B))[:, :, None, None, :], s, -jnp.inf)   # [N, R, Hkv, G, W*B]
-    return _fold(init, s, vb, "nrhgm,nhmk->nrhgk")
+    return _fold(init, s, lambda p: _pv("nhrgm,nhmk->nhrgk", p, vb, swap=(1, 2)))
 
 
 def _in_window(pos, idx, window: int | None):

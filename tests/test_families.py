@@ -186,18 +186,20 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     leaves = jax.tree.leaves(params)
     assert {str(x.dtype) for x in leaves} == {"bfloat16"}
     assert sum(x.nbytes for x in leaves) == 2 * config.num_params()
-    engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), EC)
-    assert engine.runner.kv_bytes > 0 and engine.runner._states[0].kv.k[0].dtype == jax.numpy.bfloat16
-    prompt = list(range(1, 30))
-    (ids, _), = _run(engine, [(prompt, 8)])
-    # Each token is HF bf16's argmax given the same context (teacher-forced), up to one bf16
-    # step at logits ~5 (0.03): bf16 logits tie often, and HF's generate, decoding one token
-    # at a time, rounds differently from its own full forward, so comparing with its greedy
-    # continuation would test the rounding, not the model.
-    with torch.no_grad():
-        logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()  # [8, V]
-    gap = logits.max(-1).values - logits[torch.arange(8), torch.tensor(ids)]
-    assert len(ids) == 8 and gap.max().item() <= 0.05, gap.tolist()
+    prompt = list(range(1, 100))  # chunked by 64: history read from pages
+    gpu_path = dataclasses.replace(EC, attention_backend="xla-static", sampling_control="host")
+    for ec in (EC, gpu_path):
+        engine = Engine.from_checkpoint(str(tmp_path / "ckpt"), ec)
+        assert engine.runner.kv_bytes > 0 and engine.runner._states[0].kv.k[0].dtype == jax.numpy.bfloat16
+        (ids, _), = _run(engine, [(prompt, 8)])
+        # Each token is HF bf16's argmax given the same context (teacher-forced), up to one
+        # bf16 step at logits ~5 (0.03): bf16 logits tie often, and HF's generate, decoding
+        # one token at a time, rounds differently from its own full forward, so comparing
+        # with its greedy continuation would test the rounding, not the model.
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()  # [8, V]
+        gap = logits.max(-1).values - logits[torch.arange(8), torch.tensor(ids)]
+        assert len(ids) == 8 and gap.max().item() <= 0.05, (ec.attention_backend, gap.tolist())
     # --dtype float32 widens it.
     assert convert_hf(tmp_path / "hf", tmp_path / "f32", dtype="float32", progress=False).dtype == "float32"
 
