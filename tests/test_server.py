@@ -347,7 +347,8 @@ def test_cancel_mid_stream_frees_the_slot(served):
         got = [next(stream) for _ in range(3)]
         assert metric(served, "vllm:num_requests_running") == 1
         stream.close()  # leaves the generator: the call is cancelled
-    assert sum(len(d.token_ids) for d in got) == 3
+    # mid-stream: every delta has tokens (a reader that falls behind gets them merged)
+    assert all(d.token_ids for d in got) and 3 <= sum(len(d.token_ids) for d in got) < 120
     wait_idle(served)
     assert aborts(served) == aborted + 1
     wait_tasks(served, baseline)
