@@ -4,6 +4,7 @@ that turns them into the scheduler's limits."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 from .kv_pages import PAGE_SIZE
@@ -74,16 +75,11 @@ class EngineConfig:
             raise ValueError(f"kv_memory must be a positive number of bytes, got {self.kv_memory}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.kv_admission not in ("on-demand", "reserve"):
-            raise ValueError(f"kv_admission must be 'on-demand' or 'reserve', got {self.kv_admission!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        if self.preemption_mode not in ("auto", "recompute", "swap"):
-            raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
-        for name, choices in (("attention_backend", ("auto", "xla", "xla-static", "pallas")),
-                              ("sampling_control", ("auto", "device", "host")),
-                              ("matmul_precision", ("auto", "highest", "high", "default"))):
-            if getattr(self, name) not in choices:
+        for name, kind in typing.get_type_hints(EngineConfig).items():  # the Literal fields' choices
+            choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+            if choices and getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.kv_memory_fraction is not None and not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
