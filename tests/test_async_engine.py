@@ -429,6 +429,16 @@ class BlockingFetch:
             self.release.wait()
         return self.real(*args, **kwargs)
 
+    async def block_mid_stream(self, aeng: AsyncEngine, prompt: str, max_tokens: int) -> asyncio.Task:
+        """Start streaming `prompt`, then, once 2 tokens are out, block the engine thread in
+        fetch; returns the stream's task (a Stream once it ends)."""
+        seen = Stream()
+        task = asyncio.create_task(collect(aeng.generate(prompt, greedy(max_tokens)), into=seen))
+        await eventually(lambda: len(seen.ids) >= 2, "tokens")
+        self.armed.set()
+        await eventually(self.blocked.is_set, "the engine thread to block")
+        return task
+
 
 @pytest.fixture
 def stuck_engine(engine, monkeypatch):
@@ -486,11 +496,7 @@ def test_a_slow_iteration_under_the_deadline_fails_nothing(engine, monkeypatch):
     aeng = AsyncEngine(engine, stuck_after_s=STUCK_AFTER_S, fail_when_stuck=True).start()
     try:
         async def main():
-            seen = Stream()
-            task = asyncio.create_task(collect(aeng.generate("slow", greedy(20)), into=seen))
-            await eventually(lambda: len(seen.ids) >= 2, "tokens")
-            fetch.armed.set()
-            await eventually(fetch.blocked.is_set, "the engine thread to block")
+            task = await fetch.block_mid_stream(aeng, "slow", 20)
             await asyncio.sleep(STUCK_AFTER_S * 0.6)
             fetch.release.set()
             return await task
@@ -509,11 +515,7 @@ def test_fail_from_another_thread_fails_requests_while_a_step_hangs(engine, monk
     aeng = AsyncEngine(engine).start()  # no watchdog: only `fail` can end these requests
     try:
         async def main():
-            seen = Stream()
-            task = asyncio.create_task(collect(aeng.generate("hung", greedy(100)), into=seen))
-            await eventually(lambda: len(seen.ids) >= 2, "tokens")
-            fetch.armed.set()
-            await eventually(fetch.blocked.is_set, "the engine thread to block")
+            task = await fetch.block_mid_stream(aeng, "hung", 100)
             aeng.fail("follower process 1 of 2 is gone")
             return await asyncio.wait_for(task, 5)
 
