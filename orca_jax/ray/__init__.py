@@ -1,0 +1,1 @@
+"""Several engine replicas behind a global scheduler, on Ray Serve (issue 15)."""
