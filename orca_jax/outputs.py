@@ -125,5 +125,5 @@ class OutputProcessor:
 
 
 def _metrics(req: Request) -> dict:
-    return {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time,
-            "finish_time": req.finish_time}
+    return {"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
+            "first_token_time": req.first_token_time, "finish_time": req.finish_time}

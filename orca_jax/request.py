@@ -178,6 +178,8 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it (not EOS)
     error: str | None = None
+    first_scheduled_time: float | None = None  # monotonic; first admitted to the batch (kept
+                                               # across preemptions: queue time ends here once)
     first_token_time: float | None = None
     finish_time: float | None = None
     prompt_len: int = dataclasses.field(init=False)  # read per row per iteration: a field

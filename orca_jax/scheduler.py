@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import time
 from typing import Literal
 
 from .kv_pages import PagePool, SwapSpace, chain_hashes, pages_for
@@ -308,6 +309,8 @@ class Scheduler:
             self.pool.count_query(n_ids, start)
         req.pages = self.pool.acquire(hashes[:hit]) + self.pool.allocate(need)
         req.status, req.slot = Status.RUNNING, heapq.heappop(self._free_slots)
+        if req.first_scheduled_time is None:  # not reset when a preempted request resumes
+            req.first_scheduled_time = time.monotonic()
         req.prefill_len, req.num_scheduled = n_ids, start
         req.num_cached_tokens, req.num_registered = start, hit
         self.running.append(req)
