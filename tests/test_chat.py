@@ -370,7 +370,7 @@ def test_stream_disconnect_aborts(served):
 
     def aborted():
         _, text = http(served, "/metrics")
-        m = re.search(r'^vllm:request_success_total{finished_reason="abort",model_name="chat"} (\S+)$',
+        m = re.search(r'^vllm:request_success_total{engine="0",finished_reason="abort",model_name="chat"} (\S+)$',
                       text, re.M)
         return float(m.group(1))
 

@@ -81,14 +81,14 @@ def http(served, path, body=None, method=None, headers=None):
 
 def metric(served, name) -> float:
     _, text = http(served, "/metrics")
-    m = re.search(rf'^{re.escape(name)}{{model_name="demo"}} (\S+)$', text, re.M)
+    m = re.search(rf'^{re.escape(name)}{{engine="0",model_name="demo"}} (\S+)$', text, re.M)
     assert m, f"{name} missing from /metrics"
     return float(m.group(1))
 
 
 def aborts(served) -> float:
     _, text = http(served, "/metrics")
-    m = re.search(r'^vllm:request_success_total{finished_reason="abort",model_name="demo"} (\S+)$', text, re.M)
+    m = re.search(r'^vllm:request_success_total{engine="0",finished_reason="abort",model_name="demo"} (\S+)$', text, re.M)
     assert m, "vllm:request_success_total{finished_reason=abort} missing"
     return float(m.group(1))
 

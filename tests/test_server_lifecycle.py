@@ -222,7 +222,7 @@ def test_stuck_then_failed_engine_turns_unhealthy_and_fails_requests(fresh_serve
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     status, body = http_status(bg.http_url + "/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert status == 503 and "not running" in body
-    assert "orca_jax:engine_healthy{model_name=\"demo\"} 0.0" in http_status(bg.http_url + "/metrics")[1]
+    assert "orca_jax:engine_healthy{engine=\"0\",model_name=\"demo\"} 0.0" in http_status(bg.http_url + "/metrics")[1]
 
 
 def test_demo_runs_a_burst_and_exits_cleanly(demo_model_dir):

@@ -160,15 +160,17 @@ class Server:
         or cancelling aborts), tracked in `self.active` so that a timed-out drain can abort it.
         A request that a broken engine (a stuck iteration, a lost follower) fails before its
         first token raises EngineDeadError like a refused submission, so that an HTTP stream
-        answers 503 rather than 200 and an error event."""
+        answers 503 rather than 200 and an error event. Each delta's tokens are timed here for
+        vllm:inter_token_latency_seconds (metrics.py)."""
         self.active.add(request_id)
         try:
             async with contextlib.aclosing(self.engine.generate(prompt, params, request_id)) as st:
-                first = True
+                first, last_token = True, None
                 async for out in st:
                     if first and self._engine_broke(out):
                         raise EngineDeadError(out.error)
                     first = False
+                    last_token = self.metrics.observe_delta(len(out.token_ids), time.monotonic(), last_token)
                     yield out
         finally:
             self.active.discard(request_id)
