@@ -39,14 +39,18 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[pb.TokenLogprob] | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+                                          # (None: EOS, length, abort), as vLLM's
 
     @classmethod
     def from_deltas(cls, deltas: Sequence[pb.GenerateResponse]) -> "Completion":
         last = deltas[-1]
         lps = [lp for d in deltas for lp in d.logprobs]
+        which = last.WhichOneof("stop_reason")
         return cls(last.request_id, "".join(d.text for d in deltas),
                    [t for d in deltas for t in d.token_ids], FINISH_NAMES[last.finish_reason],
-                   last.usage.prompt_tokens, last.usage.completion_tokens, lps or None)
+                   last.usage.prompt_tokens, last.usage.completion_tokens, lps or None,
+                   getattr(last, which) if which else None)
 
 
 def make_request(prompt: str | Sequence[int] | Sequence[dict], request_id: str = "",

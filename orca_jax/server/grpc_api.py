@@ -58,11 +58,13 @@ def response(out: RequestOutput) -> pb.GenerateResponse:
                            top_logprobs=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp["top"].items()])
            for lp in (out.logprobs or ())]
     u = out.usage
+    r = out.stop_reason  # the `stop_reason` oneof: a stop string or a stop token id, or neither
+    stop = {} if r is None else {"stop_string": r} if isinstance(r, str) else {"stop_token_id": r}
     return pb.GenerateResponse(
         request_id=out.request_id, token_ids=list(out.token_ids), text=out.text, logprobs=lps,
         finished=out.finished, finish_reason=FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                       total_tokens=u.total_tokens))
+                       total_tokens=u.total_tokens), **stop)
 
 
 class GenerationService(pb_grpc.GenerationServicer):
