@@ -35,6 +35,7 @@ from .plan import Buckets, SamplingTensors, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams
 from .kv_pages import PagePool, SwapSpace
 from .scheduler import Batch, Scheduler
+from .structured import Grammars, constraint_tensors
 from .tokenizer import ByteTokenizer, load_tokenizer
 
 log = logging.getLogger("orca_jax")
@@ -153,6 +154,8 @@ class Engine:
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.output = OutputProcessor(self.tokenizer, self.eos_token_ids,
                                       static=engine_config.policy == "static")
+        # Structured output: the tokenizer as llguidance sees it, built on the first grammar.
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, Request] = {}
         self._in_flight: collections.deque[_InFlight] = collections.deque()
@@ -207,6 +210,8 @@ class Engine:
             raise ValueError(f"request_id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
         req = Request(request_id=rid, prompt_ids=ids, params=params, seed=seed, prompt=text)
+        if params.structured is not None:
+            req.matcher = self.grammars.matcher(params.structured)  # GrammarError: a ValueError
         self.scheduler.add(req)
         self._requests[rid] = req
         self.output.add(req)
@@ -291,6 +296,9 @@ class Engine:
         else:
             sampling = SamplingTensors.from_params(params, [r.seed for r in reqs], steps,
                                                    plan.num_sample_rows, self.eos_token_ids)
+        if any(p.constrained for p in params):  # masks change every step: never reused
+            sampling = dataclasses.replace(sampling, **constraint_tensors(
+                reqs, plan.num_sample_rows, self.model_config.vocab_size))
         self._sampling = (reqs, sampling)
         return plan, sampling
 

@@ -62,6 +62,11 @@ class OutputProcessor:
         of every running request: one dictionary lookup, no other call on the common path."""
         tok = sampled.ids[row]
         req.output_ids.append(tok)
+        if req.matcher is not None:  # its grammar's next mask follows this token
+            broke = req.matcher.consume(tok)
+            if broke is not None:  # cannot happen with the mask applied: say so, do not go on
+                req.error = f"structured output: {broke}"
+                return FinishReason.ERROR, None
         if req.first_token_time is None:
             req.first_token_time = now
         n_lp = req.params.logprobs

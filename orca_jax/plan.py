@@ -292,6 +292,11 @@ class SamplingTensors:
     any_penalty: np.ndarray        # [] bool: some row has a penalty
     any_filter: np.ndarray         # [] bool: some sampling row uses top_k/top_p/min_p
     any_logprobs: np.ndarray       # [] bool: some row wants logprobs (sampled + top MAX_LOGPROBS)
+    # Constrained steps only (structured.constraint_tensors); zero-width otherwise, which is
+    # another (warmed-up) sampling program: unconstrained batches never touch a mask.
+    allow: np.ndarray              # [R, W] i32 token bitmask, W = ceil(V / 32)
+    bias_ids: np.ndarray           # [R, K] i32 logit_bias ids (out of range: none)
+    bias: np.ndarray               # [R, K] f32 their biases
 
     @staticmethod
     def from_params(params_list: list[SamplingParams | None], seeds: list[int], steps: list[int],
@@ -324,7 +329,9 @@ class SamplingTensors:
             any_random=np.bool_(random.any()),
             any_penalty=np.bool_(((rep != 1) | (pres != 0) | (freq != 0)).any()),
             any_filter=np.bool_(filtered.any()),
-            any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)))
+            any_logprobs=np.bool_(any(p is not None and p.logprobs is not None for p in params_list)),
+            allow=np.zeros((num_rows, 0), np.int32), bias_ids=np.zeros((num_rows, 0), np.int32),
+            bias=np.zeros((num_rows, 0), np.float32))
 
     def next_step(self, params_list: list[SamplingParams | None], steps: list[int],
                   eos_token_ids: Sequence[int] = ()) -> SamplingTensors:

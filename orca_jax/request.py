@@ -13,6 +13,7 @@ import time
 from typing import Sequence
 
 from .stops import StopAutomaton, stop_automaton
+from .structured import Structured
 
 # What one request may ask for (docs/serving.md, "Limits"). Every bound keeps a request's cost
 # to the engine (device arrays, per-token host work) small and independent of hostile input.
@@ -20,6 +21,8 @@ MAX_LOGPROBS = 20          # top-N alternatives a request may ask for (OpenAI ca
 MAX_STOP_STRINGS = 32      # stop strings per request: their automaton (orca_jax/stops.py) is at
 MAX_STOP_STRING_CHARS = 128  # most 4096 states, ~0.6 MiB, built in ~20 ms
 MAX_STOP_TOKEN_IDS = 15    # EOS + these fill the sampler's MAX_BANNED = 16 columns
+MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit): the sampler's [R, 300] columns
+LOGIT_BIAS_LIMIT = 100.0   # a bias is clamped to [-100, 100] (vLLM, OpenAI)
 INT32_MAX = 2**31 - 1      # integer fields become int32 device arrays
 FLOAT32_MAX = 3.4028234663852886e38  # float fields become float32 device arrays
 SEED_LIMIT = 2**63         # seeds are split into two uint32 words on device
@@ -62,8 +65,12 @@ class SamplingParams:
     min_tokens: int = 0                     # EOS/stop ids are not honoured before this many tokens
     logprobs: int | None = None             # None: no logprobs; N: sampled token's + top-N
     include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); a dict is accepted
+    allowed_token_ids: tuple[int, ...] = ()  # only these may be sampled; () = any token
+    structured: Structured | None = None     # the output must match it (orca_jax/structured.py)
 
     def __post_init__(self):
+        self._constraints()
         # Accept lists from JSON/gRPC callers; store tuples so the params stay hashable.
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         _check("stop", isinstance(stop, (list, tuple)), "must be a string or a list of strings", stop)
@@ -115,6 +122,35 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
         if 0.0 < self.temperature < GREEDY_BELOW:  # 1/temperature would overflow the logits
             object.__setattr__(self, "temperature", 0.0)
+
+    def _constraints(self) -> None:
+        """logit_bias as sorted (id, bias) pairs (from OpenAI's {"id": bias} map too), biases
+        clamped to [-100, 100]; allowed_token_ids as a tuple."""
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            try:
+                bias = [(int(k), v) for k, v in bias.items()]
+            except (TypeError, ValueError):
+                raise ValueError("logit_bias keys must be token ids (integers as strings), got "
+                                 f"{list(bias)[:5]!r}") from None
+        _check("logit_bias", isinstance(bias, (list, tuple)) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and is_int(e[0]) and _is_real(e[1])
+            and math.isfinite(e[1]) for e in bias), "must map token ids to finite numbers", bias)
+        _check("logit_bias", len(bias) <= MAX_LOGIT_BIAS, f"takes at most {MAX_LOGIT_BIAS} tokens", len(bias))
+        _check("logit_bias", all(0 <= t <= INT32_MAX for t, _ in bias), "token ids must be >= 0", bias)
+        clamp = lambda v: min(max(float(v), -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT)
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), clamp(v)) for t, v in bias)))
+        ids = self.allowed_token_ids
+        _check("allowed_token_ids", isinstance(ids, (list, tuple)) and all(is_int(t) and 0 <= t <= INT32_MAX
+               for t in ids), "must be a list of token ids", ids)
+        object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in ids))
+        _check("structured", self.structured is None or isinstance(self.structured, Structured),
+               "must be a Structured constraint", self.structured)
+
+    @property
+    def constrained(self) -> bool:
+        """Some tokens are masked or biased for this request (the sampler's constrained program)."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.structured)
 
     @functools.cached_property
     def stop_automaton(self) -> StopAutomaton | None:
@@ -177,6 +213,7 @@ class Request:
     logprobs: list[dict] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it (not EOS)
+    matcher: object = None                # its grammar's state (structured.Matcher), if it has one
     error: str | None = None
     first_scheduled_time: float | None = None  # monotonic; first admitted to the batch (kept
                                                # across preemptions: queue time ends here once)

@@ -40,6 +40,7 @@ from .sharding.mesh import single_device_mesh
 from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
 from .kv_pages import pages_for
 from .sharding.plan import fit_kv_pages, kv_bytes_per_device, kv_placement, slot_state_bytes
+from .structured import constraint_tensors
 from .step import (DeviceState, device_put_packed, init_device_state, pack_inputs, run_sample, run_step,
                    runtime_params)
 
@@ -375,10 +376,17 @@ class ModelRunner:
                  for td, tp in shapes]
         greedy = lambda plan: SamplingTensors.from_params([], [], [], plan.num_sample_rows)
         runs = [(plan, greedy(plan)) for plan in plans]
+        smallest = {plan.num_sample_rows: plan for plan in reversed(plans)}  # smallest step per R
+        full = lambda st: dataclasses.replace(st, **dict.fromkeys(SAMPLING_SWITCHES, np.True_))
         if self.sampling_control == "host":
-            full = {plan.num_sample_rows: plan for plan in reversed(plans)}  # smallest step per R
-            runs += [(plan, dataclasses.replace(greedy(plan), **dict.fromkeys(SAMPLING_SWITCHES, np.True_)))
-                     for plan in full.values()]
+            runs += [(plan, full(greedy(plan))) for plan in smallest.values()]
+        # Structured output, allowed_token_ids, logit_bias: the constrained sampling programs.
+        V = self.model_config.vocab_size
+        constrained = [(plan, dataclasses.replace(greedy(plan), **constraint_tensors([], plan.num_sample_rows, V)))
+                       for plan in smallest.values()]
+        runs += constrained
+        if self.sampling_control == "host":
+            runs += [(plan, full(st)) for plan, st in constrained]
         self._precompile(runs)
         replies = [out for out in (self.run(plan, st) for plan, st in runs)
                    if isinstance(out, concurrent.futures.Future)]
@@ -411,7 +419,8 @@ class ModelRunner:
                                                       step_host[2], x=x)
                 x = jobs[name].out_info[1]  # the activations (last stage: logits) it returns
             variant = self._sample_variant(sampling)
-            name = f"sample R={plan.num_sample_rows}" + (f" {variant}" if variant else "")
+            name = (f"sample R={plan.num_sample_rows}" + (f" {variant}" if variant else "")
+                    + (" constrained" if sampling is not None and sampling.allow.shape[1] else ""))
             if sample_host is not None and name not in jobs:
                 st = self.local_stages[-1]
                 ints, floats = (_spec(a, st.replicated) for a in sample_host[:2])

@@ -199,7 +199,9 @@ class Scheduler:
         cap = cfg.max_batch_size
         if cfg.n_stages > 1:
             cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_stages))
-        ready = [r for r in self.running if not (cfg.n_stages > 1 and r.in_flight)]
+        # A request whose last token is still on the device waits: with pipeline stages (it is
+        # in an earlier stage's batch), or with a grammar (its next mask needs that token).
+        ready = [r for r in self.running if not (r.in_flight and (cfg.n_stages > 1 or r.matcher is not None))]
         batch = Batch([], [])
         decodes, B, RUNNING = batch.decodes, self.page_size, Status.RUNNING
         for req in ready:  # decode rows first, FCFS
