@@ -158,3 +158,41 @@ def test_shared_prefix_trace_affinity_beats_round_robin():
         return hits / total
 
     assert hit_rate("prefix") > hit_rate("round-robin") + 0.05
+
+
+def test_metrics_per_replica_and_aggregate():
+    from orca_jax.ray.metrics import render
+    reports = {"r1": {"num_waiting": 2, "num_running": 3, "kv_pages_free": 30, "kv_pages_total": 100,
+                      "prefix_cache_queries": 100, "prefix_cache_hits": 60, "healthy": True},
+               "r2": {"num_waiting": 1, "num_running": 5, "kv_pages_free": 90, "kv_pages_total": 100,
+                      "prefix_cache_queries": 50, "prefix_cache_hits": 0, "healthy": False}}
+    text = render("m", reports, {("r1", "prefix"): 3, ("r2", "least_loaded"): 1}).decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines['vllm:num_requests_waiting{model_name="m",replica="r1"}']) == 2
+    assert float(lines['vllm:num_requests_waiting{model_name="m",replica="all"}']) == 3
+    assert float(lines['vllm:num_requests_running{model_name="m",replica="all"}']) == 8
+    assert float(lines['vllm:kv_cache_usage_perc{model_name="m",replica="r1"}']) == pytest.approx(0.7)
+    assert float(lines['vllm:kv_cache_usage_perc{model_name="m",replica="all"}']) == pytest.approx(0.4)
+    assert float(lines['vllm:prefix_cache_hits_total{model_name="m",replica="all"}']) == 60
+    assert float(lines['orca_jax:engine_healthy{model_name="m",replica="all"}']) == 1
+    assert float(lines['orca_jax:replicas{model_name="m"}']) == 2
+    assert float(lines['orca_jax:router_decisions_total{reason="prefix",replica="r1"}']) == 3
+    # No replica reported yet: the aggregate is zero, not an error.
+    assert b'vllm:num_requests_waiting{model_name="m",replica="all"} 0.0' in render("m", {}, {})
+
+
+def test_ingress_keys_prompts_like_the_replica():
+    from orca_jax.ray.routing import prompt_tokens
+
+    class Tok:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    assert prompt_tokens({"prompt": "ab"}, "/v1/completions", Tok()) == [97, 98]
+    assert prompt_tokens({"prompt": ["ab", "c"]}, "/v1/completions", Tok()) == [97, 98]
+    assert prompt_tokens({"prompt": [5, 6]}, "/v1/completions", Tok()) == [5, 6]
+    assert prompt_tokens({"prompt": [[5, 6], [7]]}, "/v1/completions", Tok()) == [5, 6]
+    chat = prompt_tokens({"messages": [{"role": "system", "content": "x"}]}, "/v1/chat/completions", Tok())
+    assert chat == [ord(c) for c in "system: x\n"]
+    assert prompt_tokens({"prompt": 3}, "/v1/completions", Tok()) == []
+    assert prompt_tokens([1], "/v1/completions", Tok()) == []

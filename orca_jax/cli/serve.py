@@ -32,6 +32,7 @@ def add_parsers(sub) -> None:
     add_server_flags(p)
     add_engine_flags(p)
     add_multiprocess_flags(p)
+    add_replica_flags(p)
     p.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="start a server on the demo model and stream a burst of requests",
@@ -83,6 +84,31 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                         "(chat_template.jinja or tokenizer_config.json's chat_template)")
 
 
+def add_replica_flags(p: argparse.ArgumentParser) -> None:
+    """Several engine replicas behind a router, on Ray Serve (docs/replicas.md)."""
+    from ..ray.routing import POLICIES  # plain Python: no Ray needed for --help
+    g = p.add_argument_group("replicas (Ray Serve; pip install orca-jax[ray]; docs/replicas.md)")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="engine replicas behind the global scheduler; > 1 (or --ray-address) runs "
+                        "them on Ray Serve with the OpenAI-compatible ingress on --http-port "
+                        "(default 8000); 1: the single-process server")
+    g.add_argument("--router", default="prefix",
+                   choices=POLICIES,
+                   help="how the global scheduler picks a replica: prefix (cached-prefix affinity "
+                        "unless overloaded, else least load), load, or the round-robin and "
+                        "power-of-two baselines")
+    g.add_argument("--overload-margin", type=float, default=1.0,
+                   help="prefix: skip the replica holding the prefix when its load (in batches) "
+                        "exceeds the least loaded replica's by more than this")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    g.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="Ray GPUs each replica reserves (several for a tensor-parallel replica)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
+    g.add_argument("--ray-cpus", type=int, default=None,
+                   help="CPUs the local Ray may schedule on (default: all)")
+
+
 def _auth_token(args) -> str | None:
     if args.auth_token_file:
         token = Path(args.auth_token_file).read_text().strip()
@@ -127,6 +153,17 @@ def _start_engine(model: str, args, peers=None):
 
 
 def cmd_serve(args) -> int:
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas > 1 or args.ray_address:
+        if args.num_processes > 1:
+            raise ValueError("--replicas and --num-processes do not combine yet: a replica spans "
+                             "the devices Ray gives it (--replica-gpus), on one host")
+        try:
+            from ..ray.cli import run
+        except ImportError as e:
+            raise SystemExit(f"--replicas needs Ray Serve: pip install 'orca-jax[ray]' ({e})")
+        return run(args, *_model_dir(args))
     from ..server import ServerConfig, serve
     config = ServerConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),

@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..kv_pages import chain_hashes
 
@@ -88,6 +88,14 @@ class Choice:
     prefix_pages: int = 0         # leading pages of the prompt cached there (as far as known)
 
 
+@dataclasses.dataclass(frozen=True)
+class RouteKey:
+    """What the router needs of one request (the ingress passes it as the handle call's `route`
+    keyword): its prompt's page keys (`lookup_hashes`)."""
+
+    hashes: tuple[bytes, ...] = ()
+
+
 def load_score(r: ReplicaState) -> float:
     """Load in batches: queued requests over the batch size, plus the fraction of KV pages in
     use. The router's in-flight count stands in for the report when it is higher (reports are
@@ -110,6 +118,29 @@ def lookup_hashes(token_ids: Sequence[int], page_size: int) -> list[bytes]:
     one holding the last prompt token (orca_jax/scheduler.py admits with the same cut)."""
     n = max(0, len(token_ids) - 1) // page_size
     return chain_hashes(token_ids[:n * page_size], page_size)
+
+
+def prompt_tokens(body: Any, path: str, tokenizer) -> list[int]:
+    """The token ids the router keys a request by: a completion's prompt (its first, if several)
+    as the replica tokenizes it; a chat's messages as plain text (the replica renders its
+    chat template, so these keys are the router's own, consistent across requests, not the
+    replica's: affinity then comes from the router's memory of what it sent where)."""
+    if not isinstance(body, dict):
+        return []
+    if path == "/v1/chat/completions":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            return []
+        text = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in msgs if isinstance(m, dict))
+        return tokenizer.encode(text)
+    p = body.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return tokenizer.encode(p)
+    if isinstance(p, list) and all(isinstance(t, int) for t in p):
+        return p
+    return []
 
 
 def _in_turn(replicas: Sequence[ReplicaState], turn: int) -> list[int]:

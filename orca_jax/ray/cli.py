@@ -1,0 +1,80 @@
+"""`orca-jax serve --replicas N`: the engine flags of `orca-jax serve`, N replicas on Ray Serve.
+
+Starts a local Ray (or joins `--ray-address`), runs the application (app.py) with its ingress on
+`--host`:`--http-port`, prints the ready line, waits for SIGTERM/SIGINT, then shuts Serve
+down (each replica drains through its engine's shutdown). The gRPC API stays per replica: the
+Ray path serves OpenAI-compatible HTTP only (docs/replicas.md).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+from .app import APP_NAME, ReplicasConfig, build
+
+
+def engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
+    """The engine flags of parsed `args` that differ from their defaults, as argv again
+    (every replica parses them: replica.engine_args)."""
+    from ..cli.flags import engine_fields, off_flag
+    out: list[str] = []
+    for f, kind in engine_fields():
+        value = getattr(args, f.name)
+        if value == f.default:
+            continue
+        out += [off_flag(f.name)] if kind is bool else ["--" + f.name.replace("_", "-"), str(value)]
+    for name in ("dtype", "mesh"):
+        if getattr(args, name, None) is not None:
+            out += ["--" + name, str(getattr(args, name))]
+    if getattr(args, "layout", "megatron") != "megatron":
+        out += ["--layout", args.layout]
+    return tuple(out)
+
+
+def replicas_config(args: argparse.Namespace, model: str, name: str) -> ReplicasConfig:
+    return ReplicasConfig(model, name, num_replicas=args.replicas, engine_argv=engine_argv(args),
+                          router=args.router, overload_margin=args.overload_margin,
+                          num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
+                          stuck_after_s=args.stuck_after)
+
+
+def start(config: ReplicasConfig, host: str, port: int, address: str | None = None,
+          num_cpus: int | None = None) -> None:
+    """Ray (local unless `address`), Serve's HTTP on host:port, the application; returns once
+    every replica is up (warm-up included)."""
+    import ray
+    from ray import serve
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def run(args: argparse.Namespace, model: str, name: str) -> int:
+    """The `orca-jax serve --replicas N` lifecycle."""
+    from ray import serve
+    config = replicas_config(args, model, name)
+    if args.tls_cert or args.auth_token_file:
+        raise ValueError("--tls-cert and --auth-token-file are not supported with --replicas yet: "
+                         "terminate TLS and check tokens in front of the Ray Serve ingress")
+    port = 8000 if args.http_port is None else args.http_port
+    t0 = time.perf_counter()
+    print(f"starting {config.num_replicas} engine replicas on Ray Serve (router: {config.router}) ...",
+          file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    start(config, args.host, port, args.ray_address, args.ray_cpus)
+    print(f"orca-jax serve: ready http=http://{args.host}:{port} replicas={config.num_replicas} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("orca-jax serve: shutting down the replicas", file=sys.stderr, flush=True)
+        serve.shutdown()
+    return 0

@@ -1,0 +1,108 @@
+"""One engine replica as a Ray Serve deployment: the same engine and network front end as
+`orca-jax serve` (orca_jax/server), inside a Serve replica actor.
+
+Each replica builds its engine from the `orca-jax serve` engine flags (`engine_argv`), starts
+the standard Server on loopback (HTTP and gRPC on free ports: the OpenAI routes, chat,
+streaming, errors and /metrics are the single-process server's own) and exposes to Serve:
+
+    forward(method, path, body, headers, route=None)   streams the local server's answer:
+                  first (status, headers), then body chunks (the ingress relays them)
+    record_routing_stats()   what the global scheduler reads (router.py): waiting, running,
+                  KV pages free, the page keys in its prefix cache, the vllm:* counters
+    check_health()  raises when the engine loop is dead or stuck: Serve replaces the replica
+
+A replica reserves its devices through Ray resources (`num_gpus` in ray_actor_options; a
+tensor-parallel replica asks for several and builds its mesh with `--mesh`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Sequence
+
+import aiohttp
+
+log = logging.getLogger("ray.serve.orca_jax")
+
+MAX_REPORTED_KEYS = 8192      # prefix-cache keys per report (16 bytes each), newest first kept
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
+               "content-encoding"}
+
+
+def engine_args(engine_argv: Sequence[str]) -> argparse.Namespace:
+    """The `orca-jax serve` engine flags (`--max-batch-size 8 --page-size 16 ...`) parsed."""
+    from ..cli.flags import add_engine_flags
+    p = argparse.ArgumentParser(prog="orca-jax serve (replica)")
+    add_engine_flags(p)
+    return p.parse_args(list(engine_argv))
+
+
+class EngineReplica:
+    """The engine deployment's class (wrapped by `serve.deployment` in app.py)."""
+
+    def __init__(self, model: str, engine_argv: Sequence[str] = (), served_model_name: str = "orca-jax",
+                 stuck_after_s: float = 60.0):
+        from ..async_engine import AsyncEngine
+        from ..cli.flags import build_engine
+        from ..server import BackgroundServer, ServerConfig
+        t0 = time.perf_counter()
+        args = engine_args(engine_argv)
+        self.engine = AsyncEngine(build_engine(args, model), stuck_after_s=stuck_after_s,
+                                  fail_when_stuck=True).start()
+        self.server = BackgroundServer(self.engine, ServerConfig(grpc_port=0, http_port=0),
+                                       served_model_name).start()
+        self.url = self.server.http_url
+        self._session: aiohttp.ClientSession | None = None
+        self._keys: list[bytes] = []
+        log.info("engine replica (pid %d) ready in %.1f s on %s, gRPC %s", os.getpid(),
+                 time.perf_counter() - t0, self.url, self.server.grpc_target)
+
+    async def forward(self, method: str, path: str, body: bytes = b"", headers: dict | None = None,
+                      route=None) -> AsyncIterator[Any]:
+        """The local server's answer to one HTTP request: (status, headers), then body chunks
+        as they come (SSE events of a stream). `route` is the router's (router.RouteKey)."""
+        if self._session is None:
+            # No total timeout: a long generation streams for as long as it takes; the local
+            # server's own write and idle timeouts bound a stalled one.
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        async with self._session.request(method, self.url + path, data=body, headers=headers or {}) as resp:
+            yield resp.status, {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+            async for chunk in resp.content.iter_any():
+                yield chunk
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the router reads (Serve polls it every request_routing_stats_period_s)."""
+        s, pool = self.engine.snapshot, self.engine.engine.scheduler.pool
+        return {"num_waiting": s.num_waiting, "num_running": s.num_running,
+                "max_running": self.engine.num_slots, "kv_pages_free": pool.num_free,
+                "kv_pages_total": pool.num_pages, "page_size": pool.page_size,
+                "kv_usage": s.kv_usage, "cached": self._cached_keys(pool),
+                "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits, "num_swapped": s.num_swapped,
+                "iterations": s.iterations, "healthy": self.engine.healthy(), "pid": os.getpid()}
+
+    def _cached_keys(self, pool) -> list[bytes]:
+        """The pool's prefix-cache keys, read from this thread while the engine thread may
+        change them: a copy that raced a change is retried, then the last good copy is kept."""
+        for _ in range(3):
+            try:
+                self._keys = list(pool.cached)[-MAX_REPORTED_KEYS:]
+                break
+            except RuntimeError:  # "dictionary changed size during iteration"
+                continue
+        return self._keys
+
+    def check_health(self) -> None:
+        problem = self.server.server.health_problem()
+        if problem is not None:
+            raise RuntimeError(f"engine replica unhealthy: {problem}")
+
+    def __del__(self):
+        """Serve's graceful stop (scale-down, shutdown)."""
+        server, engine = getattr(self, "server", None), getattr(self, "engine", None)
+        if server is not None:
+            server.stop()
+        if engine is not None:
+            engine.shutdown(timeout=5)

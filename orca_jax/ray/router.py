@@ -1,0 +1,121 @@
+"""The global scheduler as a Ray Serve request router (`ray.serve.request_router.RequestRouter`).
+
+Ray Serve calls `choose_replicas` for every request the ingress sends to the engine
+deployment; this router turns what it knows into `routing.ReplicaState`s and lets
+`routing.choose` (pure) pick. What it knows:
+
+- each replica's report (`EngineReplica.record_routing_stats`: waiting, running, KV pages
+  free, the page keys in its prefix cache), which Serve collects every
+  `request_routing_stats_period_s` and hands over as `RunningReplica.routing_stats`;
+- its own count of requests in flight per replica (`on_request_routed` /
+  `on_request_completed`), fresher than any report;
+- the page keys it routed to each replica (`routing.AffinityMemory`), so that a burst of
+  requests sharing a system prompt goes to one replica before its report shows the prefix.
+
+The ingress passes each request's page keys as the `route` keyword argument of the handle
+call (`RouteKey`). Serve keeps its own machinery: FIFO order, retries with backoff when the
+chosen replica's queue is full (the other replicas are returned as the second rank), removal
+of dead replicas. Every decision is logged and counted by reason and replica
+(`orca_jax:router_decisions_total`, on the ingress's /metrics: metrics.py).
+"""
+from __future__ import annotations
+
+import collections
+import random
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from . import metrics
+from .routing import FALLBACK, AffinityMemory, Choice, ReplicaState, RouteKey, RouterConfig, choose
+
+# Serve ships this module to the ingress *by value* (RequestRouterConfig cloudpickles the
+# router's module), so it keeps no state or types of its own: the decisions counter, the logger and
+# the registry of live routers are `metrics`'s, a module imported by reference there.
+
+
+def replica_name(replica_id: ReplicaID) -> str:
+    return replica_id.unique_id
+
+
+def replica_state(r: RunningReplica, in_flight: int, assumed: frozenset[bytes]) -> ReplicaState:
+    """A replica's `ReplicaState` from its last report (none yet: an empty, idle replica)."""
+    s: dict[str, Any] = r.routing_stats or {}
+    total = max(1, int(s.get("kv_pages_total", 1)))
+    return ReplicaState(replica_name(r.replica_id), num_waiting=int(s.get("num_waiting", 0)),
+                        num_running=int(s.get("num_running", 0)), in_flight=in_flight,
+                        max_running=max(1, int(s.get("max_running", 1))),
+                        kv_pages_free=min(total, int(s.get("kv_pages_free", total))),
+                        kv_pages_total=total, cached=frozenset(s.get("cached", ())) | assumed)
+
+
+class OrcaRequestRouter(FIFOMixin, RequestRouter):
+    """Ray Serve's side of the global scheduler; configured through
+    `RequestRouterConfig(request_router_kwargs={"policy": ..., "overload_margin": ...})`."""
+
+    def initialize_state(self, policy: str = "prefix", overload_margin: float = 1.0,
+                         memory_pages: int = 4096, seed: int = 0, **_):
+        self.config = RouterConfig(policy, overload_margin)
+        self.memory = AffinityMemory(memory_pages)
+        self.rng = random.Random(seed)
+        self.turn = 0
+        self.in_flight: dict[ReplicaID, set[str]] = collections.defaultdict(set)
+        self.pending: dict[str, Choice] = {}       # internal request id -> the choice made
+        metrics.ROUTERS.add(self)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        key = _route_key(pending_request)
+        states = [replica_state(r, len(self.in_flight.get(r.replica_id, ())),
+                                self.memory.view(replica_name(r.replica_id))) for r in candidate_replicas]
+        choice = choose(states, key.hashes, self.config, self.turn, self.rng)
+        self.turn += 1
+        if pending_request is not None:
+            self.pending[pending_request.metadata.internal_request_id] = choice
+        chosen = next(r for r in candidate_replicas if replica_name(r.replica_id) == choice.replica_id)
+        rest = [r for r in candidate_replicas if r is not chosen]
+        return [[chosen], rest] if rest else [[chosen]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        rid = pending_request.metadata.internal_request_id
+        choice = self.pending.pop(rid, None)
+        self.in_flight[replica_id].add(rid)
+        name = replica_name(replica_id)
+        reason = FALLBACK if choice is None or choice.replica_id != name else choice.reason
+        key = pending_request.kwargs.get("route")
+        if not isinstance(key, RouteKey):
+            return  # not a generation request (/v1/models, /health...): not counted
+        self.memory.remember(name, key.hashes)
+        metrics.DECISIONS[name, reason] += 1
+        metrics.log.info("route %s -> replica %s (%s, %d of %d prompt pages cached there)",
+                         pending_request.metadata.request_id, name, reason,
+                         choice.prefix_pages if choice else 0, len(key.hashes))
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.in_flight.get(replica_id, set()).discard(internal_request_id)
+        self.pending.pop(internal_request_id, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.in_flight.pop(replica_id, None)
+        self.memory.forget(replica_name(replica_id))
+        metrics.log.warning("replica %s died: routing around it until Serve replaces it",
+                            replica_name(replica_id))
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id for r in replicas}
+        for gone in set(self.in_flight) - live:
+            del self.in_flight[gone]
+        self.memory.keep_only([replica_name(r) for r in live])
+
+    def replica_reports(self) -> dict[str, dict[str, Any]]:
+        """Each live replica's last report, by name (the ingress's /health and /metrics)."""
+        return {replica_name(rid): dict(r.routing_stats or {}) for rid, r in self.curr_replicas.items()}
+
+
+def _route_key(pending_request: PendingRequest | None) -> RouteKey:
+    key = pending_request.kwargs.get("route") if pending_request is not None else None
+    return key if isinstance(key, RouteKey) else RouteKey()
