@@ -280,7 +280,7 @@ def test_add_generation_prompt(served):
      "messages[0].content[0]", 400),
     ({"messages": MESSAGES, "temperature": -1}, "temperature", 400),
     ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", 400),
-    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": "2"}, "top_logprobs", 400),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": "two"}, "top_logprobs", 400),
     ({"messages": [{"role": "user", "content": "a", "x": {"b": 1}}], "max_tokens": 1,
       "chat_template_kwargs": []}, "chat_template_kwargs", 400),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", 400),

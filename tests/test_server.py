@@ -54,7 +54,7 @@ def served(demo_model_dir):
     engine = AsyncEngine(llm.engine).start()
     bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0,
                                                max_request_bytes=MAX_REQUEST_BYTES), "demo").start()
-    bg.work, bg.reference = work, ref
+    bg.work, bg.reference, bg.tokenizer = work, ref, tok
     yield bg
     bg.stop()
     engine.shutdown()
@@ -515,10 +515,13 @@ HTTP_ONLY = [
     ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt"),
     ("lone surrogate in a stop string", b'{"prompt": "x", "stop": ["\\udfff"]}', "stop"),
     ("too many choices", {"prompt": ["a"] * 9, "n": 16}, "prompt"),
-    ("max_tokens as a string", {"prompt": "x", "max_tokens": "8"}, "max_tokens"),
+    ("max_tokens a word", {"prompt": "x", "max_tokens": "eight"}, "max_tokens"),
+    ("max_tokens fractional", {"prompt": "x", "max_tokens": 8.5}, "max_tokens"),
     ("prompt of mixed types", {"prompt": ["a", 1]}, "prompt"),
     ("n 0", {"prompt": "x", "n": 0}, "n"),
-    ("echo", {"prompt": "x", "echo": True}, "echo"),
+    ("beam search", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ("stream_options without stream", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("suffix", {"prompt": "x", "suffix": "y"}, "suffix"),
     ("not JSON", b"{nope", "body"),
 ]
 
@@ -626,3 +629,82 @@ def test_tls_and_bearer_token(served, tls_files):
     finally:
         bg.stop()
     wait_idle(served)
+
+
+# -- vLLM's completions fields (issue 17) -------------------------------------------------------
+
+
+def completion(served, **body):
+    status, out = http(served, "/v1/completions", {"model": "demo", **body})
+    assert status == 200, out
+    return out
+
+
+def test_max_tokens_is_cut_to_the_room_the_prompt_leaves(served):
+    """vLLM's rule: prompt + max_tokens over the context is answered, up to the context."""
+    ids = [5] * (MAX_LEN - 4)
+    out = completion(served, prompt=ids, max_tokens=50, temperature=0, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["finish_reason"] == "length"
+    status, err = http(served, "/v1/completions", {"prompt": "x", "max_tokens": MAX_LEN + 1})
+    assert status == 400 and err["error"]["param"] == "max_tokens"
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(served):
+    ids = list(range(10, 10 + MAX_LEN + 20))  # longer than the context
+    out = completion(served, prompt=ids, max_tokens=2, temperature=0, truncate_prompt_tokens=16,
+                     return_token_ids=True)
+    assert out["choices"][0]["prompt_token_ids"] == ids[-16:] and out["usage"]["prompt_tokens"] == 16
+    ref = completion(served, prompt=ids[-16:], max_tokens=2, temperature=0)
+    assert out["choices"][0]["text"] == ref["choices"][0]["text"]
+
+
+def test_echo_and_token_ids(served):
+    out = completion(served, prompt="The orca swims", max_tokens=3, temperature=0, echo=True,
+                     return_token_ids=True)
+    plain = completion(served, prompt="The orca swims", max_tokens=3, temperature=0)
+    c, p = out["choices"][0], plain["choices"][0]
+    assert c["text"] == p["text"]  # with return_token_ids vLLM echoes "" (the ids carry the prompt)
+    assert c["prompt_token_ids"] == served.tokenizer.encode("The orca swims")
+    assert len(c["token_ids"]) == 3
+    echoed = completion(served, prompt="The orca swims", max_tokens=3, temperature=0, echo=True)
+    assert echoed["choices"][0]["text"] == "The orca swims" + p["text"]
+    assert echoed["choices"][0]["token_ids"] is None and echoed["choices"][0]["prompt_token_ids"] is None
+
+
+def test_return_tokens_as_token_ids(served):
+    out = completion(served, prompt="The orca", max_tokens=3, temperature=0, logprobs=2,
+                     return_tokens_as_token_ids=True, return_token_ids=True)
+    lp = out["choices"][0]["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in out["choices"][0]["token_ids"]]
+    assert all(k.startswith("token_id:") for top in lp["top_logprobs"] for k in top)
+
+
+def test_lenient_numbers_and_booleans(served):
+    """pydantic's lax mode, as vLLM parses: "3" and 3.0 are 3, "0" is 0.0, "false" is False."""
+    a = completion(served, prompt="The orca", max_tokens="3", temperature="0", stream="false")
+    b = completion(served, prompt="The orca", max_tokens=3.0, temperature=0)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["usage"]["completion_tokens"] == 3
+
+
+def test_structured_output_over_http(served):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    for body in ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+                 {"structured_outputs": {"json": schema}}):
+        out = completion(served, prompt="The orca", max_tokens=30, temperature=1.0, seed=3, **body)
+        assert json.loads(out["choices"][0]["text"])["n"] in range(10)
+    out = completion(served, prompt="x", max_tokens=5, structured_outputs={"choice": ["left", "right"]})
+    assert out["choices"][0]["text"] in ("left", "right")
+    out = completion(served, prompt="x", max_tokens=6, temperature=1.0, logit_bias={"42": 100},
+                     return_token_ids=True)
+    assert out["choices"][0]["token_ids"] == [42] * 6
+    for body, param in (({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+                        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+                        ({"response_format": {"type": "json_schema"}}, "response_format"),
+                        ({"response_format": {"type": "yaml"}}, "response_format"),
+                        ({"allowed_token_ids": []}, "allowed_token_ids"),
+                        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+                        ({"logit_bias": {"x": 1}}, "logit_bias")):
+        status, err = http(served, "/v1/completions", {"prompt": "x", **body})
+        assert status == 400 and err["error"]["param"] == param, (body, err)
+    serves_normally(served)

@@ -27,9 +27,10 @@ import uuid
 
 from aiohttp import web
 
-from ..request import FinishReason, RequestOutput, is_int
+from ..request import MAX_LOGPROBS, FinishReason, RequestOutput, is_int
 from .. import __version__
-from .inputs import InvalidArgument, detokenize, in_prepare_pool, prepare_async, prepare_chat_async, tokenize
+from ..structured import GrammarError
+from .inputs import InvalidArgument, structured_from_body, detokenize, in_prepare_pool, prepare_async, prepare_chat_async, tokenize
 from .stream import classify
 
 log = logging.getLogger("orca_jax.server")
@@ -39,7 +40,17 @@ log = logging.getLogger("orca_jax.server")
 # ...) keep working.
 SAMPLING_BODY = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-                 "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output")
+                 "ignore_eos", "min_tokens", "logprobs", "include_stop_str_in_output", "logit_bias",
+                 "allowed_token_ids")
+# pydantic's lax mode, as vLLM's request models parse their fields: "8" and 8.0 are 8, "0.5"
+# is 0.5, "true"/"on"/1 are True. A value that does not convert is left for the field's check.
+LAX_INT = ("max_tokens", "max_completion_tokens", "top_k", "seed", "min_tokens", "n", "best_of",
+           "prompt_logprobs", "truncate_prompt_tokens", "top_logprobs")
+LAX_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty")
+LAX_BOOL = ("stream", "echo", "ignore_eos", "include_stop_str_in_output", "return_token_ids",
+            "return_tokens_as_token_ids", "use_beam_search", "add_generation_prompt")
+_TRUE, _FALSE = ("1", "on", "t", "true", "y", "yes"), ("0", "off", "f", "false", "n", "no")
 MAX_N = 16            # samples of one prompt
 MAX_CHOICES = 128     # prompts x n in one request
 
@@ -109,6 +120,18 @@ async def request_id_header(request: web.Request, handler):
     return resp
 
 
+@dataclasses.dataclass(frozen=True)
+class _Show:
+    """What a completions choice shows besides its new text (vLLM's fields)."""
+
+    echo: bool = False          # the prompt's text (and, with logprobs, its logprobs) first
+    prompt_only: bool = False   # echo with max_tokens 0: the prompt alone (scoring)
+    token_ids: bool = False     # return_token_ids: `prompt_token_ids` and `token_ids`
+    as_ids: bool = False        # return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    prompts: tuple[tuple[list[int], str | None], ...] = ()  # per choice: prompt ids, echoed text
+    prompt_lps: tuple[list[dict | None], ...] = ()  # per choice: its prompt's logprobs, when asked
+
+
 def _engine_id(cid: str, i: int) -> str:
     """The engine's id for choice `i` of response `cid`: unique even when a client sends the
     same request id twice."""
@@ -138,6 +161,72 @@ def _parse_body(raw: bytes) -> dict:
     return body
 
 
+def _lax_int(v):
+    if isinstance(v, str):
+        try:
+            v = float(v.strip()) if "." in v or "e" in v.lower() else int(v.strip())
+        except ValueError:
+            return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def _lax_float(v):
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return v
+    return v
+
+
+def _lax_bool(v):
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    if is_int(v) and v in (0, 1) or isinstance(v, float) and v in (0.0, 1.0):
+        return bool(v)
+    return v
+
+
+def _lax(body: dict, logprobs_kind: str) -> dict:
+    """The body with vLLM's (pydantic's lax) conversions of its scalar fields; `logprobs` is an
+    integer on completions ("int") and a boolean on chat ("bool")."""
+    out = dict(body)
+    kinds = [(LAX_INT, _lax_int), (LAX_FLOAT, _lax_float), (LAX_BOOL, _lax_bool),
+             (("logprobs",), _lax_int if logprobs_kind == "int" else _lax_bool)]
+    for names, convert in kinds:
+        for k in names:
+            if out.get(k) is not None:
+                out[k] = convert(out[k])
+    return out
+
+
+def _flag(body: dict, name: str) -> bool:
+    """A boolean body field (null: false), or a 400 naming it."""
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _invalid(name, "must be a boolean")
+    return v
+
+
+def _prompt_logprobs(body: dict, show: _Show, stream: bool) -> int | None:
+    """How many alternatives each prompt token's log-probability comes with, or None when the
+    request wants none: vLLM's `prompt_logprobs`, or `logprobs` with `echo`."""
+    top = body.get("prompt_logprobs")
+    if top is not None:
+        if not is_int(top) or not 0 <= top <= MAX_LOGPROBS:
+            raise _invalid("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got "
+                                              f"{json.dumps(top)[:40]}")
+        if stream and top > 0:
+            raise _invalid("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+        return top
+    lp = body.get("logprobs")
+    return lp if show.echo and is_int(lp) and 0 <= lp <= MAX_LOGPROBS else None
+
+
 def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
     """OpenAI's prompt forms: a string, a list of strings, a list of ids, a list of id lists."""
     p = body.get("prompt")
@@ -159,6 +248,7 @@ def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
 class CompletionsAPI:
     def __init__(self, server):
         self.server = server  # the owning Server: engine, tokenizer, limits, metrics, names
+        self._scorer = None   # orca_jax.scoring.PromptScorer, made on the first scoring request
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -262,21 +352,22 @@ class CompletionsAPI:
     @staticmethod
     def _common(body: dict) -> tuple[int, bool, bool]:
         """(n, stream, stream_options.include_usage): the fields completions and chat share."""
-        if body.get("logit_bias"):
-            raise _invalid("logit_bias", "is not supported")
+        if body.get("allowed_token_ids") == []:
+            raise _invalid("allowed_token_ids", "must not be empty (leave it out to allow every token)")
         n = body.get("n", 1) if body.get("n") is not None else 1
         if not is_int(n) or not 1 <= n <= MAX_N:
             raise _invalid("n", f"must be an integer in [1, {MAX_N}], got {json.dumps(n)[:40]}")
         best_of = body.get("best_of")
         if best_of is not None and best_of != n:
             raise _invalid("best_of", "is not supported (only best_of == n)")
-        stream = body.get("stream")
-        stream = False if stream is None else stream  # null: the default, as for every field
-        if not isinstance(stream, bool):
-            raise _invalid("stream", "must be a boolean")
+        if _flag(body, "use_beam_search"):
+            raise _invalid("use_beam_search", "beam search is not supported; sample with n and seed")
+        stream = _flag(body, "stream")
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise _invalid("stream_options", "must be an object")
+        if opts and not stream:  # vLLM's rule
+            raise _invalid("stream_options", "can only be given when stream is true")
         return n, stream, bool(opts.get("include_usage"))
 
     @staticmethod
@@ -291,32 +382,49 @@ class CompletionsAPI:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions (an HttpError raised anywhere here: json_errors answers it)."""
         s = self.server
-        body = await self._body(request)
+        body = _lax(await self._body(request), "int")
         self._check_model(body)
-        for key in ("echo", "suffix"):
-            if body.get(key):
-                raise _invalid(key, "is not supported")
+        if body.get("suffix"):
+            raise _invalid("suffix", "is not supported")
         n, stream, include_usage = self._common(body)
+        show = _Show(echo=_flag(body, "echo"), token_ids=_flag(body, "return_token_ids"),
+                     as_ids=_flag(body, "return_tokens_as_token_ids"))
         fields = _sampling_fields(body)
+        fields["structured"] = await self._structured(body)
+        if show.echo and fields.get("max_tokens") == 0:  # scoring: the prompt alone (vLLM runs 1)
+            show = dataclasses.replace(show, prompt_only=True)
+            fields["max_tokens"] = 1
         prompts = _prompts(body)
         if len(prompts) * n > MAX_CHOICES:
             raise _invalid("prompt", f"{len(prompts)} prompts x n={n} make {len(prompts) * n} "
                                      f"choices; one request may have at most {MAX_CHOICES}")
-        jobs = []  # (prompt token ids, params) per choice, all validated before any is submitted
+        jobs, shown = [], []  # per choice: (prompt token ids, params), (prompt ids, echoed text)
+        truncated = body.get("truncate_prompt_tokens") is not None
         for text, ids in prompts:
             try:
                 tokens, params = await prepare_async(s.tokenizer, s.limits, text, ids, fields,
-                                                     ids_field="prompt")
+                                                     ids_field="prompt",
+                                                     truncate=body.get("truncate_prompt_tokens"))
             except InvalidArgument as e:
                 raise HttpError(400, str(e), e.field) from None
+            echoed = None
+            if show.echo:  # vLLM echoes the prompt as generation saw it; "" with return_token_ids
+                echoed = ("" if show.token_ids else text if text is not None and not truncated
+                          else await in_prepare_pool(s.tokenizer.decode, tokens))
             jobs += self._samples(tokens, params, n)
+            shown += [(tokens, echoed)] * n
         cid = f"cmpl-{self._request_id(request, body)}"
         created = int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
                 "system_fingerprint": None}  # vLLM's field (None unless configured)
+        show = dataclasses.replace(show, prompts=tuple(shown))
+        top = _prompt_logprobs(body, show, stream)
+        if top is not None:  # scored before any is submitted: a refusal costs no generation
+            scored = await self._score([t for t, _ in shown[::n]], top)
+            show = dataclasses.replace(show, prompt_lps=tuple(lp for lp in scored for _ in range(n)))
         if stream:
-            return await self._stream(request, jobs, n, cid, head, include_usage)
-        return await self._complete(jobs, n, cid, head)
+            return await self._stream(request, jobs, n, cid, head, include_usage, show=show)
+        return await self._complete(jobs, n, cid, head, show=show)
 
     # -- /v1/chat/completions -------------------------------------------------------------------
 
@@ -324,7 +432,7 @@ class CompletionsAPI:
         """POST /v1/chat/completions: the messages rendered with the chat template (chat.py),
         then the completions path (validation, submission, aborts, stops) with chat's shapes."""
         s = self.server
-        body = await self._body(request)
+        body = _lax(await self._body(request), "bool")
         self._check_model(body)
         if s.chat is None:
             raise HttpError(400, s.chat_problem or "model: this server has no chat template "
@@ -335,11 +443,9 @@ class CompletionsAPI:
         for key in ("tools", "functions"):
             if body.get(key):
                 raise _invalid(key, "is not supported (no tool calling)")
-        fmt = body.get("response_format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
-            raise _invalid("response_format", "only {\"type\": \"text\"} is supported")
         n, stream, include_usage = self._common(body)
         fields = _sampling_fields({**body, "logprobs": None})
+        fields["structured"] = await self._structured(body)
         mct = body.get("max_completion_tokens")
         if mct is not None:  # OpenAI's newer name; it wins over the deprecated max_tokens
             fields["max_tokens"] = mct
@@ -370,15 +476,17 @@ class CompletionsAPI:
                                 "top_logprobs") from None
             raise HttpError(400, str(e), e.field) from None
         jobs = self._samples(tokens, params, n)
+        show = _Show(as_ids=_flag(body, "return_tokens_as_token_ids"))
         cid = f"chatcmpl-{self._request_id(request, body)}"
         head = {"id": cid, "object": "chat.completion", "created": int(time.time()),
                 "model": s.model_name, "system_fingerprint": None}
         if stream:
             return await self._stream(request, jobs, n, cid, {**head, "object": "chat.completion.chunk"},
-                                      include_usage, chat=True)
-        return await self._complete(jobs, n, cid, head, chat=True)
+                                      include_usage, chat=True, show=show)
+        return await self._complete(jobs, n, cid, head, chat=True, show=show)
 
-    async def _complete(self, jobs, n: int, cid: str, head: dict, chat: bool = False) -> web.Response:
+    async def _complete(self, jobs, n: int, cid: str, head: dict, chat: bool = False,
+                        show: _Show = _Show()) -> web.Response:
         async def one(i, tokens, params):
             pieces: list[RequestOutput] = []
             async with contextlib.aclosing(self.server.outputs(tokens, params, _engine_id(cid, i))) as st:
@@ -403,12 +511,10 @@ class CompletionsAPI:
             finish = OPENAI_FINISH.get(last.finish_reason)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": self._chat_logprobs(ids, lps) if want_lp else None,
+                                "logprobs": self._chat_logprobs(ids, lps, show.as_ids) if want_lp else None,
                                 "finish_reason": finish, "stop_reason": last.stop_reason})
             else:
-                choices.append({"index": i, "text": text,
-                                "logprobs": self._logprobs(ids, lps) if want_lp else None,
-                                "finish_reason": finish, "stop_reason": last.stop_reason})
+                choices.append(self._choice(i, show, jobs[i][1], ids, lps, text, finish, last.stop_reason))
             if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
                 prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
@@ -417,7 +523,7 @@ class CompletionsAPI:
             "total_tokens": prompt_toks + gen_toks}})
 
     async def _stream(self, request: web.Request, jobs, n: int, cid: str, head: dict,
-                      include_usage: bool, chat: bool = False) -> web.StreamResponse:
+                      include_usage: bool, chat: bool = False, show: _Show = _Show()) -> web.StreamResponse:
         streams = [self.server.outputs(t, p, _engine_id(cid, i)) for i, (t, p) in enumerate(jobs)]
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
 
@@ -449,6 +555,7 @@ class CompletionsAPI:
                         "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}]}, wt)
             text_offset = [0] * len(jobs)  # per choice: characters of token text sent so far
+            started = [False] * len(jobs)  # per choice: its first chunk (echo, prompt ids) went
             while left:
                 i, out = await queue.get()
                 failed = self._failure(out) if out.finished else None
@@ -459,18 +566,20 @@ class CompletionsAPI:
                 finish = OPENAI_FINISH.get(out.finish_reason) if out.finished else None
                 if chat:
                     if jobs[i][1].logprobs is not None and out.token_ids:
-                        lp = self._chat_logprobs(list(out.token_ids), list(out.logprobs or ()))
+                        lp = self._chat_logprobs(list(out.token_ids), list(out.logprobs or ()), show.as_ids)
                     if out.text or lp is not None or out.finished:  # nothing new: no chunk
                         await _sse(resp, {**head, "choices": [{
                             "index": i, "delta": {"content": out.text} if out.text else {},
                             "logprobs": lp, "finish_reason": finish, "stop_reason": out.stop_reason}]}, wt)
                 else:
-                    if jobs[i][1].logprobs is not None:  # offsets run on from the previous chunk's
-                        lp = self._logprobs(list(out.token_ids), list(out.logprobs or ()), text_offset[i])
-                        text_offset[i] += sum(map(len, lp["tokens"]))
-                    await _sse(resp, {**head, "choices": [{
-                        "index": i, "text": out.text, "logprobs": lp, "finish_reason": finish,
-                        "stop_reason": out.stop_reason}]}, wt)
+                    choice = self._choice(i, show, jobs[i][1], list(out.token_ids), list(out.logprobs or ()),
+                                          out.text, finish, out.stop_reason, first=not started[i],
+                                          offset=text_offset[i])
+                    started[i] = True
+                    if choice["logprobs"] is not None:  # offsets run on from the previous chunk's
+                        text_offset[i] += sum(map(len, choice["logprobs"]["tokens"]))
+                    choice.pop("prompt_logprobs")  # not streamed (vLLM refuses it with stream)
+                    await _sse(resp, {**head, "choices": [choice]}, wt)
                 if out.finished:
                     left -= 1
                     usage.append((i, out.usage))
@@ -500,19 +609,80 @@ class CompletionsAPI:
         failed = self.server.failure(out)
         return None if failed is None else HttpError(failed[0].http_status, failed[1])
 
-    def _logprobs(self, ids: list[int], lps: list[dict], start: int = 0) -> dict:
+    async def _structured(self, body: dict):
+        """The request's output constraint (`structured_outputs`, overridden by a JSON
+        `response_format`, as vLLM), compiled in a worker thread so that a bad one is a 400 and
+        the engine thread finds it compiled; None without one."""
+        try:
+            structured, field = structured_from_body(body)
+        except InvalidArgument as e:
+            raise HttpError(400, str(e), e.field) from None
+        if structured is None:
+            return None
+        try:
+            await in_prepare_pool(self.server.engine.engine.grammars.check, structured)
+        except GrammarError as e:
+            raise _invalid(field, f"does not compile: {e}") from None
+        return structured
+
+    async def _score(self, prompts: list[list[int]], top: int) -> list[list[dict | None]]:
+        """Each prompt's log-probabilities (orca_jax/scoring.py), in a worker thread."""
+        if self._scorer is None:
+            from ..scoring import PromptScorer
+            self._scorer = PromptScorer(self.server.engine.engine)
+        why = self._scorer.supported()
+        if why is not None:
+            raise _invalid("prompt_logprobs", f"prompt log-probabilities are not available here: {why}")
+        return [await asyncio.to_thread(self._scorer, ids, top) for ids in prompts]
+
+    def _choice(self, i: int, show: _Show, params, ids: list[int], lps: list[dict], text: str,
+                finish: str | None, stop_reason, first: bool = True, offset: int = 0) -> dict:
+        """One completions choice (or a stream's chunk of it, `first` or not): the new text, the
+        echoed prompt before it in the first, and vLLM's extra fields."""
+        prompt_ids, echoed = show.prompts[i] if show.prompts else ([], None)
+        prompt_lps = show.prompt_lps[i] if show.prompt_lps else None
+        new_ids = ids
+        if show.prompt_only:
+            ids, lps, text = [], [], ""
+        if show.echo and first:
+            text = echoed + text
+            if params.logprobs is not None:
+                ids, lps = prompt_ids + ids, list(prompt_lps) + lps
+        return {"index": i, "text": text,
+                "logprobs": None if params.logprobs is None else self._logprobs(ids, lps, offset, show.as_ids),
+                "finish_reason": finish, "stop_reason": stop_reason,
+                "prompt_logprobs": None if prompt_lps is None else [
+                    None if lp is None else self._prompt_entry(lp) for lp in prompt_lps],
+                "prompt_token_ids": prompt_ids if show.token_ids and first else None,
+                "token_ids": new_ids if show.token_ids else None}
+
+    def _prompt_entry(self, lp: dict) -> dict:
+        """vLLM's prompt_logprobs entry: {token id: {logprob, rank, decoded_token}} for the
+        prompt's token and the top alternatives."""
+        dec = self.server.token_text
+        out = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": dec(t)}
+               for r, (t, v) in enumerate(lp["top"].items())}
+        out[str(lp["token_id"])] = {"logprob": lp["logprob"], "rank": lp["rank"],
+                                    "decoded_token": dec(lp["token_id"])}
+        return out
+
+    def _logprobs(self, ids: list[int], lps: list[dict | None], start: int = 0, as_ids: bool = False) -> dict:
         """OpenAI legacy logprobs: token strings, their logprobs, top alternatives (the sampled
         token among them, first, as vLLM: `logprobs: 0` gives just it), and each token's
-        offset in the completion's text (from `start`: a stream's earlier chunks)."""
-        dec = self.server.token_text
+        offset in the completion's text (from `start`: a stream's earlier chunks). A None
+        entry (an echoed prompt's first token: nothing predicts it) has null logprobs;
+        `as_ids` spells every token "token_id:N" (vLLM's return_tokens_as_token_ids)."""
+        dec = (lambda t: f"token_id:{t}") if as_ids else self.server.token_text
         tokens = [dec(t) for t in ids]
         offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
-                "top_logprobs": [{dec(lp["token_id"]): lp["logprob"], **{dec(t): v for t, v in lp["top"].items()}}
-                                 for lp in lps],
+        return {"tokens": tokens,
+                "token_logprobs": [None if lp is None else max(lp["logprob"], -9999.0) for lp in lps],
+                "top_logprobs": [None if lp is None else {
+                    dec(lp["token_id"]): max(lp["logprob"], -9999.0),
+                    **{dec(t): max(v, -9999.0) for t, v in lp["top"].items()}} for lp in lps],
                 "text_offset": offsets}
 
     def _token_bytes(self, token_id: int) -> list[int]:
@@ -521,9 +691,10 @@ class CompletionsAPI:
             return list(table[token_id])  # a byte-level token's own bytes (maybe half a character)
         return list(self.server.token_text(token_id).encode("utf-8"))
 
-    def _chat_logprobs(self, ids: list[int], lps: list[dict]) -> dict:
-        """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives."""
-        dec = self.server.token_text
+    def _chat_logprobs(self, ids: list[int], lps: list[dict], as_ids: bool = False) -> dict:
+        """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives
+        (`as_ids`: each token spelled "token_id:N", vLLM's return_tokens_as_token_ids)."""
+        dec = (lambda t: f"token_id:{t}") if as_ids else self.server.token_text
 
         def entry(t: int, v: float) -> dict:
             return {"token": dec(t), "logprob": v, "bytes": self._token_bytes(t)}

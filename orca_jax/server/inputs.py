@@ -14,9 +14,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import json
 from typing import Sequence
 
 from ..request import SamplingParams, is_int, valid_unicode
+from ..structured import Structured
 from ..tokenizer import Tokenizer
 
 MAX_REQUEST_ID_CHARS = 256  # a client's own request id (gRPC `request_id`)
@@ -60,9 +62,11 @@ def sampling_params(fields: dict) -> SamplingParams:
 
 def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
                ids: Sequence[int] | None, *, text_field: str = "prompt",
-               ids_field: str = "prompt_token_ids", add_special_tokens: bool = True) -> tuple[list[int], str]:
+               ids_field: str = "prompt_token_ids", add_special_tokens: bool = True,
+               truncate: bool = False) -> tuple[list[int], str]:
     """The prompt's token ids and the field they came from. Exactly one of text/ids. Text is
-    encoded with the tokenizer's special tokens (BOS, ...) unless `add_special_tokens` is False."""
+    encoded with the tokenizer's special tokens (BOS, ...) unless `add_special_tokens` is False.
+    A prompt to be truncated may be longer than the context (up to the body size limit)."""
     if text and ids:
         raise InvalidArgument(text_field, f"give either {text_field} or {ids_field}, not both")
     if ids:
@@ -76,7 +80,7 @@ def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
     if not valid_unicode(text):
         raise InvalidArgument(text_field, "is not valid Unicode (it holds a lone surrogate)")
     most = limits.max_model_len * (tokenizer.max_token_bytes or len(text))
-    if len(text) > most:  # characters <= bytes: it cannot fit, whatever it tokenizes to
+    if len(text) > most and not truncate:  # characters <= bytes: it cannot fit, whatever it tokenizes to
         raise InvalidArgument(text_field, f"the prompt is {len(text)} characters; the maximum "
                               f"context length is {limits.max_model_len} tokens of at most "
                               f"{most // limits.max_model_len} bytes each")
@@ -86,31 +90,110 @@ def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
     return out, text_field
 
 
-def check_length(limits: Limits, n_prompt: int, params: SamplingParams, prompt_field: str) -> None:
-    """Orca reserves prompt + max_tokens positions in a KV slot at admission: both must fit."""
+def fit_length(limits: Limits, tokens: list[int], params: SamplingParams, prompt_field: str,
+               truncate: int | None = None) -> tuple[list[int], SamplingParams]:
+    """vLLM's length rule: `truncate` (truncate_prompt_tokens) keeps the prompt's last k tokens
+    (-1: as many as leave room for one new token); `max_tokens` alone may not exceed the
+    context, nor may the prompt; otherwise `max_tokens` is cut to the room the prompt leaves
+    (the request is answered, finishing with "length"). Orca then reserves prompt + max_tokens
+    positions at admission."""
     L = limits.max_model_len
+    if truncate is not None:
+        if not is_int(truncate) or not -1 <= truncate <= L:
+            raise InvalidArgument("truncate_prompt_tokens", f"must be -1 or an integer in [0, {L}] "
+                                  f"(the maximum context length), got {truncate!r}")
+        keep = L - 1 if truncate == -1 else truncate
+        if keep == 0:
+            raise InvalidArgument("truncate_prompt_tokens", "keeps no prompt token; use at least 1")
+        tokens = tokens[-keep:]
+    if params.max_tokens > L:
+        raise InvalidArgument("max_tokens", f"max_tokens={params.max_tokens} cannot be greater than "
+                              f"the maximum context length of {L} tokens")
+    n_prompt = len(tokens)
     if n_prompt >= L:
         raise InvalidArgument(prompt_field, f"the prompt is {n_prompt} tokens; the maximum context "
                               f"length is {L} tokens, which leaves no room for a new token")
     if n_prompt + params.max_tokens > L:
-        raise InvalidArgument("max_tokens", f"{params.max_tokens} new tokens with a {n_prompt}-token "
-                              f"prompt need {n_prompt + params.max_tokens} tokens, over the maximum "
-                              f"context length of {L}; use at most {L - n_prompt}")
-    bad = [t for t in params.stop_token_ids if not 0 <= t < limits.vocab_size]
-    if bad:
-        raise InvalidArgument("stop_token_ids", f"token ids {bad[:5]} are outside the vocabulary "
-                              f"[0, {limits.vocab_size})")
+        room = L - n_prompt
+        params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                      ("logit_bias", [t for t, _ in params.logit_bias])):
+        bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidArgument(name, f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    return tokens, params
 
 
 def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequence[int] | None,
-            fields: dict, *, text_field: str = "prompt",
-            ids_field: str = "prompt_token_ids") -> tuple[list[int], SamplingParams]:
+            fields: dict, *, text_field: str = "prompt", ids_field: str = "prompt_token_ids",
+            truncate: int | None = None) -> tuple[list[int], SamplingParams]:
     """Validated (prompt token ids, SamplingParams) or InvalidArgument naming the field."""
     params = sampling_params(fields)
-    tokens, field = prompt_ids(tokenizer, limits, text, ids, text_field=text_field, ids_field=ids_field)
-    check_length(limits, len(tokens), params, field)
+    tokens, field = prompt_ids(tokenizer, limits, text, ids, text_field=text_field, ids_field=ids_field,
+                               truncate=truncate is not None)
+    tokens, params = fit_length(limits, tokens, params, field, truncate)
     params.stop_automaton  # built here, in a worker thread, not on the engine thread
     return tokens, params
+
+
+STRUCTURED_OPTIONS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def structured_from_body(body: dict) -> tuple[Structured | None, str]:
+    """An OpenAI/vLLM request body's constraint and the field it came from: vLLM's
+    `structured_outputs` ({json | regex | choice | grammar | json_object}), overridden by a
+    `response_format` of type json_object or json_schema (vLLM's rule)."""
+    so, fmt = body.get("structured_outputs"), body.get("response_format")
+    out, field = None, "structured_outputs"
+    if so is not None:
+        if not isinstance(so, dict):
+            raise InvalidArgument(field, "must be an object with one of " + ", ".join(STRUCTURED_OPTIONS))
+        # JSON is always compact here (structured.py): disable_any_whitespace true says so.
+        extra = sorted(k for k, v in so.items() if k not in STRUCTURED_OPTIONS and v is not None
+                       and not (k == "disable_any_whitespace" and v is True))
+        if extra:
+            raise InvalidArgument(f"{field}.{extra[0]}", "is not supported")
+        given = [k for k in STRUCTURED_OPTIONS if so.get(k) is not None]
+        if len(given) != 1:
+            raise InvalidArgument(field, f"give exactly one of {', '.join(STRUCTURED_OPTIONS)}; got {given or 'none'}")
+        out = _one(field, given[0], so[given[0]])
+    if fmt is not None:
+        field = "response_format"
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            out = Structured("json_object")
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+            if schema is None:
+                raise InvalidArgument(field, "type json_schema needs json_schema.schema")
+            out = _one(field, "json", schema)
+        elif kind != "text":
+            raise InvalidArgument(field, "type must be text, json_object or json_schema")
+    return out, field
+
+
+def _one(field: str, kind: str, value) -> Structured:
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise InvalidArgument(field, f"the JSON schema is not JSON ({e})") from None
+        if not isinstance(value, (dict, bool)):
+            raise InvalidArgument(field, "the JSON schema must be an object")
+        return Structured("json", json.dumps(value, separators=(",", ":"), sort_keys=True))
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidArgument(field, "choice must be a non-empty list of non-empty strings")
+        return Structured("choice", json.dumps(value))
+    if kind == "json_object":
+        if value is not True:
+            raise InvalidArgument(field, "json_object must be true")
+        return Structured("json_object")
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(field, f"{kind} must be a non-empty string")
+    return Structured(kind, value)
 
 
 def render_chat(template, messages, add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
@@ -139,7 +222,7 @@ def prepare_chat(tokenizer: Tokenizer, limits: Limits, template, messages, field
     tokens, field = prompt_ids(tokenizer, limits, text, None, text_field="messages", add_special_tokens=False)
     if fields.get("max_tokens") is None and len(tokens) < limits.max_model_len:
         params = sampling_params({**fields, "max_tokens": limits.max_model_len - len(tokens)})
-    check_length(limits, len(tokens), params, field)
+    tokens, params = fit_length(limits, tokens, params, field)
     params.stop_automaton  # built here, in a worker thread, not on the engine thread
     return tokens, params, text
 
