@@ -708,3 +708,21 @@ def test_structured_output_over_http(served):
         status, err = http(served, "/v1/completions", {"prompt": "x", **body})
         assert status == 400 and err["error"]["param"] == param, (body, err)
     serves_normally(served)
+
+
+def test_best_of_returns_the_most_likely_samples(served):
+    """best_of draws that many samples per prompt and returns the n with the highest
+    cumulative logprob: each returned one scores at least as high as every sample left out."""
+    body = dict(prompt=["The orca", "A seal"], max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    drawn = completion(served, n=4, logprobs=0, **body)["choices"]  # the same 4 seeds, all of them
+    best = completion(served, n=2, best_of=4, **body)
+    score = lambda c: sum(c["logprobs"]["token_logprobs"])
+    for g in range(2):
+        ranked = sorted(drawn[4 * g:4 * g + 4], key=score, reverse=True)[:2]
+        assert [c["text"] for c in best["choices"][2 * g:2 * g + 2]] == [c["text"] for c in ranked]
+    assert all(c["logprobs"] is None for c in best["choices"])  # not asked for: not shown
+    assert [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
+    for extra, param in (({"best_of": 1, "n": 2}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
+                         ({"best_of": 2, "temperature": 0}, "best_of")):
+        status, err = http(served, "/v1/completions", {**body, **extra})
+        assert status == 400 and err["error"]["param"] == param, (extra, err)

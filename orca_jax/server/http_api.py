@@ -130,6 +130,18 @@ class _Show:
     as_ids: bool = False        # return_tokens_as_token_ids: logprob tokens as "token_id:N"
     prompts: tuple[tuple[list[int], str | None], ...] = ()  # per choice: prompt ids, echoed text
     prompt_lps: tuple[list[dict | None], ...] = ()  # per choice: its prompt's logprobs, when asked
+    best_of: int = 1            # samples drawn per prompt; the `n` most likely are returned
+    hide_logprobs: bool = False  # logprobs were asked only to rank best_of's samples
+
+
+def _best_of(results: list[list[RequestOutput]], n: int, best_of: int) -> list[int]:
+    """The jobs to report: of each prompt's `best_of` samples (consecutive jobs), the `n` with
+    the highest cumulative log-probability, best first (OpenAI's and vLLM V0's best_of)."""
+    picked = []
+    for start in range(0, len(results), best_of):
+        score = lambda j: sum(lp["logprob"] for p in results[j] for lp in (p.logprobs or ()))
+        picked += sorted(range(start, start + best_of), key=score, reverse=True)[:n]
+    return picked
 
 
 def _engine_id(cid: str, i: int) -> str:
@@ -210,6 +222,18 @@ def _flag(body: dict, name: str) -> bool:
     if not isinstance(v, bool):
         raise _invalid(name, "must be a boolean")
     return v
+
+
+def _best_of_field(body: dict, n: int, stream: bool) -> int:
+    """Completions' `best_of`: samples drawn per prompt (default n), at least n."""
+    best_of = body.get("best_of")
+    if best_of is None:
+        return n
+    if not is_int(best_of) or not n <= best_of <= MAX_N:
+        raise _invalid("best_of", f"must be an integer in [n, {MAX_N}] (n = {n}), got {json.dumps(best_of)[:40]}")
+    if best_of > n and stream:
+        raise _invalid("best_of", "cannot be used with stream (the best samples are known only at the end)")
+    return best_of
 
 
 def _prompt_logprobs(body: dict, show: _Show, stream: bool) -> int | None:
@@ -371,11 +395,11 @@ class CompletionsAPI:
         return n, stream, bool(opts.get("include_usage"))
 
     @staticmethod
-    def _samples(tokens: list[int], params, n: int) -> list[tuple[list[int], object]]:
+    def _samples(tokens: list[int], params, n: int, field: str = "n") -> list[tuple[list[int], object]]:
         """n samples of one prompt: distinct seeds when one is given. Greedy samples would all
-        be the same: n > 1 needs a temperature (vLLM refuses it too)."""
+        be the same: n > 1 (`field`: n or best_of) needs a temperature (vLLM refuses it too)."""
         if n > 1 and params.temperature == 0:
-            raise _invalid("n", f"must be 1 when using greedy sampling (temperature 0), got {n}")
+            raise _invalid(field, f"must be 1 when using greedy sampling (temperature 0), got {n}")
         return [(tokens, params if j == 0 or params.seed is None else
                  dataclasses.replace(params, seed=(params.seed + j) % 2**63)) for j in range(n)]
 
@@ -386,17 +410,21 @@ class CompletionsAPI:
         self._check_model(body)
         if body.get("suffix"):
             raise _invalid("suffix", "is not supported")
-        n, stream, include_usage = self._common(body)
+        n, stream, include_usage = self._common({**body, "best_of": None})
+        best_of = _best_of_field(body, n, stream)
         show = _Show(echo=_flag(body, "echo"), token_ids=_flag(body, "return_token_ids"),
-                     as_ids=_flag(body, "return_tokens_as_token_ids"))
+                     as_ids=_flag(body, "return_tokens_as_token_ids"), best_of=best_of)
         fields = _sampling_fields(body)
+        if best_of > n and fields.get("logprobs") is None:  # the ranking needs each token's logprob
+            fields["logprobs"] = 0
+            show = dataclasses.replace(show, hide_logprobs=True)
         fields["structured"] = await self._structured(body)
         if show.echo and fields.get("max_tokens") == 0:  # scoring: the prompt alone (vLLM runs 1)
             show = dataclasses.replace(show, prompt_only=True)
             fields["max_tokens"] = 1
         prompts = _prompts(body)
-        if len(prompts) * n > MAX_CHOICES:
-            raise _invalid("prompt", f"{len(prompts)} prompts x n={n} make {len(prompts) * n} "
+        if len(prompts) * best_of > MAX_CHOICES:
+            raise _invalid("prompt", f"{len(prompts)} prompts x {best_of} samples make {len(prompts) * best_of} "
                                      f"choices; one request may have at most {MAX_CHOICES}")
         jobs, shown = [], []  # per choice: (prompt token ids, params), (prompt ids, echoed text)
         truncated = body.get("truncate_prompt_tokens") is not None
@@ -411,8 +439,8 @@ class CompletionsAPI:
             if show.echo:  # vLLM echoes the prompt as generation saw it; "" with return_token_ids
                 echoed = ("" if show.token_ids else text if text is not None and not truncated
                           else await in_prepare_pool(s.tokenizer.decode, tokens))
-            jobs += self._samples(tokens, params, n)
-            shown += [(tokens, echoed)] * n
+            jobs += self._samples(tokens, params, best_of, "best_of" if best_of > n else "n")
+            shown += [(tokens, echoed)] * best_of
         cid = f"cmpl-{self._request_id(request, body)}"
         created = int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
@@ -420,8 +448,8 @@ class CompletionsAPI:
         show = dataclasses.replace(show, prompts=tuple(shown))
         top = _prompt_logprobs(body, show, stream)
         if top is not None:  # scored before any is submitted: a refusal costs no generation
-            scored = await self._score([t for t, _ in shown[::n]], top)
-            show = dataclasses.replace(show, prompt_lps=tuple(lp for lp in scored for _ in range(n)))
+            scored = await self._score([t for t, _ in shown[::best_of]], top)
+            show = dataclasses.replace(show, prompt_lps=tuple(lp for lp in scored for _ in range(best_of)))
         if stream:
             return await self._stream(request, jobs, n, cid, head, include_usage, show=show)
         return await self._complete(jobs, n, cid, head, show=show)
@@ -499,22 +527,24 @@ class CompletionsAPI:
                 tasks = [tg.create_task(one(i, t, p)) for i, (t, p) in enumerate(jobs)]
         except BaseExceptionGroup as eg:
             raise _from_exception(eg.exceptions[0]) from None
+        results = [task.result() for task in tasks]  # per job: its outputs
+        for pieces in results:
+            if self._failure(pieces[-1]) is not None:
+                raise self._failure(pieces[-1])
         choices, prompt_toks, gen_toks = [], 0, 0
-        for i, task in enumerate(tasks):
-            pieces = task.result()
+        for i, j in enumerate(_best_of(results, n, show.best_of) if show.best_of > n else range(len(jobs))):
+            pieces = results[j]
             last = pieces[-1]
-            if self._failure(last) is not None:
-                raise self._failure(last)
             ids = [t for p in pieces for t in p.token_ids]
             lps = [lp for p in pieces for lp in (p.logprobs or ())]
-            text, want_lp = "".join(p.text for p in pieces), jobs[i][1].logprobs is not None
+            text, want_lp = "".join(p.text for p in pieces), jobs[j][1].logprobs is not None
             finish = OPENAI_FINISH.get(last.finish_reason)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": self._chat_logprobs(ids, lps, show.as_ids) if want_lp else None,
                                 "finish_reason": finish, "stop_reason": last.stop_reason})
             else:
-                choices.append(self._choice(i, show, jobs[i][1], ids, lps, text, finish, last.stop_reason))
+                choices.append(self._choice(i, show, jobs[j][1], ids, lps, text, finish, last.stop_reason, job=j))
             if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
                 prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
@@ -636,11 +666,16 @@ class CompletionsAPI:
         return [await asyncio.to_thread(self._scorer, ids, top) for ids in prompts]
 
     def _choice(self, i: int, show: _Show, params, ids: list[int], lps: list[dict], text: str,
-                finish: str | None, stop_reason, first: bool = True, offset: int = 0) -> dict:
-        """One completions choice (or a stream's chunk of it, `first` or not): the new text, the
-        echoed prompt before it in the first, and vLLM's extra fields."""
-        prompt_ids, echoed = show.prompts[i] if show.prompts else ([], None)
-        prompt_lps = show.prompt_lps[i] if show.prompt_lps else None
+                finish: str | None, stop_reason, first: bool = True, offset: int = 0,
+                job: int | None = None) -> dict:
+        """Completions choice `i` (or a stream's chunk of it, `first` or not), from job `job`
+        (default: `i`): the new text, the echoed prompt before it in the first, and vLLM's
+        extra fields."""
+        job = i if job is None else job
+        prompt_ids, echoed = show.prompts[job] if show.prompts else ([], None)
+        prompt_lps = show.prompt_lps[job] if show.prompt_lps else None
+        if show.hide_logprobs:  # asked for best_of's ranking, not by the client
+            params = dataclasses.replace(params, logprobs=None)
         new_ids = ids
         if show.prompt_only:
             ids, lps, text = [], [], ""
