@@ -1,4 +1,4 @@
-"""`orca-jax` command line: convert, generate, bench, serve, demo, plan.
+"""`orca-jax` command line: convert, generate, bench, serve, demo, plan, simulate.
 
 Each subcommand has --help. Heavy imports (jax, flax) happen inside the subcommands so that
 `orca-jax --help` is instant.
@@ -14,6 +14,7 @@ from ..bench import latency as bench_latency
 from ..bench import online as bench_online
 from ..bench import run as bench_run
 from ..bench import stages as bench_stages
+from ..sim import cli as sim_cli
 from . import plan, serve
 from .flags import add_engine_flags, add_sampling_flags, build_engine, sampling_params
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_gpu_check.add_parser(workloads)
     serve.add_parsers(sub)  # serve, demo
     plan.add_parser(sub)
+    sim_cli.add_parser(sub)
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -1,0 +1,177 @@
+"""Calibration: the simulator against the real engine on this machine (GPT-2 small, fp32).
+
+    orca-jax simulate --calibrate --preset gpt2-small --requests 32 --rates 1,2,4
+
+One run, ceilings and steps measured together (the machine is shared: background load moves
+both, so they are taken minutes apart at most, and medians are reported):
+
+1. this machine's ceilings (read GB/s, matmul GFLOP/s: bench/decode_step.py `ceilings`);
+2. the real engine (`orca-jax bench`'s EngineSystem, same checkpoint, trace and clock) runs
+   the trace at every rate, its runner timed: an iteration's time is from when it was
+   dispatched (or the previous one finished, if later) to when its sampled ids were back;
+3. the ceilings again (the lower of each is `cpu-here`);
+4. fit `Efficiency` (compute and memory shares of the roofline, a fixed per-step overhead:
+   three numbers, all physically motivated) to the measured iterations; report predicted vs
+   measured median time per bucket shape (Td, Tp);
+5. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
+   throughput and median normalized latency per rate.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+
+from ..bench.metrics import summarize
+from ..plan import StepPlan
+from .accelerators import cpu_accelerator, measure_cpu
+from .cost import Efficiency, StepCost, StepWork
+
+ONE_DEVICE = "tensor=1"
+
+
+def plan_work(plan: StepPlan, page_size: int) -> StepWork:
+    """The counts of a real step (what the XLA CPU backend computes: cost.py `step_work`
+    with `padded_attention`), read from its padded plan."""
+    meta = plan.inputs.meta
+    td, tp = plan.num_decode, plan.num_prefill
+    dec = td * int(meta.dec_blocks) * page_size
+    n = int(meta.num_hist)
+    hist = int(meta.hist_len[:n].sum())
+    hist_pairs = int((meta.hist_len[:n] * meta.hist_rows[:n]).sum())
+    return StepWork(rows=td + tp, sampled=plan.num_sample_rows, pairs=dec + tp * tp + hist_pairs,
+                    kv_read=dec + hist)
+
+
+class TimedRunner:
+    """The engine's runner with every iteration timed (`times`: (Td, Tp), work, seconds).
+    Everything else is the runner's own (`__getattr__`)."""
+
+    def __init__(self, runner, page_size: int):
+        self._runner, self._page_size = runner, page_size
+        self._pending: collections.deque = collections.deque()
+        self._last_done = 0.0
+        self.times: list[tuple[tuple[int, int], StepWork, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def run(self, plan: StepPlan, sampling, x=None):
+        t = time.perf_counter()
+        out = self._runner.run(plan, sampling)
+        self._pending.append((t, (plan.num_decode, plan.num_prefill), plan_work(plan, self._page_size)))
+        return out
+
+    def fetch(self, out, logprobs: bool):
+        got = self._runner.fetch(out, logprobs)
+        now = time.perf_counter()
+        t, shape, work = self._pending.popleft()
+        self.times.append((shape, work, now - max(t, self._last_done)))
+        self._last_done = now
+        return got
+
+
+def fit_efficiency(cost: StepCost, samples: list[tuple[StepWork, float]]) -> Efficiency:
+    """The compute and memory efficiencies and the fixed overhead that minimise the median
+    relative error of the predicted step times (a grid over the two shares; for each, the
+    overhead is the median of what the roofline leaves unexplained, never below 0)."""
+    flops = np.array([cost.flops(w) for w, _ in samples]) / cost.peak_flops
+    byts = np.array([cost.bytes(w) for w, _ in samples]) / cost.bandwidth
+    t = np.array([s for _, s in samples])
+    best = (np.inf, Efficiency())
+    for ec in np.geomspace(0.05, 2.0, 80):
+        for em in np.geomspace(0.05, 2.0, 80):
+            roof = np.maximum(flops / ec, byts / em)
+            over = max(0.0, float(np.median(t - roof)))
+            err = float(np.median(np.abs(roof + over - t) / t))
+            if err < best[0]:
+                best = (err, Efficiency(float(ec), float(em), over))
+    return best[1]
+
+
+def bucket_table(cost: StepCost, eff: Efficiency, times) -> list[dict]:
+    """Per bucket shape (Td, Tp): iterations, median measured and predicted ms, the error."""
+    by = collections.defaultdict(list)
+    for shape, work, s in times:
+        by[shape].append((cost.stage_s(work, eff), s))
+    rows = []
+    for (td, tp), v in sorted(by.items()):
+        pred, meas = statistics.median(p for p, _ in v), statistics.median(m for _, m in v)
+        rows.append({"decode_rows": td, "prefill_rows": tp, "iterations": len(v), "measured_ms": meas * 1e3,
+                     "predicted_ms": pred * 1e3, "error": pred / meas - 1})
+    return rows
+
+
+def measure_engine(args, trace, rates, engine_config):
+    """Runs the real engine over the trace at each rate (bench/systems.py `EngineSystem`),
+    timed. Returns (runs as `orca-jax bench` reports them, per-iteration times, its KV pages)."""
+    from ..bench.run import converted_checkpoint, random_hf_checkpoint
+    from ..bench.systems import Clock, EngineSystem
+    system = EngineSystem("orca", converted_checkpoint(random_hf_checkpoint(args.preset)), engine_config)
+    system.warm(trace)
+    eng = system.engine
+    timer = TimedRunner(eng.runner, eng.kv.page_size)
+    eng.runner = timer
+    runs = []
+    for rate in rates:
+        records, info = system.run(trace.at_rate(rate), Clock())
+        runs.append({"system": "orca", "label": "measured", "rate": rate, "metrics": summarize(records),
+                     "info": info})
+    pages, max_len = eng.kv.num_pages, eng.max_len
+    system.close()
+    return runs, timer.times, pages, max_len
+
+
+def calibrate(args, trace, rates, engine_config) -> dict:
+    """Steps 1-5 of the module docstring; returns every number (JSON-able)."""
+    from .run import SimConfig, Simulator
+    before = measure_cpu()
+    runs, times, pages, max_len = measure_engine(args, trace, rates, engine_config)
+    after = measure_cpu()
+    acc = cpu_accelerator(min(before.hbm_bw, after.hbm_bw), min(before.flops_32, after.flops_32))
+    cost = StepCost.build(args.preset, ONE_DEVICE, "replicated", acc, "float32")
+    eff = fit_efficiency(cost, [(w, s) for _, w, s in times])
+    cfg = SimConfig(engine_config, cost, eff, pages, max_len, padded_attention=True)
+    sim_runs = []
+    for rate in rates:
+        res = Simulator(cfg).run(trace.at_rate(rate))
+        sim_runs.append({"system": "sim", "label": "simulated", "rate": rate,
+                         "metrics": summarize(res.records), "info": res.info})
+    return {"ceilings": {"read_gbs": [before.hbm_bw / 1e9, after.hbm_bw / 1e9],
+                         "matmul_gflops": [before.flops_32 / 1e9, after.flops_32 / 1e9]},
+            "efficiency": dataclasses.asdict(eff), "kv_pages": pages,
+            "buckets": bucket_table(cost, eff, times), "iterations": len(times),
+            "runs": runs + sim_runs, "sweep": sweep_agreement(runs, sim_runs)}
+
+
+def sweep_agreement(measured: list[dict], simulated: list[dict]) -> list[dict]:
+    """Per rate: measured and simulated throughput and median normalized latency."""
+    out = []
+    for m, s in zip(measured, simulated):
+        mt, st = m["metrics"]["request_throughput"], s["metrics"]["request_throughput"]
+        ml = m["metrics"]["normalized_latency_ms"]["median"]
+        sl = s["metrics"]["normalized_latency_ms"]["median"]
+        out.append({"rate": m["rate"], "measured_req_s": mt, "simulated_req_s": st,
+                    "throughput_error": st / mt - 1, "measured_norm_latency_ms": ml,
+                    "simulated_norm_latency_ms": sl, "latency_error": sl / ml - 1})
+    return out
+
+
+def format_calibration(r: dict) -> str:
+    c, e = r["ceilings"], r["efficiency"]
+    lines = [f"ceilings (start / end): read {c['read_gbs'][0]:.1f} / {c['read_gbs'][1]:.1f} GB/s, matmul "
+             f"{c['matmul_gflops'][0]:.0f} / {c['matmul_gflops'][1]:.0f} GFLOP/s",
+             f"fitted on {r['iterations']} iterations: compute {e['compute']:.2f} x peak, memory "
+             f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step", "",
+             "| Td | Tp | iterations | measured ms (median) | predicted ms | error |", "|---|---|---|---|---|---|"]
+    lines += [f"| {b['decode_rows']} | {b['prefill_rows']} | {b['iterations']} | {b['measured_ms']:.1f} | "
+              f"{b['predicted_ms']:.1f} | {b['error']:+.0%} |" for b in r["buckets"]]
+    lines += ["", "| rate (req/s) | measured req/s | simulated req/s | error | measured norm. lat. (ms/tok) | "
+                  "simulated | error |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['rate']:g} | {s['measured_req_s']:.2f} | {s['simulated_req_s']:.2f} | {s['throughput_error']:+.0%} "
+              f"| {s['measured_norm_latency_ms']:.0f} | {s['simulated_norm_latency_ms']:.0f} | {s['latency_error']:+.0%} |"
+              for s in r["sweep"]]
+    return "\n".join(lines)
