@@ -1,0 +1,195 @@
+"""End to end on a real local Ray: 2 replicas of the demo model behind the global scheduler
+(orca_jax/ray). Slow (Ray start and two engine warm-ups: 1-3 minutes on 2 CPUs), so under
+`-m slow`:
+
+    python -m pytest -m slow tests/test_ray_serve.py
+
+A Poisson trace is served completely by both replicas with every decision logged; /health
+and /metrics cover every replica; a replica whose process is killed mid-run loses no request
+silently (each completes or gets a clear 503 / SSE error), and its replacement serves again.
+"""
+import asyncio
+import glob
+import json
+import os
+import random
+import signal
+import socket
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+aiohttp = pytest.importorskip("aiohttp")
+
+pytestmark = pytest.mark.slow
+
+ENGINE = ("--max-batch-size", "8", "--max-num-batched-tokens", "64", "--max-prefill-seqs", "4",
+          "--max-model-len", "256", "--page-size", "16")
+SYSTEMS = ["You are a helpful orca. Answer briefly and kindly, in the voice of a whale. " * 2,
+           "The following is a transcript of a pod of orcas hunting near the coast. " * 2,
+           "Translate the song of the humpback whale into plain English sentences. " * 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(demo_model_dir):
+    from ray import serve
+
+    from orca_jax.ray.app import APP_NAME, ReplicasConfig, build
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build(ReplicasConfig(str(demo_model_dir), "demo", 2, ENGINE, num_cpus=0.5,
+                                       stats_period_s=0.5)), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def _get(session, url):
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
+        return r.status, await r.text()
+
+
+async def _complete(session, url, body) -> dict:
+    """One request's outcome: ok (finished, with its text) or error (status and message); a
+    request that hangs or breaks the connection raises, failing the test."""
+    async with session.post(url + "/v1/completions", json=body,
+                            timeout=aiohttp.ClientTimeout(total=180)) as r:
+        if r.status != 200:
+            return {"ok": False, "status": r.status, "error": (await r.json())["error"]["message"]}
+        if not body.get("stream"):
+            choice = (await r.json())["choices"][0]
+            return {"ok": choice["finish_reason"] == "length", "text": choice["text"]}
+        text, done = "", False
+        async for line in r.content:
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return {"ok": False, "status": 200, "error": event["error"]["message"], "text": text}
+                text += event["choices"][0]["text"]
+        return {"ok": done, "text": text, **({} if done else {"error": "stream ended without [DONE]"})}
+
+
+def _decisions(metrics_text: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("orca_jax:router_decisions_total{"):
+            labels, value = line[len("orca_jax:router_decisions_total{"):].split("} ")
+            kv = dict(p.split("=") for p in labels.split(","))
+            out[kv["replica"].strip('"'), kv["reason"].strip('"')] = float(value)
+    return out
+
+
+def _per_replica(decisions) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (replica, _), n in decisions.items():
+        out[replica] = out.get(replica, 0) + n
+    return out
+
+
+def test_poisson_trace_served_by_both_replicas(cluster):
+    rng = random.Random(0)
+    n = 24
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            _, before = await _get(s, cluster + "/metrics")
+            tasks = []
+            for i in range(n):
+                body = {"prompt": rng.choice(SYSTEMS) + f"Question {i}: where?", "ignore_eos": True,
+                        "max_tokens": rng.randint(4, 12), "stream": i % 2 == 0, "seed": i}
+                tasks.append(asyncio.create_task(_complete(s, cluster, body)))
+                await asyncio.sleep(rng.expovariate(6.0))  # Poisson arrivals, 6 requests/s
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+            await asyncio.sleep(2.0)  # one more report period: the counters catch up
+            _, after = await _get(s, cluster + "/metrics")
+            return results, _decisions(before), _decisions(after), after
+
+    results, before, after, text = asyncio.run(run())
+    assert all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+    routed = {k: v - before.get(k, 0) for k, v in after.items()}
+    per_replica = _per_replica(routed)
+    print(f"trace of {n}: decisions {routed}")  # shown with -s
+    assert sum(per_replica.values()) == n
+    assert len([r for r, c in per_replica.items() if c > 0]) == 2, routed   # both replicas used
+    assert any(reason == "prefix" for (_, reason), c in routed.items() if c), routed
+    # Every replica's vllm:* series and their aggregate on the one /metrics.
+    for name in per_replica:
+        assert f'vllm:num_requests_running{{model_name="demo",replica="{name}"}}' in text
+    assert 'vllm:prefix_cache_hits_total{model_name="demo",replica="all"}' in text
+    hits = [float(line.split()[-1]) for line in text.splitlines()
+            if line.startswith('vllm:prefix_cache_hits_total{model_name="demo",replica="all"}')]
+    assert hits[0] > 0  # shared system prompts were served from the replicas' prefix caches
+    # The choices are logged (Serve's log file of the ingress replica).
+    logs = "".join(open(p).read() for p in glob.glob("/tmp/ray/session_latest/logs/serve/*OrcaIngress*"))
+    assert logs.count(" -> replica ") >= n
+
+
+def _health(url) -> dict:
+    async def get():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=30)) as r:
+                return {**(await r.json()), "http_status": r.status}
+    return asyncio.run(get())
+
+
+def test_health_counts_live_replicas(cluster):
+    h = _health(cluster)
+    assert h["http_status"] == 200 and h["status"] == "ok" and h["replicas"] == 2 and h["healthy"] == 2
+    assert all(r["pid"] for r in h["by_replica"].values())
+
+
+def test_killed_replica_loses_no_request_and_is_replaced(cluster):
+    before = _health(cluster)["by_replica"]
+    victim, pid = next(iter(before.items()))[0], next(iter(before.values()))["pid"]
+
+    async def burst(n, max_tokens, kill_after_s=None, shared=True):
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(_complete(s, cluster, {
+                "prompt": f"{SYSTEMS[i % 3] if shared else ''} number {i}", "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": i % 2 == 0, "seed": i})) for i in range(n)]
+            if kill_after_s is not None:
+                await asyncio.sleep(kill_after_s)
+                os.kill(pid, signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+    results = asyncio.run(burst(12, 48, kill_after_s=1.0))
+    print(f"killed replica {victim} (pid {pid}): {sum(r['ok'] for r in results)} of {len(results)} "
+          f"completed; errors: {[r['error'][:90] for r in results if not r['ok']]}")  # shown with -s
+    for r in results:  # each completed, or failed with a clear, retriable error
+        assert r["ok"] or ("retry" in r["error"] and r["status"] in (200, 503)), r
+    assert sum(r["ok"] for r in results) >= 1
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        h = _health(cluster)
+        if h["healthy"] == 2 and victim not in h["by_replica"]:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"no replacement replica within 300 s: {h}")
+    fresh = (set(h["by_replica"]) - set(before)).pop()
+
+    async def routed_to_fresh():
+        async with aiohttp.ClientSession() as s:
+            _, m0 = await _get(s, cluster + "/metrics")
+            results = await burst(8, 4, shared=False)  # no prefix anywhere: least loaded
+            _, m1 = await _get(s, cluster + "/metrics")
+            return results, _per_replica(_decisions(m1)).get(fresh, 0) - _per_replica(_decisions(m0)).get(fresh, 0)
+
+    results, to_fresh = asyncio.run(routed_to_fresh())
+    print(f"replacement {fresh} up; it served {to_fresh} of {len(results)} new requests")  # -s
+    assert all(r["ok"] for r in results), results
+    assert to_fresh > 0
