@@ -4,10 +4,12 @@
     llm = LLM("ckpt/gpt2")               # None: the embedded demo model
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason
+    llm.prompt_logprobs(["Hello world"], top_n=5)  # per prompt token: its log-probability
 """
 from __future__ import annotations
 
 import collections
+import functools
 import numbers
 from typing import Sequence
 
@@ -20,8 +22,17 @@ from .sharding.layouts import Layout
 from .sharding.mesh import make_mesh
 from .request import RequestOutput, SamplingParams, Usage
 from .scheduler import QueueFullError
+from .scoring import PromptScorer
 
 Prompt = str | Sequence[int]
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> Sequence[Prompt]:
+    """`prompts` as a list of prompts: one prompt (text, or token ids as a list or numpy
+    array) becomes a list of one."""
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
+        return [prompts]
+    return prompts
 
 
 class LLM:
@@ -48,12 +59,22 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @functools.cached_property
+    def scorer(self) -> PromptScorer:
+        return PromptScorer(self.engine)
+
+    def prompt_logprobs(self, prompts: Prompt | Sequence[Prompt], top_n: int = 0) -> list[list[dict | None]]:
+        """Per prompt, per token: None for the first, then {"token_id", "logprob", "rank",
+        "top": {id: logprob} of the `top_n` most likely} given the tokens before it
+        (orca_jax/scoring.py; vLLM's `prompt_logprobs`). Text prompts are tokenized first."""
+        encode = self.engine.tokenizer.encode
+        return [self.scorer(encode(p) if isinstance(p, str) else list(p), top_n) for p in _prompt_list(prompts)]
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One final output per prompt, in order. Prompts are text or token-id lists."""
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
-            prompts = [prompts]  # one prompt (text, or token ids as a list or numpy array)
+        prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params) != len(prompts):
