@@ -265,9 +265,9 @@ def _check_json(ours, theirs):
 
 
 def _check_request_id(expected):
-    def check(ours, theirs):
+    def _check_request_id(ours, theirs):
         assert ours["body"]["id"] == expected, f"id {ours['body']['id']!r}, vLLM {expected!r}"
-    return check
+    return _check_request_id
 
 
 def _check_stop_reason(ours, theirs):
@@ -340,6 +340,9 @@ def test_like_vllm(server, case_id):
         problems.append(f"not JSON: {ours['raw'][:200]!r}, vLLM {json.dumps(theirs.get('body'))[:200]}")
     else:
         problems += diff(*_errors_comparable(case_id, ours.get("body"), theirs.get("body")), values=values)
+    if case_id in EXTRA and ours["status"] == theirs["status"] == 200:
+        try:
+            EXTRA[case_id](ours, theirs)
+        except (AssertionError, KeyError, IndexError, TypeError, ValueError) as e:
+            problems.append(f"{EXTRA[case_id].__name__}: {type(e).__name__}: {e}")
     assert not problems, f"{case['method']} {case['path']} {json.dumps(case['body'])[:300]}\n" + "\n".join(problems)
-    if case_id in EXTRA:
-        EXTRA[case_id](ours, theirs)
