@@ -59,11 +59,13 @@ async def _get(session, url):
         return r.status, await r.text()
 
 
-async def _complete(session, url, body) -> dict:
+async def _complete(session, url, body, streaming: dict | None = None) -> dict:
     """One request's outcome: ok (finished, with its text) or error (status and message); a
-    request that hangs or breaks the connection raises, failing the test."""
+    request that hangs or breaks the connection raises, failing the test. `streaming[name]`
+    (an asyncio.Event) is set once a stream from replica `name` has its first text."""
     async with session.post(url + "/v1/completions", json=body,
                             timeout=aiohttp.ClientTimeout(total=180)) as r:
+        replica = r.headers.get("x-orca-jax-replica")
         if r.status != 200:
             return {"ok": False, "status": r.status, "error": (await r.json())["error"]["message"]}
         if not body.get("stream"):
@@ -79,6 +81,8 @@ async def _complete(session, url, body) -> dict:
                 if "error" in event:
                     return {"ok": False, "status": 200, "error": event["error"]["message"], "text": text}
                 text += event["choices"][0]["text"]
+                if streaming is not None and replica in streaming:
+                    streaming[replica].set()
         return {"ok": done, "text": text, **({} if done else {"error": "stream ended without [DONE]"})}
 
 
@@ -155,22 +159,24 @@ def test_killed_replica_loses_no_request_and_is_replaced(cluster):
     before = _health(cluster)["by_replica"]
     victim, pid = next(iter(before.items()))[0], next(iter(before.values()))["pid"]
 
-    async def burst(n, max_tokens, kill_after_s=None, shared=True):
+    async def burst(n, max_tokens, kill=False, shared=True):
+        streaming = {victim: asyncio.Event()}
         async with aiohttp.ClientSession() as s:
             tasks = [asyncio.create_task(_complete(s, cluster, {
                 "prompt": f"{SYSTEMS[i % 3] if shared else ''} number {i}", "max_tokens": max_tokens,
-                "ignore_eos": True, "stream": i % 2 == 0, "seed": i})) for i in range(n)]
-            if kill_after_s is not None:
-                await asyncio.sleep(kill_after_s)
+                "ignore_eos": True, "stream": i % 2 == 0, "seed": i}, streaming)) for i in range(n)]
+            if kill:  # once one of its streams is under way: some die mid-stream, others before a byte
+                await asyncio.wait_for(streaming[victim].wait(), 120)
                 os.kill(pid, signal.SIGKILL)
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
-    results = asyncio.run(burst(12, 48, kill_after_s=1.0))
+    results = asyncio.run(burst(12, 64, kill=True))
     print(f"killed replica {victim} (pid {pid}): {sum(r['ok'] for r in results)} of {len(results)} "
           f"completed; errors: {[r['error'][:90] for r in results if not r['ok']]}")  # shown with -s
     for r in results:  # each completed, or failed with a clear, retriable error
         assert r["ok"] or ("retry" in r["error"] and r["status"] in (200, 503)), r
     assert sum(r["ok"] for r in results) >= 1
+    assert any(not r["ok"] for r in results)  # the victim's started stream was cut, and said so
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

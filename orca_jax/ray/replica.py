@@ -6,7 +6,8 @@ the standard Server on loopback (HTTP and gRPC on free ports: the OpenAI routes,
 streaming, errors and /metrics are the single-process server's own) and exposes to Serve:
 
     forward(method, path, body, headers, route=None)   streams the local server's answer:
-                  first (status, headers), then body chunks (the ingress relays them)
+                  first (status, headers + x-orca-jax-replica: its name), then body chunks
+                  (the ingress relays them)
     record_routing_stats()   what the global scheduler reads (router.py): waiting, running,
                   KV pages free, the page keys in its prefix cache, the vllm:* counters
     check_health()  raises when the engine loop is dead or stuck: Serve replaces the replica
@@ -26,6 +27,7 @@ import aiohttp
 
 log = logging.getLogger("ray.serve.orca_jax")
 
+REPLICA_HEADER = "x-orca-jax-replica"  # on every answer: the replica that served it
 MAX_REPORTED_KEYS = 8192      # prefix-cache keys per report (16 bytes each), newest first kept
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
                "content-encoding"}
@@ -54,6 +56,8 @@ class EngineReplica:
         self.server = BackgroundServer(self.engine, ServerConfig(grpc_port=0, http_port=0),
                                        served_model_name).start()
         self.url = self.server.http_url
+        from ray import serve
+        self.name = serve.get_replica_context().replica_id.unique_id
         self._session: aiohttp.ClientSession | None = None
         self._keys: list[bytes] = []
         log.info("engine replica (pid %d) ready in %.1f s on %s, gRPC %s", os.getpid(),
@@ -68,7 +72,8 @@ class EngineReplica:
             # server's own write and idle timeouts bound a stalled one.
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
         async with self._session.request(method, self.url + path, data=body, headers=headers or {}) as resp:
-            yield resp.status, {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+            yield resp.status, {**headers, REPLICA_HEADER: self.name}
             async for chunk in resp.content.iter_any():
                 yield chunk
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import collections
 import random
+import time
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from . import metrics
 from .routing import FALLBACK, AffinityMemory, Choice, ReplicaState, RouteKey, RouterConfig, choose
+
+PENDING_TTL_S = 30.0
 
 # Serve ships this module to the ingress *by value* (RequestRouterConfig cloudpickles the
 # router's module), so it keeps no state or types of its own: the decisions counter, the logger and
@@ -60,34 +63,51 @@ class OrcaRequestRouter(FIFOMixin, RequestRouter):
         self.rng = random.Random(seed)
         self.turn = 0
         self.in_flight: dict[ReplicaID, set[str]] = collections.defaultdict(set)
-        self.pending: dict[str, Choice] = {}       # internal request id -> the choice made
+        # Chosen, not yet routed (Serve still probing the replica's queue): internal request
+        # id -> (choice, time). Counted as in flight there, so that a burst of simultaneous
+        # requests sees each other's choices; entries of requests cancelled before routing
+        # (no hook tells) expire after PENDING_TTL_S.
+        self.pending: dict[str, tuple[Choice, float]] = {}
         metrics.ROUTERS.add(self)
+
+    def _in_flight(self, r: RunningReplica, now: float) -> int:
+        name = replica_name(r.replica_id)
+        chosen = sum(c.replica_id == name and now - t < PENDING_TTL_S for c, t in self.pending.values())
+        return len(self.in_flight.get(r.replica_id, ())) + chosen
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        key = _route_key(pending_request)
-        states = [replica_state(r, len(self.in_flight.get(r.replica_id, ())),
-                                self.memory.view(replica_name(r.replica_id))) for r in candidate_replicas]
+        key, now = _route_key(pending_request), time.monotonic()
+        if pending_request is not None:  # a retry with backoff chooses again: not its own load
+            self.pending.pop(pending_request.metadata.internal_request_id, None)
+        if len(self.pending) > 1024:
+            self.pending = {k: v for k, v in self.pending.items() if now - v[1] < PENDING_TTL_S}
+        states = [replica_state(r, self._in_flight(r, now), self.memory.view(replica_name(r.replica_id)))
+                  for r in candidate_replicas]
         choice = choose(states, key.hashes, self.config, self.turn, self.rng)
         self.turn += 1
+        # Remembered now, not once routed: the next request of a burst sharing this prefix
+        # follows it even before this one is placed.
+        self.memory.remember(choice.replica_id, key.hashes)
         if pending_request is not None:
-            self.pending[pending_request.metadata.internal_request_id] = choice
+            self.pending[pending_request.metadata.internal_request_id] = (choice, now)
         chosen = next(r for r in candidate_replicas if replica_name(r.replica_id) == choice.replica_id)
         rest = [r for r in candidate_replicas if r is not chosen]
         return [[chosen], rest] if rest else [[chosen]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = pending_request.metadata.internal_request_id
-        choice = self.pending.pop(rid, None)
+        choice, _ = self.pending.pop(rid, (None, 0.0))
         self.in_flight[replica_id].add(rid)
         name = replica_name(replica_id)
         reason = FALLBACK if choice is None or choice.replica_id != name else choice.reason
         key = pending_request.kwargs.get("route")
         if not isinstance(key, RouteKey):
             return  # not a generation request (/v1/models, /health...): not counted
-        self.memory.remember(name, key.hashes)
+        if reason == FALLBACK:
+            self.memory.remember(name, key.hashes)
         metrics.DECISIONS[name, reason] += 1
         metrics.log.info("route %s -> replica %s (%s, %d of %d prompt pages cached there)",
                          pending_request.metadata.request_id, name, reason,
