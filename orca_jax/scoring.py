@@ -8,9 +8,9 @@ Token i's entry is the log-softmax (float32) of the model's logits at position i
 token has none. It runs the engine's own weights through the engine's own step (`run_step`,
 one pure-prefill request per chunk, planned by `build_plan` on the engine's prefill buckets)
 but never touches the engine's KV pages or requests: each call writes the prompt's K and V into
-a private page pool sized for one sequence of `max_model_len` (allocated per call, freed when it
-returns), so the engine keeps stepping meanwhile from its own thread (JAX dispatch is
-thread-safe) and several calls may run at once. Unlike a serving step, the LM head runs on
+a private page pool (`pool`: the prompt's pages rounded up to a power of two; allocated per
+call, freed when it returns), so the engine keeps stepping meanwhile from its own thread (JAX
+dispatch is thread-safe) and several calls may run at once. Unlike a serving step, the LM head runs on
 every prompt row, in blocks of ROW_BLOCK rows (a [T, V] float32 matrix of a long prompt and a
 large vocabulary would be gigabytes); the log-softmax, the prompt token's rank and the top
 MAX_LOGPROBS alternatives are computed on device, and only those come back.
@@ -18,9 +18,10 @@ MAX_LOGPROBS alternatives are computed on device, and only those come back.
 A prompt longer than the largest prefill bucket runs in chunks of that size, each attending to
 the earlier ones through the private pages, as a chunked prefill does in the engine.
 
-Compiles: one program per (pipeline stage, prefill bucket) a prompt uses, cached by jit. The
-first scoring request of each bucket compiles it, unless `warmup()` ran (the server may call it
-at start-up). Multi-process engines are not supported: their followers run only the plans the
+Compiles: one program per (pipeline stage, pool size, prefill bucket) a prompt uses, cached by
+jit; prompts up to one largest chunk all use the smallest pool, so they need one program per
+bucket. The first scoring request of each compiles it, unless `warmup()` ran (the server may
+call it at start-up). Multi-process engines are not supported: their followers run only the plans the
 leader broadcasts, so `supported()` says why and the server answers 400 with it.
 
 Legend: T prefill rows of a chunk (a bucket), D model width, V vocab, N = MAX_LOGPROBS.
@@ -28,6 +29,7 @@ Legend: T prefill rows of a chunk (a bucket), D model width, V vocab, N = MAX_LO
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +55,18 @@ class PromptScorer:
         self.buckets = engine.buckets
         self.config = r.model_config
         self.vocab_size = self.config.vocab_size
-        # One sequence of max_model_len, in a pool of its own.
-        self.kv = PagedKV.make(pages_for(r.max_len, r.kv.page_size), r.kv.page_size, r.max_len)
+        self.page_size = r.kv.page_size
+        self.max_pages = pages_for(r.max_len, self.page_size)  # W: a block table's width
         self.num_compiles = 0  # traces of the scoring programs (the engine's count is apart)
-        self._stages = [self._jit_stage(st) for st in r.local_stages]
+        self._lock = threading.Lock()
+        self._programs: dict[int, list] = {}  # pool pages P -> per local stage (program, allocator)
 
     def supported(self) -> str | None:
         """None, or why this engine cannot score prompts."""
         r = self.runner
         if jax.process_count() > 1 or r.peers is not None or len(r.local_stages) != r.n_stages:
-            return ("prompt log-probabilities are computed in one process; this engine spans "
-                    f"{jax.process_count()} processes, whose followers run only the leader's steps")
+            return (f"this engine spans {jax.process_count()} processes, whose followers run only "
+                    "the steps the leader broadcasts; scoring runs in one process")
         return None
 
     def __call__(self, ids: list[int], top_n: int) -> list[dict | None]:
@@ -73,29 +76,44 @@ class PromptScorer:
         position i - 1, float32. Raises ValueError on a bad prompt or `top_n`."""
         ids = self._check(ids, top_n)
         chunk = self.buckets.prefill[-1]
-        kvs = [alloc() for _, alloc in self._stages]
+        kv = self.pool(len(ids))
+        stages = self._stages(kv)
+        kvs = [alloc() for _, alloc in stages]
         request = Request("score", ids, SamplingParams(max_tokens=1), seed=0, slot=0,
-                          pages=list(range(pages_for(len(ids), self.kv.page_size))))
+                          pages=list(range(pages_for(len(ids), self.page_size))))
         out: list[dict | None] = [None]
         for start in range(0, len(ids), chunk):
             length = min(chunk, len(ids) - start)
-            plan = build_plan(Batch([], [Chunk(request, start, length)]), self.buckets, 1, self.kv,
+            plan = build_plan(Batch([], [Chunk(request, start, length)]), self.buckets, 1, kv,
                               host_decode_tokens=True)
             targets = np.zeros(plan.num_prefill, np.int32)
             nxt = ids[start + 1:start + length + 1]  # row j predicts token start + j + 1
             targets[:len(nxt)] = nxt
-            kvs, scores = self._run(kvs, plan.inputs, targets)
+            kvs, scores = self._run(stages, kvs, plan.inputs, targets)
             out += _entries(nxt, *(np.asarray(a) for a in scores), top_n)
         return out
 
-    def warmup(self) -> None:
-        """Compile (by running an all-padding chunk of) every prefill bucket's program now,
-        so that no scoring request compiles."""
-        for tp in self.buckets.prefill[1:]:
-            plan = warmup_plan(0, tp, self.buckets, 1, self.kv, host_decode_tokens=True)
-            _, scores = self._run([alloc() for _, alloc in self._stages], plan.inputs,
-                                  np.zeros(tp, np.int32))
-            jax.block_until_ready(scores)
+    def pool(self, num_tokens: int) -> PagedKV:
+        """The private page pool of a prompt of `num_tokens`: its pages rounded up to a power of
+        two, and to at least one largest chunk's (at most max_model_len's). A pool for
+        max_model_len every time would hold, for a long-context model, gigabytes for a short
+        prompt; rounding keeps the number of pool shapes, hence of programs, at log2 of it."""
+        need = max(pages_for(num_tokens, self.page_size), pages_for(self.buckets.prefill[-1], self.page_size))
+        return PagedKV(min(1 << (need - 1).bit_length(), self.max_pages), self.page_size, self.max_pages)
+
+    def warmup(self, max_tokens: int | None = None) -> None:
+        """Compile (by running an all-padding chunk of) every prefill bucket's program now for
+        every pool that prompts of up to `max_tokens` (default max_model_len) use, so that
+        none of them compiles while serving."""
+        sizes = {self.pool(n).num_pages: self.pool(n)
+                 for n in range(1, (max_tokens or self.runner.max_len) + 1, self.page_size)}
+        for kv in sizes.values():
+            stages = self._stages(kv)
+            for tp in self.buckets.prefill[1:]:
+                plan = warmup_plan(0, tp, self.buckets, 1, kv, host_decode_tokens=True)
+                _, scores = self._run(stages, [alloc() for _, alloc in stages], plan.inputs,
+                                      np.zeros(tp, np.int32))
+                jax.block_until_ready(scores)
 
     def _check(self, ids, top_n) -> list[int]:
         ids = [int(t) for t in ids]
@@ -110,25 +128,32 @@ class PromptScorer:
             raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
         return ids
 
-    def _run(self, kvs: list[KVCache], inputs: StepInputs, targets: np.ndarray):
+    def _run(self, stages: list, kvs: list[KVCache], inputs: StepInputs, targets: np.ndarray):
         """One chunk through every stage: (the stages' updated pages, the last stage's scores)."""
         x, new = None, []
-        for st, params, (program, _), kv in zip(self.runner.local_stages, self.runner.params,
-                                                self._stages, kvs):
+        for st, params, (program, _), kv in zip(self.runner.local_stages, self.runner.params, stages, kvs):
             inp = jax.device_put((inputs, targets), st.replicated)
             x = None if x is None else jax.device_put(x, st.replicated)
             kv, x = program(params, kv, *inp, x)
             new.append(kv)
         return new, x
 
-    def _jit_stage(self, st):
-        """(the stage's scoring program, its private pages' allocator): the pages are placed
-        like the engine's (`kv_placement` on the stage's sub-mesh) and donated to each chunk."""
+    def _stages(self, kv: PagedKV) -> list:
+        """Per local stage, (its scoring program, its private pages' allocator) for pools of
+        `kv`'s size, made once (jit compiles each on first use, per prefill bucket)."""
+        with self._lock:
+            if kv.num_pages not in self._programs:
+                self._programs[kv.num_pages] = [self._jit_stage(st, kv) for st in self.runner.local_stages]
+            return self._programs[kv.num_pages]
+
+    def _jit_stage(self, st, pool: PagedKV):
+        """The pages are placed like the engine's (`kv_placement` on the stage's sub-mesh) and
+        donated to each chunk."""
         r, c = self.runner, self.config
-        spec = kv_placement(r.stage_config, r.layout, dict(st.mesh.shape), self.kv.num_pages,
-                            self.kv.page_size, jnp.dtype(c.jnp_dtype).itemsize).spec[1:]
+        spec = kv_placement(r.stage_config, r.layout, dict(st.mesh.shape), pool.num_pages,
+                            pool.page_size, jnp.dtype(c.jnp_dtype).itemsize).spec[1:]
         kv_sharding = jax.NamedSharding(st.mesh, jax.P(*spec))
-        shape = KVCache.shape(self.kv.num_pages, self.kv.page_size, c.num_kv_heads, c.head_dim)
+        shape = KVCache.shape(pool.num_pages, pool.page_size, c.num_kv_heads, c.head_dim)
         n = r.stage_config.num_layers
         alloc = jax.jit(lambda: KVCache(k=tuple(jnp.zeros(shape, c.jnp_dtype) for _ in range(n)),
                                         v=tuple(jnp.zeros(shape, c.jnp_dtype) for _ in range(n))),

@@ -25,8 +25,10 @@ from orca_jax.scoring import PromptScorer
 from orca_jax.sharding.mesh import make_mesh
 
 V, MAX_LEN = 1001, 128
+# Pages of 24 positions: chunks of 32 start mid-page; W = 6 pages. The scorer's pools: 2 pages
+# for prompts up to one chunk, else 4, capped at 6 (scoring.PromptScorer.pool).
 EC = EngineConfig(max_batch_size=4, max_num_batched_tokens=32, max_prefill_seqs=2, max_model_len=MAX_LEN,
-                  kv_memory=int(16e6), warmup=False)
+                  page_size=24, kv_memory=int(16e6), warmup=False)
 LENGTHS = (1, 2, 17, 100)  # one token (nothing to score), one bucket, two buckets, 4 chunks
 
 
@@ -84,12 +86,13 @@ def test_gpt2_prompt_logprobs_match_hf_chunked_and_not(gpt2):
     hf, _, engine, scorer = gpt2
     assert engine.buckets.prefill == (0, 16, 32)
     assert scorer.supported() is None
+    assert [scorer.pool(n).num_pages for n in (1, 32, 33, 96, 97, 128)] == [2, 2, 2, 4, 6, 6]
     diffs = [_check(hf, scorer, _prompt(n)) for n in LENGTHS]
     assert max(diffs) < 1e-4
-    assert scorer.num_compiles == 2            # buckets 16 and 32, once each (cached after)
-    _check(hf, scorer, _prompt(40, seed=1), top_n=0)   # top_n 0: rank and logprob only
+    assert scorer.num_compiles == 4            # buckets 16 and 32 of pools of 2 and 6 pages
+    _check(hf, scorer, _prompt(70, seed=1), top_n=0)   # top_n 0: rank and logprob only
     assert scorer([3, 4], MAX_LOGPROBS)[1]["top"].__len__() == MAX_LOGPROBS
-    assert scorer.num_compiles == 2
+    assert scorer.num_compiles == 4 + 2        # the 70 tokens: a pool of 4 pages
     for bad, top_n in (([], 1), ([V], 1), ([1] * (MAX_LEN + 1), 1), ([1, 2], MAX_LOGPROBS + 1)):
         with pytest.raises(ValueError):
             scorer(bad, top_n)
@@ -111,7 +114,7 @@ def test_on_a_tensor_and_pipeline_mesh(llama):
     hf, ckpt = llama
     engine = Engine.from_checkpoint(ckpt, EC, mesh=make_mesh("tensor=2,pipeline=2"), layout="megatron")
     scorer = PromptScorer(engine)
-    assert scorer.supported() is None and len(scorer._stages) == engine.runner.n_stages
+    assert scorer.supported() is None and len(scorer._stages(scorer.pool(1))) == engine.runner.n_stages == 2
     _check(hf, scorer, _prompt(70))
 
 
@@ -120,7 +123,8 @@ def test_scoring_while_the_engine_generates(gpt2):
     pages written) here: the tokens are still HF's, the scores still right."""
     import torch
     hf, _, engine, scorer = gpt2
-    scorer.warmup()  # compiled already by the first test: a no-op then
+    scorer.warmup()  # every pool and bucket (the first test compiled most)
+    assert scorer.num_compiles == 6
     work = [(_prompt(n, seed=5), 8) for n in (3, 40)]
     got: dict[str, list[int]] = {}
 
@@ -141,7 +145,7 @@ def test_scoring_while_the_engine_generates(gpt2):
         _check(hf, scorer, _prompt((100, 50)[scored % 2], seed=9))
         scored += 1
     thread.join()
-    assert scorer.num_compiles == 2  # warm-up compiled every bucket
+    assert scorer.num_compiles == 6  # warm-up compiled every pool and bucket
     for (prompt, m), rid in zip(work, got["order"]):
         ids = torch.tensor([prompt])
         with torch.no_grad():
