@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fidelity"))
-from record_vllm import MAX_LEN, MODEL_NAME, RECORDING, build_hf_checkpoint, send  # noqa: E402
+from record_vllm import (MAX_LEN, MODEL_NAME, RECORDING, build_hf_checkpoint, checkpoint_digest,  # noqa: E402
+                         send)
 
 RECORDED = json.loads(RECORDING.read_text(encoding="utf-8"))
 CASES = {c["id"]: c for c in RECORDED["cases"]}
@@ -55,10 +56,12 @@ NULL_MAY_BE_ABSENT = {"kv_transfer_params", "ec_transfer_params", "routed_expert
 #    allows any run of tabs and newlines between tokens; llguidance or another setting may not),
 #    and a random-weight model picks whatever whitespace is allowed, so the text may differ while
 #    both are valid prefixes of schema-conforming JSON.
-STRUCTURE_ONLY = {"n_2_sampled_seed", "chat_response_format_json_object", "chat_response_format_json_schema",
+STRUCTURE_ONLY = {"n_2_sampled_seed", "stream_n_2_sampled_seed", "chat_response_format_json_object", "chat_response_format_json_schema",
                   "structured_outputs_json", "completion_response_format_json_object"}
-# Where vLLM's error.param is pydantic's location of a JSON decode error ("body.1"), not a field.
-PARAM_NOT_A_FIELD = {"error_bad_json"}
+# Where vLLM's error.param does not name the request's field: pydantic's location of a JSON
+# decode error ("body.1"); chat's top_logprobs over the limit, which vLLM reports under its
+# internal SamplingParams name "logprobs" (in a chat request that is the boolean switch).
+PARAM_NOT_A_FIELD = {"error_bad_json", "chat_top_logprobs_over_max"}
 FLOAT_TOL = 1e-3
 
 
@@ -198,11 +201,14 @@ def server(tmp_path_factory):
     from orca_jax.server import BackgroundServer, ServerConfig
 
     folder = tmp_path_factory.mktemp("fidelity")
-    convert_hf_gpt2(build_hf_checkpoint(folder / "hf"), folder / "ckpt", progress=False)
+    hf = build_hf_checkpoint(folder / "hf")
+    digest = checkpoint_digest(hf)
+    convert_hf_gpt2(hf, folder / "ckpt", progress=False)
     llm = LLM(str(folder / "ckpt"), engine_config=EngineConfig(
         max_batch_size=4, max_num_batched_tokens=MAX_LEN, max_prefill_seqs=4, max_model_len=MAX_LEN, warmup=False))
     engine = AsyncEngine(llm.engine).start()
     bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0), MODEL_NAME).start()
+    bg.digest = digest
     yield bg
     bg.stop()
     engine.shutdown()
@@ -313,6 +319,13 @@ def _errors_comparable(case_id: str, ours, theirs):
     elif param.startswith("body."):
         param = param[len("body."):]
     return ours, {**theirs, "error": {**theirs["error"], "param": param}}
+
+
+def test_rebuilt_checkpoint_is_the_recorded_one(server):
+    """The weights and tokenizer rebuilt here are those vLLM answered on (else every token-level
+    comparison is meaningless: re-record with tests/fidelity/record_vllm.py)."""
+    assert server.digest == RECORDED["model"]["digest"], \
+        "build_hf_checkpoint no longer rebuilds the recorded model (helpers or transformers changed?): re-record"
 
 
 def _media(r: dict) -> str:

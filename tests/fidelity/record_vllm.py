@@ -55,6 +55,23 @@ def build_hf_checkpoint(path: Path) -> Path:
     return path
 
 
+def checkpoint_digest(path: Path) -> str:
+    """sha256 of the checkpoint's tensors (names, dtypes, shapes, bytes) and tokenizer files: the
+    suite checks that it rebuilt the recording's model (else: re-record)."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+    h = hashlib.sha256()
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{t.shape};".encode())
+        h.update(t.tobytes())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        h.update((Path(path) / name).read_bytes())
+    return h.hexdigest()
+
+
 def byte_token(tokenizer_json: Path, byte: int) -> int:
     """The id of the byte-level BPE token that is the single byte `byte` (GPT-2's byte->char map)."""
     from tokenizers import pre_tokenizers
@@ -111,12 +128,20 @@ CASES = [
     case("completion_return_token_ids_8", completion(return_token_ids=True)),
     case("completion_token_ids_prompt", completion(prompt=ids(5))),
     case("completion_batch_prompts", completion(prompt=[PROMPT, "Hello there"], max_tokens=4)),
+    case("completion_batch_token_ids", completion(prompt=[ids(3), ids(4, 500)], max_tokens=3)),
+    case("penalties_greedy", completion(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3)),
+    case("min_tokens_with_eos_bias", completion(logit_bias={"0": 100}, min_tokens=3, max_tokens=6)),
+    case("suffix", completion(suffix="!", max_tokens=2)),
     case("completion_stream", completion(stream=True, max_tokens=5)),
     case("completion_stream_include_usage",
          completion(stream=True, max_tokens=4, stream_options={"include_usage": True})),
     case("chat_basic", chat()),
     case("chat_stream", chat(stream=True, max_tokens=4)),
     case("chat_logprobs", chat(logprobs=True, top_logprobs=2, max_tokens=4)),
+    case("chat_max_completion_tokens", chat(max_tokens=None, max_completion_tokens=3)),
+    case("chat_n_2_greedy", chat(n=2, max_tokens=2)),
+    case("chat_top_logprobs_over_max", chat(logprobs=True, top_logprobs=21, max_tokens=2)),
+    case("chat_stream_include_usage", chat(stream=True, max_tokens=3, stream_options={"include_usage": True})),
     case("models", None, "/v1/models", "GET"),
     # the context: prompt + max_tokens over it, max_tokens alone over it, the prompt alone over it
     case("context_prompt_plus_max_tokens_over", completion(prompt=ids(40), max_tokens=40)),
@@ -138,6 +163,7 @@ CASES = [
     case("logprobs_over_max", completion(logprobs=21, max_tokens=2)),
     case("stream_logprobs_text_offset", completion(stream=True, logprobs=1, max_tokens=8)),
     case("stream_echo_logprobs", completion(stream=True, echo=True, logprobs=1, max_tokens=4)),
+    case("stream_n_2_sampled_seed", completion(stream=True, n=2, temperature=1.0, seed=7, max_tokens=3)),
     # sampling fields
     case("best_of_2", completion(best_of=2, max_tokens=4)),
     case("n_2_greedy", completion(n=2, max_tokens=4)),
@@ -190,6 +216,8 @@ CASES = [
     case("error_bad_json", "{not json"),
     case("error_n_0", completion(n=0)),
     case("error_top_p_0", completion(top_p=0)),
+    case("error_max_tokens_negative", completion(max_tokens=-1)),
+    case("error_empty_prompt", completion(prompt="")),
     case("chat_error_empty_messages", chat(messages=[])),
     # other endpoints
     case("unknown_path_get", None, "/v1/nope", "GET"),
@@ -197,7 +225,9 @@ CASES = [
     case("tokenize", {"model": MODEL_NAME, "prompt": PROMPT}, "/tokenize"),
     case("tokenize_messages", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]},
          "/tokenize"),
+    case("tokenize_token_strs", {"model": MODEL_NAME, "prompt": PROMPT, "return_token_strs": True}, "/tokenize"),
     case("detokenize", {"model": MODEL_NAME, "tokens": [300, 307, 314]}, "/detokenize"),
+    case("detokenize_partial_utf8", {"model": MODEL_NAME, "tokens": [300, E2, X80]}, "/detokenize"),
     case("version", None, "/version", "GET"),
     case("ping_get", None, "/ping", "GET"),
     case("ping_post", None, "/ping", "POST"),
@@ -290,7 +320,7 @@ def main() -> int:
                              capture_output=True, text=True, cwd="/tmp").stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory() as tmp:
         model = build_hf_checkpoint(Path(tmp) / "hf")
-        tok = model / "tokenizer.json"
+        tok, digest = model / "tokenizer.json", checkpoint_digest(model)
         assert [byte_token(tok, b) for b in (0xE2, 0x80, 0x94)] == [E2, X80, X94]
         port = free_port()
         log = open(Path(tmp) / "vllm.log", "w")
@@ -316,7 +346,7 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    out = {"vllm_version": version, "model": {"seed": SEED, "max_model_len": MAX_LEN, **GPT2},
+    out = {"vllm_version": version, "model": {"seed": SEED, "max_model_len": MAX_LEN, **GPT2, "digest": digest},
            "server_flags": cmd[5:], "cases": list(recorded.values())}
     RECORDING.write_text(dumps(out))
     print(f"{len(recorded)} cases -> {RECORDING}")
