@@ -29,7 +29,7 @@ V, MAX_LEN = 1001, 128
 # for prompts up to one chunk, else 4, capped at 6 (scoring.PromptScorer.pool).
 EC = EngineConfig(max_batch_size=4, max_num_batched_tokens=32, max_prefill_seqs=2, max_model_len=MAX_LEN,
                   page_size=24, kv_memory=int(16e6), warmup=False)
-LENGTHS = (1, 2, 17, 100)  # one token (nothing to score), one bucket, two buckets, 4 chunks
+LENGTHS = (1, 2, 17, 100, MAX_LEN)  # one token (nothing to score), one bucket, two buckets, 4 chunks, full
 
 
 @pytest.fixture(scope="module")
