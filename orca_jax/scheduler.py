@@ -200,8 +200,10 @@ class Scheduler:
         if cfg.n_stages > 1:
             cap = max(1, -(-(len(self.running) + len(self.waiting)) // cfg.n_stages))
         # A request whose last token is still on the device waits: with pipeline stages (it is
-        # in an earlier stage's batch), or with a grammar (its next mask needs that token).
-        ready = [r for r in self.running if not (r.in_flight and (cfg.n_stages > 1 or r.matcher is not None))]
+        # in an earlier stage's batch), or with a grammar once it samples (its next mask needs
+        # that token; its prompt's chunks go on meanwhile).
+        ready = [r for r in self.running if not (r.in_flight and (
+            cfg.n_stages > 1 or (r.matcher is not None and r.num_scheduled >= r.prefill_len)))]
         batch = Batch([], [])
         decodes, B, RUNNING = batch.decodes, self.page_size, Status.RUNNING
         for req in ready:  # decode rows first, FCFS
