@@ -6,7 +6,7 @@ import random
 import pytest
 
 from orca_jax.kv_pages import PagePool, chain_hashes
-from orca_jax.ray.routing import (LEAST_LOADED, ONLY_REPLICA, POWER_OF_TWO, PREFIX, PREFIX_OVERLOADED,
+from orca_jax.ray.routing import (LEAST_LOADED, NEW_PREFIX, ONLY_REPLICA, POWER_OF_TWO, PREFIX, PREFIX_OVERLOADED,
                                   ROUND_ROBIN, AffinityMemory, ReplicaState, RouterConfig,
                                   cached_prefix_pages, choose, load_score, lookup_hashes)
 
@@ -77,12 +77,24 @@ def test_equal_prefix_holders_least_loaded_wins():
     assert choose(reps, h, RouterConfig()).replica_id == "b"
 
 
-def test_no_prefix_anywhere_least_loaded_then_turns():
+def test_no_full_page_least_loaded_then_turns():
     reps = [replica("a", num_running=3), replica("b", num_running=1), replica("c", num_running=2)]
-    c = choose(reps, keys(list(range(40))), RouterConfig())
+    c = choose(reps, keys([1, 2, 3]), RouterConfig())
     assert (c.replica_id, c.reason) == ("b", LEAST_LOADED)
     idle = [replica(x) for x in "abc"]
     assert [choose(idle, [], RouterConfig(), turn=t).replica_id for t in range(4)] == list("abca")
+
+
+def test_new_prefix_goes_where_the_cache_has_most_room_unless_overloaded():
+    other = frozenset(keys(list(range(500, 540))))
+    few, many = frozenset(list(other)[:2]), other
+    reps = [replica("a", cached=many), replica("b", cached=few, num_running=4), replica("c", cached=many)]
+    c = choose(reps, keys(list(range(40))), RouterConfig())
+    assert (c.replica_id, c.reason) == ("b", NEW_PREFIX)      # load 0.5 is within the margin
+    reps[1] = replica("b", cached=few, num_running=8, num_waiting=8)          # load 2: overloaded
+    assert choose(reps, keys(list(range(40))), RouterConfig()).replica_id in "ac"
+    idle = [replica(x) for x in "ab"]                          # empty caches: in turn
+    assert [choose(idle, keys(list(range(40))), RouterConfig(), turn=t).replica_id for t in range(3)] == list("aba")
 
 
 def test_load_policy_ignores_prefixes():

@@ -11,7 +11,10 @@ Policies (`--router`):
 
     prefix         (default) the replica whose prefix cache holds the longest leading run of
                    the prompt's full pages, unless it is overloaded (its load exceeds the
-                   least loaded replica's by more than `overload_margin`); else least loaded
+                   least loaded replica's by more than `overload_margin`): then least loaded.
+                   A prefix nobody holds goes where the caches have the most room (fewest
+                   cached pages) among the replicas not overloaded, so that distinct prefixes
+                   spread evenly over the replicas' caches
     load           the least loaded replica, ignoring prefixes
     round-robin    replicas in turn (a baseline)
     power-of-two   two replicas drawn at random, the less loaded of the two (a baseline)
@@ -38,12 +41,14 @@ POLICIES = ("prefix", "load", "round-robin", "power-of-two")
 # Why a replica was chosen (the router's decisions counter is labelled by these).
 PREFIX = "prefix"                        # it holds the longest cached prefix of the prompt
 PREFIX_OVERLOADED = "prefix_overloaded"  # the replica with the prefix was overloaded: least loaded
-LEAST_LOADED = "least_loaded"            # no replica holds a prefix (or policy "load")
+NEW_PREFIX = "new_prefix"                # no replica holds the prompt's first page: the one
+                                         # whose cache holds fewest pages, unless overloaded
+LEAST_LOADED = "least_loaded"            # no full page to key by (or policy "load")
 ROUND_ROBIN = "round_robin"
 POWER_OF_TWO = "power_of_two"
 ONLY_REPLICA = "only_replica"            # one candidate: no choice to make
 FALLBACK = "fallback"                    # the choice refused the request (queue full): another took it
-REASONS = (PREFIX, PREFIX_OVERLOADED, LEAST_LOADED, ROUND_ROBIN, POWER_OF_TWO, ONLY_REPLICA, FALLBACK)
+REASONS = (PREFIX, PREFIX_OVERLOADED, NEW_PREFIX, LEAST_LOADED, ROUND_ROBIN, POWER_OF_TWO, ONLY_REPLICA, FALLBACK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,13 +178,21 @@ def choose(replicas: Sequence[ReplicaState], hashes: Sequence[bytes], config: Ro
         return pick(_least_loaded(replicas, pair, turn), POWER_OF_TWO)
     least = _least_loaded(replicas, everyone, turn)
     best = max(matched)
-    if config.policy == "load" or best == 0:
+    if config.policy == "load" or not hashes:
         return pick(least, LEAST_LOADED)
+    fit = [i for i in everyone if not _overloaded(replicas[i], replicas[least], config)]
+    if best == 0:  # a prefix nobody holds: where the caches have the most room for it
+        order = {i: k for k, i in enumerate(_in_turn(replicas, turn))}
+        return pick(min(fit, key=lambda i: (len(replicas[i].cached), order[i])), NEW_PREFIX)
     holders = [i for i in everyone if matched[i] == best]
     holder = _least_loaded(replicas, holders, turn)
-    if load_score(replicas[holder]) - load_score(replicas[least]) > config.overload_margin:
+    if holder not in fit:
         return pick(least, PREFIX_OVERLOADED)
     return pick(holder, PREFIX)
+
+
+def _overloaded(r: ReplicaState, least: ReplicaState, config: RouterConfig) -> bool:
+    return load_score(r) - load_score(least) > config.overload_margin
 
 
 class AffinityMemory:
