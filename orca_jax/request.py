@@ -13,7 +13,7 @@ import time
 from typing import Sequence
 
 from .stops import StopAutomaton, stop_automaton
-from .structured import Structured
+from .structured import MAX_LOGIT_BIAS, Structured
 
 # What one request may ask for (docs/serving.md, "Limits"). Every bound keeps a request's cost
 # to the engine (device arrays, per-token host work) small and independent of hostile input.
@@ -21,7 +21,6 @@ MAX_LOGPROBS = 20          # top-N alternatives a request may ask for (OpenAI ca
 MAX_STOP_STRINGS = 32      # stop strings per request: their automaton (orca_jax/stops.py) is at
 MAX_STOP_STRING_CHARS = 128  # most 4096 states, ~0.6 MiB, built in ~20 ms
 MAX_STOP_TOKEN_IDS = 15    # EOS + these fill the sampler's MAX_BANNED = 16 columns
-MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit): the sampler's [R, 300] columns
 LOGIT_BIAS_LIMIT = 100.0   # a bias is clamped to [-100, 100] (vLLM, OpenAI)
 INT32_MAX = 2**31 - 1      # integer fields become int32 device arrays
 FLOAT32_MAX = 3.4028234663852886e38  # float fields become float32 device arrays

@@ -26,6 +26,7 @@ import numpy as np
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar's size limit
+MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's limit): the sampler's [R, 300] columns
 
 
 class GrammarError(ValueError):
@@ -139,7 +140,6 @@ def constraint_tensors(reqs: Sequence, num_rows: int, vocab_size: int) -> dict:
     `reqs` (Requests; rows past them are padding): `allow` [R, W] i32 bitmask (all ones for
     unconstrained rows), `bias_ids` [R, K] i32 (`vocab_size` pads: out of range, dropped) and
     `bias` [R, K] f32, with K = MAX_LOGIT_BIAS."""
-    from .request import MAX_LOGIT_BIAS
     allow = np.full((num_rows, mask_words(vocab_size)), -1, np.int32)
     bias_ids = np.full((num_rows, MAX_LOGIT_BIAS), vocab_size, np.int32)
     bias = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)

@@ -54,7 +54,7 @@ def served(demo_model_dir):
     engine = AsyncEngine(llm.engine).start()
     bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0,
                                                max_request_bytes=MAX_REQUEST_BYTES), "demo").start()
-    bg.work, bg.reference, bg.tokenizer = work, ref, tok
+    bg.work, bg.reference, bg.tokenizer, bg.llm = work, ref, tok, llm
     yield bg
     bg.stop()
     engine.shutdown()
@@ -726,3 +726,28 @@ def test_best_of_returns_the_most_likely_samples(served):
                          ({"best_of": 2, "temperature": 0}, "best_of")):
         status, err = http(served, "/v1/completions", {**body, **extra})
         assert status == 400 and err["error"]["param"] == param, (extra, err)
+
+
+def test_echo_scoring_returns_prompt_logprobs(served):
+    """lm-eval-harness's log-likelihood request: echo + logprobs + max_tokens 0 gives the
+    prompt's own log-probabilities (orca_jax/scoring.py, checked against HF in test_scoring)."""
+    ids = served.tokenizer.encode("The orca swims in the cold sea")
+    want = served.llm.prompt_logprobs([ids], top_n=1)[0]
+    out = completion(served, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    c, lp = out["choices"][0], out["choices"][0]["logprobs"]
+    assert c["text"] == served.tokenizer.decode(ids) and out["usage"]["prompt_tokens"] == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([w["logprob"] for w in want[1:]], abs=1e-5)
+    assert lp["tokens"] == [served.llm.engine.tokenizer.decode([t]) for t in ids]
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(ids))]
+    assert all(len(top) in (1, 2) for top in lp["top_logprobs"][1:])  # the token and the best one
+    assert len(c["prompt_logprobs"]) == len(ids) and c["prompt_logprobs"][0] is None
+    # With generation: the prompt's entries, then the completion's; prompt_logprobs alone, too.
+    gen = completion(served, prompt=ids, max_tokens=3, echo=True, logprobs=0, temperature=0)
+    assert len(gen["choices"][0]["logprobs"]["tokens"]) == len(ids) + 3
+    alone = completion(served, prompt=ids, max_tokens=1, prompt_logprobs=2, temperature=0)["choices"][0]
+    entry = alone["prompt_logprobs"][2]
+    assert str(ids[2]) in entry and entry[str(ids[2])]["rank"] == want[2]["rank"]
+    assert len(entry) in (2, 3) and alone["logprobs"] is None
+    status, err = http(served, "/v1/completions", {"prompt": ids, "prompt_logprobs": 1, "stream": True})
+    assert status == 400 and err["error"]["param"] == "prompt_logprobs"

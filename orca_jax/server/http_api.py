@@ -29,6 +29,7 @@ from aiohttp import web
 
 from ..request import MAX_LOGPROBS, FinishReason, RequestOutput, is_int
 from .. import __version__
+from ..scoring import PromptScorer
 from ..structured import GrammarError
 from .inputs import InvalidArgument, structured_from_body, detokenize, in_prepare_pool, prepare_async, prepare_chat_async, tokenize
 from .stream import classify
@@ -272,7 +273,7 @@ def _prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
 class CompletionsAPI:
     def __init__(self, server):
         self.server = server  # the owning Server: engine, tokenizer, limits, metrics, names
-        self._scorer = None   # orca_jax.scoring.PromptScorer, made on the first scoring request
+        self._scorer = PromptScorer(server.engine.engine)  # prompt logprobs (echo, prompt_logprobs)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -657,9 +658,6 @@ class CompletionsAPI:
 
     async def _score(self, prompts: list[list[int]], top: int) -> list[list[dict | None]]:
         """Each prompt's log-probabilities (orca_jax/scoring.py), in a worker thread."""
-        if self._scorer is None:
-            from ..scoring import PromptScorer
-            self._scorer = PromptScorer(self.server.engine.engine)
         why = self._scorer.supported()
         if why is not None:
             raise _invalid("prompt_logprobs", f"prompt log-probabilities are not available here: {why}")
