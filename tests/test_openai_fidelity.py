@@ -205,7 +205,7 @@ def server(tmp_path_factory):
     digest = checkpoint_digest(hf)
     convert_hf_gpt2(hf, folder / "ckpt", progress=False)
     llm = LLM(str(folder / "ckpt"), engine_config=EngineConfig(
-        max_batch_size=4, max_num_batched_tokens=MAX_LEN, max_prefill_seqs=4, max_model_len=MAX_LEN, warmup=False))
+        max_batch_size=2, max_num_batched_tokens=MAX_LEN, max_prefill_seqs=2, max_model_len=MAX_LEN, warmup=False))
     engine = AsyncEngine(llm.engine).start()
     bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0), MODEL_NAME).start()
     bg.digest = digest
