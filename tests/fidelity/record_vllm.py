@@ -75,7 +75,6 @@ def checkpoint_digest(path: Path) -> str:
 def byte_token(tokenizer_json: Path, byte: int) -> int:
     """The id of the byte-level BPE token that is the single byte `byte` (GPT-2's byte->char map)."""
     from tokenizers import pre_tokenizers
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)  # not byte order: rebuild it
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -84,7 +83,7 @@ def byte_token(tokenizer_json: Path, byte: int) -> int:
             cs.append(256 + n)
             n += 1
     char = dict(zip(bs, map(chr, cs)))[byte]
-    assert char in alphabet
+    assert char in pre_tokenizers.ByteLevel.alphabet()
     vocab = json.loads(Path(tokenizer_json).read_text())["model"]["vocab"]
     return vocab[char]
 
