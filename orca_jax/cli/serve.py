@@ -163,7 +163,7 @@ def cmd_serve(args) -> int:
             from ..ray.cli import run
         except ImportError as e:
             raise SystemExit(f"--replicas needs Ray Serve: pip install 'orca-jax[ray]' ({e})")
-        return run(args, *_model_dir(args))
+        return run(args, *_model_dir(args), chat_template=_chat_template(args))
     from ..server import ServerConfig, serve
     config = ServerConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=_auth_token(args),

@@ -41,6 +41,7 @@ class ReplicasConfig:
     stats_period_s: float = 1.0              # how often replicas report their load to the router
     health_check_period_s: float = 2.0       # how often Serve asks each replica check_health()
     stuck_after_s: float = 60.0              # an iteration this long: the replica is unhealthy
+    chat_template: str | None = None         # jinja source over the checkpoint's own (--chat-template)
 
     def __post_init__(self):
         RouterConfig(self.router, self.overload_margin)  # validates both
@@ -71,7 +72,7 @@ def build(c: ReplicasConfig):
                                    "memory_pages": 4096},
             request_routing_stats_period_s=c.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 5 * c.stats_period_s)),
-    ).bind(c.model, list(c.engine_argv), c.served_model_name, c.stuck_after_s)
+    ).bind(c.model, list(c.engine_argv), c.served_model_name, c.stuck_after_s, c.chat_template)
     ingress = serve.deployment(Ingress, name="OrcaIngress", num_replicas=1,
                                max_ongoing_requests=c.num_replicas * max_ongoing,
                                ray_actor_options={"num_cpus": c.ingress_cpus})
@@ -81,7 +82,7 @@ def build(c: ReplicasConfig):
 
 _ARGS = {"model": str, "served_model_name": str, "replicas": int, "engine_args": str,
          "router": str, "overload_margin": float, "num_cpus": float, "num_gpus": float,
-         "stats_period_s": float}
+         "stats_period_s": float, "chat_template": str}
 
 
 def config_from_args(args: Mapping[str, Any]) -> ReplicasConfig:
@@ -91,6 +92,9 @@ def config_from_args(args: Mapping[str, Any]) -> ReplicasConfig:
         raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; known: {', '.join(_ARGS)}")
     a = {k: _ARGS[k](v) for k, v in args.items()}
     model, name = a.pop("model", None), a.pop("served_model_name", None)
+    if "chat_template" in a:
+        from ..chat import read_template_arg
+        a["chat_template"] = read_template_arg(a["chat_template"])
     if model is None:
         from ..demo_model import DEMO_DIRNAME, ensure_demo_model
         model, name = ensure_demo_model(), name or DEMO_DIRNAME

@@ -34,11 +34,13 @@ def engine_argv(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(out)
 
 
-def replicas_config(args: argparse.Namespace, model: str, name: str) -> ReplicasConfig:
-    return ReplicasConfig(model, name, num_replicas=args.replicas, engine_argv=engine_argv(args),
-                          router=args.router, overload_margin=args.overload_margin,
-                          num_cpus=args.replica_cpus, num_gpus=args.replica_gpus,
-                          stuck_after_s=args.stuck_after)
+def replicas_config(args: argparse.Namespace, model: str, name: str,
+                    chat_template: str | None = None) -> ReplicasConfig:
+    return ReplicasConfig(model, args.served_model_name or name, num_replicas=args.replicas,
+                          engine_argv=engine_argv(args), router=args.router,
+                          overload_margin=args.overload_margin, num_cpus=args.replica_cpus,
+                          num_gpus=args.replica_gpus, stuck_after_s=args.stuck_after,
+                          chat_template=chat_template)
 
 
 def start(config: ReplicasConfig, host: str, port: int, address: str | None = None,
@@ -54,10 +56,10 @@ def start(config: ReplicasConfig, host: str, port: int, address: str | None = No
     serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 
-def run(args: argparse.Namespace, model: str, name: str) -> int:
-    """The `orca-jax serve --replicas N` lifecycle."""
+def run(args: argparse.Namespace, model: str, name: str, chat_template: str | None = None) -> int:
+    """The `orca-jax serve --replicas N` lifecycle (`chat_template`: --chat-template's source)."""
     from ray import serve
-    config = replicas_config(args, model, name)
+    config = replicas_config(args, model, name, chat_template)
     if args.tls_cert or args.auth_token_file:
         raise ValueError("--tls-cert and --auth-token-file are not supported with --replicas yet: "
                          "terminate TLS and check tokens in front of the Ray Serve ingress")
@@ -66,9 +68,15 @@ def run(args: argparse.Namespace, model: str, name: str) -> int:
     print(f"starting {config.num_replicas} engine replicas on Ray Serve (router: {config.router}) ...",
           file=sys.stderr, flush=True)
     stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     start(config, args.host, port, args.ray_address, args.ray_cpus)
+    # Again: ray.init installs its own (C++) SIGTERM handler, which logs a stack dump first.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     print(f"orca-jax serve: ready http=http://{args.host}:{port} replicas={config.num_replicas} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     try:

@@ -45,7 +45,7 @@ class EngineReplica:
     """The engine deployment's class (wrapped by `serve.deployment` in app.py)."""
 
     def __init__(self, model: str, engine_argv: Sequence[str] = (), served_model_name: str = "orca-jax",
-                 stuck_after_s: float = 60.0):
+                 stuck_after_s: float = 60.0, chat_template: str | None = None):
         from ..async_engine import AsyncEngine
         from ..cli.flags import build_engine
         from ..server import BackgroundServer, ServerConfig
@@ -53,7 +53,7 @@ class EngineReplica:
         args = engine_args(engine_argv)
         self.engine = AsyncEngine(build_engine(args, model), stuck_after_s=stuck_after_s,
                                   fail_when_stuck=True).start()
-        self.server = BackgroundServer(self.engine, ServerConfig(grpc_port=0, http_port=0),
+        self.server = BackgroundServer(self.engine, ServerConfig(grpc_port=0, http_port=0, chat_template=chat_template),
                                        served_model_name).start()
         self.url = self.server.http_url
         from ray import serve
