@@ -8,6 +8,7 @@ Ray path serves OpenAI-compatible HTTP only (docs/replicas.md).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -58,7 +59,6 @@ def start(config: ReplicasConfig, host: str, port: int, address: str | None = No
 
 def run(args: argparse.Namespace, model: str, name: str, chat_template: str | None = None) -> int:
     """The `orca-jax serve --replicas N` lifecycle (`chat_template`: --chat-template's source)."""
-    from ray import serve
     config = replicas_config(args, model, name, chat_template)
     if args.tls_cert or args.auth_token_file:
         raise ValueError("--tls-cert and --auth-token-file are not supported with --replicas yet: "
@@ -84,5 +84,30 @@ def run(args: argparse.Namespace, model: str, name: str, chat_template: str | No
             pass
     finally:
         print("orca-jax serve: shutting down the replicas", file=sys.stderr, flush=True)
-        serve.shutdown()
+        if not shutdown(SHUTDOWN_TIMEOUT_S):
+            sys.stdout.flush()
+            os._exit(1)  # Ray's exit hooks would wait for the lost processes again
     return 0
+
+
+SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def shutdown(timeout_s: float) -> bool:
+    """Serve, then the local Ray, within `timeout_s`; False if that did not finish. A
+    supervisor that signals the whole process group (systemd's default KillMode, Ctrl-C in a
+    terminal, `timeout`) stops Ray's own processes too, and Serve's shutdown would then wait
+    for its controller forever: after the timeout the process exits regardless."""
+    import ray
+    from ray import serve
+
+    def stop_all():
+        serve.shutdown()
+        ray.shutdown()
+    t = threading.Thread(target=stop_all, name="orca-ray-shutdown", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        print(f"orca-jax serve: Ray did not shut down within {timeout_s:.0f} s (were its processes "
+              "signalled too?): exiting without it", file=sys.stderr, flush=True)
+    return not t.is_alive()
