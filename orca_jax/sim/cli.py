@@ -148,7 +148,7 @@ def cmd_simulate(args) -> int:
     rep = {"schema": report.SCHEMA, "command": "orca-jax simulate " + " ".join(sys.argv[2:]),
            "model": args.model, "mesh": model.mesh, "accelerator": model.accelerator.name,
            "dtype": args.dtype, "efficiency": dataclasses.asdict(model.efficiency),
-           "kv_pages": model.kv_pages, "workload": trace.summary(), "rates": rates,
+           "kv_pages": {s.layout: model.pages(s.layout) for s in systems}, "workload": trace.summary(), "rates": rates,
            "systems": {s.name: {"label": s.label, "layout": s.layout, "engine": dataclasses.asdict(s.engine)}
                        for s in systems}, "runs": runs, "sweep": sweep,
            "wall_seconds": time.perf_counter() - t0}

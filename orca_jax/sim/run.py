@@ -104,7 +104,7 @@ class Simulator:
         in_flight: collections.deque[_Flight] = collections.deque()
         held: list[int] = []                # static: finished, returned with the whole batch
         t = stage0_free = 0.0
-        i = iters = batch_sum = tokens = padded = 0
+        i = iters = batch_sum = batch_max = tokens = padded = 0
         shapes = []
         while i < len(order) or sched.has_work() or in_flight:
             if not sched.has_work() and not in_flight and trace.requests[order[i]].arrival_s > t:
@@ -119,7 +119,8 @@ class Simulator:
                 stage0_free = start + interval
                 sampling = batch.decodes + [c.request for c in batch.prefills if c.completes_prompt]
                 in_flight.append(_Flight(batch, start + latency, sampling))
-                iters, batch_sum = iters + 1, batch_sum + len(batch.decodes) + len(batch.prefills)
+                size = len(batch.decodes) + len(batch.prefills)
+                iters, batch_sum, batch_max = iters + 1, batch_sum + size, max(batch_max, size)
                 tokens, padded = tokens + batch.num_tokens, padded + sum(shape)
                 if self.keep_iterations:
                     shapes.append((*shape, latency))
@@ -132,6 +133,7 @@ class Simulator:
                     records[k].add(t, 1)
                 held.clear()
         info = {"iterations": iters, "mean_batch_size": batch_sum / iters if iters else 0.0,
+                "max_batch_size_seen": batch_max,
                 "tokens": tokens, "padded_tokens": padded, "preemptions": sched.num_preemptions,
                 "kv_pages": self.cfg.num_pages, "simulated_s": t}
         return SimResult(records, info, shapes)
