@@ -6,7 +6,7 @@
 
 A Poisson trace is served completely by both replicas with every decision logged; /health
 and /metrics cover every replica; a replica whose process is killed mid-run loses no request
-silently (each completes or gets a clear 503 / SSE error), and its replacement serves again.
+silently (each completes or gets a clear 503 / SSE error), and its replacement serves again; gRPC's Generate and GetModelInfo go through Serve's gRPC proxy.
 """
 import asyncio
 import glob
@@ -41,14 +41,14 @@ def _free_port() -> int:
 def cluster(demo_model_dir):
     from ray import serve
 
-    from orca_jax.ray.app import APP_NAME, ReplicasConfig, build
-    port = _free_port()
+    from orca_jax.ray.app import ReplicasConfig
+    from orca_jax.ray.cli import start
+    port, grpc_port = _free_port(), _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(ReplicasConfig(str(demo_model_dir), "demo", 2, ENGINE, num_cpus=0.5,
-                                       stats_period_s=0.5)), name=APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        start(ReplicasConfig(str(demo_model_dir), "demo", 2, ENGINE, num_cpus=0.5, stats_period_s=0.5),
+              "127.0.0.1", port, grpc_port=grpc_port)
+        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -104,6 +104,7 @@ def _per_replica(decisions) -> dict[str, float]:
 
 
 def test_poisson_trace_served_by_both_replicas(cluster):
+    cluster, _ = cluster
     rng = random.Random(0)
     n = 24
 
@@ -150,12 +151,29 @@ def _health(url) -> dict:
 
 
 def test_health_counts_live_replicas(cluster):
-    h = _health(cluster)
+    h = _health(cluster[0])
     assert h["http_status"] == 200 and h["status"] == "ok" and h["replicas"] == 2 and h["healthy"] == 2
     assert all(r["pid"] for r in h["by_replica"].values())
 
 
+def test_grpc_generate_and_model_info(cluster):
+    from orca_jax.client import AsyncClient
+
+    async def run():
+        async with AsyncClient(cluster[1]) as client:
+            info = await client.model_info()
+            outs = await asyncio.wait_for(asyncio.gather(*[
+                client.generate(SYSTEMS[i % 3] + f" {i}", max_tokens=5, ignore_eos=True, seed=i)
+                for i in range(4)]), 120)
+            return info, outs
+
+    info, outs = asyncio.run(run())
+    assert info.model_name == "demo" and info.max_model_len == 256
+    assert all(o.finish_reason == "length" and o.completion_tokens == 5 for o in outs), outs
+
+
 def test_killed_replica_loses_no_request_and_is_replaced(cluster):
+    cluster, _ = cluster
     before = _health(cluster)["by_replica"]
     victim, pid = next(iter(before.items()))[0], next(iter(before.values()))["pid"]
 

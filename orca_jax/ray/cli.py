@@ -2,8 +2,8 @@
 
 Starts a local Ray (or joins `--ray-address`), runs the application (app.py) with its ingress on
 `--host`:`--http-port`, prints the ready line, waits for SIGTERM/SIGINT, then shuts Serve
-down (each replica drains through its engine's shutdown). The gRPC API stays per replica: the
-Ray path serves OpenAI-compatible HTTP only (docs/replicas.md).
+down (each replica drains through its engine's shutdown). gRPC (`orca_jax.v1.Generation`) is
+on Serve's gRPC proxy at `--grpc-port`, without health service and reflection (docs/replicas.md).
 """
 from __future__ import annotations
 
@@ -44,16 +44,21 @@ def replicas_config(args: argparse.Namespace, model: str, name: str,
                           chat_template=chat_template)
 
 
+GRPC_SERVICER = "orca_jax.proto.generation_pb2_grpc.add_GenerationServicer_to_server"
+
+
 def start(config: ReplicasConfig, host: str, port: int, address: str | None = None,
-          num_cpus: int | None = None) -> None:
-    """Ray (local unless `address`), Serve's HTTP on host:port, the application; returns once
-    every replica is up (warm-up included)."""
+          num_cpus: int | None = None, grpc_port: int | None = None) -> None:
+    """Ray (local unless `address`), Serve's HTTP on host:port (and gRPC on host:grpc_port),
+    the application; returns once every replica is up (warm-up included)."""
     import ray
     from ray import serve
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    grpc = {} if grpc_port is None else {"grpc_options": {"port": grpc_port,
+                                                           "grpc_servicer_functions": [GRPC_SERVICER]}}
+    serve.start(http_options={"host": host, "port": port}, **grpc)
     serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -73,11 +78,12 @@ def run(args: argparse.Namespace, model: str, name: str, chat_template: str | No
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    start(config, args.host, port, args.ray_address, args.ray_cpus)
+    start(config, args.host, port, args.ray_address, args.ray_cpus, args.grpc_port)
     # Again: ray.init installs its own (C++) SIGTERM handler, which logs a stack dump first.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    print(f"orca-jax serve: ready http=http://{args.host}:{port} replicas={config.num_replicas} "
+    grpc = "" if args.grpc_port is None else f"grpc={args.host}:{args.grpc_port} "
+    print(f"orca-jax serve: ready {grpc}http=http://{args.host}:{port} replicas={config.num_replicas} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     try:
         while not stop.wait(1.0):

@@ -9,6 +9,9 @@ scheduler (router.py) picks.
     GET  /metrics         every replica's vllm:* series and their sum, router decisions (metrics.py)
     anything else         relayed to whichever replica the router picks (/v1/models, /tokenize, ...)
 
+and gRPC on Serve's gRPC port: orca_jax.v1.Generation (Generate, routed the same way; GetModelInfo),
+relayed to the chosen replica's own gRPC server with its status codes.
+
 Failures: when a replica dies (its process is killed) or answers 503 before anything was
 sent to the client, the request is retried once on another replica; otherwise the client
 gets a 503 with a retriable OpenAI error (a stream that had started gets an SSE error event
@@ -86,6 +89,53 @@ class Ingress:
         except (ValueError, TypeError, AttributeError):  # the replica answers the 400 itself
             return RouteKey()
         return RouteKey(tuple(lookup_hashes(ids, self.page_size)))
+
+    # -- gRPC (orca_jax.v1.Generation, on Serve's gRPC port) -----------------------------------
+
+    async def Generate(self, request, grpc_context) -> AsyncIterator:
+        """The Generation service's server-streaming call, relayed to a replica's own gRPC
+        server: its responses and its status codes, retried once like HTTP."""
+        from ..proto import generation_pb2 as pb
+        body = ({"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
+                if request.messages else {"prompt": request.prompt or list(request.prompt_token_ids)})
+        path = "/v1/chat/completions" if request.messages else "/v1/completions"
+        key = self._route_key(path, json.dumps(body).encode())
+        async for data in self._relay_grpc("Generate", request.SerializeToString(), key, grpc_context):
+            yield pb.GenerateResponse.FromString(data)
+
+    async def GetModelInfo(self, request, grpc_context):
+        from ..proto import generation_pb2 as pb
+        async for data in self._relay_grpc("GetModelInfo", b"", None, grpc_context):
+            return pb.ModelInfo.FromString(data)
+        return pb.ModelInfo()
+
+    async def _relay_grpc(self, method: str, request: bytes, key: RouteKey | None, ctx) -> AsyncIterator[bytes]:
+        """A replica's serialized responses; its error (or a lost replica) as the call's status.
+        Retried once, on another replica, when nothing was sent yet."""
+        import grpc
+        for attempt in (1, 2):
+            gen = self.engine.forward_grpc.remote(method, request, **({} if key is None else {"route": key}))
+            sent = False
+            try:
+                async for kind, *rest in gen:
+                    if kind == "msg":
+                        sent = True
+                        yield rest[0]
+                        continue
+                    code, details = rest
+                    if code != "UNAVAILABLE" or sent or attempt == 2:
+                        ctx.set_code(getattr(grpc.StatusCode, code))
+                        ctx.set_details(details)
+                        return
+                    raise ReplicaLost(f"the replica answered UNAVAILABLE: {details}")
+                return
+            except (*LOST, ReplicaLost) as e:
+                gen.cancel()
+                log.warning("gRPC %s: %s (attempt %d of 2)", method, e, attempt)
+                if sent or attempt == 2:
+                    ctx.set_code(grpc.StatusCode.UNAVAILABLE)
+                    ctx.set_details(f"the engine replica was lost ({type(e).__name__}); retry the request")
+                    return
 
     async def health(self) -> Response:
         reports = metrics.router_reports()

@@ -8,6 +8,8 @@ streaming, errors and /metrics are the single-process server's own) and exposes 
     forward(method, path, body, headers, route=None)   streams the local server's answer:
                   first (status, headers + x-orca-jax-replica: its name), then body chunks
                   (the ingress relays them)
+    forward_grpc(method, request, route=None)   the same for the gRPC API (Generate,
+                  GetModelInfo): serialized responses, or the local server's status code
     record_routing_stats()   what the global scheduler reads (router.py): waiting, running,
                   KV pages free, the page keys in its prefix cache, the vllm:* counters
     check_health()  raises when the engine loop is dead or stuck: Serve replaces the replica
@@ -59,6 +61,7 @@ class EngineReplica:
         from ray import serve
         self.name = serve.get_replica_context().replica_id.unique_id
         self._session: aiohttp.ClientSession | None = None
+        self._channel = None      # grpc.aio channel to the local gRPC server, made on first use
         self._keys: list[bytes] = []
         log.info("engine replica (pid %d) ready in %.1f s on %s, gRPC %s", os.getpid(),
                  time.perf_counter() - t0, self.url, self.server.grpc_target)
@@ -76,6 +79,26 @@ class EngineReplica:
             yield resp.status, {**headers, REPLICA_HEADER: self.name}
             async for chunk in resp.content.iter_any():
                 yield chunk
+
+    async def forward_grpc(self, method: str, request: bytes, route=None) -> AsyncIterator[tuple]:
+        """One call to the local gRPC server (Generate: a serialized GenerateRequest;
+        GetModelInfo): ("msg", serialized response) per response, then, if it failed,
+        ("error", status code name, details)."""
+        import grpc
+
+        from ..proto import generation_pb2 as pb
+        from ..proto import generation_pb2_grpc as pb_grpc
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.server.grpc_target)
+        stub = pb_grpc.GenerationStub(self._channel)
+        try:
+            if method == "GetModelInfo":
+                yield "msg", (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)).SerializeToString()
+                return
+            async for out in stub.Generate(pb.GenerateRequest.FromString(request)):
+                yield "msg", out.SerializeToString()
+        except grpc.aio.AioRpcError as e:
+            yield "error", e.code().name, e.details() or ""
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router reads (Serve polls it every request_routing_stats_period_s)."""
