@@ -1,6 +1,6 @@
 """End to end on a real local Ray: 2 replicas of the demo model behind the global scheduler
 (orca_jax/ray). Slow (Ray start and two engine warm-ups: 1-3 minutes on 2 CPUs), so under
-`-m slow`:
+`-m slow` (the first test, the router's Serve glue over fake replicas, runs by default):
 
     python -m pytest -m slow tests/test_ray_serve.py
 
@@ -22,7 +22,52 @@ import pytest
 ray = pytest.importorskip("ray")
 aiohttp = pytest.importorskip("aiohttp")
 
-pytestmark = pytest.mark.slow
+
+
+class _Replica:
+    """What OrcaRequestRouter reads of Serve's RunningReplica."""
+
+    def __init__(self, name, **stats):
+        from ray.serve.request_router import ReplicaID
+        from ray.serve._private.common import DeploymentID
+        self.replica_id = ReplicaID(name, DeploymentID("OrcaEngine", "orca-jax"))
+        self.routing_stats = {"max_running": 2, "kv_pages_total": 100, "kv_pages_free": 100, **stats}
+
+
+def _pending(rid, key):
+    from types import SimpleNamespace
+    return SimpleNamespace(kwargs={"route": key}, metadata=SimpleNamespace(
+        internal_request_id=rid, request_id=rid))
+
+
+def test_router_glue_over_fake_replicas():
+    """OrcaRequestRouter without a cluster: reports and the prompt's keys in, ranks out; a
+    burst sharing a new prefix follows the first choice until that replica is overloaded;
+    decisions are counted when Serve reports them routed; completion frees the count."""
+    from orca_jax.ray import metrics
+    from orca_jax.ray.router import OrcaRequestRouter
+    from orca_jax.ray.routing import RouteKey, lookup_hashes
+
+    router = OrcaRequestRouter.__new__(OrcaRequestRouter)  # Serve's constructor needs a controller
+    router.initialize_state(policy="prefix", overload_margin=1.0)
+    held = RouteKey(tuple(lookup_hashes(list(range(50)), 16)))
+    a, b = _Replica("a"), _Replica("b", cached=list(held.hashes))
+
+    ranks = asyncio.run(router.choose_replicas([a, b], _pending("r0", held)))
+    assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [["b"], ["a"]]
+    metrics.DECISIONS.clear()
+    router.on_request_routed(_pending("r0", held), b.replica_id, None)
+    assert metrics.DECISIONS == {("b", "prefix"): 1}
+
+    new = RouteKey(tuple(lookup_hashes(list(range(100, 150)), 16)))  # b is busier now: a
+    picks = [asyncio.run(router.choose_replicas([a, b], _pending(f"n{i}", new)))[0][0].replica_id.unique_id
+             for i in range(5)]
+    assert picks == ["a", "a", "a", "a", "b"]  # a's 4 pending choices (load 2) exceed b's 0.5 by > 1
+    router.on_request_completed(b.replica_id, "r0")
+    assert router.in_flight[b.replica_id] == set()
+
+
+slow = pytest.mark.slow
 
 ENGINE = ("--max-batch-size", "8", "--max-num-batched-tokens", "64", "--max-prefill-seqs", "4",
           "--max-model-len", "256", "--page-size", "16")
@@ -103,6 +148,7 @@ def _per_replica(decisions) -> dict[str, float]:
     return out
 
 
+@slow
 def test_poisson_trace_served_by_both_replicas(cluster):
     cluster, _ = cluster
     rng = random.Random(0)
@@ -150,12 +196,14 @@ def _health(url) -> dict:
     return asyncio.run(get())
 
 
+@slow
 def test_health_counts_live_replicas(cluster):
     h = _health(cluster[0])
     assert h["http_status"] == 200 and h["status"] == "ok" and h["replicas"] == 2 and h["healthy"] == 2
     assert all(r["pid"] for r in h["by_replica"].values())
 
 
+@slow
 def test_grpc_generate_and_model_info(cluster):
     from orca_jax.client import AsyncClient
 
@@ -172,6 +220,7 @@ def test_grpc_generate_and_model_info(cluster):
     assert all(o.finish_reason == "length" and o.completion_tokens == 5 for o in outs), outs
 
 
+@slow
 def test_killed_replica_loses_no_request_and_is_replaced(cluster):
     cluster, _ = cluster
     before = _health(cluster)["by_replica"]
