@@ -7,10 +7,11 @@ deployment; this router turns what it knows into `routing.ReplicaState`s and let
 - each replica's report (`EngineReplica.record_routing_stats`: waiting, running, KV pages
   free, the page keys in its prefix cache), which Serve collects every
   `request_routing_stats_period_s` and hands over as `RunningReplica.routing_stats`;
-- its own count of requests in flight per replica (`on_request_routed` /
-  `on_request_completed`), fresher than any report;
-- the page keys it routed to each replica (`routing.AffinityMemory`), so that a burst of
-  requests sharing a system prompt goes to one replica before its report shows the prefix.
+- its own count of requests in flight per replica, counted from the moment it chooses one
+  until Serve reports it completed (`on_request_completed`): fresher than any report, and
+  a burst of simultaneous requests sees its own earlier choices;
+- the page keys it chose each replica for (`routing.AffinityMemory`), so that a burst of
+  requests sharing a system prompt follows the first one before any report shows the prefix.
 
 The ingress passes each request's page keys as the `route` keyword argument of the handle
 call (`RouteKey`). Serve keeps its own machinery: FIFO order, retries with backoff when the
@@ -21,9 +22,10 @@ of dead replicas. Every decision is logged and counted by reason and replica
 from __future__ import annotations
 
 import collections
+import collections.abc
 import random
 import time
-from typing import Any
+from typing import AbstractSet, Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -33,15 +35,35 @@ from .routing import FALLBACK, AffinityMemory, Choice, ReplicaState, RouteKey, R
 PENDING_TTL_S = 30.0
 
 # Serve ships this module to the ingress *by value* (RequestRouterConfig cloudpickles the
-# router's module), so it keeps no state or types of its own: the decisions counter, the logger and
-# the registry of live routers are `metrics`'s, a module imported by reference there.
+# router's module), so process-wide state and the types the ingress shares with it live
+# elsewhere: the decisions counter, the logger and the registry of live routers in `metrics`,
+# RouteKey in `routing`, modules imported by reference there.
 
 
 def replica_name(replica_id: ReplicaID) -> str:
     return replica_id.unique_id
 
 
-def replica_state(r: RunningReplica, in_flight: int, assumed: frozenset[bytes]) -> ReplicaState:
+class Either(collections.abc.Set):
+    """Two sets read as their union without copying either (a replica's reported keys and
+    those the router assumes, per request). Its length counts keys in both twice: an
+    estimate of cache occupancy, biased the same way for every replica."""
+
+    def __init__(self, a: AbstractSet, b: AbstractSet):
+        self.a, self.b = a, b
+
+    def __contains__(self, key) -> bool:
+        return key in self.a or key in self.b
+
+    def __iter__(self):
+        return iter(set(self.a) | set(self.b))
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+
+def replica_state(r: RunningReplica, in_flight: int, assumed: AbstractSet[bytes],
+                  reported: AbstractSet[bytes]) -> ReplicaState:
     """A replica's `ReplicaState` from its last report (none yet: an empty, idle replica)."""
     s: dict[str, Any] = r.routing_stats or {}
     total = max(1, int(s.get("kv_pages_total", 1)))
@@ -49,7 +71,7 @@ def replica_state(r: RunningReplica, in_flight: int, assumed: frozenset[bytes]) 
                         num_running=int(s.get("num_running", 0)), in_flight=in_flight,
                         max_running=max(1, int(s.get("max_running", 1))),
                         kv_pages_free=min(total, int(s.get("kv_pages_free", total))),
-                        kv_pages_total=total, cached=frozenset(s.get("cached", ())) | assumed)
+                        kv_pages_total=total, cached=Either(reported, assumed))
 
 
 class OrcaRequestRouter(FIFOMixin, RequestRouter):
@@ -68,7 +90,16 @@ class OrcaRequestRouter(FIFOMixin, RequestRouter):
         # requests sees each other's choices; entries of requests cancelled before routing
         # (no hook tells) expire after PENDING_TTL_S.
         self.pending: dict[str, tuple[Choice, float]] = {}
+        self.reported: dict[ReplicaID, tuple[Any, frozenset[bytes]]] = {}  # report's keys -> set
         metrics.ROUTERS.add(self)
+
+    def _reported(self, r: RunningReplica) -> AbstractSet[bytes]:
+        """The keys of `r`'s last report as a set, built once per report (thousands of keys)."""
+        keys = (r.routing_stats or {}).get("cached", ())
+        seen = self.reported.get(r.replica_id)
+        if seen is None or seen[0] is not keys:
+            seen = self.reported[r.replica_id] = (keys, frozenset(keys))
+        return seen[1]
 
     def _in_flight(self, r: RunningReplica, now: float) -> int:
         name = replica_name(r.replica_id)
@@ -84,8 +115,8 @@ class OrcaRequestRouter(FIFOMixin, RequestRouter):
             self.pending.pop(pending_request.metadata.internal_request_id, None)
         if len(self.pending) > 1024:
             self.pending = {k: v for k, v in self.pending.items() if now - v[1] < PENDING_TTL_S}
-        states = [replica_state(r, self._in_flight(r, now), self.memory.view(replica_name(r.replica_id)))
-                  for r in candidate_replicas]
+        states = [replica_state(r, self._in_flight(r, now), self.memory.view(replica_name(r.replica_id)),
+                                self._reported(r)) for r in candidate_replicas]
         choice = choose(states, key.hashes, self.config, self.turn, self.rng)
         self.turn += 1
         # Remembered now, not once routed: the next request of a burst sharing this prefix
@@ -120,6 +151,7 @@ class OrcaRequestRouter(FIFOMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.in_flight.pop(replica_id, None)
+        self.reported.pop(replica_id, None)
         self.memory.forget(replica_name(replica_id))
         metrics.log.warning("replica %s died: routing around it until Serve replaces it",
                             replica_name(replica_id))
@@ -129,6 +161,8 @@ class OrcaRequestRouter(FIFOMixin, RequestRouter):
         live = {r.replica_id for r in replicas}
         for gone in set(self.in_flight) - live:
             del self.in_flight[gone]
+        for gone in set(self.reported) - live:
+            del self.reported[gone]
         self.memory.keep_only([replica_name(r) for r in live])
 
     def replica_reports(self) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 from ..kv_pages import chain_hashes
 
@@ -62,7 +62,7 @@ class ReplicaState:
     max_running: int = 1          # its batch size (EngineConfig.max_batch_size)
     kv_pages_free: int = 1        # reported: pages its allocator can hand out
     kv_pages_total: int = 1
-    cached: frozenset[bytes] = frozenset()  # page keys in its prefix cache (reported or assumed)
+    cached: AbstractSet[bytes] = frozenset()  # page keys in its prefix cache (reported or assumed)
 
     def __post_init__(self):
         if self.max_running < 1 or self.kv_pages_total < 1:
@@ -109,7 +109,7 @@ def load_score(r: ReplicaState) -> float:
     return queued / r.max_running + 1.0 - r.kv_pages_free / r.kv_pages_total
 
 
-def cached_prefix_pages(cached: frozenset[bytes], hashes: Sequence[bytes]) -> int:
+def cached_prefix_pages(cached: AbstractSet[bytes], hashes: Sequence[bytes]) -> int:
     """How many leading pages of a prompt (keys `hashes`) are in `cached`: a chain key
     covers every token before it, so the first miss ends the run (as PagePool.num_cached)."""
     n = 0
@@ -223,5 +223,7 @@ class AffinityMemory:
         for rid in set(self._keys) - set(replica_ids):
             del self._keys[rid]
 
-    def view(self, replica_id: str) -> frozenset[bytes]:
-        return frozenset(self._keys.get(replica_id, ()))
+    def view(self, replica_id: str) -> AbstractSet[bytes]:
+        """The keys remembered for `replica_id`: a live view, not a copy (read it at once)."""
+        keys = self._keys.get(replica_id)
+        return keys.keys() if keys is not None else frozenset()
