@@ -270,5 +270,5 @@ class RequestOutput:
     usage: Usage
     logprobs: Sequence[dict] | None = None  # per token: {"token_id", "logprob", "top": {id: lp}}
     error: str | None = None
-    metrics: dict | None = None           # arrival/first-token/finish times (seconds, monotonic)
+    metrics: dict | None = None           # arrival/first-scheduled/first-token/finish times (s, monotonic)
     stop_reason: int | str | None = None  # final output: the stop token id or string that ended it

@@ -22,7 +22,6 @@ tokens: orca_jax/stops.py.)
 """
 from __future__ import annotations
 
-import codecs
 import json
 import random
 from pathlib import Path
@@ -254,7 +253,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         # Byte-level tokenizers: bytes in, UTF-8 out; the bytes of a split character wait in
-        # `_pending` (what codecs' incremental decoder does, without its Python wrapper).
+        # `_pending` until they make text that does not end in U+FFFD (`_utf8`).
         self._bytes = getattr(tokenizer, "token_bytes", None)
         self._pending = b""
         # Others: a window of ids, with a few prompt tokens of context.
@@ -278,15 +277,27 @@ class IncrementalDetokenizer:
         return self.push((tok,))
 
     def _utf8(self, data: bytes) -> str:
-        text, used = codecs.utf_8_decode(self._pending + data, "replace", False)
-        self._pending = (self._pending + data)[used:]
+        """vLLM's rule (HF tokenizers' DecodeStream): text that would end in U+FFFD is held,
+        whether its last character is unfinished or invalid, until a token makes it end well;
+        bytes that never do are dropped at the end (`flush`)."""
+        if not self._pending:
+            try:
+                return data.decode("utf-8")  # the common case: whole characters
+            except UnicodeDecodeError:
+                pass
+        buf = self._pending + data
+        text = buf.decode("utf-8", "replace")
+        if text.endswith("\ufffd"):
+            self._pending = buf
+            return ""
+        self._pending = b""
         return text
 
     def flush(self) -> str:
         """End of stream: returns whatever is still held back, except a character the stream
         never completed (vLLM drops that trailing U+FFFD instead of emitting it)."""
         if self._bytes is not None:
-            self._pending = b""  # only ever the start of an unfinished character
+            self._pending = b""  # bytes that never made a character (vLLM drops them too)
             return ""
         return self._emit(final=True).rstrip("\ufffd")
 

@@ -332,11 +332,23 @@ def _media(r: dict) -> str:
     return r["headers"].get("content-type", "").split(";")[0].strip()
 
 
+# Where we differ from vLLM on purpose (issue 17 allows it), and what we answer instead.
+DEVIATIONS = {
+    # Beam search: vLLM 0.32 runs it; ours would be a second decoding loop beside the
+    # iteration-level scheduler, so it is a clear 400 naming the field (docs/serving.md).
+    "use_beam_search": (400, "use_beam_search"),
+}
+
+
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_like_vllm(server, case_id):
     case = CASES[case_id]
     theirs = case["response"]
     ours = send(server.http_url, case, timeout=60)
+    if case_id in DEVIATIONS:
+        status, param = DEVIATIONS[case_id]
+        assert ours["status"] == status and ours["body"]["error"]["param"] == param, ours
+        return
     problems = []
     if ours["status"] != theirs["status"]:
         problems.append(f"status {ours['status']}, vLLM {theirs['status']}")

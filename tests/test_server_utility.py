@@ -1,6 +1,8 @@
 """vLLM's utility endpoints and response fields on a real server over loopback: /tokenize,
 /detokenize, /version, /ping, stop_reason and system_fingerprint, with the demo model (a chat
 template added) and vLLM's request and response shapes."""
+import re
+
 import pytest
 from test_chat import CHATML, MESSAGES, with_template
 from test_server import http
@@ -74,12 +76,13 @@ def test_version_and_ping(served):
     st, _ = http(served, "/ping", b"", method="POST")
     assert st == 200
     st, out = http(served, "/no/such/path")
-    assert st == 404 and out["error"]["code"] == 404  # JSON, as every other error
+    assert st == 404 and out == {"detail": "Not Found"}  # JSON, as vLLM's (FastAPI's) answer
 
 
 def test_stop_reason_and_system_fingerprint(served):
     """vLLM's choices[].stop_reason: the stop string or stop token id that ended the text
-    (None for EOS and length), and its top-level system_fingerprint (null)."""
+    (None for EOS and length), and its top-level system_fingerprint (the same string on every
+    response of one server: version and a hash of the model and settings)."""
     prompt = "The orca"
     ids = LLM(str(served.model_dir), engine_config=EngineConfig(max_batch_size=2, max_num_batched_tokens=32,
                                                                 max_prefill_seqs=2, max_model_len=64, warmup=False)
@@ -87,7 +90,8 @@ def test_stop_reason_and_system_fingerprint(served):
                          use_tqdm=False)[0].token_ids
     body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     st, full = http(served, "/v1/completions", body)
-    assert st == 200 and full["system_fingerprint"] is None
+    fingerprint = full["system_fingerprint"]
+    assert st == 200 and re.fullmatch(r"orca-jax-[\w.+-]+-[0-9a-f]{8}", fingerprint), fingerprint
     assert full["choices"][0]["finish_reason"] == "length" and full["choices"][0]["stop_reason"] is None
     st, out = http(served, "/v1/completions", {**body, "stop_token_ids": [ids[3]]})
     choice = out["choices"][0]
@@ -99,7 +103,7 @@ def test_stop_reason_and_system_fingerprint(served):
         st, out = http(served, "/v1/completions", {**body, "stop": [stop, "\x00never"]})
         assert out["choices"][0]["stop_reason"] == stop and out["choices"][0]["text"] == text[:text.index(stop)]
     st, chat = http(served, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": 0})
-    assert st == 200 and chat["system_fingerprint"] is None and "stop_reason" in chat["choices"][0]
+    assert st == 200 and chat["system_fingerprint"] == fingerprint and "stop_reason" in chat["choices"][0]
 
 
 def test_request_id_header_and_field(served):

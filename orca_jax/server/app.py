@@ -193,10 +193,19 @@ class Server:
         return None
 
     def token_text(self, token_id: int) -> str:
-        """One token's text (for logprobs), cached: vocabularies are small."""
+        """One token's text (for logprobs), cached: vocabularies are small. A byte-level token
+        that is not whole UTF-8 characters (half of one) is "", as vLLM shows it."""
         t = self._token_cache.get(token_id)
         if t is None:
-            t = self._token_cache[token_id] = self.tokenizer.decode([token_id])
+            table = getattr(self.tokenizer, "token_bytes", None)
+            if table is not None and 0 <= token_id < len(table):
+                try:
+                    t = table[token_id].decode("utf-8")
+                except UnicodeDecodeError:
+                    t = ""
+            else:
+                t = self.tokenizer.decode([token_id])
+            self._token_cache[token_id] = t
         return t
 
     # -- lifecycle ----------------------------------------------------------------------------

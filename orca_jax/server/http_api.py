@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -97,6 +98,8 @@ async def json_errors(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
+        if isinstance(e, (web.HTTPNotFound, web.HTTPMethodNotAllowed)):  # no route: FastAPI's body,
+            return web.json_response({"detail": e.reason}, status=e.status)  # as vLLM answers
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return web.json_response(HttpError(e.status, message).body(), status=e.status)
     except HttpError as e:
@@ -143,6 +146,16 @@ def _best_of(results: list[list[RequestOutput]], n: int, best_of: int) -> list[i
         score = lambda j: sum(lp["logprob"] for p in results[j] for lp in (p.logprobs or ()))
         picked += sorted(range(start, start + best_of), key=score, reverse=True)[:n]
     return picked
+
+
+def _fingerprint(engine) -> str:
+    """vLLM's `system_fingerprint` ("vllm-<version>-<8 hex>"), ours: this package's version and
+    a hash of what decides the outputs (the model's config, the engine's sampling-relevant
+    settings), so a client can tell when the backend changed."""
+    c = engine.model_config
+    config = c.to_json() if hasattr(c, "to_json") else repr(c)
+    what = f"{config}|{getattr(engine.config, 'matmul_precision', '')}|{engine.max_len}"
+    return f"orca-jax-{__version__}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
 
 def _engine_id(cid: str, i: int) -> str:
@@ -234,6 +247,8 @@ def _best_of_field(body: dict, n: int, stream: bool) -> int:
         raise _invalid("best_of", f"must be an integer in [n, {MAX_N}] (n = {n}), got {json.dumps(best_of)[:40]}")
     if best_of > n and stream:
         raise _invalid("best_of", "cannot be used with stream (the best samples are known only at the end)")
+    if body.get("temperature") == 0:  # greedy samples are all the same: the first n are the best
+        return n
     return best_of
 
 
@@ -274,6 +289,7 @@ class CompletionsAPI:
     def __init__(self, server):
         self.server = server  # the owning Server: engine, tokenizer, limits, metrics, names
         self._scorer = PromptScorer(server.engine.engine)  # prompt logprobs (echo, prompt_logprobs)
+        self.fingerprint = _fingerprint(server.engine.engine)  # vLLM's system_fingerprint
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -333,7 +349,12 @@ class CompletionsAPI:
         s = self.server
         return web.json_response({"object": "list", "data": [{
             "id": s.model_name, "object": "model", "created": s.started_at, "owned_by": "orca-jax",
-            "root": s.model_name, "parent": None, "max_model_len": s.limits.max_model_len}]})
+            "root": s.model_name, "parent": None, "max_model_len": s.limits.max_model_len,
+            "permission": [{  # OpenAI's old model_permission, as vLLM fills it
+                "id": f"modelperm-{uuid.uuid4().hex[:16]}", "object": "model_permission",
+                "created": s.started_at, "allow_create_engine": False, "allow_sampling": True,
+                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}]}]})
 
     # -- /v1/completions ------------------------------------------------------------------------
 
@@ -432,7 +453,7 @@ class CompletionsAPI:
         for text, ids in prompts:
             try:
                 tokens, params = await prepare_async(s.tokenizer, s.limits, text, ids, fields,
-                                                     ids_field="prompt",
+                                                     ids_field="prompt", over_field="input_tokens",
                                                      truncate=body.get("truncate_prompt_tokens"))
             except InvalidArgument as e:
                 raise HttpError(400, str(e), e.field) from None
@@ -444,8 +465,7 @@ class CompletionsAPI:
             shown += [(tokens, echoed)] * best_of
         cid = f"cmpl-{self._request_id(request, body)}"
         created = int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
-                "system_fingerprint": None}  # vLLM's field (None unless configured)
+        head = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name}
         show = dataclasses.replace(show, prompts=tuple(shown))
         top = _prompt_logprobs(body, show, stream)
         if top is not None:  # scored before any is submitted: a refusal costs no generation
@@ -507,8 +527,7 @@ class CompletionsAPI:
         jobs = self._samples(tokens, params, n)
         show = _Show(as_ids=_flag(body, "return_tokens_as_token_ids"))
         cid = f"chatcmpl-{self._request_id(request, body)}"
-        head = {"id": cid, "object": "chat.completion", "created": int(time.time()),
-                "model": s.model_name, "system_fingerprint": None}
+        head = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": s.model_name}
         if stream:
             return await self._stream(request, jobs, n, cid, {**head, "object": "chat.completion.chunk"},
                                       include_usage, chat=True, show=show)
@@ -543,15 +562,17 @@ class CompletionsAPI:
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": self._chat_logprobs(ids, lps, show.as_ids) if want_lp else None,
-                                "finish_reason": finish, "stop_reason": last.stop_reason})
+                                "finish_reason": finish, "stop_reason": last.stop_reason, "token_ids": None})
             else:
                 choices.append(self._choice(i, show, jobs[j][1], ids, lps, text, finish, last.stop_reason, job=j))
             if i % n == 0:  # a prompt counts once, however many samples of it (OpenAI)
                 prompt_toks += last.usage.prompt_tokens
             gen_toks += last.usage.completion_tokens
-        return web.json_response({**head, "choices": choices, "usage": {
-            "prompt_tokens": prompt_toks, "completion_tokens": gen_toks,
-            "total_tokens": prompt_toks + gen_toks}})
+        body = {**head, "choices": choices, "system_fingerprint": self.fingerprint, "usage": {
+            "prompt_tokens": prompt_toks, "completion_tokens": gen_toks, "total_tokens": prompt_toks + gen_toks}}
+        if chat:  # vLLM's extra fields, null unless asked (none of them can be asked here yet)
+            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        return web.json_response(body)
 
     async def _stream(self, request: web.Request, jobs, n: int, cid: str, head: dict,
                       include_usage: bool, chat: bool = False, show: _Show = _Show()) -> web.StreamResponse:
@@ -584,7 +605,7 @@ class CompletionsAPI:
                 for i in range(len(jobs)):
                     await _sse(resp, {**head, "choices": [{
                         "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}]}, wt)
+                        "finish_reason": None}], "prompt_token_ids": None, "prompt_text": None}, wt)
             text_offset = [0] * len(jobs)  # per choice: characters of token text sent so far
             started = [False] * len(jobs)  # per choice: its first chunk (echo, prompt ids) went
             while left:
@@ -593,24 +614,20 @@ class CompletionsAPI:
                 if failed is not None:
                     await _sse(resp, failed.body(), wt)
                     break
-                lp = None
                 finish = OPENAI_FINISH.get(out.finish_reason) if out.finished else None
                 if chat:
-                    if jobs[i][1].logprobs is not None and out.token_ids:
-                        lp = self._chat_logprobs(list(out.token_ids), list(out.logprobs or ()), show.as_ids)
-                    if out.text or lp is not None or out.finished:  # nothing new: no chunk
-                        await _sse(resp, {**head, "choices": [{
-                            "index": i, "delta": {"content": out.text} if out.text else {},
-                            "logprobs": lp, "finish_reason": finish, "stop_reason": out.stop_reason}]}, wt)
+                    choice = self._chat_delta(i, out, jobs[i][1], finish, show.as_ids)
                 else:
                     choice = self._choice(i, show, jobs[i][1], list(out.token_ids), list(out.logprobs or ()),
                                           out.text, finish, out.stop_reason, first=not started[i],
-                                          offset=text_offset[i])
+                                          offset=text_offset[i], stream=True)
                     started[i] = True
                     if choice["logprobs"] is not None:  # offsets run on from the previous chunk's
                         text_offset[i] += sum(map(len, choice["logprobs"]["tokens"]))
                     choice.pop("prompt_logprobs")  # not streamed (vLLM refuses it with stream)
-                    await _sse(resp, {**head, "choices": [choice]}, wt)
+                if choice is not None:  # vLLM stamps the fingerprint on the last chunk only
+                    last = {"system_fingerprint": self.fingerprint} if finish and not include_usage else {}
+                    await _sse(resp, {**head, "choices": [choice], **last}, wt)
                 if out.finished:
                     left -= 1
                     usage.append((i, out.usage))
@@ -618,7 +635,8 @@ class CompletionsAPI:
                 p = sum(u.prompt_tokens for i, u in usage if i % n == 0)  # once per prompt
                 c = sum(u.completion_tokens for _, u in usage)
                 await _sse(resp, {**head, "choices": [], "usage": {
-                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}, wt)
+                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                    "system_fingerprint": self.fingerprint}, wt)
             await _write(resp, b"data: [DONE]\n\n", wt)
             await resp.write_eof()
             return resp
@@ -656,6 +674,17 @@ class CompletionsAPI:
             raise _invalid(field, f"does not compile: {e}") from None
         return structured
 
+    def _chat_delta(self, i: int, out: RequestOutput, params, finish: str | None, as_ids: bool) -> dict | None:
+        """A chat stream's chunk of choice `i` for output `out`, or None when it brings nothing."""
+        lp = None
+        if params.logprobs is not None and out.token_ids:
+            lp = self._chat_logprobs(list(out.token_ids), list(out.logprobs or ()), as_ids)
+        if not (out.text or lp is not None or out.finished):
+            return None
+        stop = {"stop_reason": out.stop_reason} if finish else {}  # vLLM: on the last chunk only
+        return {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": lp,
+                "finish_reason": finish, **stop, "token_ids": None}
+
     async def _score(self, prompts: list[list[int]], top: int) -> list[list[dict | None]]:
         """Each prompt's log-probabilities (orca_jax/scoring.py), in a worker thread."""
         why = self._scorer.supported()
@@ -665,7 +694,7 @@ class CompletionsAPI:
 
     def _choice(self, i: int, show: _Show, params, ids: list[int], lps: list[dict], text: str,
                 finish: str | None, stop_reason, first: bool = True, offset: int = 0,
-                job: int | None = None) -> dict:
+                job: int | None = None, stream: bool = False) -> dict:
         """Completions choice `i` (or a stream's chunk of it, `first` or not), from job `job`
         (default: `i`): the new text, the echoed prompt before it in the first, and vLLM's
         extra fields."""
@@ -686,7 +715,8 @@ class CompletionsAPI:
                 "finish_reason": finish, "stop_reason": stop_reason,
                 "prompt_logprobs": None if prompt_lps is None else [
                     None if lp is None else self._prompt_entry(lp) for lp in prompt_lps],
-                "prompt_token_ids": prompt_ids if show.token_ids and first else None,
+                # vLLM's first stream chunk of an echo carries them unasked
+                "prompt_token_ids": prompt_ids if first and (show.token_ids or stream and show.echo) else None,
                 "token_ids": new_ids if show.token_ids else None}
 
     def _prompt_entry(self, lp: dict) -> dict:
@@ -706,7 +736,9 @@ class CompletionsAPI:
         entry (an echoed prompt's first token: nothing predicts it) has null logprobs;
         `as_ids` spells every token "token_id:N" (vLLM's return_tokens_as_token_ids)."""
         dec = (lambda t: f"token_id:{t}") if as_ids else self.server.token_text
-        tokens = [dec(t) for t in ids]
+        # An echoed prompt's first token (no logprob) is decoded alone, half characters too (vLLM).
+        tokens = [dec(t) if lp is not None or as_ids else self.server.tokenizer.decode([t])
+                  for t, lp in zip(ids, lps)]
         offsets, pos = [], start
         for t in tokens:
             offsets.append(pos)
@@ -718,21 +750,17 @@ class CompletionsAPI:
                     **{dec(t): max(v, -9999.0) for t, v in lp["top"].items()}} for lp in lps],
                 "text_offset": offsets}
 
-    def _token_bytes(self, token_id: int) -> list[int]:
-        table = getattr(self.server.tokenizer, "token_bytes", None)
-        if table is not None and 0 <= token_id < len(table):
-            return list(table[token_id])  # a byte-level token's own bytes (maybe half a character)
-        return list(self.server.token_text(token_id).encode("utf-8"))
-
     def _chat_logprobs(self, ids: list[int], lps: list[dict], as_ids: bool = False) -> dict:
         """OpenAI chat logprobs: per token its text, logprob, UTF-8 bytes and top alternatives
         (`as_ids`: each token spelled "token_id:N", vLLM's return_tokens_as_token_ids)."""
-        dec = (lambda t: f"token_id:{t}") if as_ids else self.server.token_text
-
-        def entry(t: int, v: float) -> dict:
-            return {"token": dec(t), "logprob": v, "bytes": self._token_bytes(t)}
+        def entry(t: int, v: float, top: bool = False) -> dict:
+            # Its bytes are its text's ("" for half a character); with `as_ids` an alternative's
+            # are those of "token_id:N" while the sampled token's stay its text's (vLLM's, both).
+            text = self.server.token_text(t)
+            token = f"token_id:{t}" if as_ids else text
+            return {"token": token, "logprob": v, "bytes": list((token if top else text).encode("utf-8"))}
         return {"content": [{**entry(t, lp["logprob"]),
-                             "top_logprobs": [entry(a, v) for a, v in lp["top"].items()]}
+                             "top_logprobs": [entry(a, v, top=True) for a, v in lp["top"].items()]}
                             for t, lp in zip(ids, lps)]}
 
 

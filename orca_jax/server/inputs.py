@@ -91,12 +91,13 @@ def prompt_ids(tokenizer: Tokenizer, limits: Limits, text: str | None,
 
 
 def fit_length(limits: Limits, tokens: list[int], params: SamplingParams, prompt_field: str,
-               truncate: int | None = None) -> tuple[list[int], SamplingParams]:
+               truncate: int | None = None, over_field: str | None = None) -> tuple[list[int], SamplingParams]:
     """vLLM's length rule: `truncate` (truncate_prompt_tokens) keeps the prompt's last k tokens
     (-1: as many as leave room for one new token); `max_tokens` alone may not exceed the
     context, nor may the prompt; otherwise `max_tokens` is cut to the room the prompt leaves
     (the request is answered, finishing with "length"). Orca then reserves prompt + max_tokens
-    positions at admission."""
+    positions at admission. `over_field` names a prompt over the context (vLLM's HTTP says
+    `input_tokens`; default: the prompt's field)."""
     L = limits.max_model_len
     if truncate is not None:
         if not is_int(truncate) or not -1 <= truncate <= L:
@@ -110,9 +111,12 @@ def fit_length(limits: Limits, tokens: list[int], params: SamplingParams, prompt
         raise InvalidArgument("max_tokens", f"max_tokens={params.max_tokens} cannot be greater than "
                               f"the maximum context length of {L} tokens")
     n_prompt = len(tokens)
-    if n_prompt >= L:
-        raise InvalidArgument(prompt_field, f"the prompt is {n_prompt} tokens; the maximum context "
-                              f"length is {L} tokens, which leaves no room for a new token")
+    if n_prompt > L:
+        raise InvalidArgument(over_field or prompt_field, f"the prompt is {n_prompt} tokens; the "
+                              f"maximum context length is {L} tokens, even without any output tokens")
+    if n_prompt == L:
+        raise InvalidArgument("max_tokens", f"must be at least 1, got 0: the {n_prompt}-token prompt "
+                              f"fills the maximum context length of {L} tokens")
     if n_prompt + params.max_tokens > L:
         room = L - n_prompt
         params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
@@ -126,12 +130,12 @@ def fit_length(limits: Limits, tokens: list[int], params: SamplingParams, prompt
 
 def prepare(tokenizer: Tokenizer, limits: Limits, text: str | None, ids: Sequence[int] | None,
             fields: dict, *, text_field: str = "prompt", ids_field: str = "prompt_token_ids",
-            truncate: int | None = None) -> tuple[list[int], SamplingParams]:
+            truncate: int | None = None, over_field: str | None = None) -> tuple[list[int], SamplingParams]:
     """Validated (prompt token ids, SamplingParams) or InvalidArgument naming the field."""
     params = sampling_params(fields)
     tokens, field = prompt_ids(tokenizer, limits, text, ids, text_field=text_field, ids_field=ids_field,
                                truncate=truncate is not None)
-    tokens, params = fit_length(limits, tokens, params, field, truncate)
+    tokens, params = fit_length(limits, tokens, params, field, truncate, over_field)
     params.stop_automaton  # built here, in a worker thread, not on the engine thread
     return tokens, params
 
