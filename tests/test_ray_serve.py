@@ -148,6 +148,27 @@ def _per_replica(decisions) -> dict[str, float]:
     return out
 
 
+def _health(url) -> dict:
+    async def get():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=30)) as r:
+                return {**(await r.json()), "http_status": r.status}
+    return asyncio.run(get())
+
+
+@slow
+def test_health_counts_live_replicas(cluster):
+    """First of the cluster tests: /health before any request (the router does not exist yet)."""
+    deadline = time.monotonic() + 30
+    while True:  # the replicas' first reports (pids) follow within a report period or two
+        h = _health(cluster[0])
+        if all(r["pid"] for r in h["by_replica"].values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert h["http_status"] == 200 and h["status"] == "ok" and h["replicas"] == 2 and h["healthy"] == 2
+    assert all(r["pid"] for r in h["by_replica"].values())
+
+
 @slow
 def test_poisson_trace_served_by_both_replicas(cluster):
     cluster, _ = cluster
@@ -186,21 +207,6 @@ def test_poisson_trace_served_by_both_replicas(cluster):
     # The choices are logged (Serve's log file of the ingress replica).
     logs = "".join(open(p).read() for p in glob.glob("/tmp/ray/session_latest/logs/serve/*OrcaIngress*"))
     assert logs.count(" -> replica ") >= n
-
-
-def _health(url) -> dict:
-    async def get():
-        async with aiohttp.ClientSession() as s:
-            async with s.get(url + "/health", timeout=aiohttp.ClientTimeout(total=30)) as r:
-                return {**(await r.json()), "http_status": r.status}
-    return asyncio.run(get())
-
-
-@slow
-def test_health_counts_live_replicas(cluster):
-    h = _health(cluster[0])
-    assert h["http_status"] == 200 and h["status"] == "ok" and h["replicas"] == 2 and h["healthy"] == 2
-    assert all(r["pid"] for r in h["by_replica"].values())
 
 
 @slow

@@ -1,6 +1,6 @@
-"""The HTTP ingress in front of the engine replicas: one Ray Serve deployment that takes the
-OpenAI-compatible requests on Serve's HTTP port and relays each to the replica the global
-scheduler (router.py) picks.
+"""The ingress in front of the engine replicas: one Ray Serve deployment that takes the
+OpenAI-compatible requests on Serve's HTTP port (and gRPC calls on its gRPC port) and relays
+each to the replica the global scheduler (router.py) picks.
 
     POST /v1/completions, /v1/chat/completions   routed: the prompt's page keys go along
                           (RouteKey) so that the router can send it where its prefix is cached
@@ -49,10 +49,10 @@ class ReplicaLost(Exception):
     """The replica serving a request went away (or answered 503) before the client saw a byte."""
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = "service_unavailable" if status == 503 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+def _unavailable(message: str) -> JSONResponse:
+    """503 with OpenAI's error body: retry (the server's own 503s look the same)."""
+    return JSONResponse({"error": {"message": message, "type": "service_unavailable", "param": None,
+                                   "code": 503}}, status_code=503, headers={"Retry-After": "1"})
 
 
 class Ingress:
@@ -78,7 +78,9 @@ class Ingress:
         headers = {k: v for k, v in request.headers.items() if k.lower() in PASSED_HEADERS}
         if request.url.query:
             path += "?" + request.url.query
-        key = self._route_key(path, body) if request.method == "POST" and path in ROUTED else None
+        key = None
+        if request.method == "POST" and path in ROUTED:  # tokenizing a long prompt takes a while
+            key = await asyncio.to_thread(self._route_key, path, body)
         return await self.forward(request.method, path, body, headers, key)
 
     def _route_key(self, path: str, body: bytes) -> RouteKey:
@@ -99,7 +101,7 @@ class Ingress:
         body = ({"messages": [{"role": m.role, "content": m.content} for m in request.messages]}
                 if request.messages else {"prompt": request.prompt or list(request.prompt_token_ids)})
         path = "/v1/chat/completions" if request.messages else "/v1/completions"
-        key = self._route_key(path, json.dumps(body).encode())
+        key = await asyncio.to_thread(self._route_key, path, json.dumps(body).encode())
         async for data in self._relay_grpc("Generate", request.SerializeToString(), key, grpc_context):
             yield pb.GenerateResponse.FromString(data)
 
@@ -130,17 +132,21 @@ class Ingress:
                     raise ReplicaLost(f"the replica answered UNAVAILABLE: {details}")
                 return
             except (*LOST, ReplicaLost) as e:
-                gen.cancel()
                 log.warning("gRPC %s: %s (attempt %d of 2)", method, e, attempt)
                 if sent or attempt == 2:
                     ctx.set_code(grpc.StatusCode.UNAVAILABLE)
                     ctx.set_details(f"the engine replica was lost ({type(e).__name__}); retry the request")
                     return
+            finally:  # done, lost, or the client cancelled: the replica's call ends too
+                gen.cancel()
 
     async def health(self) -> Response:
         reports = metrics.router_reports()
         if reports is None:  # no router yet: one relayed request creates it
-            await self._collect(self.engine.forward.remote("GET", "/health"))
+            try:
+                [_ async for _ in self.engine.forward.remote("GET", "/health")]
+            except LOST as e:
+                log.warning("GET /health: %s", e)
             reports = metrics.router_reports() or {}
         healthy = sum(bool(r.get("healthy", True)) for r in reports.values())
         body = {"status": "ok" if healthy else "unhealthy", "replicas": len(reports), "healthy": healthy,
@@ -161,7 +167,10 @@ class Ingress:
                 gen.cancel()
                 log.warning("%s %s: %s (attempt %d of 2)", method, path, e, attempt)
                 reason = str(e)
-        return _error(503, f"no engine replica could serve the request ({reason}); retry")
+            except asyncio.CancelledError:  # the client went away: so does the replica's request
+                gen.cancel()
+                raise
+        return _unavailable(f"no engine replica could serve the request ({reason}); retry")
 
     async def _first_part(self, gen) -> Response:
         """The response, once there is something to send: a whole non-streaming body, or the
