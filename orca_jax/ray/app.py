@@ -60,9 +60,14 @@ def build(c: ReplicasConfig):
     # Each replica takes what its engine can hold (batch + waiting queue) and refuses beyond,
     # so that Serve's router backs off and tries the next rank rather than piling on one.
     max_ongoing = cfg.max_batch_size + cfg.max_waiting
+    actor = {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus}
+    if 0 < c.num_gpus < 1:
+        # Replicas sharing a GPU: XLA preallocates 75% of the device per process by default,
+        # so a second replica could not start. Each takes its share instead (not yet tried on
+        # a GPU here).
+        actor["runtime_env"] = {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 * c.num_gpus:.3f}"}}
     engine = serve.deployment(
-        EngineReplica, name="OrcaEngine", num_replicas=c.num_replicas,
-        ray_actor_options={"num_cpus": c.num_cpus, "num_gpus": c.num_gpus},
+        EngineReplica, name="OrcaEngine", num_replicas=c.num_replicas, ray_actor_options=actor,
         max_ongoing_requests=max_ongoing, health_check_period_s=c.health_check_period_s,
         health_check_timeout_s=max(10.0, 3 * c.health_check_period_s),
         graceful_shutdown_timeout_s=10.0,
