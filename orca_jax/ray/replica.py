@@ -26,6 +26,7 @@ import time
 from typing import Any, AsyncIterator, Sequence
 
 import aiohttp
+from ray import serve
 
 log = logging.getLogger("ray.serve.orca_jax")
 
@@ -55,10 +56,9 @@ class EngineReplica:
         args = engine_args(engine_argv)
         self.engine = AsyncEngine(build_engine(args, model), stuck_after_s=stuck_after_s,
                                   fail_when_stuck=True).start()
-        self.server = BackgroundServer(self.engine, ServerConfig(grpc_port=0, http_port=0, chat_template=chat_template),
-                                       served_model_name).start()
+        config = ServerConfig(grpc_port=0, http_port=0, chat_template=chat_template)  # loopback
+        self.server = BackgroundServer(self.engine, config, served_model_name).start()
         self.url = self.server.http_url
-        from ray import serve
         self.name = serve.get_replica_context().replica_id.unique_id
         self._session: aiohttp.ClientSession | None = None
         self._channel = None      # grpc.aio channel to the local gRPC server, made on first use
@@ -69,7 +69,7 @@ class EngineReplica:
     async def forward(self, method: str, path: str, body: bytes = b"", headers: dict | None = None,
                       route=None) -> AsyncIterator[Any]:
         """The local server's answer to one HTTP request: (status, headers), then body chunks
-        as they come (SSE events of a stream). `route` is the router's (router.RouteKey)."""
+        as they come (SSE events of a stream). `route` is the router's (routing.RouteKey)."""
         if self._session is None:
             # No total timeout: a long generation streams for as long as it takes; the local
             # server's own write and idle timeouts bound a stalled one.
