@@ -5,7 +5,8 @@ calls it from Ray Serve's request router.
 The Orca paper's global scheduler routes each request to the most appropriate replica by its
 load and memory. Here a replica is described by what its engine reports (`ReplicaState`:
 waiting and running requests, KV pages free, the page hashes in its prefix cache) plus what the
-router itself knows fresher than any report (requests it sent there that have not finished).
+router itself knows fresher than any report (requests it chose it for that have not finished,
+page keys it sent there: `AffinityMemory`).
 
 Policies (`--router`):
 
