@@ -181,9 +181,10 @@ def test_ten_thousand_requests_in_under_a_minute(cost_13b):
 
 def test_fit_recovers_known_efficiencies():
     """Step times made with known efficiencies on a CPU-like device (30 GB/s, 200 GFLOP/s:
-    small steps memory-bound, large ones compute-bound) are predicted back by the fit."""
+    small steps memory-bound, large ones compute-bound, the compute share growing with the
+    rows) are predicted back by the fit."""
     cost = StepCost.build("gpt2-small", "tensor=1", "replicated", cpu_accelerator(30e9, 200e9), "float32")
-    eff = Efficiency(0.3, 0.6, 0.004)
+    eff = Efficiency(0.3, 0.6, 0.004, rows_exponent=0.3)
     works = [StepWork(r, min(r, 16), r * 200, r * 100) for r in (1, 2, 8, 16, 64, 128, 256, 512)]
     fit = fit_efficiency(cost, [(w, cost.stage_s(w, eff)) for w in works])
     assert fit.compute == pytest.approx(0.3, rel=0.03)

@@ -10,8 +10,8 @@ both, so they are taken minutes apart at most, and medians are reported):
    the trace at every rate, its runner timed: an iteration's time is from when it was
    dispatched (or the previous one finished, if later) to when its sampled ids were back;
 3. the ceilings again (the lower of each is `cpu-here`);
-4. fit `Efficiency` (compute and memory shares of the roofline, a fixed per-step overhead:
-   three numbers, all physically motivated) to the measured iterations; report predicted vs
+4. fit `Efficiency` (compute and memory shares of the roofline, how the compute share grows
+   with a step's rows, a fixed per-step overhead: four numbers, all physically motivated) to the measured iterations; report predicted vs
    measured median time per bucket shape (Td, Tp);
 5. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
    throughput and median normalized latency per rate.
@@ -28,7 +28,7 @@ import numpy as np
 from ..bench.metrics import summarize
 from ..plan import StepPlan
 from .accelerators import cpu_accelerator, measure_cpu
-from .cost import Efficiency, StepCost, StepWork
+from .cost import REFERENCE_ROWS, Efficiency, StepCost, StepWork
 
 ONE_DEVICE = "tensor=1"
 
@@ -75,28 +75,32 @@ class TimedRunner:
 
 
 def fit_efficiency(cost: StepCost, samples: list[tuple[StepWork, float]]) -> Efficiency:
-    """The compute and memory efficiencies and the fixed overhead that minimise the mean
-    relative error of the predicted step times: a grid over the two shares, refined once
-    around the best; for each pair the overhead is the median of what the roofline leaves
-    unexplained (never below 0)."""
+    """The compute share (and its growth with the rows), the memory share and the fixed
+    overhead that minimise the mean relative error of the predicted step times: a grid over
+    the three, refined once around the best; for each, the overhead is the median of what the
+    roofline leaves unexplained (never below 0)."""
     flops = np.array([cost.flops(w) for w, _ in samples]) / cost.peak_flops
     byts = np.array([cost.bytes(w) for w, _ in samples]) / cost.bandwidth
+    rows = np.array([max(w.rows, 1) for w, _ in samples]) / REFERENCE_ROWS
     t = np.array([s for _, s in samples])
 
-    def search(ecs, ems):
+    def search(ecs, ems, alphas):
         best = (np.inf, Efficiency())
-        for ec in ecs:
-            for em in ems:
-                roof = np.maximum(flops / ec, byts / em)
-                over = max(0.0, float(np.median(t - roof)))
-                err = float(np.mean(np.abs(roof + over - t) / t))
-                if err < best[0]:
-                    best = (err, Efficiency(float(ec), float(em), over))
+        for a in alphas:
+            compute = flops / rows ** a
+            for ec in ecs:
+                for em in ems:
+                    roof = np.maximum(compute / ec, byts / em)
+                    over = max(0.0, float(np.median(t - roof)))
+                    err = float(np.mean(np.abs(roof + over - t) / t))
+                    if err < best[0]:
+                        best = (err, Efficiency(float(ec), float(em), over, float(a)))
         return best[1]
 
-    coarse = search(np.geomspace(0.02, 2.0, 60), np.geomspace(0.02, 2.0, 60))
-    fine = lambda x: np.geomspace(x / 1.1, x * 1.1, 21)  # noqa: E731
-    return search(fine(coarse.compute), fine(coarse.memory))
+    grid = np.geomspace(0.02, 10.0, 40)
+    c = search(grid, grid, np.linspace(0.0, 1.0, 11))
+    fine = lambda x: np.geomspace(x / 1.15, x * 1.15, 11)  # noqa: E731
+    return search(fine(c.compute), fine(c.memory), np.clip(c.rows_exponent + np.linspace(-0.05, 0.05, 5), 0, None))
 
 
 def bucket_table(cost: StepCost, eff: Efficiency, times) -> list[dict]:
@@ -151,6 +155,7 @@ def calibrate(args, trace, rates, engine_config) -> dict:
                          "matmul_gflops": [before.flops_32 / 1e9, after.flops_32 / 1e9]},
             "efficiency": dataclasses.asdict(eff), "kv_pages": pages,
             "buckets": bucket_table(cost, eff, times), "iterations": len(times),
+            "measured_iterations": [[*shape, dataclasses.asdict(w), s] for shape, w, s in times],
             "runs": runs + sim_runs, "sweep": sweep_agreement(runs, sim_runs)}
 
 
@@ -172,7 +177,8 @@ def format_calibration(r: dict) -> str:
     lines = [f"ceilings (start / end): read {c['read_gbs'][0]:.1f} / {c['read_gbs'][1]:.1f} GB/s, matmul "
              f"{c['matmul_gflops'][0]:.0f} / {c['matmul_gflops'][1]:.0f} GFLOP/s",
              f"fitted on {r['iterations']} iterations: compute {e['compute']:.2f} x peak, memory "
-             f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step", "",
+             f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step, compute share "
+             f"x (rows / {REFERENCE_ROWS}) ** {e['rows_exponent']:.2f}", "",
              "| Td | Tp | iterations | measured ms (median) | predicted ms | error |", "|---|---|---|---|---|---|"]
     lines += [f"| {b['decode_rows']} | {b['prefill_rows']} | {b['iterations']} | {b['measured_ms']:.1f} | "
               f"{b['predicted_ms']:.1f} | {b['error']:+.0%} |" for b in r["buckets"]]

@@ -20,8 +20,9 @@ simulator then prices every iteration with a few multiplications:
     latency  = stages x stage + (stages - 1) x hand-off
 
 The efficiencies and the fixed overhead (`Efficiency`) are the only fitted numbers: the share
-of the roofline a real step reaches, and the per-step time no roofline term explains (host
-work, dispatch, kernel launches). `calibrate.py` fits them on this machine; for the GPU
+of the roofline a real step reaches (on a CPU the compute share grows with the step's rows:
+a GEMM of 16 rows reaches far less of the 2048^3 ceiling than one of 256), and the per-step
+time no roofline term explains (host work, dispatch, kernel launches). `calibrate.py` fits them on this machine; for the GPU
 presets they are assumptions (docs/simulation.md, "How far to trust it").
 """
 from __future__ import annotations
@@ -42,13 +43,24 @@ PROBE = 1 << 20  # a unit of each count, large enough that the plan's integer di
 class Efficiency:
     """What a real step reaches of the roofline (fitted, or assumed for GPUs)."""
 
-    compute: float = 1.0      # achieved / peak matmul FLOP/s
+    compute: float = 1.0      # achieved / peak matmul FLOP/s, at REFERENCE_ROWS rows
     memory: float = 1.0       # achieved / peak bytes/s read and written
     overhead_s: float = 0.0   # fixed seconds per iteration (host, dispatch, launches)
+    rows_exponent: float = 0.0  # compute share x (T / REFERENCE_ROWS) ** this: a skinny GEMM (few
+                                # rows) reaches less of a CPU's large-GEMM ceiling than a wide one
 
     def __post_init__(self):
-        if not (self.compute > 0 and self.memory > 0 and self.overhead_s >= 0):
-            raise ValueError(f"efficiencies must be > 0 and the overhead >= 0, got {self}")
+        if not (self.compute > 0 and self.memory > 0 and self.overhead_s >= 0 and self.rows_exponent >= 0):
+            raise ValueError(f"efficiencies must be > 0, the overhead and exponent >= 0, got {self}")
+
+    def compute_at(self, rows: int) -> float:
+        """The compute share of a step of `rows` rows."""
+        if not self.rows_exponent:
+            return self.compute
+        return self.compute * (max(rows, 1) / REFERENCE_ROWS) ** self.rows_exponent
+
+
+REFERENCE_ROWS = 256  # rows at which `Efficiency.compute` holds (a full prefill bucket)
 
 
 # Assumed for the GPU presets (not fitted: no GPU here): dense GEMMs of large models reach
@@ -115,7 +127,7 @@ class StepCost:
 
     def stage_s(self, w: StepWork, eff: Efficiency) -> float:
         """Seconds one pipeline stage spends on the iteration."""
-        compute = self.flops(w) / (self.peak_flops * eff.compute)
+        compute = self.flops(w) / (self.peak_flops * eff.compute_at(w.rows))
         memory = self.bytes(w) / (self.bandwidth * eff.memory)
         comm = self.comm_s_per_row * w.rows + self.comm_s_per_sample * w.sampled + self.comm_s_per_kv * w.kv_read
         return eff.overhead_s + max(compute, memory) + comm
