@@ -135,7 +135,9 @@ def cmd_simulate(args) -> int:
                            args.accelerator, args.dtype, efficiency(args, args.accelerator), args.kv_pages,
                            args.page_size)
     trace = make_trace(args, model.config.vocab_size)
-    max_len = min(trace.max_total_len + (args.max_tokens or 0), model.config.max_positions)
+    # the longest request, or prompt + --max-tokens (bench/run.py `engine_config`)
+    max_len = min(max(trace.max_total_len, trace.max_prompt_len + (args.max_tokens or 0)),
+                  model.config.max_positions)
     systems = make_systems(args, max_len)
     rates = model.auto_rates(trace, systems) if args.rates == "auto" else [float(r) for r in _words(args.rates)]
     from .sweep import compare, run_sweep, summary_text, table

@@ -52,19 +52,23 @@ def run_sweep(systems: Sequence[System], trace: Trace, rates: Sequence[float],
 def compare(runs: list[dict], slo_ms: float | None = None) -> dict:
     """The sweep summary (bench/report.py) plus the iteration-level / request-level ratio at
     equal latency. Default SLO: `report.AUTO_SLO_FACTOR` x the lowest median normalized
-    latency any iteration-level system has at the lowest rate (the bench's rule)."""
+    latency any iteration-level system (else any system) has at the lowest rate (the bench's
+    rule). With one policy only, `ratios` is empty."""
     curves = report.curves(runs)
     policy = {r["system"]: r["policy"] for r in runs}
     if slo_ms is None:
-        base = min(pts[0]["median_normalized_latency_ms"] for s, pts in curves.items()
-                   if policy[s] == "iteration")
+        ref = "iteration" if "iteration" in policy.values() else "static"
+        base = min(pts[0]["median_normalized_latency_ms"] for s, pts in curves.items() if policy[s] == ref)
         slo_ms, source = report.AUTO_SLO_FACTOR * base, (
-            f"auto: {report.AUTO_SLO_FACTOR:g} x iteration-level's lowest median normalized latency "
-            f"at the lowest rate ({base:.1f} ms/token)")
+            f"auto: {report.AUTO_SLO_FACTOR:g} x the lowest median normalized latency of a {ref}-level "
+            f"system at the lowest rate ({base:.1f} ms/token)")
     else:
         source = "--slo"
     sweep = report.sweep_summary(runs, slo_ms)
     sweep["slo_source"] = source
+    sweep["ratios"] = {}
+    if set(policy.values()) != {"iteration", "static"}:
+        return sweep
     best = {}
     for kind in ("iteration", "static"):
         points = [(s, b) for s, b in sweep["max_throughput_under_slo"].items() if policy[s] == kind and b]
@@ -89,15 +93,13 @@ def table(runs: list[dict]) -> str:
 
 
 def summary_text(sweep: dict, labels: dict[str, str]) -> str:
-    """The max throughput of each system within the SLO, then the ratio at equal latency."""
-    slo = sweep["slo_normalized_latency_ms"]
-    lines = [f"Max throughput with median normalized latency <= {slo:.1f} ms/token ({sweep['slo_source']}):"]
-    for s, b in sweep["max_throughput_under_slo"].items():
-        got = "never met the SLO" if b is None else f"{b['throughput']:.2f} req/s ({b['how']}" + (
-            ", still under the SLO at the highest rate: at least this)" if b["lower_bound"] else ")")
-        lines.append(f"- {labels[s]}: {got}")
+    """The bench's lines (max throughput of each system within the SLO), then the ratio at
+    equal latency."""
+    text = report.sweep_text({**sweep, "ratios": {}}, labels)
+    if not sweep["ratios"]:
+        return text
     r = sweep["ratios"]["iteration_vs_static"]
     val = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    lines.append(f"iteration-level / request-level throughput at equal latency: {val} "
-                 f"({labels.get(r['iteration'], '-')} vs {labels.get(r['static'], '-')}; {r['note']})")
-    return "\n".join(lines)
+    return (text
+            + f"\niteration-level / request-level throughput at equal latency: {val} "
+              f"({labels.get(r['iteration'], '-')} vs {labels.get(r['static'], '-')}; {r['note']})")
