@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -64,6 +65,8 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache so far
     prefix_cache_hits: int = 0      # of them, tokens found cached
     num_swapped: int = 0            # preempted requests whose KV waits in host memory
+    kv_pages_free: int = 0          # KV pages a new request could take (cached free ones included)
+    kv_pages_total: int = 0
 
 
 class AsyncEngine:
@@ -74,6 +77,7 @@ class AsyncEngine:
         # What servers read about the model: fixed at start-up, safe from any thread.
         self.tokenizer, self.model_config = engine.tokenizer, engine.model_config
         self.max_len, self.num_slots, self.eos_token_id = engine.max_len, engine.num_slots, engine.eos_token_id
+        self.kv_page_size = engine.kv.page_size
         self.stuck_after_s = stuck_after_s
         self.fail_when_stuck = fail_when_stuck
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -203,6 +207,20 @@ class AsyncEngine:
             self._run_commands()
         return fut
 
+    def prefix_cache_keys(self, limit: int) -> concurrent.futures.Future:
+        """A future of the prefix cache's page keys (the `limit` most recently cached), copied
+        on the engine thread between iterations (a global router's prefix affinity reads them)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def copy():
+            keys = self.engine.scheduler.pool.cached
+            fut.set_result(list(itertools.islice(reversed(keys), limit))[::-1])
+        self._commands.put(copy)
+        self._wake.set()
+        if not self._thread.is_alive():
+            self._run_commands()
+        return fut
+
     def abort(self, request_id: str) -> None:
         """Abort from any thread; the slot is free for the next iteration."""
         def abort():
@@ -271,7 +289,8 @@ class AsyncEngine:
         s = self.engine.scheduler
         self.snapshot = EngineSnapshot(len(s.waiting), len(s.running), s.kv_usage(),
                                        self.engine.stats.iterations, time.monotonic(), batch_size,
-                                       s.num_preemptions, s.pool.queries, s.pool.hits, s.num_swapped)
+                                       s.num_preemptions, s.pool.queries, s.pool.hits, s.num_swapped,
+                                       s.pool.num_free, s.pool.num_pages)
 
     def _fail_all(self, error: str) -> None:
         """On the loop thread: fail every request the engine holds, and free their slots."""

@@ -102,24 +102,22 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router reads (Serve polls it every request_routing_stats_period_s)."""
-        s, pool = self.engine.snapshot, self.engine.engine.scheduler.pool
+        s = self.engine.snapshot
         return {"num_waiting": s.num_waiting, "num_running": s.num_running,
-                "max_running": self.engine.num_slots, "kv_pages_free": pool.num_free,
-                "kv_pages_total": pool.num_pages, "page_size": pool.page_size,
-                "kv_usage": s.kv_usage, "cached": self._cached_keys(pool),
+                "max_running": self.engine.num_slots, "kv_pages_free": s.kv_pages_free,
+                "kv_pages_total": s.kv_pages_total, "page_size": self.engine.kv_page_size,
+                "kv_usage": s.kv_usage, "cached": self._cached_keys(),
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, "num_swapped": s.num_swapped,
                 "iterations": s.iterations, "healthy": self.engine.healthy(), "pid": os.getpid()}
 
-    def _cached_keys(self, pool) -> list[bytes]:
-        """The pool's prefix-cache keys, read from this thread while the engine thread may
-        change them: a copy that raced a change is retried, then the last good copy is kept."""
-        for _ in range(3):
-            try:
-                self._keys = list(pool.cached)[-MAX_REPORTED_KEYS:]
-                break
-            except RuntimeError:  # "dictionary changed size during iteration"
-                continue
+    def _cached_keys(self) -> list[bytes]:
+        """The prefix cache's keys, copied on the engine thread; the last copy if the engine is
+        busier than a report's patience."""
+        try:
+            self._keys = self.engine.prefix_cache_keys(MAX_REPORTED_KEYS).result(timeout=2.0)
+        except Exception:  # TimeoutError, or the engine stopped: the router keeps the last keys
+            pass
         return self._keys
 
     def check_health(self) -> None:
