@@ -217,3 +217,21 @@ def test_calibration_against_the_engine(tmp_path):
                  "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "calibration.json").read_text())
     assert all(abs(s["throughput_error"]) < 0.5 for s in r["sweep"])
+
+
+def test_simulate_with_a_calibration_file(tmp_path, capsys):
+    """`--calibration` runs on cpu-here with the file's ceilings (the lower of each) and fit,
+    with attention priced as the XLA CPU backend computes it."""
+    from orca_jax.cli.app import main
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"ceilings": {"read_gbs": [20.0, 10.0], "matmul_gflops": [100.0, 80.0]},
+                               "efficiency": {"compute": 0.7, "memory": 1.5, "overhead_s": 0.001,
+                                              "rows_exponent": 0.3}}))
+    out = tmp_path / "sim"
+    assert main(["simulate", "--model", "gpt2-small", "--calibration", str(cal), "--dtype", "float32",
+                 "--policies", "iteration", "--batch-sizes", "16", "--requests", "20", "--prompt-len", "16:64",
+                 "--output-len", "1:16", "--rates", "1,4", "--out", str(out)]) == 0
+    assert "iteration-level / request-level" not in capsys.readouterr().out  # one policy: no ratio
+    rep = json.loads((out / "results.json").read_text())
+    assert rep["accelerator"] == "cpu-here" and rep["efficiency"]["rows_exponent"] == 0.3
+    assert [r["metrics"]["completed"] for r in rep["runs"]] == [20, 20]

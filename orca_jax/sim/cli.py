@@ -41,6 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--accelerator", default=paper.ACCELERATOR, type=str.lower,
                    help="a100-40gb, a100-80gb, h100, h200, or cpu-here (measured now)")
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    g.add_argument("--calibration", default=None, metavar="FILE",
+                   help="a calibration.json of --calibrate: cpu-here with its ceilings and fitted efficiency")
     g.add_argument("--efficiency", default=None, metavar="COMPUTE,MEMORY,OVERHEAD_MS",
                    help="share of peak FLOP/s and bandwidth a step reaches, fixed ms per step "
                         "(default: 0.5,0.7,1 on GPUs; measure with --calibrate for cpu-here)")
@@ -118,12 +120,20 @@ def make_systems(args, max_len: int) -> list:
     return out
 
 
-def efficiency(args, accelerator: str):
+def device(args):
+    """(accelerator, Efficiency): --calibration's cpu-here (the lower of each ceiling, the fit),
+    else the named accelerator with --efficiency or the defaults."""
+    from .accelerators import cpu_accelerator
     from .cost import GPU_EFFICIENCY, Efficiency
+    if args.calibration:
+        cal = json.loads(Path(args.calibration).read_text())
+        c = cal["ceilings"]
+        acc = cpu_accelerator(min(c["read_gbs"]) * 1e9, min(c["matmul_gflops"]) * 1e9)
+        return acc, Efficiency(**cal["efficiency"])
     if args.efficiency:
         c, m, o = (float(x) for x in args.efficiency.split(","))
-        return Efficiency(c, m, o / 1e3)
-    return Efficiency() if accelerator == "cpu-here" else GPU_EFFICIENCY
+        return args.accelerator, Efficiency(c, m, o / 1e3)
+    return args.accelerator, Efficiency() if args.accelerator == "cpu-here" else GPU_EFFICIENCY
 
 
 def cmd_simulate(args) -> int:
@@ -131,9 +141,9 @@ def cmd_simulate(args) -> int:
         return _cmd_calibrate(args)
     from .model import SimModel
     t0 = time.perf_counter()
+    acc, eff = device(args)
     model = SimModel.build(args.model, args.mesh or paper.MESHES.get(args.model, "tensor=1"),
-                           args.accelerator, args.dtype, efficiency(args, args.accelerator), args.kv_pages,
-                           args.page_size)
+                           acc, args.dtype, eff, args.kv_pages, args.page_size)
     trace = make_trace(args, model.config.vocab_size)
     # the longest request, or prompt + --max-tokens (bench/run.py `engine_config`)
     max_len = min(max(trace.max_total_len, trace.max_prompt_len + (args.max_tokens or 0)),

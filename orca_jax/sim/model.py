@@ -32,7 +32,7 @@ class SimModel:
     page_size: int
 
     @staticmethod
-    def build(model: str, mesh: str, accelerator: str, dtype: str, efficiency: Efficiency,
+    def build(model: str, mesh: str, accelerator: str | Accelerator, dtype: str, efficiency: Efficiency,
               kv_pages: int | None = None, page_size: int = 64) -> "SimModel":
         parse_mesh_spec(mesh)  # a bad spec fails here, with its message
         return SimModel(model_config(model), mesh, get_accelerator(accelerator), dtype, efficiency,
