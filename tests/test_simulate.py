@@ -186,7 +186,7 @@ def test_fit_recovers_known_efficiencies():
     cost = StepCost.build("gpt2-small", "tensor=1", "replicated", cpu_accelerator(30e9, 200e9), "float32")
     eff = Efficiency(0.3, 0.6, 0.004, rows_exponent=0.3)
     works = [StepWork(r, min(r, 16), r * 200, r * 100) for r in (1, 2, 8, 16, 64, 128, 256, 512)]
-    fit = fit_efficiency(cost, [(w, cost.stage_s(w, eff)) for w in works])
+    fit = fit_efficiency([(cost, w, cost.stage_s(w, eff)) for w in works])
     assert fit.compute == pytest.approx(0.3, rel=0.03)
     # The weights dominate every small step's bytes, so the memory share and the overhead
     # trade off against each other (both are nearly constant): only their sum is pinned down.

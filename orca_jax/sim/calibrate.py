@@ -3,17 +3,18 @@
     orca-jax simulate --calibrate --preset gpt2-small --requests 32 --rates 1,2,4
 
 One run, ceilings and steps measured together (the machine is shared: background load moves
-both, so they are taken minutes apart at most, and medians are reported):
+both, so the ceilings are taken between the sweep points, and medians are reported):
 
-1. this machine's ceilings (read GB/s, matmul GFLOP/s: bench/decode_step.py `ceilings`);
-2. the real engine (`orca-jax bench`'s EngineSystem, same checkpoint, trace and clock) runs
+1. the real engine (`orca-jax bench`'s EngineSystem, same checkpoint, trace and clock) runs
    the trace at every rate, its runner timed: an iteration's time is from when it was
    dispatched (or the previous one finished, if later) to when its sampled ids were back;
-3. the ceilings again (the lower of each is `cpu-here`);
-4. fit `Efficiency` (compute and memory shares of the roofline, how the compute share grows
-   with a step's rows, a fixed per-step overhead: four numbers, all physically motivated) to the measured iterations; report predicted vs
-   measured median time per bucket shape (Td, Tp);
-5. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
+2. this machine's ceilings (read GB/s, matmul GFLOP/s: bench/decode_step.py `ceilings`)
+   before each rate and after the last; a rate's steps are priced at the lower of the
+   ceilings around it (`cpu-here` at that time);
+3. fit `Efficiency` (compute and memory shares of the roofline, how the compute share grows
+   with a step's rows, a fixed per-step overhead: four numbers, all physically motivated)
+   to the measured iterations; report predicted vs measured median time per bucket shape;
+4. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
    throughput and median normalized latency per rate.
 """
 from __future__ import annotations
@@ -74,15 +75,16 @@ class TimedRunner:
         return got
 
 
-def fit_efficiency(cost: StepCost, samples: list[tuple[StepWork, float]]) -> Efficiency:
+def fit_efficiency(samples: list[tuple[StepCost, StepWork, float]]) -> Efficiency:
     """The compute share (and its growth with the rows), the memory share and the fixed
-    overhead that minimise the mean relative error of the predicted step times: a grid over
-    the three, refined once around the best; for each, the overhead is the median of what the
-    roofline leaves unexplained (never below 0)."""
-    flops = np.array([cost.flops(w) for w, _ in samples]) / cost.peak_flops
-    byts = np.array([cost.bytes(w) for w, _ in samples]) / cost.bandwidth
-    rows = np.array([max(w.rows, 1) for w, _ in samples]) / REFERENCE_ROWS
-    t = np.array([s for _, s in samples])
+    overhead that minimise the mean relative error of the predicted step times, each step
+    priced at the ceilings measured around it (its `StepCost`): a grid over the three, refined
+    once around the best; for each, the overhead is the median of what the roofline leaves
+    unexplained (never below 0)."""
+    flops = np.array([c.flops(w) / c.peak_flops for c, w, _ in samples])
+    byts = np.array([c.bytes(w) / c.bandwidth for c, w, _ in samples])
+    rows = np.array([max(w.rows, 1) for _, w, _ in samples]) / REFERENCE_ROWS
+    t = np.array([s for _, _, s in samples])
 
     def search(ecs, ems, alphas):
         best = (np.inf, Efficiency())
@@ -103,11 +105,11 @@ def fit_efficiency(cost: StepCost, samples: list[tuple[StepWork, float]]) -> Eff
     return search(fine(c.compute), fine(c.memory), np.clip(c.rows_exponent + np.linspace(-0.05, 0.05, 5), 0, None))
 
 
-def bucket_table(cost: StepCost, eff: Efficiency, times) -> list[dict]:
+def bucket_table(eff: Efficiency, times, costs: list[StepCost]) -> list[dict]:
     """Per bucket shape (Td, Tp): iterations, median measured and predicted ms, the error."""
     by = collections.defaultdict(list)
-    for shape, work, s in times:
-        by[shape].append((cost.stage_s(work, eff), s))
+    for shape, work, s, k in times:
+        by[shape].append((costs[k].stage_s(work, eff), s))
     rows = []
     for (td, tp), v in sorted(by.items()):
         pred, meas = statistics.median(p for p, _ in v), statistics.median(m for _, m in v)
@@ -118,7 +120,9 @@ def bucket_table(cost: StepCost, eff: Efficiency, times) -> list[dict]:
 
 def measure_engine(args, trace, rates, engine_config):
     """Runs the real engine over the trace at each rate (bench/systems.py `EngineSystem`),
-    timed. Returns (runs as `orca-jax bench` reports them, per-iteration times, its KV pages)."""
+    timed, with the machine's ceilings measured before each rate and after the last. Returns
+    (runs as `orca-jax bench` reports them, per-iteration times ((Td, Tp), work, seconds, rate
+    index), the ceilings (len(rates) + 1 Accelerators), its KV pages, its max_len)."""
     from ..bench.run import converted_checkpoint, random_hf_checkpoint
     from ..bench.systems import Clock, EngineSystem
     system = EngineSystem("orca", converted_checkpoint(random_hf_checkpoint(args.preset)), engine_config)
@@ -126,36 +130,40 @@ def measure_engine(args, trace, rates, engine_config):
     eng = system.engine
     timer = TimedRunner(eng.runner, eng.kv.page_size)
     eng.runner = timer
-    runs = []
-    for rate in rates:
+    runs, ceilings, times = [], [], []
+    for k, rate in enumerate(rates):
+        ceilings.append(measure_cpu())
         records, info = system.run(trace.at_rate(rate), Clock())
         runs.append({"system": "orca", "label": "measured", "rate": rate, "metrics": summarize(records),
                      "info": info})
+        times += [(*t, k) for t in timer.times]
+        timer.times.clear()
+    ceilings.append(measure_cpu())
     pages, max_len = eng.kv.num_pages, eng.max_len
     system.close()
-    return runs, timer.times, pages, max_len
+    return runs, times, ceilings, pages, max_len
 
 
 def calibrate(args, trace, rates, engine_config) -> dict:
     """Steps 1-5 of the module docstring; returns every number (JSON-able)."""
     from .run import SimConfig, Simulator
-    before = measure_cpu()
-    runs, times, pages, max_len = measure_engine(args, trace, rates, engine_config)
-    after = measure_cpu()
-    acc = cpu_accelerator(min(before.hbm_bw, after.hbm_bw), min(before.flops_32, after.flops_32))
-    cost = StepCost.build(args.preset, ONE_DEVICE, "replicated", acc, "float32")
-    eff = fit_efficiency(cost, [(w, s) for _, w, s in times])
-    cfg = SimConfig(engine_config, cost, eff, pages, max_len, padded_attention=True)
+    runs, times, ceilings, pages, max_len = measure_engine(args, trace, rates, engine_config)
+    # each rate's steps at the lower of the ceilings measured just before and just after it
+    costs = [StepCost.build(args.preset, ONE_DEVICE, "replicated",
+                            cpu_accelerator(min(a.hbm_bw, b.hbm_bw), min(a.flops_32, b.flops_32)), "float32")
+             for a, b in zip(ceilings, ceilings[1:])]
+    eff = fit_efficiency([(costs[k], w, s) for _, w, s, k in times])
     sim_runs = []
-    for rate in rates:
-        res = Simulator(cfg).run(trace.at_rate(rate))
+    for rate, cost in zip(rates, costs):
+        res = Simulator(SimConfig(engine_config, cost, eff, pages, max_len, padded_attention=True)).run(
+            trace.at_rate(rate))
         sim_runs.append({"system": "sim", "label": "simulated", "rate": rate,
                          "metrics": summarize(res.records), "info": res.info})
-    return {"ceilings": {"read_gbs": [before.hbm_bw / 1e9, after.hbm_bw / 1e9],
-                         "matmul_gflops": [before.flops_32 / 1e9, after.flops_32 / 1e9]},
+    return {"ceilings": {"read_gbs": [a.hbm_bw / 1e9 for a in ceilings],
+                         "matmul_gflops": [a.flops_32 / 1e9 for a in ceilings]},
             "efficiency": dataclasses.asdict(eff), "kv_pages": pages,
-            "buckets": bucket_table(cost, eff, times), "iterations": len(times),
-            "measured_iterations": [[*shape, dataclasses.asdict(w), s] for shape, w, s in times],
+            "buckets": bucket_table(eff, times, costs), "iterations": len(times),
+            "measured_iterations": [[*shape, dataclasses.asdict(w), s, k] for shape, w, s, k in times],
             "runs": runs + sim_runs, "sweep": sweep_agreement(runs, sim_runs)}
 
 
@@ -174,8 +182,8 @@ def sweep_agreement(measured: list[dict], simulated: list[dict]) -> list[dict]:
 
 def format_calibration(r: dict) -> str:
     c, e = r["ceilings"], r["efficiency"]
-    lines = [f"ceilings (start / end): read {c['read_gbs'][0]:.1f} / {c['read_gbs'][1]:.1f} GB/s, matmul "
-             f"{c['matmul_gflops'][0]:.0f} / {c['matmul_gflops'][1]:.0f} GFLOP/s",
+    lines = [f"ceilings before each rate and at the end: read {' / '.join(f'{x:.1f}' for x in c['read_gbs'])} "
+             f"GB/s, matmul {' / '.join(f'{x:.0f}' for x in c['matmul_gflops'])} GFLOP/s",
              f"fitted on {r['iterations']} iterations: compute {e['compute']:.2f} x peak, memory "
              f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step, compute share "
              f"x (rows / {REFERENCE_ROWS}) ** {e['rows_exponent']:.2f}", "",
