@@ -91,8 +91,11 @@ class Grammars:
         if inner is None:
             raise GrammarError("structured output needs a Hugging Face `tokenizers` tokenizer "
                                "(tokenizer.json or vocab.json + merges.txt) in the checkpoint")
-        eos = self._eos or None
-        return llguidance.LLTokenizer(inner.to_str(), n_vocab=self.vocab_size, eos_token=eos)
+        # The model's EOS ids that the tokenizer has (a checkpoint may pair a larger model
+        # vocabulary with a smaller tokenizer), else the tokenizer's own.
+        eos = [t for t in self._eos if t < inner.get_vocab_size(with_added_tokens=True)]
+        return llguidance.LLTokenizer(inner.to_str(), n_vocab=self.vocab_size,
+                                      eos_token=eos or getattr(self._tokenizer, "eos_token_id", None))
 
     def check(self, structured: Structured) -> None:
         """GrammarError when the constraint does not compile. Servers call it in a worker
