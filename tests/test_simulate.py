@@ -220,11 +220,11 @@ def test_calibration_against_the_engine(tmp_path):
 
 
 def test_simulate_with_a_calibration_file(tmp_path, capsys):
-    """`--calibration` runs on cpu-here with the file's ceilings (the lower of each) and fit,
+    """`--calibration` runs on cpu-here with the file's (median) ceilings and fit,
     with attention priced as the XLA CPU backend computes it."""
     from orca_jax.cli.app import main
     cal = tmp_path / "calibration.json"
-    cal.write_text(json.dumps({"ceilings": {"read_gbs": [20.0, 10.0], "matmul_gflops": [100.0, 80.0]},
+    cal.write_text(json.dumps({"cpu_here": {"read_gbs": 15.0, "matmul_gflops": 90.0},
                                "efficiency": {"compute": 0.7, "memory": 1.5, "overhead_s": 0.001,
                                               "rows_exponent": 0.3}}))
     out = tmp_path / "sim"

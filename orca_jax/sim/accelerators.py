@@ -11,7 +11,6 @@ mesh's virtual devices share the same cores, so splitting a model over them buys
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from ..sharding.plan import ACCELERATORS, Accelerator
@@ -51,10 +50,3 @@ def get_accelerator(name: str | Accelerator, measured: Accelerator | None = None
         raise ValueError(f"unknown accelerator {name!r}; known: {', '.join([*ACCELERATORS, CPU_HERE])}")
     return ACCELERATORS[key]
 
-
-def accelerator_names() -> list[str]:
-    return [*ACCELERATORS, CPU_HERE]
-
-
-def describe(acc: Accelerator) -> dict:
-    return dataclasses.asdict(acc)

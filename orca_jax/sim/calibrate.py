@@ -12,7 +12,8 @@ both, so the ceilings are taken between the sweep points, and medians are report
    before each rate and after the last; a rate's steps are priced at the lower of the
    ceilings around it (`cpu-here` at that time);
 3. fit `Efficiency` (compute and memory shares of the roofline, how the compute share grows
-   with a step's rows, a fixed per-step overhead: four numbers, all physically motivated)
+   with a step's rows and where it saturates, a fixed per-step overhead: five numbers, all
+   physically motivated)
    to the measured iterations; report predicted vs measured median time per bucket shape;
 4. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
    throughput and median normalized latency per rate.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -29,7 +31,7 @@ import numpy as np
 from ..bench.metrics import summarize
 from ..plan import StepPlan
 from .accelerators import cpu_accelerator, measure_cpu
-from .cost import REFERENCE_ROWS, Efficiency, StepCost, StepWork
+from .cost import Efficiency, StepCost, StepWork
 
 ONE_DEVICE = "tensor=1"
 
@@ -75,34 +77,40 @@ class TimedRunner:
         return got
 
 
+SATURATION_ROWS = (16, 32, 64, 128, 256, 512)  # where the compute share may stop growing
+
+
 def fit_efficiency(samples: list[tuple[StepCost, StepWork, float]]) -> Efficiency:
-    """The compute share (and its growth with the rows), the memory share and the fixed
-    overhead that minimise the mean relative error of the predicted step times, each step
-    priced at the ceilings measured around it (its `StepCost`): a grid over the three, refined
-    once around the best; for each, the overhead is the median of what the roofline leaves
-    unexplained (never below 0)."""
+    """The compute share (its growth with the rows, and where that stops), the memory share and
+    the fixed overhead that minimise the mean relative error of the predicted step times, each
+    bucket shape (rows) weighing the same however many steps it had, each step priced at the
+    ceilings measured around it (its `StepCost`). A grid, refined once around the best; for
+    each point the overhead is the median of what the roofline leaves unexplained (>= 0)."""
     flops = np.array([c.flops(w) / c.peak_flops for c, w, _ in samples])
     byts = np.array([c.bytes(w) / c.bandwidth for c, w, _ in samples])
-    rows = np.array([max(w.rows, 1) for _, w, _ in samples]) / REFERENCE_ROWS
+    rows = np.array([max(w.rows, 1) for _, w, _ in samples])
     t = np.array([s for _, _, s in samples])
+    count = collections.Counter((w.rows, w.sampled) for _, w, _ in samples)
+    weight = np.array([1 / count[w.rows, w.sampled] for _, w, _ in samples])
+    weight /= weight.sum()
 
-    def search(ecs, ems, alphas):
+    def search(ecs, ems, alphas, sats):
         best = (np.inf, Efficiency())
-        for a in alphas:
-            compute = flops / rows ** a
-            for ec in ecs:
-                for em in ems:
-                    roof = np.maximum(compute / ec, byts / em)
-                    over = max(0.0, float(np.median(t - roof)))
-                    err = float(np.mean(np.abs(roof + over - t) / t))
-                    if err < best[0]:
-                        best = (err, Efficiency(float(ec), float(em), over, float(a)))
+        for sat, a in itertools.product(sats, alphas):
+            compute = flops / (np.minimum(rows, sat) / sat) ** a
+            for ec, em in itertools.product(ecs, ems):
+                roof = np.maximum(compute / ec, byts / em)
+                over = max(0.0, float(np.median(t - roof)))
+                err = float(weight @ (np.abs(roof + over - t) / t))
+                if err < best[0]:
+                    best = (err, Efficiency(float(ec), float(em), over, float(a), int(sat)))
         return best[1]
 
-    grid = np.geomspace(0.02, 10.0, 40)
-    c = search(grid, grid, np.linspace(0.0, 1.0, 11))
+    grid = np.geomspace(0.02, 10.0, 36)
+    c = search(grid, grid, np.linspace(0.0, 1.0, 11), SATURATION_ROWS)
     fine = lambda x: np.geomspace(x / 1.15, x * 1.15, 11)  # noqa: E731
-    return search(fine(c.compute), fine(c.memory), np.clip(c.rows_exponent + np.linspace(-0.05, 0.05, 5), 0, None))
+    return search(fine(c.compute), fine(c.memory), np.clip(c.rows_exponent + np.linspace(-0.05, 0.05, 5), 0, None),
+                  (c.saturation_rows,))
 
 
 def bucket_table(eff: Efficiency, times, costs: list[StepCost]) -> list[dict]:
@@ -159,8 +167,11 @@ def calibrate(args, trace, rates, engine_config) -> dict:
             trace.at_rate(rate))
         sim_runs.append({"system": "sim", "label": "simulated", "rate": rate,
                          "metrics": summarize(res.records), "info": res.info})
+    # for later simulations (`--calibration`): the machine at its median measured speed
+    cpu_here = {"read_gbs": statistics.median(a.hbm_bw for a in ceilings) / 1e9,
+                "matmul_gflops": statistics.median(a.flops_32 for a in ceilings) / 1e9}
     return {"ceilings": {"read_gbs": [a.hbm_bw / 1e9 for a in ceilings],
-                         "matmul_gflops": [a.flops_32 / 1e9 for a in ceilings]},
+                         "matmul_gflops": [a.flops_32 / 1e9 for a in ceilings]}, "cpu_here": cpu_here,
             "efficiency": dataclasses.asdict(eff), "kv_pages": pages,
             "buckets": bucket_table(eff, times, costs), "iterations": len(times),
             "measured_iterations": [[*shape, dataclasses.asdict(w), s, k] for shape, w, s, k in times],
@@ -186,7 +197,7 @@ def format_calibration(r: dict) -> str:
              f"GB/s, matmul {' / '.join(f'{x:.0f}' for x in c['matmul_gflops'])} GFLOP/s",
              f"fitted on {r['iterations']} iterations: compute {e['compute']:.2f} x peak, memory "
              f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step, compute share "
-             f"x (rows / {REFERENCE_ROWS}) ** {e['rows_exponent']:.2f}", "",
+             f"x (min(rows, {e['saturation_rows']}) / {e['saturation_rows']}) ** {e['rows_exponent']:.2f}", "",
              "| Td | Tp | iterations | measured ms (median) | predicted ms | error |", "|---|---|---|---|---|---|"]
     lines += [f"| {b['decode_rows']} | {b['prefill_rows']} | {b['iterations']} | {b['measured_ms']:.1f} | "
               f"{b['predicted_ms']:.1f} | {b['error']:+.0%} |" for b in r["buckets"]]

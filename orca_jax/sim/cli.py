@@ -121,14 +121,14 @@ def make_systems(args, max_len: int) -> list:
 
 
 def device(args):
-    """(accelerator, Efficiency): --calibration's cpu-here (the lower of each ceiling, the fit),
-    else the named accelerator with --efficiency or the defaults."""
+    """(accelerator, Efficiency): --calibration's cpu-here (its median measured ceilings, its
+    fit), else the named accelerator with --efficiency or the defaults."""
     from .accelerators import cpu_accelerator
     from .cost import GPU_EFFICIENCY, Efficiency
     if args.calibration:
         cal = json.loads(Path(args.calibration).read_text())
-        c = cal["ceilings"]
-        acc = cpu_accelerator(min(c["read_gbs"]) * 1e9, min(c["matmul_gflops"]) * 1e9)
+        c = cal["cpu_here"]
+        acc = cpu_accelerator(c["read_gbs"] * 1e9, c["matmul_gflops"] * 1e9)
         return acc, Efficiency(**cal["efficiency"])
     if args.efficiency:
         c, m, o = (float(x) for x in args.efficiency.split(","))
@@ -179,7 +179,7 @@ def cmd_simulate(args) -> int:
 def _cmd_calibrate(args) -> int:
     from ..config import EngineConfig
     from .calibrate import calibrate, format_calibration
-    trace = make_trace(args, model_vocab(args.preset))
+    trace = make_trace(args, paper.model_config(args.preset).vocab_size)
     rates = [1.0, 2.0, 4.0] if args.rates == "auto" else [float(r) for r in _words(args.rates)]
     ec = EngineConfig(max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
                       max_model_len=trace.max_total_len, max_waiting=max(1024, len(trace)),
@@ -192,6 +192,3 @@ def _cmd_calibrate(args) -> int:
     print(f"\nresults: {out / 'calibration.json'}")
     return 0
 
-
-def model_vocab(preset: str) -> int:
-    return paper.model_config(preset).vocab_size

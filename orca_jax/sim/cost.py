@@ -20,8 +20,8 @@ simulator then prices every iteration with a few multiplications:
     latency  = stages x stage + (stages - 1) x hand-off
 
 The efficiencies and the fixed overhead (`Efficiency`) are the only fitted numbers: the share
-of the roofline a real step reaches (on a CPU the compute share grows with the step's rows:
-a GEMM of 16 rows reaches far less of the 2048^3 ceiling than one of 256), and the per-step
+of the roofline a real step reaches (on a CPU the compute share grows with the step's rows up
+to a saturation point: a GEMM of 8 rows reaches far less of the 2048^3 ceiling than one of 64), and the per-step
 time no roofline term explains (host work, dispatch, kernel launches). `calibrate.py` fits them on this machine; for the GPU
 presets they are assumptions (docs/simulation.md, "How far to trust it").
 """
@@ -43,24 +43,23 @@ PROBE = 1 << 20  # a unit of each count, large enough that the plan's integer di
 class Efficiency:
     """What a real step reaches of the roofline (fitted, or assumed for GPUs)."""
 
-    compute: float = 1.0      # achieved / peak matmul FLOP/s, at REFERENCE_ROWS rows
+    compute: float = 1.0      # achieved / peak matmul FLOP/s, of steps of >= saturation_rows rows
     memory: float = 1.0       # achieved / peak bytes/s read and written
     overhead_s: float = 0.0   # fixed seconds per iteration (host, dispatch, launches)
-    rows_exponent: float = 0.0  # compute share x (T / REFERENCE_ROWS) ** this: a skinny GEMM (few
-                                # rows) reaches less of a CPU's large-GEMM ceiling than a wide one
+    rows_exponent: float = 0.0  # below saturation_rows the compute share is scaled by
+    saturation_rows: int = 256  # (T / saturation_rows) ** rows_exponent: a skinny GEMM (few
+                                # rows) reaches less of a CPU's large-GEMM rate than a wide one
 
     def __post_init__(self):
-        if not (self.compute > 0 and self.memory > 0 and self.overhead_s >= 0 and self.rows_exponent >= 0):
+        if not (self.compute > 0 and self.memory > 0 and self.overhead_s >= 0 and self.rows_exponent >= 0
+                and self.saturation_rows >= 1):
             raise ValueError(f"efficiencies must be > 0, the overhead and exponent >= 0, got {self}")
 
     def compute_at(self, rows: int) -> float:
         """The compute share of a step of `rows` rows."""
         if not self.rows_exponent:
             return self.compute
-        return self.compute * (max(rows, 1) / REFERENCE_ROWS) ** self.rows_exponent
-
-
-REFERENCE_ROWS = 256  # rows at which `Efficiency.compute` holds (a full prefill bucket)
+        return self.compute * (min(max(rows, 1), self.saturation_rows) / self.saturation_rows) ** self.rows_exponent
 
 
 # Assumed for the GPU presets (not fitted: no GPU here): dense GEMMs of large models reach
