@@ -191,6 +191,14 @@ def sweep_agreement(measured: list[dict], simulated: list[dict]) -> list[dict]:
     return out
 
 
+def plot_calibration(r: dict, title: str, path) -> None:
+    """The measured and the simulated sweep on one figure (bench/report.py `plot_sweep`)."""
+    from ..bench import report
+    sweep = report.sweep_summary(r["runs"], None)
+    sweep["ratios"] = {}
+    report.plot_sweep(sweep, {"orca": "measured (the engine)", "sim": "simulated (fitted cost model)"}, title, path)
+
+
 def format_calibration(r: dict) -> str:
     c, e = r["ceilings"], r["efficiency"]
     lines = [f"ceilings before each rate and at the end: read {' / '.join(f'{x:.1f}' for x in c['read_gbs'])} "

@@ -178,7 +178,7 @@ def cmd_simulate(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from ..config import EngineConfig
-    from .calibrate import calibrate, format_calibration
+    from .calibrate import calibrate, format_calibration, plot_calibration
     trace = make_trace(args, paper.model_config(args.preset).vocab_size)
     rates = [1.0, 2.0, 4.0] if args.rates == "auto" else [float(r) for r in _words(args.rates)]
     ec = EngineConfig(max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -188,7 +188,9 @@ def _cmd_calibrate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(r, indent=1, default=str))
+    plot = Path(args.plot or out / "calibration.png")
+    plot_calibration(r, f"calibration: {args.preset} on this machine, {trace.kind}, {len(trace)} requests", plot)
     print(format_calibration(r))
-    print(f"\nresults: {out / 'calibration.json'}")
+    print(f"\nresults: {out / 'calibration.json'}  plot: {plot}")
     return 0
 
