@@ -127,12 +127,13 @@ def test_warmup_compiles_in_parallel_threads_before_the_first_iteration(ckpt):
         eng.runner.warmup(eng.buckets)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    programs = len(eng.buckets.shapes()) + 2 * len({warmup_plan(d, p, eng.buckets, eng.num_slots, eng.kv).num_sample_rows
+    programs = len(eng.buckets.shapes()) + 4 * len({warmup_plan(d, p, eng.buckets, eng.num_slots, eng.kv).num_sample_rows
                                                      for d, p in eng.buckets.shapes()})
-    assert eng.runner.num_compiles == programs  # every step shape, greedy and full per R
+    assert eng.runner.num_compiles == programs  # every step shape; greedy and full per R, each also constrained
     times = eng.runner.warmup_times  # each program's compile time, by name
     assert len(times) == programs and all(t > 0 for t in times.values())
-    assert {"step Td=1 Tp=0", "sample R=1 greedy", "sample R=1 full"} <= set(times)
+    assert {"step Td=1 Tp=0", "sample R=1 greedy", "sample R=1 full", "sample R=1 greedy constrained",
+            "sample R=1 full constrained"} <= set(times)
     assert len(threads) == programs and all(t.startswith("orca-compile") for t in threads), threads
 
 

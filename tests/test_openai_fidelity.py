@@ -29,6 +29,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fidelity"))
@@ -208,7 +209,7 @@ def server(tmp_path_factory):
         max_batch_size=2, max_num_batched_tokens=MAX_LEN, max_prefill_seqs=2, max_model_len=MAX_LEN, warmup=False))
     engine = AsyncEngine(llm.engine).start()
     bg = BackgroundServer(engine, ServerConfig(grpc_port=0, http_port=0), MODEL_NAME).start()
-    bg.digest = digest
+    bg.digest, bg.hf_dir = digest, hf
     yield bg
     bg.stop()
     engine.shutdown()
@@ -371,3 +372,21 @@ def test_like_vllm(server, case_id):
         except (AssertionError, KeyError, IndexError, TypeError, ValueError) as e:
             problems.append(f"{EXTRA[case_id].__name__}: {type(e).__name__}: {e}")
     assert not problems, f"{case['method']} {case['path']} {json.dumps(case['body'])[:300]}\n" + "\n".join(problems)
+
+
+def test_echo_scoring_equals_hugging_face(server):
+    """lm-eval-harness's log-likelihood request (echo + logprobs + max_tokens 0) over HTTP gives
+    the prompt's log-probabilities of Hugging Face's own forward pass, within 1e-4 (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, 4096, 40)]
+    got = send(server.http_url, {"method": "POST", "path": "/v1/completions", "headers": {}, "body": {
+        "model": MODEL_NAME, "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0}}, timeout=60)
+    lp = got["body"]["choices"][0]["logprobs"]
+    model = AutoModelForCausalLM.from_pretrained(server.hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    want = [logp[i - 1, t] for i, t in enumerate(ids) if i > 0]
+    assert lp["token_logprobs"][0] is None
+    assert np.max(np.abs(np.array(lp["token_logprobs"][1:]) - want)) < 1e-4
