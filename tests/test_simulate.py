@@ -182,12 +182,13 @@ def test_ten_thousand_requests_in_under_a_minute(cost_13b):
 def test_fit_recovers_known_efficiencies():
     """Step times made with known efficiencies on a CPU-like device (30 GB/s, 200 GFLOP/s:
     small steps memory-bound, large ones compute-bound, the compute share growing with the
-    rows) are predicted back by the fit."""
+    rows, the attention loop costing time per KV position) are predicted back by the fit."""
     cost = StepCost.build("gpt2-small", "tensor=1", "replicated", cpu_accelerator(30e9, 200e9), "float32")
-    eff = Efficiency(0.3, 0.6, 0.004, rows_exponent=0.3)
-    works = [StepWork(r, min(r, 16), r * 200, r * 100) for r in (1, 2, 8, 16, 64, 128, 256, 512)]
+    eff = Efficiency(0.3, 0.6, 0.004, rows_exponent=0.3, attention_s_per_kv=2e-6)
+    works = [StepWork(r, min(r, 16), r * 200, kv) for r in (1, 2, 8, 16, 64, 128, 256, 512) for kv in (r * 100, 4096)]
     fit = fit_efficiency([(cost, w, cost.stage_s(w, eff)) for w in works])
     assert fit.compute == pytest.approx(0.3, rel=0.03)
+    assert fit.attention_s_per_kv == pytest.approx(2e-6, rel=0.15)  # the grid's step is x1.2
     # The weights dominate every small step's bytes, so the memory share and the overhead
     # trade off against each other (both are nearly constant): only their sum is pinned down.
     for w in works:

@@ -12,8 +12,8 @@ both, so the ceilings are taken between the sweep points, and medians are report
    before each rate and after the last; a rate's steps are priced at the lower of the
    ceilings around it (`cpu-here` at that time);
 3. fit `Efficiency` (compute and memory shares of the roofline, how the compute share grows
-   with a step's rows and where it saturates, a fixed per-step overhead: five numbers, all
-   physically motivated)
+   with a step's rows and where it saturates, the attention loop's time per KV position read,
+   a fixed per-step overhead: six numbers, all physically motivated)
    to the measured iterations; report predicted vs measured median time per bucket shape;
 4. the simulator, with that fit, runs the same trace at the same rates: measured vs simulated
    throughput and median normalized latency per rate.
@@ -81,36 +81,41 @@ SATURATION_ROWS = (16, 32, 64, 128, 256, 512)  # where the compute share may sto
 
 
 def fit_efficiency(samples: list[tuple[StepCost, StepWork, float]]) -> Efficiency:
-    """The compute share (its growth with the rows, and where that stops), the memory share and
-    the fixed overhead that minimise the mean relative error of the predicted step times, each
-    bucket shape (rows) weighing the same however many steps it had, each step priced at the
-    ceilings measured around it (its `StepCost`). A grid, refined once around the best; for
-    each point the overhead is the median of what the roofline leaves unexplained (>= 0)."""
+    """The compute share (its growth with the rows, and where that stops), the memory share,
+    the attention loop's cost per KV position and the fixed overhead that minimise the mean
+    relative error of the predicted step times, each bucket shape (rows) weighing the same
+    however many steps it had, each step priced at the ceilings measured around it (its
+    `StepCost`). A grid, refined once around the best; for each point the overhead is the
+    median of what the rest leaves unexplained (>= 0)."""
     flops = np.array([c.flops(w) / c.peak_flops for c, w, _ in samples])
     byts = np.array([c.bytes(w) / c.bandwidth for c, w, _ in samples])
-    rows = np.array([max(w.rows, 1) for _, w, _ in samples])
+    kv = np.array([w.kv_read for _, w, _ in samples], float)
+    rows = np.array([max(w.rows, 2) for _, w, _ in samples])  # Efficiency.compute_at's law
     t = np.array([s for _, _, s in samples])
     count = collections.Counter((w.rows, w.sampled) for _, w, _ in samples)
     weight = np.array([1 / count[w.rows, w.sampled] for _, w, _ in samples])
     weight /= weight.sum()
 
-    def search(ecs, ems, alphas, sats):
+    def search(ecs, ems, alphas, sats, aks):
         best = (np.inf, Efficiency())
         for sat, a in itertools.product(sats, alphas):
             compute = flops / (np.minimum(rows, sat) / sat) ** a
             for ec, em in itertools.product(ecs, ems):
                 roof = np.maximum(compute / ec, byts / em)
-                over = max(0.0, float(np.median(t - roof)))
-                err = float(weight @ (np.abs(roof + over - t) / t))
-                if err < best[0]:
-                    best = (err, Efficiency(float(ec), float(em), over, float(a), int(sat)))
+                for ak in aks:
+                    base = roof + ak * kv
+                    over = max(0.0, float(np.median(t - base)))
+                    err = float(weight @ (np.abs(base + over - t) / t))
+                    if err < best[0]:
+                        best = (err, Efficiency(float(ec), float(em), over, float(a), int(sat), float(ak)))
         return best[1]
 
-    grid = np.geomspace(0.02, 10.0, 36)
-    c = search(grid, grid, np.linspace(0.0, 1.0, 11), SATURATION_ROWS)
-    fine = lambda x: np.geomspace(x / 1.15, x * 1.15, 11)  # noqa: E731
+    grid = np.geomspace(0.02, 10.0, 24)
+    c = search(grid, grid, np.linspace(0.0, 1.0, 11), SATURATION_ROWS, np.concatenate([[0.0], np.geomspace(1e-8, 1e-4, 17)]))
+    fine = lambda x: np.geomspace(x / 1.15, x * 1.15, 9)  # noqa: E731
+    aks = [0.0] if not c.attention_s_per_kv else np.geomspace(c.attention_s_per_kv / 1.5, c.attention_s_per_kv * 1.5, 7)
     return search(fine(c.compute), fine(c.memory), np.clip(c.rows_exponent + np.linspace(-0.05, 0.05, 5), 0, None),
-                  (c.saturation_rows,))
+                  (c.saturation_rows,), aks)
 
 
 def bucket_table(eff: Efficiency, times, costs: list[StepCost]) -> list[dict]:
@@ -205,7 +210,8 @@ def format_calibration(r: dict) -> str:
              f"GB/s, matmul {' / '.join(f'{x:.0f}' for x in c['matmul_gflops'])} GFLOP/s",
              f"fitted on {r['iterations']} iterations: compute {e['compute']:.2f} x peak, memory "
              f"{e['memory']:.2f} x bandwidth, overhead {e['overhead_s'] * 1e3:.1f} ms per step, compute share "
-             f"x (min(rows, {e['saturation_rows']}) / {e['saturation_rows']}) ** {e['rows_exponent']:.2f}", "",
+             f"x (min(max(rows, 2), {e['saturation_rows']}) / {e['saturation_rows']}) ** {e['rows_exponent']:.2f}, "
+             f"attention {e.get('attention_s_per_kv', 0.0) * 1e9:.0f} ns per KV position read", "",
              "| Td | Tp | iterations | measured ms (median) | predicted ms | error |", "|---|---|---|---|---|---|"]
     lines += [f"| {b['decode_rows']} | {b['prefill_rows']} | {b['iterations']} | {b['measured_ms']:.1f} | "
               f"{b['predicted_ms']:.1f} | {b['error']:+.0%} |" for b in r["buckets"]]

@@ -15,11 +15,12 @@ simulator then prices every iteration with a few multiplications:
     FLOPs = f_T T + f_R R + f_pairs pairs                       (matmuls, LM head, QK^T and PV)
     bytes = weights + b_T T + b_kv kv                           (weights, KV written, KV read)
     stage = overhead + max(FLOPs / (peak x e_compute), bytes / (bandwidth x e_memory))
+            + a_kv kv  (CPU: the attention loop's cost per KV position read, beyond its bytes)
             + collectives (tensor all-reduces, vocab gathers: bytes / link bandwidth)
     interval = stage + hand-off      (a new iteration enters the pipeline this often)
     latency  = stages x stage + (stages - 1) x hand-off
 
-The efficiencies and the fixed overhead (`Efficiency`) are the only fitted numbers: the share
+The efficiencies, the attention term and the fixed overhead (`Efficiency`) are the only fitted numbers: the share
 of the roofline a real step reaches (on a CPU the compute share grows with the step's rows up
 to a saturation point: a GEMM of 8 rows reaches far less of the 2048^3 ceiling than one of 64), and the per-step
 time no roofline term explains (host work, dispatch, kernel launches). `calibrate.py` fits them on this machine; for the GPU
@@ -47,19 +48,22 @@ class Efficiency:
     memory: float = 1.0       # achieved / peak bytes/s read and written
     overhead_s: float = 0.0   # fixed seconds per iteration (host, dispatch, launches)
     rows_exponent: float = 0.0  # below saturation_rows the compute share is scaled by
-    saturation_rows: int = 256  # (T / saturation_rows) ** rows_exponent: a skinny GEMM (few
-                                # rows) reaches less of a CPU's large-GEMM rate than a wide one
+    saturation_rows: int = 256  # (max(T, 2) / saturation_rows) ** rows_exponent: a skinny GEMM
+                                # (few rows) reaches less of a CPU's large-GEMM rate than a wide
+                                # one; one row (a GEMV) runs at the two-row rate
+    attention_s_per_kv: float = 0.0  # seconds per KV position read by attention, beyond its
+                                     # bytes: XLA CPU's paged attention loops over pages (GPUs: 0)
 
     def __post_init__(self):
         if not (self.compute > 0 and self.memory > 0 and self.overhead_s >= 0 and self.rows_exponent >= 0
-                and self.saturation_rows >= 1):
+                and self.saturation_rows >= 1 and self.attention_s_per_kv >= 0):
             raise ValueError(f"efficiencies must be > 0, the overhead and exponent >= 0, got {self}")
 
     def compute_at(self, rows: int) -> float:
         """The compute share of a step of `rows` rows."""
         if not self.rows_exponent:
             return self.compute
-        return self.compute * (min(max(rows, 1), self.saturation_rows) / self.saturation_rows) ** self.rows_exponent
+        return self.compute * (min(max(rows, 2), self.saturation_rows) / self.saturation_rows) ** self.rows_exponent
 
 
 # Assumed for the GPU presets (not fitted: no GPU here): dense GEMMs of large models reach
@@ -129,7 +133,7 @@ class StepCost:
         compute = self.flops(w) / (self.peak_flops * eff.compute_at(w.rows))
         memory = self.bytes(w) / (self.bandwidth * eff.memory)
         comm = self.comm_s_per_row * w.rows + self.comm_s_per_sample * w.sampled + self.comm_s_per_kv * w.kv_read
-        return eff.overhead_s + max(compute, memory) + comm
+        return eff.overhead_s + max(compute, memory) + eff.attention_s_per_kv * w.kv_read + comm
 
     def handoff_s(self, w: StepWork) -> float:
         return self.handoff_s_per_row * w.rows if self.stages > 1 else 0.0
