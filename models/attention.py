@@ -12,7 +12,9 @@ its page position (`write_kv`, `meta.kv_index`), then:
   or a prefix found in the prefix cache) also reads those positions through its block table,
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
-That is backend "xla", for CPU. On GPUs a runtime trip count costs a host round trip per
+That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends the
+decode rows to a C++ kernel instead (cpu_attention.py: no gathered copies of the pages) and
+handles prefill rows as "xla". On GPUs a runtime trip count costs a host round trip per
 trip (XLA:GPU copies the loop predicate to the host), so backends "xla-static" and "pallas"
 use static shapes instead: whole block tables gathered at once and masked (`_table_softmax`),
 history tiles a fixed number (`_history_static`); "pallas" sends decode rows to the kernel.
@@ -172,6 +174,7 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
     and multi-query attention). Returns [T, H, K] in q's dtype. `backend`: "xla" loops over
     pages as far as the step's longest context (runtime trip counts: least work, for CPU);
+    "cpu": decode rows through the C++ kernel (cpu_attention.py), prefill rows as "xla";
     "xla-static" reads whole block tables with static shapes (no loop: XLA:GPU would copy each
     runtime trip count to the host and wait); "pallas": decode rows through the Pallas GPU
     kernel (pallas_attention.py), history as xla-static. `window`: sliding-window attention
@@ -179,14 +182,19 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     Td = meta.num_decode
     T, H, K = q.shape
     Hkv = k_pages.shape[0]
-    static = backend != "xla"
+    static = backend not in ("xla", "cpu")
     outs = []
     if Td and backend == "pallas":
         from .pallas_attention import paged_decode_attention
         outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table,
                                            meta.pos[:Td] + 1, scale).reshape(Td, Hkv, H // Hkv, K))
     q = q.reshape(T, Hkv, H // Hkv, K)                                          # [T, Hkv, G, K]
-    if Td and backend != "pallas":
+    if Td and backend == "cpu":
+        from .cpu_attention import paged_decode_attention
+        pos = meta.pos[:Td]
+        lo = jnp.zeros_like(pos) if window is None else pos - window + 1  # as _in_window
+        outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table, lo, pos + 1, scale))
+    if Td and backend not in ("pallas", "cpu"):
         # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
         if static:  # each row a group of one

@@ -50,12 +50,14 @@ class EngineConfig:
     preemption_mode: Literal["auto", "recompute", "swap"] = _knob(
         "auto", "how a preempted request resumes with --swap-space: whichever is cheaper for it "
                 "(auto), or always one way")
-    attention_backend: Literal["auto", "xla", "xla-static", "pallas"] = _knob(
+    attention_backend: Literal["auto", "xla", "xla-static", "pallas", "cpu"] = _knob(
         "auto", "attention: xla (loops over pages as far as each step's longest context: least "
-                "work, for CPU), xla-static (static shapes, no loop: XLA:GPU would wait on the host "
+                "work), xla-static (static shapes, no loop: XLA:GPU would wait on the host "
                 "for each loop's trip count), pallas (the Pallas GPU paged-attention kernel for "
-                "decode rows, CUDA only); auto: on CUDA pallas for 16-bit models and xla-static for "
-                "float32 (the kernel's dots run in TF32), else xla")
+                "decode rows, CUDA only), cpu (a C++ kernel for decode rows, built at first use "
+                "with the system's compiler: float32, one device per pipeline stage); auto: on "
+                "CUDA pallas for 16-bit models and xla-static for float32 (the kernel's dots run "
+                "in TF32), on CPU cpu where it fits and builds, else xla")
     sampling_control: Literal["auto", "device", "host"] = _knob(
         "auto", "who switches the sampler's optional stages (penalties, top-k/p/min-p, random "
                 "draws, logprobs) per iteration: device (lax.cond in one program per row bucket: "

@@ -37,7 +37,7 @@ from .plan import SAMPLING_SWITCHES, Buckets, PagedKV, SamplingTensors, StepPlan
 from .sampling import SampleOutput
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
-from .sharding.pipeline import Stage, local_stage_params, local_stages, split_stages, stage_keys
+from .sharding.pipeline import PIPELINE, Stage, local_stage_params, local_stages, split_stages, stage_keys
 from .kv_pages import pages_for
 from .sharding.plan import fit_kv_pages, kv_bytes_per_device, kv_placement, slot_state_bytes
 from .structured import constraint_tensors
@@ -97,16 +97,39 @@ def check_map_budget(start: int, compiled: int, total: int) -> None:
             f"--max-num-batched-tokens or --max-prefill-seqs)")
 
 
+def _cpu_kernel_unfit(mesh, dtype) -> str | None:
+    """Why the CPU attention kernel (models/cpu_attention.py) cannot run this model on this
+    mesh, or None: it takes float32 and is not partitioned, so each pipeline stage must be
+    one device; it must build here."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return "the CPU attention kernel runs on CPU devices only"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the CPU attention kernel takes float32 models, not {jnp.dtype(dtype).name}"
+    if mesh.size // mesh.shape.get(PIPELINE, 1) > 1:
+        return f"the CPU attention kernel runs on one device per pipeline stage, not mesh {dict(mesh.shape)}"
+    from .models import cpu_attention
+    return cpu_attention.load()
+
+
 def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
                               sliding_window: int | None = None, dtype=jnp.float32) -> str:
     """`--attention-backend` as this mesh runs it (models/attention.py `attend`): on CUDA
     "pallas" (the paged-attention kernel for decode rows, models/pallas_attention.py) for
     16-bit models, else "xla-static" (the kernel's float32 dots run in TF32, and it attends to
-    whole contexts: no sliding window); "xla" on CPU."""
+    whole contexts: no sliding window); on CPU "cpu" (the C++ decode kernel,
+    models/cpu_attention.py) where it fits, else "xla"."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     if backend == "auto":
         fits = _pow2(kv.page_size) and _pow2(head_dim) and not sliding_window
-        backend = ("pallas" if fits and jnp.dtype(dtype).itemsize == 2 else "xla-static") if gpu else "xla"
+        if gpu:
+            backend = "pallas" if fits and jnp.dtype(dtype).itemsize == 2 else "xla-static"
+        else:
+            why = _cpu_kernel_unfit(mesh, dtype)
+            if why and mesh.devices.flat[0].platform == "cpu":
+                log.info("attention backend xla: %s", why)
+            backend = "xla" if why else "cpu"
+    if backend == "cpu" and (why := _cpu_kernel_unfit(mesh, dtype)):
+        raise ValueError(f"--attention-backend cpu: {why}; use xla (or auto)")
     if backend == "pallas" and sliding_window:
         raise ValueError("--attention-backend pallas does not apply a sliding window; use xla-static (or auto)")
     if backend == "pallas":

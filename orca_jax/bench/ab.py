@@ -1,6 +1,7 @@
-"""Steady decode of this tree against an older commit, interleaved in one process.
+"""Steady decode of this tree against an older commit, or of its variants, interleaved in one process.
 
     python -m orca_jax.bench.ab --old 6334c17 --batches 1,16,64 --prompt 400 --page-sizes 16,64
+    python -m orca_jax.bench.ab --attention-backends xla,cpu --batches 1,16,64 --prompt 400
 
 The machine is shared and noisy, so two engines are compared in the same process and the
 same minutes: the old commit is extracted (`git archive`) into a temporary folder and imported
@@ -8,7 +9,8 @@ as the package `orca_old`; both build GPT-2 (random weights, `--preset`) from th
 parameters, and for each round and batch every engine in turn decodes: `batch` requests of
 `--prompt` random tokens are prefilled completely, then `--steps` engine steps are timed. The
 median over `--rounds` is printed per engine and batch. This tree runs once per
-`--page-sizes` entry. Results go to `--out` as JSON. See docs/benchmarks.md.
+`--page-sizes` and `--attention-backends` entry (no `--old`: only these). Results go to
+`--out` as JSON. See docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -65,11 +67,12 @@ def decode_ms(eng, batch: int, prompt: int, steps: int, seed: int) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--old", required=True, help="the commit to compare against")
+    p.add_argument("--old", help="the commit to compare against (none: only this tree's variants)")
     p.add_argument("--preset", default="gpt2-small")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (the context decode reads)")
     p.add_argument("--page-sizes", default="64", help="this tree's --page-size values to run")
+    p.add_argument("--attention-backends", default="auto", help="this tree's --attention-backend values to run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default="bench-results/ab.json")
@@ -83,10 +86,15 @@ def main(argv=None) -> None:
     common = dict(max_batch_size=max(batches), max_model_len=args.prompt + args.steps + 16,
                   kv_memory=int(4e9), warmup=False)
     with tempfile.TemporaryDirectory() as tmp:
-        old = import_old(args.old, Path(tmp))
-        engines = {args.old: old.engine.Engine.build(c, params, old.config.EngineConfig(**common))}
+        engines = {}
+        if args.old:
+            old = import_old(args.old, Path(tmp))
+            engines[args.old] = old.engine.Engine.build(c, params, old.config.EngineConfig(**common))
         for size in args.page_sizes.split(","):
-            engines[f"pages of {size}"] = Engine.build(c, params, EngineConfig(**common, page_size=int(size)))
+            for backend in args.attention_backends.split(","):
+                name = f"pages of {size}" + (f", {backend}" if backend != "auto" else "")
+                engines[name] = Engine.build(c, params, EngineConfig(**common, page_size=int(size),
+                                                                     attention_backend=backend))
         freeze_startup_heap()
         times = {name: {b: [] for b in batches} for name in engines}
         for rnd in range(args.rounds):

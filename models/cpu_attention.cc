@@ -1,0 +1,166 @@
+// Decode attention over the paged KV cache on CPU: an XLA FFI custom call (float32).
+// models/cpu_attention.py builds and registers it; models/attention.py `attend` calls it for
+// decode rows with --attention-backend cpu.
+//
+// Legend: N decode rows, Hkv KV heads, G query heads per KV head, K head dim, P pages in the
+// pool, B positions per page, W pages in a block table.
+//
+// Each (row, KV head) pair reads the positions [lo, hi) of its row's context once, straight
+// from the pool (page = table[row, position / B]): scores of its G query heads against a
+// page's keys, an online softmax (flash-decoding) across pages, the page's values weighted
+// into the running output. Pairs are spread over XLA's own intra-op threads.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// e^x for x <= 0 (scores minus their running max), in a form the compiler vectorizes:
+// 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error < 2e-7, float32's own rounding). Below -87 the result is 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;  // times 2^n (n >= -126: no denormals)
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+// Runs fn(i) for i in [0, n) on the calling thread and on the other threads of XLA's intra-op
+// pool (the one its own ops use, so nothing else competes for the cores): every thread takes
+// chunks from a shared counter; the caller returns once every chunk is done. A helper that
+// starts after the last chunk was taken finds nothing to do (the state outlives the call).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  auto work = [st, chunks, chunk, n, &fn]() {
+    for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
+      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) fn(i);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h)
+    pool.Schedule([st, chunks, chunk, n, fnp = &fn]() {
+      for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
+        for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) (*fnp)(i);
+        st->done.fetch_add(1, std::memory_order_release);
+      }
+    });
+  work();
+  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)
+
+ffi::Error PagedDecode(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
+                       ffi::Buffer<ffi::F32> k_pages,  // [Hkv, P, B, K]
+                       ffi::Buffer<ffi::F32> v_pages,  // [Hkv, P, B, K]
+                       ffi::Buffer<ffi::S32> table,    // [N, W]
+                       ffi::Buffer<ffi::S32> lo,       // [N] first position attended
+                       ffi::Buffer<ffi::S32> hi,       // [N] one past the last
+                       float scale, ffi::ThreadPool pool,
+                       ffi::ResultBuffer<ffi::F32> out) {  // [N, Hkv, G, K]
+  const auto qd = q.dimensions(), kd = k_pages.dimensions(), vd = v_pages.dimensions();
+  const auto td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || kd[0] != qd[1] ||
+      kd[3] != qd[3] || td[0] != qd[0] || !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument(
+        "paged decode attention: q [N, Hkv, G, K], pages [Hkv, P, B, K], table [N, W]");
+  const int64_t N = qd[0], H = qd[1], G = qd[2], K = qd[3], P = kd[1], B = kd[2], W = td[1];
+  const float* Q = q.typed_data();
+  const float* Kp = k_pages.typed_data();
+  const float* Vp = v_pages.typed_data();
+  const int32_t* T = table.typed_data();
+  const int32_t* LO = lo.typed_data();
+  const int32_t* HI = hi.typed_data();
+  float* O = out->typed_data();
+  ParallelFor(pool, N * H, 1, [&](int64_t nh) {
+    thread_local std::vector<float> s, acc, m, d;
+    s.resize(G * B), acc.assign(G * K, 0.0f), m.assign(G, kNoScore), d.assign(G, 0.0f);
+    const int64_t n = nh / H, h = nh % H;
+    const float* qn = Q + nh * G * K;
+    const int64_t first = std::max<int64_t>(LO[n], 0), last = std::min<int64_t>(HI[n], W * B);
+    for (int64_t start = first / B * B; start < last; start += B) {
+      const int64_t page = T[n * W + start / B];
+      if (page < 0 || page >= P) continue;  // never for a valid plan: skip, don't read past
+      const float* kb = Kp + (h * P + page) * B * K;
+      const float* vb = Vp + (h * P + page) * B * K;
+      const int64_t i0 = std::max<int64_t>(first - start, 0), i1 = std::min<int64_t>(last - start, B);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qn + g * K;
+        float* sg = s.data() + g * B;
+        float mx = m[g];
+        for (int64_t i = i0; i < i1; ++i) {
+          const float* kr = kb + i * K;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t k = 0; k < K; ++k) dot += qg[k] * kr[k];
+          sg[i] = dot * scale;
+          mx = std::max(mx, sg[i]);
+        }
+        const float corr = exp_nonpositive(m[g] - mx);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = i0; i < i1; ++i) {
+          sg[i] = exp_nonpositive(sg[i] - mx);
+          sum += sg[i];
+        }
+        d[g] = d[g] * corr + sum;
+        m[g] = mx;
+        float* ag = acc.data() + g * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) ag[k] *= corr;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float p = sg[i];
+          const float* vr = vb + i * K;
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) ag[k] += p * vr[k];
+        }
+      }
+    }
+    float* on = O + nh * G * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const float inv = d[g] > 0.0f ? 1.0f / d[g] : 0.0f;  // no position (padding row): 0
+      for (int64_t k = 0; k < K; ++k) on[g * K + k] = acc[g * K + k] * inv;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaPagedDecodeF32, PagedDecode,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
