@@ -12,9 +12,10 @@ its page position (`write_kv`, `meta.kv_index`), then:
   or a prefix found in the prefix cache) also reads those positions through its block table,
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
-That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends the
-decode rows to a C++ kernel instead (cpu_attention.py: no gathered copies of the pages) and
-handles prefill rows as "xla". On GPUs a runtime trip count costs a host round trip per
+That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends every
+row to a C++ kernel instead (cpu_attention.py): decode and prefill rows alike read their own
+sequence's positions through its table (prefill rows: `seg_table`), no gathered copies of the
+pages, no dense scores across the step's prefill rows. On GPUs a runtime trip count costs a host round trip per
 trip (XLA:GPU copies the loop predicate to the host), so backends "xla-static" and "pallas"
 use static shapes instead: whole block tables gathered at once and masked (`_table_softmax`),
 history tiles a fixed number (`_history_static`); "pallas" sends decode rows to the kernel.
@@ -174,7 +175,7 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
     and multi-query attention). Returns [T, H, K] in q's dtype. `backend`: "xla" loops over
     pages as far as the step's longest context (runtime trip counts: least work, for CPU);
-    "cpu": decode rows through the C++ kernel (cpu_attention.py), prefill rows as "xla";
+    "cpu": every row through the C++ kernel (cpu_attention.py);
     "xla-static" reads whole block tables with static shapes (no loop: XLA:GPU would copy each
     runtime trip count to the host and wait); "pallas": decode rows through the Pallas GPU
     kernel (pallas_attention.py), history as xla-static. `window`: sliding-window attention
@@ -189,12 +190,19 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
         outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table,
                                            meta.pos[:Td] + 1, scale).reshape(Td, Hkv, H // Hkv, K))
     q = q.reshape(T, Hkv, H // Hkv, K)                                          # [T, Hkv, G, K]
-    if Td and backend == "cpu":
-        from .cpu_attention import paged_decode_attention
-        pos = meta.pos[:Td]
+    if backend == "cpu":
+        # Every row, decode or prefill, reads positions [lo, pos] of its own sequence through
+        # its table (this step's keys are in the pages already): no [Tp, Tp] scores.
+        from .cpu_attention import paged_attention
+        tables = meta.block_table
+        if T > Td:  # prefill rows: their segment's table (padding rows: segment 0's, never read)
+            seg_rows = jnp.take(meta.seg_table, jnp.maximum(meta.seg, 0), axis=0, mode="clip")  # [Tp, W]
+            tables = jnp.concatenate([tables, seg_rows])                                  # [T, W]
+        pos = meta.pos
         lo = jnp.zeros_like(pos) if window is None else pos - window + 1  # as _in_window
-        outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table, lo, pos + 1, scale))
-    if Td and backend not in ("pallas", "cpu"):
+        out = paged_attention(q, k_pages, v_pages, tables, lo, pos + 1, scale)       # [T, Hkv, G, K]
+        return out.reshape(T, H, K).astype(q.dtype)
+    if Td and backend != "pallas":
         # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
         if static:  # each row a group of one

@@ -1,8 +1,8 @@
-// Decode attention over the paged KV cache on CPU: an XLA FFI custom call (float32).
+// Attention over the paged KV cache on CPU: an XLA FFI custom call (float32).
 // models/cpu_attention.py builds and registers it; models/attention.py `attend` calls it for
-// decode rows with --attention-backend cpu.
+// every row of a step (one query token each) with --attention-backend cpu.
 //
-// Legend: N decode rows, Hkv KV heads, G query heads per KV head, K head dim, P pages in the
+// Legend: N rows, Hkv KV heads, G query heads per KV head, K head dim, P pages in the
 // pool, B positions per page, W pages in a block table.
 //
 // Each (row, KV head) pair reads the positions [lo, hi) of its row's context once, straight
@@ -76,7 +76,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
 
 constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)
 
-ffi::Error PagedDecode(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
+ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
                        ffi::Buffer<ffi::F32> k_pages,  // [Hkv, P, B, K]
                        ffi::Buffer<ffi::F32> v_pages,  // [Hkv, P, B, K]
                        ffi::Buffer<ffi::S32> table,    // [N, W]
@@ -89,7 +89,7 @@ ffi::Error PagedDecode(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || kd[0] != qd[1] ||
       kd[3] != qd[3] || td[0] != qd[0] || !std::equal(kd.begin(), kd.end(), vd.begin()))
     return ffi::Error::InvalidArgument(
-        "paged decode attention: q [N, Hkv, G, K], pages [Hkv, P, B, K], table [N, W]");
+        "paged attention: q [N, Hkv, G, K], pages [Hkv, P, B, K], table [N, W]");
   const int64_t N = qd[0], H = qd[1], G = qd[2], K = qd[3], P = kd[1], B = kd[2], W = td[1];
   const float* Q = q.typed_data();
   const float* Kp = k_pages.typed_data();
@@ -153,7 +153,7 @@ ffi::Error PagedDecode(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaPagedDecodeF32, PagedDecode,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaPagedAttentionF32, PagedAttention,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -1,12 +1,16 @@
-"""Decode attention over the paged KV cache on CPU: a C++ kernel called from the jitted step.
+"""Attention over the paged KV cache on CPU: a C++ kernel called from the jitted step.
 
-This is the decode path of ``--attention-backend cpu`` (what "auto" picks on CPU for float32
-models on one device). XLA:CPU's own path (backend "xla": models/attention.py
-`_pages_softmax`) copies every decode row's page out of the pool with a gather and then runs
-two batched dots of one-row matrices per page, ≈ 3x the KV read floor at batch 64; the kernel
-(cpu_attention.cc, an XLA FFI custom call) reads each attended position's key and value
-once, straight from the pool, with an online softmax per (row, KV head), the pairs spread
-over XLA's own intra-op threads (docs/benchmarks.md, "Decode attention on CPU").
+This is ``--attention-backend cpu`` (what "auto" picks on CPU for float32 models on one
+device per pipeline stage). XLA:CPU's own path (backend "xla": models/attention.py) copies
+every decode row's page out of the pool with a gather and then runs two batched dots of
+one-row matrices per page (≈ 3x the KV read floor at batch 64), and scores prefill rows
+densely against every prefill row of the step, then masks (a step of four 128-token
+prompts computes 4x the pairs it keeps, and XLA's exp and select passes over them cost more
+than its matmuls). The kernel (cpu_attention.cc, an XLA FFI custom call) takes every row of
+the step, decode or prefill, as a query over positions [lo, hi) of its own sequence, read
+through its block table straight from the pool (this step's keys are written first), with an
+online softmax per (row, KV head), the pairs spread over XLA's own intra-op threads
+(docs/benchmarks.md, "Attention on CPU: the C++ kernel")
 
 It is compiled at first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
 CPU (``-march=native``), into ``$ORCA_JAX_KERNEL_CACHE`` (default ~/.cache/orca-jax/kernels)
@@ -14,7 +18,7 @@ under a name keyed by the source, the flags, the compiler, jaxlib and the CPU, s
 processes only load it. Where it cannot be built (no compiler), "auto" keeps backend "xla"
 and says why once in the log; an explicit ``--attention-backend cpu`` fails with the reason.
 
-Legend: N decode rows, Hkv KV heads, G query heads per KV head, K head dim, P pages, B
+Legend: N rows, Hkv KV heads, G query heads per KV head, K head dim, P pages, B
 positions per page, W pages in a block table.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
-TARGET = "orca_jax_paged_decode_f32"  # the FFI target's name (also in compiled programs)
+TARGET = "orca_jax_paged_attention_f32"  # the FFI target's name (also in compiled programs)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17")
 
 _lock = threading.Lock()
@@ -62,7 +66,7 @@ def _build(cxx: str) -> Path:
                                     _cpu_id()]).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("ORCA_JAX_KERNEL_CACHE",
                                  Path.home() / ".cache" / "orca-jax" / "kernels"))
-    lib = folder / f"paged_decode_{key}.so"
+    lib = folder / f"paged_attention_{key}.so"
     if lib.exists():
         return lib
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,7 @@ def load() -> str | None:
             else:
                 try:
                     lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OrcaPagedDecodeF32),
+                    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.OrcaPagedAttentionF32),
                                                 platform="cpu")
                     _loaded["lib"] = lib
                 except (OSError, RuntimeError, AttributeError) as e:
@@ -96,11 +100,11 @@ def load() -> str | None:
         return _loaded.get("error")
 
 
-def paged_decode_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> jax.Array:
-    """q [N, Hkv, G, K] float32, k_pages/v_pages [Hkv, P, B, K] float32, block_tables [N, W]
-    int32 (the pages of each row's context, in order), lo/hi [N] int32: each row attends to
-    positions lo <= p < hi of its context (hi = pos + 1; lo > 0 for a sliding window; a row
-    with none, a padding row, comes out 0). Returns softmax(q·k * scale)·v, [N, Hkv, G, K]
+def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> jax.Array:
+    """q [N, Hkv, G, K] float32 (N rows, each one query token), k_pages/v_pages [Hkv, P, B, K]
+    float32, block_tables [N, W] int32 (the pages of each row's sequence, in order), lo/hi [N]
+    int32: each row attends to positions lo <= p < hi of its sequence (hi = pos + 1; lo > 0
+    for a sliding window; a row with none comes out 0). Returns softmax(q·k * scale)·v, [N, Hkv, G, K]
     float32. `load()` must have returned None."""
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),

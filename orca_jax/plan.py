@@ -131,6 +131,8 @@ class AttnMeta:
     hist_row0: np.ndarray      # [Nh] int32 first prefill row of the segment
     hist_rows: np.ndarray      # [Nh] int32 its rows in this step
     num_hist: np.ndarray       # [] int32 how many entries are real
+    seg_table: np.ndarray      # [Nh, W] int32 pages of every prefill segment's sequence, in segment
+                               # order (what the CPU kernel reads prefill rows through)
     num_decode: int = dataclasses.field(metadata=dict(static=True))  # Td, a shape
 
 
@@ -197,6 +199,7 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
     tokens = np.zeros(tp, np.int32)
     block_table = np.zeros((td, W), np.int32)
     hist_table = np.zeros((nh, W), np.int32)
+    seg_table = np.zeros((nh, W), np.int32)
     hist = np.zeros((3, nh), np.int32)  # hist_len, hist_row0, hist_rows
     sample_rows = np.zeros(R, np.int32)
     sample_slot = np.full(R, S, np.int32)
@@ -231,6 +234,7 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
         slot[rng], pos[rng], seg[rng.start - td:rng.stop - td] = req.slot, p, s
         kv_index[rng] = np.asarray(req.pages, np.int32)[p // B] * B + p % B
         tokens[rng.start - td:rng.stop - td] = req.token_ids(c.start, c.start + c.length)
+        seg_table[s, :len(req.pages)] = req.pages
         if c.start > 0:  # its first positions are in its pages already
             hist_table[nhist, :len(req.pages)] = req.pages
             hist[:, nhist] = c.start, row - td, c.length
@@ -243,7 +247,8 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
         row += c.length
     meta = AttnMeta(slot=slot, pos=pos, kv_index=kv_index, seg=seg, block_table=block_table,
                     dec_blocks=np.int32(dec_blocks), hist_table=hist_table, hist_len=hist[0],
-                    hist_row0=hist[1], hist_rows=hist[2], num_hist=np.int32(nhist), num_decode=td)
+                    hist_row0=hist[1], hist_rows=hist[2], num_hist=np.int32(nhist), seg_table=seg_table,
+                    num_decode=td)
     decode_tokens = _decode_tokens(batch, td) if host_decode_tokens else None
     return StepPlan(inputs=StepInputs(tokens, meta, sample_rows, decode_tokens),
                     sample=SampleInputs(sample_slot, sample_pos, prompt_len, None),

@@ -82,12 +82,12 @@ class FakeDevice:
         assert (td, tp) in b.shapes(), f"shape {(td, tp)} was not compiled at warm-up"
         assert meta.slot.shape == meta.pos.shape == meta.kv_index.shape == (td + tp,)
         assert inp.prefill_tokens.shape == meta.seg.shape == (tp,)
-        assert meta.block_table.shape == (td, W) and meta.hist_table.shape == (nh, W)
+        assert meta.block_table.shape == (td, W) and meta.hist_table.shape == meta.seg_table.shape == (nh, W)
         assert meta.hist_len.shape == meta.hist_row0.shape == meta.hist_rows.shape == (nh,)
         for a in (inp.sample_rows, smp.sample_slot, smp.sample_pos, smp.prompt_len):
             assert a.shape == (R,) and a.dtype == np.int32
         for a in (meta.slot, meta.pos, meta.kv_index, meta.seg, inp.prefill_tokens, meta.block_table,
-                  meta.hist_table):
+                  meta.hist_table, meta.seg_table):
             assert a.dtype == np.int32
 
         # Real rows first in each region; padding rows: slot S, no KV write, position 0, segment -1.
@@ -125,10 +125,13 @@ class FakeDevice:
             s, p0 = int(meta.slot[td + j0]), int(meta.pos[td + j0])
             assert (meta.slot[rows.start:rows.stop] == s).all(), f"segment {k} spans slots"
             assert (meta.pos[rows.start:rows.stop] == np.arange(p0, p0 + len(rows))).all()
+            for r in rows:  # every segment's own table, as the CPU kernel reads it
+                assert meta.kv_index[r] == meta.seg_table[k][meta.pos[r] // B] * B + meta.pos[r] % B
             if p0 > 0:  # continues a sequence already in its pages
                 h = hist[j0]
                 assert meta.hist_len[h] == p0 and meta.hist_rows[h] == len(rows)
                 table = meta.hist_table[h]
+                assert (table == meta.seg_table[k]).all(), "history table is not its segment's"
                 self._context(table, p0, f"segment {k}")
                 for r in rows:
                     assert meta.kv_index[r] == table[meta.pos[r] // B] * B + meta.pos[r] % B

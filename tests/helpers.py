@@ -92,7 +92,8 @@ def prefill_logits(config, params: dict, ids, kv_sharding=None) -> np.ndarray:
     meta = AttnMeta(slot=np.full(T, 1, i32), pos=pos, kv_index=table[pos // PAGE] * PAGE + pos % PAGE,
                     seg=np.zeros(T, i32), block_table=np.zeros((0, len(table)), i32), dec_blocks=i32(0),
                     hist_table=np.zeros((1, len(table)), i32), hist_len=np.zeros(1, i32),
-                    hist_row0=np.zeros(1, i32), hist_rows=np.zeros(1, i32), num_hist=i32(0), num_decode=0)
+                    hist_row0=np.zeros(1, i32), hist_rows=np.zeros(1, i32), num_hist=i32(0),
+                    seg_table=table[None].astype(i32), num_decode=0)
     logits, _ = _forward(config, params)(ids, _kv(config, kv_sharding), meta)
     return np.asarray(logits, np.float32)
 
@@ -113,7 +114,7 @@ def decode_logits(config, params: dict, ids, kv_sharding=None) -> np.ndarray:
                         seg=np.zeros(0, i32), block_table=np.stack([table, np.zeros_like(table)]),
                         dec_blocks=i32(p // PAGE + 1), hist_table=np.zeros((0, len(table)), i32),
                         hist_len=np.zeros(0, i32), hist_row0=np.zeros(0, i32), hist_rows=np.zeros(0, i32),
-                        num_hist=i32(0), num_decode=2)
+                        num_hist=i32(0), seg_table=np.zeros((0, len(table)), i32), num_decode=2)
         logits, kv = fwd([tok, 0], kv, meta)
         out.append(np.asarray(logits[0], np.float32))
     return np.stack(out)

@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (models/cpu_attention.py): built with the system's compiler,
+"""The CPU attention kernel (models/cpu_attention.py): built with the system's compiler,
 checked against the XLA path it replaces, and chosen by "auto" only where it fits."""
 import numpy as np
 import pytest
@@ -43,7 +43,7 @@ def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
     q = jnp.asarray(rng.standard_normal((N, kv_heads, heads // kv_heads, head_dim), np.float32))
     scale = head_dim ** -0.5
     lo = jnp.zeros_like(pos) if window is None else pos - window + 1
-    got = jax.jit(lambda *a: cpu_attention.paged_decode_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
+    got = jax.jit(lambda *a: cpu_attention.paged_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
     np.testing.assert_allclose(got, _xla(q, k_pages, v_pages, table, pos, window, scale), rtol=2e-5, atol=2e-6)
 
 
@@ -51,24 +51,32 @@ def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
 def test_a_row_with_no_position_is_zero_not_nan():
     """Padding rows of a decode bucket must come out finite (their outputs are never read)."""
     k = jnp.ones((2, 4, 8, 16), jnp.float32)
-    out = cpu_attention.paged_decode_attention(jnp.ones((3, 2, 1, 16)), k, k, jnp.zeros((3, 2), jnp.int32),
+    out = cpu_attention.paged_attention(jnp.ones((3, 2, 1, 16)), k, k, jnp.zeros((3, 2), jnp.int32),
                                                jnp.zeros(3, jnp.int32), jnp.array([0, 5, 0], jnp.int32), 0.25)
     assert np.isfinite(out).all() and not np.asarray(out[0]).any() and np.allclose(out[1], 1.0)
 
 
 @needs_kernel
-def test_engine_tokens_and_logprobs_match_the_xla_backend():
-    """Greedy tokens and their logprobs through whole engines, prefill then decode across page
-    boundaries, with one backend and the other (the same random GPT-2)."""
-    c = PRESETS["gpt2-tiny"]
+@pytest.mark.parametrize("preset,changes,budget", [
+    ("gpt2-tiny", {}, 512),                        # whole prompts in one step, then decode
+    ("gpt2-tiny", {}, 16),                         # prompts in 16-token chunks: rows read history
+    ("llama-tiny", {"sliding_window": 12}, 24),    # grouped-query, a window across chunks
+])
+def test_engine_tokens_and_logprobs_match_the_xla_backend(preset, changes, budget):
+    """Greedy tokens and their logprobs through whole engines (prefill, chunked prefill over
+    history, a shared prefix from the prefix cache, decode across page boundaries), with one
+    backend and the other: the same random model."""
+    c = PRESETS[preset].replace(**changes)
     params = family(c).init_params(c)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (3, 17, 40, 9)]
+    shared = rng.integers(0, c.vocab_size, 20).tolist()
+    prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (3, 17, 40, 9)] + [shared + [5, 6], shared + [7]]
     sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=0)
     runs = {}
     for backend in ("xla", "cpu"):
-        eng = Engine.build(c, params, EngineConfig(max_batch_size=4, max_model_len=96, page_size=16,
-                                                   kv_memory=int(2e7), warmup=False, attention_backend=backend))
+        eng = Engine.build(c, params, EngineConfig(max_batch_size=4, max_model_len=96, page_size=16, warmup=False,
+                                                   max_num_batched_tokens=budget, max_prefill_seqs=4,
+                                                   kv_memory=int(2e7), attention_backend=backend))
         assert eng.runner.attention == backend
         reqs = [eng.add_request(p, sp) for p in prompts]
         while eng.has_unfinished():

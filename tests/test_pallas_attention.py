@@ -116,7 +116,8 @@ def test_matches_the_xla_decode_path(groups):
     meta = AttnMeta(slot=np.zeros(n, i32), pos=lengths - 1, kv_index=np.zeros(n, i32),
                     seg=np.zeros(0, i32), block_table=tables, dec_blocks=i32(width),
                     hist_table=np.zeros((0, width), i32), hist_len=np.zeros(0, i32),
-                    hist_row0=np.zeros(0, i32), hist_rows=np.zeros(0, i32), num_hist=i32(0), num_decode=n)
+                    hist_row0=np.zeros(0, i32), hist_rows=np.zeros(0, i32), num_hist=i32(0),
+                    seg_table=np.zeros((0, width), i32), num_decode=n)
     meta = jax.tree.map(jnp.asarray, meta)  # device arrays, as inside the step program
     scale = head_dim ** -0.5
     xla = attend(jnp.asarray(q), None, None, jnp.asarray(k_pages), jnp.asarray(v_pages), meta, scale)
