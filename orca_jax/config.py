@@ -54,7 +54,7 @@ class EngineConfig:
         "auto", "attention: xla (loops over pages as far as each step's longest context: least "
                 "work), xla-static (static shapes, no loop: XLA:GPU would wait on the host "
                 "for each loop's trip count), pallas (the Pallas GPU paged-attention kernel for "
-                "decode rows, CUDA only), cpu (a C++ kernel for decode rows, built at first use "
+                "decode rows, CUDA only), cpu (a C++ kernel for every row, built at first use "
                 "with the system's compiler: float32, one device per pipeline stage); auto: on "
                 "CUDA pallas for 16-bit models and xla-static for float32 (the kernel's dots run "
                 "in TF32), on CPU cpu where it fits and builds, else xla")

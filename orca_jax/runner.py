@@ -116,7 +116,7 @@ def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
     """`--attention-backend` as this mesh runs it (models/attention.py `attend`): on CUDA
     "pallas" (the paged-attention kernel for decode rows, models/pallas_attention.py) for
     16-bit models, else "xla-static" (the kernel's float32 dots run in TF32, and it attends to
-    whole contexts: no sliding window); on CPU "cpu" (the C++ decode kernel,
+    whole contexts: no sliding window); on CPU "cpu" (the C++ attention kernel,
     models/cpu_attention.py) where it fits, else "xla"."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     if backend == "auto":

@@ -183,7 +183,8 @@ def _cmd_calibrate(args) -> int:
     rates = [1.0, 2.0, 4.0] if args.rates == "auto" else [float(r) for r in _words(args.rates)]
     ec = EngineConfig(max_batch_size=args.max_batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
                       max_model_len=trace.max_total_len, max_waiting=max(1024, len(trace)),
-                      page_size=args.page_size, warmup=True)
+                      page_size=args.page_size, warmup=True,
+                      attention_backend="xla")  # the attention whose work cost.py counts for cpu-here
     r = calibrate(args, trace, rates, ec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
