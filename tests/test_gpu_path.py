@@ -27,7 +27,10 @@ from orca_jax.request import SamplingParams
 from orca_jax.runner import kv_budget_bytes, resolve_attention_backend, resolve_controls
 
 V = 1001
-CPU = EngineConfig(max_batch_size=8, max_num_batched_tokens=32, max_prefill_seqs=4, kv_memory=int(32e6))
+# The XLA CPU path (runtime trip counts, conds): what the GPU path must not compile. (The CPU
+# default, the C++ attention kernel, has no attention loops either: tests/test_cpu_attention.py.)
+CPU = EngineConfig(max_batch_size=8, max_num_batched_tokens=32, max_prefill_seqs=4, kv_memory=int(32e6),
+                   attention_backend="xla")
 GPU_PATH = dataclasses.replace(CPU, attention_backend="xla-static", sampling_control="host")
 
 
