@@ -128,7 +128,7 @@ def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
             if why and mesh.devices.flat[0].platform == "cpu":
                 log.info("attention backend xla: %s", why)
             backend = "xla" if why else "cpu"
-    if backend == "cpu" and (why := _cpu_kernel_unfit(mesh, dtype)):
+    elif backend == "cpu" and (why := _cpu_kernel_unfit(mesh, dtype)):
         raise ValueError(f"--attention-backend cpu: {why}; use xla (or auto)")
     if backend == "pallas" and sliding_window:
         raise ValueError("--attention-backend pallas does not apply a sliding window; use xla-static (or auto)")
