@@ -56,20 +56,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
   };
   auto st = std::make_shared<State>();
   const int64_t chunks = (n + chunk - 1) / chunk;
-  auto work = [st, chunks, chunk, n, &fn]() {
+  // fn is only called for a chunk taken before the caller returns: the pointer stays valid.
+  auto work = [st, chunks, chunk, n, fnp = &fn]() {
     for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
-      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) fn(i);
+      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) (*fnp)(i);
       st->done.fetch_add(1, std::memory_order_release);
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h)
-    pool.Schedule([st, chunks, chunk, n, fnp = &fn]() {
-      for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
-        for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) (*fnp)(i);
-        st->done.fetch_add(1, std::memory_order_release);
-      }
-    });
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));  // a copy each
   work();
   while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
@@ -77,13 +72,13 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
 constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)
 
 ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
-                       ffi::Buffer<ffi::F32> k_pages,  // [Hkv, P, B, K]
-                       ffi::Buffer<ffi::F32> v_pages,  // [Hkv, P, B, K]
-                       ffi::Buffer<ffi::S32> table,    // [N, W]
-                       ffi::Buffer<ffi::S32> lo,       // [N] first position attended
-                       ffi::Buffer<ffi::S32> hi,       // [N] one past the last
-                       float scale, ffi::ThreadPool pool,
-                       ffi::ResultBuffer<ffi::F32> out) {  // [N, Hkv, G, K]
+                          ffi::Buffer<ffi::F32> k_pages,  // [Hkv, P, B, K]
+                          ffi::Buffer<ffi::F32> v_pages,  // [Hkv, P, B, K]
+                          ffi::Buffer<ffi::S32> table,    // [N, W]
+                          ffi::Buffer<ffi::S32> lo,       // [N] first position attended
+                          ffi::Buffer<ffi::S32> hi,       // [N] one past the last
+                          float scale, ffi::ThreadPool pool,
+                          ffi::ResultBuffer<ffi::F32> out) {  // [N, Hkv, G, K]
   const auto qd = q.dimensions(), kd = k_pages.dimensions(), vd = v_pages.dimensions();
   const auto td = table.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || kd[0] != qd[1] ||

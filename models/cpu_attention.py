@@ -39,7 +39,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 TARGET = "orca_jax_paged_attention_f32"  # the FFI target's name (also in compiled programs)
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c++17", "-w")  # -w: XLA's headers warn
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "error": why it cannot be used, or "lib": the loaded library
