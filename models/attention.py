@@ -183,7 +183,6 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     Td = meta.num_decode
     T, H, K = q.shape
     Hkv = k_pages.shape[0]
-    static = backend not in ("xla", "cpu")
     outs = []
     if Td and backend == "pallas":
         from .pallas_attention import paged_decode_attention
@@ -202,6 +201,7 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
         lo = jnp.zeros_like(pos) if window is None else pos - window + 1  # as _in_window
         out = paged_attention(q, k_pages, v_pages, tables, lo, pos + 1, scale)       # [T, Hkv, G, K]
         return out.reshape(T, H, K).astype(q.dtype)
+    static = backend != "xla"
     if Td and backend != "pallas":
         # Decode rows read their own history [0, pos] through their block tables.
         qd, pos = q[:Td], meta.pos[:Td]
