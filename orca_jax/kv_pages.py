@@ -36,6 +36,20 @@ def pages_for(positions: int, page_size: int) -> int:
     return -(-positions // page_size)
 
 
+def watermark_pages(num_pages: int) -> int:
+    """Pages on-demand admission leaves free for running requests to grow into (vLLM's 1%)."""
+    return max(1, num_pages // 100)
+
+
+def pool_pages_for(held: int) -> int:
+    """The smallest pool in which `held` pages can all be in use beside the admission
+    watermark: the most pages a pool needs (every slot at max_model_len)."""
+    n = held + watermark_pages(held)
+    while n - watermark_pages(n) < held:
+        n += 1
+    return n
+
+
 def page_hash(previous: bytes | None, tokens: Sequence[int]) -> bytes:
     """Key of a full page: a 128-bit BLAKE2b digest of its tokens and (through `previous`, the
     key of the page before it) everything before them. Collision-resistant: Python's own

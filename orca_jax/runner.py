@@ -38,7 +38,7 @@ from .sampling import SampleOutput
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
 from .sharding.pipeline import PIPELINE, Stage, local_stage_params, local_stages, split_stages, stage_keys
-from .kv_pages import pages_for
+from .kv_pages import pages_for, pool_pages_for
 from .sharding.plan import fit_kv_pages, kv_bytes_per_device, kv_placement, slot_state_bytes
 from .structured import constraint_tensors
 from .step import (DeviceState, device_put_packed, init_device_state, pack_inputs, run_sample, run_step,
@@ -256,7 +256,8 @@ class ModelRunner:
         kv_layout = pipelined(self.layout)
         state = slot_state_bytes(self.num_slots, self.max_len, B)
         num_pages = fit_kv_pages(config, kv_layout, self.mesh.shape, B, budget - state, itemsize)
-        num_pages = min(num_pages, self.num_slots * pages_for(self.max_len, B))
+        # no more than every slot can fill at max_model_len, beside the admission watermark
+        num_pages = min(num_pages, pool_pages_for(self.num_slots * pages_for(self.max_len, B)))
         if jax.process_count() > 1:  # every process must allocate the same pages
             from jax.experimental import multihost_utils
             num_pages = int(np.min(multihost_utils.process_allgather(np.int32(num_pages))))

@@ -45,7 +45,7 @@ import heapq
 import time
 from typing import Literal
 
-from .kv_pages import PagePool, SwapSpace, chain_hashes, pages_for
+from .kv_pages import PagePool, SwapSpace, chain_hashes, pages_for, watermark_pages
 from .request import FinishReason, Request, Status
 
 
@@ -142,7 +142,7 @@ class Scheduler:
         self.num_swapped = 0       # waiting requests whose KV is in host memory now
         # On demand, admission leaves this many pages free for the running requests to grow
         # into (vLLM's 1% watermark), so a new request does not cause a preemption at once.
-        self.watermark = 0 if config.kv_admission == "reserve" else max(1, pool.num_pages // 100)
+        self.watermark = 0 if config.kv_admission == "reserve" else watermark_pages(pool.num_pages)
 
     # -- requests in and out ---------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from orca_jax.config import EngineConfig
 from orca_jax.engine import Engine
 from orca_jax.outputs import Sampled
 from orca_jax.plan import PAD_SEG, Buckets, PagedKV, StepPlan
+from orca_jax.kv_pages import pool_pages_for
 from orca_jax.request import FinishReason, Request, SamplingParams
 from orca_jax.scheduler import Batch, SchedulerConfig
 
@@ -181,7 +182,7 @@ class FakeRunner:
         self.model_config = types.SimpleNamespace(vocab_size=vocab, eos_token_id=eos_id)
         self.num_slots, self.max_len, self.vocab = num_slots, max_len, vocab
         W = -(-max_len // page_size)
-        self.kv = PagedKV.make(num_pages or num_slots * W, page_size, max_len)
+        self.kv = PagedKV.make(num_pages or pool_pages_for(num_slots * W), page_size, max_len)
         self.n_stages = 1
         self.keep_in_flight = 0 if synchronous else 1
         self.host_decode_tokens = False

@@ -84,6 +84,21 @@ def test_budget_is_sixteen_pages(ckpt):
     assert (eng.kv.num_pages, eng.kv.page_size, eng.kv.max_pages) == (16, 64, 4)
 
 
+def test_every_slot_fills_at_max_model_len_beside_the_watermark(ckpt):
+    """A pool capped at what the slots can hold still admits the last slot's request: the
+    admission watermark comes on top (64 slots x 1 page used to leave one request waiting
+    until the others finished)."""
+    path, _, mc = ckpt
+    eng = Engine.from_checkpoint(path, EngineConfig(max_batch_size=4, max_model_len=64, page_size=64,
+                                                    kv_memory=int(1e9), warmup=False))
+    assert eng.kv.num_pages == 5  # 4 slots x 1 page + the 1-page watermark
+    sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    reqs = [eng.add_request(list(range(i, i + 32)), sp) for i in range(4)]
+    for _ in range(4):  # prompts over two steps (the token budget), then decode
+        eng.step()
+    assert all(r.output_ids for r in reqs), "a request waited with every slot's page free"
+
+
 def test_on_demand_runs_many_short_requests_at_once(ckpt, prompts):
     path, hf, mc = ckpt
     eng = Engine.from_checkpoint(path, config(mc))
