@@ -6,7 +6,8 @@ A family module provides
         `layer_matmul_params`, `model_type`, `eos_token_ids`,
         `dtype`, `jnp_dtype`, `bos_token_id`, `eos_token_id`, `num_params()`,
         `replace(num_layers=...)`, `to_json()`, `from_dict()`;
-    `LAYERS` (the key of the stacked layer params), `param_axes(config)`, `init_params`,
+    `LAYERS` (the key of the stacked layer params), `LINEAR_INPUTS` and `head_key(config)`
+    (the dense weights and LM head table that --matmul-backend cpu packs), `param_axes(config)`, `init_params`,
     `abstract_params`, `stage_keys(config, first, last)`, and the forward pass as pure
     functions: `embed`, `decoder`, `lm_head`, `unstack_layers`; and `PRESETS`.
 

@@ -13,7 +13,7 @@ its page position (`write_kv`, `meta.kv_index`), then:
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
 That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends every
-row to a C++ kernel instead (cpu_attention.py): decode and prefill rows alike read their own
+row to a C++ kernel instead (cpu_kernels.py): decode and prefill rows alike read their own
 sequence's positions through its table (prefill rows: `seg_table`), no gathered copies of the
 pages, no dense scores across the step's prefill rows. On GPUs a runtime trip count costs a host round trip per
 trip (XLA:GPU copies the loop predicate to the host), so backends "xla-static" and "pallas"
@@ -175,7 +175,7 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
     and multi-query attention). Returns [T, H, K] in q's dtype. `backend`: "xla" loops over
     pages as far as the step's longest context (runtime trip counts: least work, for CPU);
-    "cpu": every row through the C++ kernel (cpu_attention.py);
+    "cpu": every row through the C++ kernel (cpu_kernels.py);
     "xla-static" reads whole block tables with static shapes (no loop: XLA:GPU would copy each
     runtime trip count to the host and wait); "pallas": decode rows through the Pallas GPU
     kernel (pallas_attention.py), history as xla-static. `window`: sliding-window attention
@@ -192,7 +192,7 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     if backend == "cpu":
         # Every row, decode or prefill, reads positions [lo, pos] of its own sequence through
         # its table (this step's keys are in the pages already): no [Tp, Tp] scores.
-        from .cpu_attention import paged_attention
+        from .cpu_kernels import paged_attention
         tables = meta.block_table
         if T > Td:  # prefill rows: their segment's table (padding rows: segment 0's, never read)
             seg_rows = jnp.take(meta.seg_table, jnp.maximum(meta.seg, 0), axis=0, mode="clip")  # [Tp, W]

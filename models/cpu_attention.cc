@@ -1,5 +1,5 @@
 // Attention over the paged KV cache on CPU: an XLA FFI custom call (float32).
-// models/cpu_attention.py builds and registers it; models/attention.py `attend` calls it for
+// models/cpu_kernels.py builds and registers it; models/attention.py `attend` calls it for
 // every row of a step (one query token each) with --attention-backend cpu.
 //
 // Legend: N rows, Hkv KV heads, G query heads per KV head, K head dim, P pages in the
@@ -10,17 +10,15 @@
 // page's keys, an online softmax (flash-decoding) across pages, the page's values weighted
 // into the running output. Pairs are spread over XLA's own intra-op threads.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
+using orca::ParallelFor;
 
 namespace {
 
@@ -43,30 +41,6 @@ inline float exp_nonpositive(float x) {
   bits += static_cast<int32_t>(n) << 23;  // times 2^n (n >= -126: no denormals)
   std::memcpy(&p, &bits, sizeof p);
   return p;
-}
-
-// Runs fn(i) for i in [0, n) on the calling thread and on the other threads of XLA's intra-op
-// pool (the one its own ops use, so nothing else competes for the cores): every thread takes
-// chunks from a shared counter; the caller returns once every chunk is done. A helper that
-// starts after the last chunk was taken finds nothing to do (the state outlives the call).
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto st = std::make_shared<State>();
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  // fn is only called for a chunk taken before the caller returns: the pointer stays valid.
-  auto work = [st, chunks, chunk, n, fnp = &fn]() {
-    for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
-      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) (*fnp)(i);
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));  // a copy each
-  work();
-  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)

@@ -36,10 +36,19 @@ import jax.numpy as jnp
 
 from .attention import AttnMeta, KVCache, attend, write_kv
 from .gpt2 import unstack_layers
-from .layers import ACTIVATIONS, DTYPES, ROPE_TYPES, apply_rope, layer_norm, rms_norm, rope_angles
+from .layers import (ACTIVATIONS, DTYPES, ROPE_TYPES, apply_rope, embedding, head_logits, layer_norm, linear,
+                     rms_norm, rope_angles)
 
 ARCHITECTURE = "decoder"  # the `architecture` of its config.json
 LAYERS = "layers"         # the stacked-layers subtree of the params
+# Each layer's dense weights [*in, *out] -> how many leading dims are inputs (what
+# step.runtime_params packs for --matmul-backend cpu), and where the LM head's [V, D] table is.
+LINEAR_INPUTS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
+                 ("mlp", "up"): 1, ("mlp", "gate"): 1, ("mlp", "down"): 1}
+
+
+def head_key(config) -> tuple[str, str]:
+    return ("embed", "embedding") if config.tie_embeddings else ("lm_head", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,31 +278,26 @@ def _norm(c: DecoderConfig, x: jax.Array, p: dict) -> jax.Array:
     return rms_norm(x, p, c.norm_eps) if c.norm == "rms" else layer_norm(x, p, c.norm_eps)
 
 
-def _linear(x: jax.Array, p: dict, eq: str) -> jax.Array:
-    y = jnp.einsum(eq, x, p["kernel"])
-    return y + p["bias"] if "bias" in p else y
-
-
 def attention(c: DecoderConfig, p: dict, h: jax.Array, angles, k_pages, v_pages, meta: AttnMeta,
               backend: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Self-attention of rows h [T, D]; writes their K, V into the layer's pages [Hkv, P, B, K]."""
-    q = _linear(h, p["q"], "td,dhk->thk")                                        # [T, H, K]
-    k = _linear(h, p["k"], "td,dhk->thk")                                        # [T, Hkv, K]
-    v = _linear(h, p["v"], "td,dhk->thk")
+    q = linear(h, p["q"], "td,dhk->thk")                                        # [T, H, K]
+    k = linear(h, p["k"], "td,dhk->thk")                                        # [T, Hkv, K]
+    v = linear(h, p["v"], "td,dhk->thk")
     if c.qk_norm:
         q, k = rms_norm(q, p["q_norm"], c.norm_eps), rms_norm(k, p["k_norm"], c.norm_eps)
     if angles is not None:
         q, k = apply_rope(q, angles, c.rope_interleaved), apply_rope(k, angles, c.rope_interleaved)
     k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
     a = attend(q, k, v, k_pages, v_pages, meta, c.head_dim ** -0.5, backend, c.sliding_window)
-    return _linear(a, p["o"], "thk,hkd->td"), k_pages, v_pages                   # [T, D]
+    return linear(a, p["o"], "thk,hkd->td"), k_pages, v_pages                   # [T, D]
 
 
 def mlp(c: DecoderConfig, p: dict, h: jax.Array) -> jax.Array:
     act = ACTIVATIONS[c.activation]
-    up = _linear(h, p["up"], "td,df->tf")                                        # [T, F]
-    up = act(_linear(h, p["gate"], "td,df->tf")) * up if c.mlp == "gated" else act(up)
-    return _linear(up, p["down"], "tf,fd->td")                                   # [T, D]
+    up = linear(h, p["up"], "td,df->tf")                                        # [T, F]
+    up = act(linear(h, p["gate"], "td,df->tf")) * up if c.mlp == "gated" else act(up)
+    return linear(up, p["down"], "tf,fd->td")                                   # [T, D]
 
 
 def block(c: DecoderConfig, p: dict, x: jax.Array, angles, k_pages, v_pages, meta: AttnMeta,
@@ -309,7 +313,7 @@ def block(c: DecoderConfig, p: dict, x: jax.Array, angles, k_pages, v_pages, met
 
 def embed(c: DecoderConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token (+ learned position) embeddings of T rows: [T, D]."""
-    x = params["embed"]["embedding"][tokens]
+    x = embedding(params["embed"]["embedding"], tokens)
     if c.positions == "learned":
         x = x + params["pos_embed"]["embedding"][positions + c.position_offset]
     return x
@@ -331,7 +335,7 @@ def lm_head(c: DecoderConfig, params: dict, x: jax.Array) -> jax.Array:
     """Final norm and the LM head on x [R, D]: float32 logits [R, V]."""
     h = _norm(c, x, params["final_norm"])
     head = params["embed"]["embedding"] if c.tie_embeddings else params["lm_head"]["kernel"]
-    logits = jnp.einsum("rd,vd->rv", h, head, preferred_element_type=jnp.float32)
+    logits = head_logits(h, head)
     if not c.tie_embeddings and "bias" in params["lm_head"]:
         logits = logits + params["lm_head"]["bias"].astype(jnp.float32)
     return logits

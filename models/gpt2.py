@@ -27,10 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import AttnMeta, KVCache, attend, write_kv
-from .layers import ACTIVATIONS, DTYPES, layer_norm
+from .layers import ACTIVATIONS, DTYPES, embedding, head_logits, layer_norm, linear
 
 ARCHITECTURE = "gpt2"  # the `architecture` of its config.json
 LAYERS = "h"          # the stacked-layers subtree of the params
+# Each layer's dense weights [*in, *out] -> how many leading dims are inputs (what
+# step.runtime_params packs for --matmul-backend cpu), and where the LM head's [V, D] table is.
+LINEAR_INPUTS = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
+
+
+def head_key(config) -> tuple[str, str]:
+    return ("wte", "embedding")  # tied: the token embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +208,14 @@ def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.
     """A transformer block (params `p` of that layer) on rows x [T, D]; writes its K, V into
     the layer's pages [H, P, B, K] and returns them."""
     h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
-    qkv = jnp.einsum("td,dahk->tahk", h, p["attn"]["c_attn"]["kernel"])
-    qkv = qkv + p["attn"]["c_attn"]["bias"]                                      # [T, 3, H, K]
+    qkv = linear(h, p["attn"]["c_attn"], "td,dahk->tahk")                       # [T, 3, H, K]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
     a = attend(q, k, v, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim), attention)  # [T, H, K]
-    x = x + jnp.einsum("thk,hkd->td", a, p["attn"]["c_proj"]["kernel"]) + p["attn"]["c_proj"]["bias"]
+    x = x + linear(a, p["attn"]["c_proj"], "thk,hkd->td")
     h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
-    h = ACTIVATIONS[c.activation](h @ p["mlp"]["c_fc"]["kernel"] + p["mlp"]["c_fc"]["bias"])  # [T, F]
-    x = x + h @ p["mlp"]["c_proj"]["kernel"] + p["mlp"]["c_proj"]["bias"]        # [T, D]
+    h = ACTIVATIONS[c.activation](linear(h, p["mlp"]["c_fc"], "td,df->tf"))   # [T, F]
+    x = x + linear(h, p["mlp"]["c_proj"], "tf,fd->td")                          # [T, D]
     return x, k_pages, v_pages
 
 
@@ -242,7 +248,7 @@ class GPT(nnx.Module):
 
 def embed(config: GPTConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """Token + position embeddings of T rows: [T, D]."""
-    return params["wte"]["embedding"][tokens] + params["wpe"]["embedding"][positions]
+    return embedding(params["wte"]["embedding"], tokens) + params["wpe"]["embedding"][positions]
 
 
 def unstack_layers(h: dict) -> list[dict]:
@@ -265,7 +271,7 @@ def decoder(c: GPTConfig, layers: list[dict], x: jax.Array, kv: KVCache, meta: A
 def lm_head(c: GPTConfig, params: dict, x: jax.Array) -> jax.Array:
     """Final LayerNorm and the tied LM head on x [R, D]: float32 logits [R, V]."""
     h = layer_norm(x, params["ln_f"], c.layer_norm_epsilon)
-    return jnp.einsum("rd,vd->rv", h, params["wte"]["embedding"], preferred_element_type=jnp.float32)
+    return head_logits(h, params["wte"]["embedding"])
 
 
 def init_params(config: GPTConfig, seed: int = 0) -> dict:

@@ -1,4 +1,5 @@
-"""Numerics shared by the model families: norms, activations, rotary position embeddings.
+"""Numerics shared by the model families: dense layers, norms, activations, rotary position
+embeddings.
 
 Each follows the Hugging Face implementation it replaces, in float32 where HF upcasts, so that
 fp32 logits agree within 1e-4 and bf16 models round where HF's do.
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .cpu_kernels import PackedWeight, matmul, table_rows
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 ACTIVATIONS = {
@@ -26,6 +29,33 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+
+
+# ----------------------------------------------------------------------------- dense layers
+# A weight is either an array (XLA's einsum) or, with --matmul-backend cpu, a PackedWeight that
+# step.runtime_params made at start-up (the C++ kernel, models/cpu_kernels.py).
+
+def linear(x: jax.Array, p: dict, eq: str) -> jax.Array:
+    """The dense layer p = {"kernel": [*in, *out], "bias"?: [*out]} on x [T, *in] (`eq` the
+    einsum of x and kernel): [T, *out]."""
+    w = p["kernel"]
+    if isinstance(w, PackedWeight):
+        return matmul(x, w, p.get("bias"))
+    y = jnp.einsum(eq, x, w)
+    return y + p["bias"] if "bias" in p else y
+
+
+def embedding(table, ids: jax.Array) -> jax.Array:
+    """Rows `ids` [T] of an embedding table [V, D] (packed when it is also the tied LM head)."""
+    return table_rows(table, ids) if isinstance(table, PackedWeight) else table[ids]
+
+
+def head_logits(h: jax.Array, table) -> jax.Array:
+    """The LM head: h [R, D] against the table [V, D] (or its packed transpose): float32 logits
+    [R, V]."""
+    if isinstance(table, PackedWeight):
+        return matmul(h, table)
+    return jnp.einsum("rd,vd->rv", h, table, preferred_element_type=jnp.float32)
 
 
 def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:

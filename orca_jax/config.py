@@ -58,6 +58,11 @@ class EngineConfig:
                 "with the system's compiler: float32, one device per pipeline stage); auto: on "
                 "CUDA pallas for 16-bit models and xla-static for float32 (the kernel's dots run "
                 "in TF32), on CPU cpu where it fits and builds, else xla")
+    matmul_backend: Literal["auto", "xla", "cpu"] = _knob(
+        "auto", "dense layers and the LM head: xla (XLA's own GEMMs) or cpu (a C++ kernel over "
+                "weights packed once at start-up in place of the arrays, built at first use with "
+                "the system's compiler: float32, one device per pipeline stage; faster at decode's "
+                "few rows); auto: cpu on CPU where it fits and builds, else xla")
     sampling_control: Literal["auto", "device", "host"] = _knob(
         "auto", "who switches the sampler's optional stages (penalties, top-k/p/min-p, random "
                 "draws, logprobs) per iteration: device (lax.cond in one program per row bucket: "

@@ -98,17 +98,30 @@ def check_map_budget(start: int, compiled: int, total: int) -> None:
 
 
 def _cpu_kernel_unfit(mesh, dtype) -> str | None:
-    """Why the CPU attention kernel (models/cpu_attention.py) cannot run this model on this
-    mesh, or None: it takes float32 and is not partitioned, so each pipeline stage must be
-    one device; it must build here."""
+    """Why the CPU kernels (models/cpu_kernels.py: attention, dense layers) cannot run this
+    model on this mesh, or None: they take float32 and are not partitioned, so each pipeline
+    stage must be one device; they must build here."""
     if mesh.devices.flat[0].platform != "cpu":
-        return "the CPU attention kernel runs on CPU devices only"
+        return "the CPU kernels run on CPU devices only"
     if jnp.dtype(dtype) != jnp.float32:
-        return f"the CPU attention kernel takes float32 models, not {jnp.dtype(dtype).name}"
+        return f"the CPU kernels take float32 models, not {jnp.dtype(dtype).name}"
     if mesh.size // mesh.shape.get(PIPELINE, 1) > 1:
-        return f"the CPU attention kernel runs on one device per pipeline stage, not mesh {dict(mesh.shape)}"
-    from .models import cpu_attention
-    return cpu_attention.load()
+        return f"the CPU kernels run on one device per pipeline stage, not mesh {dict(mesh.shape)}"
+    from .models import cpu_kernels
+    return cpu_kernels.load()
+
+
+def resolve_matmul_backend(backend: str, mesh, dtype=jnp.float32) -> str:
+    """`--matmul-backend` as this mesh runs it: "cpu" (the C++ kernel over packed weights,
+    models/cpu_kernels.py) where it fits, else "xla"."""
+    why = _cpu_kernel_unfit(mesh, dtype)
+    if backend == "auto":
+        if why and mesh.devices.flat[0].platform == "cpu":
+            log.info("matmul backend xla: %s", why)
+        return "xla" if why else "cpu"
+    if backend == "cpu" and why:
+        raise ValueError(f"--matmul-backend cpu: {why}; use xla (or auto)")
+    return backend
 
 
 def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
@@ -117,7 +130,7 @@ def resolve_attention_backend(backend: str, mesh, kv: PagedKV, head_dim: int,
     "pallas" (the paged-attention kernel for decode rows, models/pallas_attention.py) for
     16-bit models, else "xla-static" (the kernel's float32 dots run in TF32, and it attends to
     whole contexts: no sliding window); on CPU "cpu" (the C++ attention kernel,
-    models/cpu_attention.py) where it fits, else "xla"."""
+    models/cpu_kernels.py) where it fits, else "xla"."""
     gpu = mesh.devices.flat[0].platform == "gpu"
     if backend == "auto":
         fits = _pow2(kv.page_size) and _pow2(head_dim) and not sliding_window
@@ -207,6 +220,7 @@ class ModelRunner:
         # Several processes and stages: each process runs its own stage (sharding/pipeline.py).
         self.local_stages = local_stages(self.stages)
         self.stage_config = config.replace(num_layers=config.num_layers // self.n_stages)
+        self.matmul = resolve_matmul_backend(engine_config.matmul_backend, self.mesh, config.jnp_dtype)
         # per local stage: the sub-tree it holds, on its sub-mesh, per layer
         self._params = [self._place(params, st) for st in self.local_stages]
         del params
@@ -242,7 +256,7 @@ class ModelRunner:
         sh = param_shardings(self.stage_config, st.mesh, self.layout)
         placed = local_stage_params(params, st, {k: sh[k] for k in stage_keys(st, self.model_config)},
                                     self.model_config)
-        return runtime_params(self.model_config, placed)
+        return runtime_params(self.model_config, placed, self.matmul)
 
     def _size_kv(self, ec: EngineConfig) -> tuple[PagedKV, int]:
         """(the page pool's geometry, bytes per device of pages and sequence state): as many

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models import family
+from .models import cpu_kernels, family
 from .models.attention import KVCache
 from .plan import PagedKV, SampleInputs, SamplingTensors, StepInputs, StepPlan
 from .sampling import SampleOutput, sample
@@ -59,10 +59,12 @@ def init_device_state(num_layers, kv: PagedKV, num_slots, num_kv_heads, head_dim
                        history=zeros((num_slots, kv.max_pages * kv.page_size)))
 
 
-def runtime_params(config, params: dict) -> dict:
+def runtime_params(config, params: dict, matmul: str = "xla") -> dict:
     """The params as `run_step` takes them: the stacked layers (every leaf [L', ...], as
     checkpoints store them and layouts place them) split once into L' per-layer arrays, each
-    keeping its sharding of the other axes. The stacked arrays can be freed afterwards."""
+    keeping its sharding of the other axes. With `matmul` "cpu" every dense layer weight and
+    the LM head's table are packed for the C++ kernel (models/cpu_kernels.py), one weight at a
+    time, replacing the array (no second copy). The stacked arrays can be freed afterwards."""
     def per_layer(x):
         return jax.NamedSharding(x.sharding.mesh, jax.P(*x.sharding.spec[1:]))
 
@@ -70,7 +72,31 @@ def runtime_params(config, params: dict) -> dict:
     layers = params[model.LAYERS]
     n = jax.tree.leaves(layers)[0].shape[0]
     shardings = [jax.tree.map(per_layer, layers)] * n
-    return {**params, model.LAYERS: jax.jit(model.unstack_layers, out_shardings=shardings)(layers)}
+    params = {**params, model.LAYERS: jax.jit(model.unstack_layers, out_shardings=shardings)(layers)}
+    return _pack_weights(model, config, params) if matmul == "cpu" else params
+
+
+_pack = jax.jit(cpu_kernels.pack, static_argnums=1)
+
+
+def _pack_weights(model, config, params: dict) -> dict:
+    """`params` with the layers' dense weights and the LM head table (on this stage) packed."""
+    layers = []
+    for layer in params[model.LAYERS]:
+        for path, n_in in model.LINEAR_INPUTS.items():
+            layer = _replace(layer, (*path, "kernel"), _pack, n_in)
+        layers.append(layer)
+    params = _replace(params, model.head_key(config), lambda table: _pack(table.T, 1))
+    return {**params, model.LAYERS: layers}
+
+
+def _replace(tree: dict, path: tuple[str, ...], fn, *args) -> dict:
+    """`tree` with the leaf at `path` replaced by fn(leaf, *args); as is where there is none
+    (an MLP without a gate; a pipeline stage without the LM head)."""
+    key, *rest = path
+    if key not in tree:
+        return tree
+    return {**tree, key: _replace(tree[key], tuple(rest), fn, *args) if rest else fn(tree[key], *args)}
 
 
 def run_step(config, params: dict, state: DeviceState, inp: StepInputs,

@@ -21,7 +21,7 @@ import pytest
 from helpers import converted_gpt2
 
 from orca_jax.engine import Engine, EngineConfig
-from orca_jax.models import cpu_attention
+from orca_jax.models import cpu_kernels
 from orca_jax.plan import SAMPLING_SWITCHES, PagedKV, SamplingTensors, warmup_plan
 from orca_jax.request import SamplingParams
 from orca_jax.runner import kv_budget_bytes, resolve_attention_backend, resolve_controls
@@ -161,7 +161,7 @@ def _mesh(platform: str):
 def test_attention_backend_auto_per_platform_dtype_and_window():
     kv = PagedKV.make(64, 16, 256)
     auto = lambda platform, **kw: resolve_attention_backend("auto", _mesh(platform), kv, 64, **kw)
-    assert auto("cpu") == ("cpu" if cpu_attention.load() is None else "xla")  # the C++ kernel, if it builds
+    assert auto("cpu") == ("cpu" if cpu_kernels.load() is None else "xla")  # the C++ kernel, if it builds
     assert auto("cpu", dtype=jax.numpy.bfloat16) == "xla"
     assert auto("gpu", dtype=jax.numpy.bfloat16) == "pallas"
     assert auto("gpu", dtype=np.float32) == "xla-static"  # the kernel's dots would run in TF32

@@ -2,6 +2,7 @@
 
     python -m orca_jax.bench.ab --old 6334c17 --batches 1,16,64 --prompt 400 --page-sizes 16,64
     python -m orca_jax.bench.ab --attention-backends xla,cpu --batches 1,16,64 --prompt 400
+    python -m orca_jax.bench.ab --matmul-backends xla,cpu --batches 1,4,16,64
 
 The machine is shared and noisy, so two engines are compared in the same process and the
 same minutes: the old commit is extracted (`git archive`) into a temporary folder and imported
@@ -9,12 +10,14 @@ as the package `orca_old`; both build GPT-2 (random weights, `--preset`) from th
 parameters, and for each round and batch every engine in turn decodes: `batch` requests of
 `--prompt` random tokens are prefilled completely, then `--steps` engine steps are timed. The
 median over `--rounds` is printed per engine and batch. This tree runs once per
-`--page-sizes` and `--attention-backends` entry (no `--old`: only these). Results go to
+combination of `--page-sizes`, `--attention-backends` and `--matmul-backends` entries (no
+`--old`: only these). Results go to
 `--out` as JSON. See docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -73,6 +76,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens (the context decode reads)")
     p.add_argument("--page-sizes", default="64", help="this tree's --page-size values to run")
     p.add_argument("--attention-backends", default="auto", help="this tree's --attention-backend values to run")
+    p.add_argument("--matmul-backends", default="auto", help="this tree's --matmul-backend values to run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default="bench-results/ab.json")
@@ -90,11 +94,14 @@ def main(argv=None) -> None:
         if args.old:
             old = import_old(args.old, Path(tmp))
             engines[args.old] = old.engine.Engine.build(c, params, old.config.EngineConfig(**common))
-        for size in args.page_sizes.split(","):
-            for backend in args.attention_backends.split(","):
-                name = f"pages of {size}" + (f", {backend}" if backend != "auto" else "")
-                engines[name] = Engine.build(c, params, EngineConfig(**common, page_size=int(size),
-                                                                     attention_backend=backend))
+        for size, attention, matmul in itertools.product(args.page_sizes.split(","),
+                                                         args.attention_backends.split(","),
+                                                         args.matmul_backends.split(",")):
+            name = (f"pages of {size}" + (f", attention {attention}" if attention != "auto" else "")
+                    + (f", matmul {matmul}" if matmul != "auto" else ""))
+            engines[name] = Engine.build(c, params, EngineConfig(**common, page_size=int(size),
+                                                                 attention_backend=attention,
+                                                                 matmul_backend=matmul))
         freeze_startup_heap()
         times = {name: {b: [] for b in batches} for name in engines}
         for rnd in range(args.rounds):

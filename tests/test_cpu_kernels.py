@@ -1,5 +1,6 @@
-"""The CPU attention kernel (models/cpu_attention.py): built with the system's compiler,
-checked against the XLA path it replaces, and chosen by "auto" only where it fits."""
+"""The CPU kernels (models/cpu_kernels.py: attention over pages, dense layers over packed
+weights): built with the system's compiler, checked against the XLA paths they replace, and
+chosen by "auto" only where they fit."""
 import numpy as np
 import pytest
 
@@ -8,14 +9,14 @@ import jax.numpy as jnp
 
 from orca_jax.config import EngineConfig
 from orca_jax.engine import Engine
-from orca_jax.models import PRESETS, cpu_attention, family
+from orca_jax.models import PRESETS, cpu_kernels, family
 from orca_jax.models.attention import _in_window, _pages_softmax, _softmax_init
 from orca_jax.plan import PagedKV
 from orca_jax.request import SamplingParams
-from orca_jax.runner import resolve_attention_backend
+from orca_jax.runner import resolve_attention_backend, resolve_matmul_backend
 from orca_jax.sharding.mesh import single_device_mesh
 
-needs_kernel = pytest.mark.skipif(cpu_attention.load() is not None, reason=str(cpu_attention.load()))
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is not None, reason=str(cpu_kernels.load()))
 
 
 def _xla(q, k_pages, v_pages, table, pos, window, scale):
@@ -43,7 +44,7 @@ def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
     q = jnp.asarray(rng.standard_normal((N, kv_heads, heads // kv_heads, head_dim), np.float32))
     scale = head_dim ** -0.5
     lo = jnp.zeros_like(pos) if window is None else pos - window + 1
-    got = jax.jit(lambda *a: cpu_attention.paged_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
+    got = jax.jit(lambda *a: cpu_kernels.paged_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
     np.testing.assert_allclose(got, _xla(q, k_pages, v_pages, table, pos, window, scale), rtol=2e-5, atol=2e-6)
 
 
@@ -51,7 +52,7 @@ def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
 def test_a_row_with_no_position_is_zero_not_nan():
     """Padding rows of a decode bucket must come out finite (their outputs are never read)."""
     k = jnp.ones((2, 4, 8, 16), jnp.float32)
-    out = cpu_attention.paged_attention(jnp.ones((3, 2, 1, 16)), k, k, jnp.zeros((3, 2), jnp.int32),
+    out = cpu_kernels.paged_attention(jnp.ones((3, 2, 1, 16)), k, k, jnp.zeros((3, 2), jnp.int32),
                                                jnp.zeros(3, jnp.int32), jnp.array([0, 5, 0], jnp.int32), 0.25)
     assert np.isfinite(out).all() and not np.asarray(out[0]).any() and np.allclose(out[1], 1.0)
 
@@ -90,18 +91,89 @@ def test_engine_tokens_and_logprobs_match_the_xla_backend(preset, changes, budge
 def test_auto_picks_the_kernel_only_where_it_fits(monkeypatch):
     kv = PagedKV.make(8, 16, 128)
     mesh = single_device_mesh()
-    expected = "cpu" if cpu_attention.load() is None else "xla"
+    expected = "cpu" if cpu_kernels.load() is None else "xla"
     assert resolve_attention_backend("auto", mesh, kv, 64) == expected
     assert resolve_attention_backend("auto", mesh, kv, 64, dtype=jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="float32"):
         resolve_attention_backend("cpu", mesh, kv, 64, dtype=jnp.bfloat16)
+    assert resolve_matmul_backend("auto", mesh) == expected
+    assert resolve_matmul_backend("auto", mesh, jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="float32"):
+        resolve_matmul_backend("cpu", mesh, jnp.bfloat16)
 
 
 def test_without_a_compiler_auto_keeps_xla_and_cpu_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_attention, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("ORCA_JAX_KERNEL_CACHE", str(tmp_path))
     kv, mesh = PagedKV.make(8, 16, 128), single_device_mesh()
     assert resolve_attention_backend("auto", mesh, kv, 64) == "xla"
+    assert resolve_matmul_backend("auto", mesh) == "xla"
     with pytest.raises(ValueError, match="no C.. compiler"):
         resolve_attention_backend("cpu", mesh, kv, 64)
+    with pytest.raises(ValueError, match="--matmul-backend cpu: no C.. compiler"):
+        resolve_matmul_backend("cpu", mesh)
+
+
+# ----------------------------------------------------------------------------- dense layers
+
+@needs_kernel
+@pytest.mark.parametrize("shape,n_in,rows,bias", [
+    ((64, 3, 4, 16), 1, 5, True),     # GPT-2's fused qkv: [D, 3, H, K]
+    ((4, 16, 64), 2, 9, True),        # an output projection: [H, K, D], two input dims
+    ((33, 70), 1, 17, False),         # odd sizes: a partial last panel, a tail tile of 1 row
+    ((48, 96), 1, 1, True),           # one decode row
+    ((40, 500), 1, 64, False),        # 64 rows: eight full tiles
+])
+def test_packed_matmul_equals_the_einsum(shape, n_in, rows, bias):
+    rng = np.random.default_rng(rows)
+    w = jnp.asarray(rng.standard_normal(shape, np.float32))
+    b = jnp.asarray(rng.standard_normal(shape[n_in:], np.float32)) if bias else None
+    x = jnp.asarray(rng.standard_normal((rows, *shape[:n_in]), np.float32))
+    packed = jax.jit(cpu_kernels.pack, static_argnums=1)(w, n_in)
+    assert packed.panels.shape == (-(-np.prod(shape[n_in:]) // 32), np.prod(shape[:n_in]), 32)
+    got = jax.jit(cpu_kernels.matmul)(x, packed, b)
+    want = jnp.tensordot(x, w, n_in, precision="highest") + (0 if b is None else b)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_tied_table_packed_as_the_head_still_embeds():
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((100, 24), np.float32))
+    ids = jnp.array([0, 31, 32, 99, 64, 31])
+    np.testing.assert_array_equal(cpu_kernels.table_rows(cpu_kernels.pack(table.T, 1), ids), table[ids])
+
+
+@needs_kernel
+@pytest.mark.parametrize("preset,changes", [
+    ("gpt2-tiny", {}),                                        # tied head, fused qkv, biases
+    ("llama-tiny", {"tie_embeddings": False}),                # gated MLP, own LM head
+])
+def test_engine_with_packed_weights_matches_xla_matmuls(preset, changes):
+    """Greedy tokens and logprobs through whole engines (prefill and decode) with the dense
+    layers on the kernel and on XLA; the packed weights replace the arrays (no second copy)."""
+    c = PRESETS[preset].replace(**changes)
+    params = family(c).init_params(c)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in (3, 17, 40, 9, 1)]
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=0)
+    runs = {}
+    for backend in ("xla", "cpu"):
+        eng = Engine.build(c, params, EngineConfig(max_batch_size=4, max_model_len=96, page_size=16, warmup=False,
+                                                   kv_memory=int(2e7), matmul_backend=backend))
+        assert eng.runner.matmul == backend
+        leaves = jax.tree.leaves(eng.runner._params, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight))
+        packed = [x for x in leaves if isinstance(x, cpu_kernels.PackedWeight)]
+        # every dense weight of every layer, and the head
+        assert len(packed) == (c.num_layers * len(family(c).LINEAR_INPUTS) + 1 if backend == "cpu" else 0)
+        n_bytes = sum(x.panels.nbytes if isinstance(x, cpu_kernels.PackedWeight) else x.nbytes for x in leaves)
+        reqs = [eng.add_request(p, sp) for p in prompts]
+        while eng.has_unfinished():
+            eng.step()
+        runs[backend] = n_bytes, [(r.output_ids, [lp["logprob"] for lp in r.logprobs]) for r in reqs]
+    (bytes_xla, xla), (bytes_cpu, cpu) = runs["xla"], runs["cpu"]
+    assert bytes_xla <= bytes_cpu <= bytes_xla * 1.1  # panels pad to 32 columns; no second copy
+    for (tx, lx), (tc, lc) in zip(xla, cpu):
+        assert tc == tx
+        np.testing.assert_allclose(lc, lx, atol=1e-4)

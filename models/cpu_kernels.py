@@ -1,0 +1,171 @@
+"""C++ kernels for CPU, called from the jitted step: attention over the paged KV cache and
+dense layers over packed weights.
+
+**Attention** (``--attention-backend cpu``, what "auto" picks on CPU for float32 models on one
+device per pipeline stage). XLA:CPU's own path (backend "xla": models/attention.py) copies
+every decode row's page out of the pool with a gather and then runs two batched dots of
+one-row matrices per page (≈ 3x the KV read floor at batch 64), and scores prefill rows
+densely against every prefill row of the step, then masks (a step of four 128-token
+prompts computes 4x the pairs it keeps, and XLA's exp and select passes over them cost more
+than its matmuls). The kernel (cpu_attention.cc, an XLA FFI custom call) takes every row of
+the step, decode or prefill, as a query over positions [lo, hi) of its own sequence, read
+through its block table straight from the pool (this step's keys are written first), with an
+online softmax per (row, KV head), the pairs spread over XLA's own intra-op threads
+(docs/benchmarks.md, "Attention on CPU: the C++ kernel").
+
+**Dense layers** (``--matmul-backend cpu``, the same "auto" rule). XLA:CPU's GEMMs read a
+decode step's weights at a third to a half of the machine's bandwidth at 2-16 rows.
+`runtime_params` (orca_jax/step.py) packs every layer weight and the LM head once at
+start-up into panels of 32 output columns (`pack`: [ceil(N/32), K, 32], replacing the
+[K, N] array, so no second copy), and models/layers.py `linear` sends them to cpu_matmul.cc,
+which streams each panel once per tile of 8 rows with the outputs in registers
+(docs/benchmarks.md, "Dense layers on CPU"). A tied embedding packed as the LM head still
+serves the token lookup (`table_rows`).
+
+Both are compiled at first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
+CPU (``-march=native``) into one library in ``$ORCA_JAX_KERNEL_CACHE`` (default
+~/.cache/orca-jax/kernels), under a name keyed by the sources, the flags, the compiler, jaxlib
+and the CPU, so later processes only load it. Where it cannot be built (no compiler), "auto"
+keeps the XLA paths and says why once in the log; an explicit ``cpu`` backend fails with the
+reason.
+
+Legend: N rows, Hkv KV heads, G query heads per KV head, K head dim, P pages, B
+positions per page, W pages in a block table; for dense layers T rows, I input features,
+O output features.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc")
+HEADERS = (HERE / "cpu_kernels.h",)
+# FFI target name -> the library's handler symbol (the names also appear in compiled programs)
+TARGETS = {"orca_jax_paged_attention_f32": "OrcaPagedAttentionF32",
+           "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32"}
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared",
+         "-std=c++17", "-w")  # -ffp-contract: fused multiply-adds (off under -std=c++17); -w: XLA's headers warn
+PANEL = 32  # output columns per packed panel (NR in cpu_matmul.cc)
+
+_lock = threading.Lock()
+_loaded: dict = {}  # "error": why it cannot be used, or "lib": the loaded library
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx)
+
+
+def _build(cxx: str) -> Path:
+    """The kernel's shared library, compiled unless the cache already holds it."""
+    import jaxlib
+    texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), cxx, jaxlib.__version__,
+                                    _cpu_id()]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("ORCA_JAX_KERNEL_CACHE",
+                                 Path.home() / ".cache" / "orca-jax" / "kernels"))
+    lib = folder / f"cpu_kernels_{key}.so"
+    if lib.exists():
+        return lib
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed: atomic
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+def load() -> str | None:
+    """Builds (once per machine) and registers the kernels; None when they are ready, else why
+    they cannot be used here."""
+    with _lock:
+        if not _loaded:
+            cxx = _compiler()
+            if cxx is None:
+                _loaded["error"] = (f"no C++ compiler ({os.environ.get('CXX') or 'c++'} not found; "
+                                    f"set $CXX) to build the CPU kernels")
+            else:
+                try:
+                    lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+                    for target, symbol in TARGETS.items():
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                                    platform="cpu")
+                    _loaded["lib"] = lib
+                except (OSError, RuntimeError, AttributeError) as e:
+                    _loaded["error"] = f"the CPU kernels could not be built: {e}"
+        return _loaded.get("error")
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> jax.Array:
+    """q [N, Hkv, G, K] float32 (N rows, each one query token), k_pages/v_pages [Hkv, P, B, K]
+    float32, block_tables [N, W] int32 (the pages of each row's sequence, in order), lo/hi [N]
+    int32: each row attends to positions lo <= p < hi of its sequence (hi = pos + 1; lo > 0
+    for a sliding window; a row with none comes out 0). Returns softmax(q·k * scale)·v, [N, Hkv, G, K]
+    float32. `load()` must have returned None."""
+    return jax.ffi.ffi_call("orca_jax_paged_attention_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),
+        hi.astype(jnp.int32), scale=np.float32(scale))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"], meta_fields=["out_shape"])
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A dense layer's weight [*in, *out] in the kernel's layout: `panels` [ceil(O/32), I, 32]
+    float32 holds columns 32p .. 32p+31 of the [I, O] matrix in panel p (the last one
+    zero-padded); `out_shape` are the output dims (their product is O)."""
+
+    panels: jax.Array
+    out_shape: tuple[int, ...]
+
+
+def pack(kernel: jax.Array, n_in: int) -> PackedWeight:
+    """kernel [*in, *out] (its first `n_in` dims are contracted) -> the packed weight. Run once,
+    outside the step (it copies the weight)."""
+    out_shape = tuple(kernel.shape[n_in:])
+    w = kernel.reshape(math.prod(kernel.shape[:n_in]), math.prod(out_shape))         # [I, O]
+    n_panels = -(-w.shape[1] // PANEL)
+    w = jnp.pad(w, ((0, 0), (0, n_panels * PANEL - w.shape[1])))
+    return PackedWeight(w.reshape(w.shape[0], n_panels, PANEL).transpose(1, 0, 2), out_shape)
+
+
+def matmul(x: jax.Array, w: PackedWeight, bias: jax.Array | None = None) -> jax.Array:
+    """x [T, *in] float32 times the packed weight (+ bias [*out]): [T, *out] float32. `load()`
+    must have returned None."""
+    t, n = x.shape[0], math.prod(w.out_shape)
+    b = jnp.zeros((0,), jnp.float32) if bias is None else bias.reshape(n)
+    y = jax.ffi.ffi_call("orca_jax_packed_matmul_f32", jax.ShapeDtypeStruct((t, n), jnp.float32))(
+        x.reshape(t, -1), w.panels, b)
+    return y.reshape(t, *w.out_shape)
+
+
+def table_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
+    """Rows `ids` [T] of the [O, I] table that `w` packs transposed (a tied embedding packed
+    as the LM head, `pack(table.T, 1)`): [T, I], the embedding lookup."""
+    return w.panels[ids // PANEL, :, ids % PANEL]
