@@ -29,7 +29,7 @@ from typing import Mapping
 
 import jax
 
-from ..kv_pages import PAGE_SIZE, pages_for
+from ..kv_pages import PAGE_SIZE, pages_for, pool_pages_for
 from ..models.attention import KV_AXES, KVCache
 from ..models import family, preset
 from .layouts import Layout, MeshAxes, get_layout, pipelined
@@ -249,7 +249,7 @@ def make_plan(config, mesh: str | Mapping[str, int], layout: str | Layout,
     ex = _Explain()
     notes: list[str] = []
     params = param_placements(c, layout, mesh_shape, b)
-    kvb = kv_placement(c, layout, mesh_shape, batch * pages_for(M, page_size), page_size, b)
+    kvb = kv_placement(c, layout, mesh_shape, pool_pages_for(batch * pages_for(M, page_size)), page_size, b)
     memory = _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params, ex, notes)
     costs, parallelism = _parallelism(c, layout, mesh_shape, acc, b, params, kvb, ex, notes)
     stages = costs.stages
@@ -307,7 +307,8 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
 
     W = pages_for(M, page_size)
     kv1 = kv_placement(c, layout, mesh_shape, W, page_size, b)
-    kvb = kv_placement(c, layout, mesh_shape, batch * W, page_size, b)
+    pool = pool_pages_for(batch * W)  # the engine's pool: every slot full, plus the admission watermark
+    kvb = kv_placement(c, layout, mesh_shape, pool, page_size, b)
     per_slot_dev = 2 * kv1.bytes_per_device
     kv_dev = 2 * kvb.bytes_per_device
     state_dev = slot_state_bytes(batch, M, page_size)
@@ -315,7 +316,8 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
     ex(f"per sequence of {M} tokens ({W} pages): K and V x L x {W * page_size} x KV heads x head dim x {b} B = "
        f"2 x {c.num_layers} x {W * page_size} x {c.num_kv_heads} x {c.head_dim} x {b} = {_fmt(2 * kv1.bytes)}; "
        f"per device / {kv1.shards} (spec {kv1.spec}) = {_fmt(per_slot_dev)}")
-    ex(f"batch of {batch} sequences: 2 x {_fmt(kvb.bytes)} / {kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
+    ex(f"batch of {batch} sequences ({pool} pages with the admission watermark): 2 x {_fmt(kvb.bytes)} / "
+       f"{kvb.shards} (spec {kvb.spec}) = {_fmt(kv_dev)} per device"
        f" + sequence state (int32 history [S, M] + last token [S], replicated) {_fmt(state_dev)}")
     hbm_usable = int(acc.hbm_bytes * (1 - reserve))
     need = p_dev + kv_dev + state_dev
@@ -323,7 +325,7 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
        f"needed: params {_fmt(p_dev)} + KV {_fmt(kv_dev)} + state {_fmt(state_dev)} = {_fmt(need)}")
     left = hbm_usable - p_dev
     max_slots = fit_kv_pages(c, layout, mesh_shape, page_size, left, b) // W if left > 0 else 0
-    while max_slots and (kv_bytes_per_device(c, layout, mesh_shape, max_slots * W, page_size, b)
+    while max_slots and (kv_bytes_per_device(c, layout, mesh_shape, pool_pages_for(max_slots * W), page_size, b)
                          + slot_state_bytes(max_slots, M, page_size)) > left:
         max_slots -= 1
     ex(f"max sequences of {M} tokens: most S with 2 x KV(S x {W} pages) / shards + state(S) <= "

@@ -24,7 +24,7 @@ from orca_jax.models.decoder import DecoderConfig
 from orca_jax.models.gpt2 import PRESETS, GPTConfig
 from orca_jax.sharding.layouts import param_shardings, spec_for
 from orca_jax.sharding.mesh import make_mesh
-from orca_jax.kv_pages import PAGE_SIZE
+from orca_jax.kv_pages import PAGE_SIZE, pool_pages_for
 from orca_jax.models.attention import KVCache
 from orca_jax.plan import PagedKV
 from orca_jax.sharding.plan import ACCELERATORS, fit_kv_pages, format_plan, kv_placement, make_plan
@@ -72,7 +72,7 @@ def test_plan_param_and_kv_bytes_equal_real_shards(config, spec, layout):
 
     # The KV pages and sequence state as placed by the layout (what the step is compiled for):
     # one array per layer of a stage (pipeline stages hold their own layers' pages).
-    kv = PagedKV.make(slots * -(-max_len // PAGE_SIZE), PAGE_SIZE, max_len)
+    kv = PagedKV.make(pool_pages_for(slots * -(-max_len // PAGE_SIZE)), PAGE_SIZE, max_len)  # as the engine sizes it
     shape = KVCache.shape(kv.num_pages, PAGE_SIZE, config.num_kv_heads, config.head_dim)
     stages = dict(mesh.shape).get("pipeline", 1)
     state = init_device_state(config.num_layers // stages, kv, slots, config.num_kv_heads, config.head_dim,
@@ -113,7 +113,8 @@ def test_plan_slot_state_is_what_the_engine_allocates_at_any_context():
     """Sequence state rows are padded to whole pages, in the plan as in the engine."""
     from orca_jax.sharding.plan import kv_bytes_per_device, slot_state_bytes
     mem = make_plan(CFG, "tensor=2", "megatron", "h100", batch=8, context=100, dtype="float32")["memory"]
-    assert mem["kv_bytes_per_device"] == kv_bytes_per_device(CFG, "megatron", {"tensor": 2}, 8 * 2, 64, 4)
+    # 8 slots x 2 pages, plus the 1-page admission watermark (kv_pages.pool_pages_for)
+    assert mem["kv_bytes_per_device"] == kv_bytes_per_device(CFG, "megatron", {"tensor": 2}, 8 * 2 + 1, 64, 4)
     assert mem["slot_state_bytes_per_device"] == slot_state_bytes(8, 100, 64) == 4 * 8 * 128 + 4 * 8
 
 
