@@ -129,7 +129,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> 
     int32: each row attends to positions lo <= p < hi of its sequence (hi = pos + 1; lo > 0
     for a sliding window; a row with none comes out 0). Returns softmax(q·k * scale)·v, [N, Hkv, G, K]
     float32. `load()` must have returned None."""
-    return jax.ffi.ffi_call("orca_jax_paged_attention_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    return jax.ffi.ffi_call("orca_jax_paged_attention_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),
         hi.astype(jnp.int32), scale=np.float32(scale))
 
@@ -160,7 +161,8 @@ def matmul(x: jax.Array, w: PackedWeight, bias: jax.Array | None = None) -> jax.
     must have returned None."""
     t, n = x.shape[0], math.prod(w.out_shape)
     b = jnp.zeros((0,), jnp.float32) if bias is None else bias.reshape(n)
-    y = jax.ffi.ffi_call("orca_jax_packed_matmul_f32", jax.ShapeDtypeStruct((t, n), jnp.float32))(
+    y = jax.ffi.ffi_call("orca_jax_packed_matmul_f32", jax.ShapeDtypeStruct((t, n), jnp.float32),
+                         vmap_method="sequential")(
         x.reshape(t, -1), w.panels, b)
     return y.reshape(t, *w.out_shape)
 

@@ -183,15 +183,20 @@ def score_rows(config, params: dict, h: jax.Array, targets: jax.Array):
     model = family(config)
     n = min(MAX_LOGPROBS, config.vocab_size)
 
-    def row(args):  # one row; lax.map vmaps it over blocks of ROW_BLOCK rows
-        hr, target = args                                                    # [D], []
-        lsm = jax.nn.log_softmax(model.lm_head(config, params, hr[None])[0])  # [V] f32
-        lp = lsm[target]
-        rank = 1 + jnp.sum(lsm > lp, dtype=jnp.int32)
-        top_lp, top_ids = jax.lax.top_k(lsm, n)                               # [N]
+    def block(args):  # ROW_BLOCK rows at a time (lax.map), the LM head as one matmul
+        hb, tb = args                                                        # [B, D], [B]
+        lsm = jax.nn.log_softmax(model.lm_head(config, params, hb), axis=-1)  # [B, V] f32
+        lp = jnp.take_along_axis(lsm, tb[:, None], axis=-1)[:, 0]            # [B]
+        rank = 1 + jnp.sum(lsm > lp[:, None], axis=-1, dtype=jnp.int32)
+        top_lp, top_ids = jax.lax.top_k(lsm, n)                               # [B, N]
         return lp, rank, top_ids.astype(jnp.int32), top_lp
 
-    return jax.lax.map(row, (h, targets), batch_size=min(ROW_BLOCK, h.shape[0]))
+    T = h.shape[0]
+    B = min(ROW_BLOCK, T)
+    blocks = -(-T // B)
+    hb = jnp.pad(h, ((0, blocks * B - T), (0, 0))).reshape(blocks, B, h.shape[1])
+    tb = jnp.pad(targets, (0, blocks * B - T)).reshape(blocks, B)
+    return tuple(x.reshape(blocks * B, *x.shape[2:])[:T] for x in jax.lax.map(block, (hb, tb)))
 
 
 def _entries(targets, lp, rank, top_ids, top_lp, top_n: int) -> list[dict]:
