@@ -283,3 +283,16 @@ def test_no_recompile_across_param_values():
             np.testing.assert_array_equal(out.ids, np.asarray(logits).argmax(-1))
     assert len(traces) == 1
     assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("V", [7, 1024, 1025, 3000, 50257])
+def test_argmax_first_is_top1_first_on_ties(V):
+    """The greedy pick (two passes over blocks) equals lax.top_k's first index on ties, with
+    ties across and inside blocks, a partial last block and a row of all -inf (all banned)."""
+    from orca_jax.sampling import argmax_first
+    x = np.random.default_rng(V).integers(-3, 3, (16, V)).astype(np.float32)
+    x[0] = -np.inf
+    x[1, -1] = 9.0                       # the max in the partial last block
+    x[2, [V // 2, V - 1]] = 9.0          # tied maxima in different blocks: the first wins
+    got = jax.jit(argmax_first)(jnp.asarray(x))
+    np.testing.assert_array_equal(got, jax.lax.top_k(jnp.asarray(x), 1)[1][:, 0])
