@@ -149,6 +149,9 @@ def test_a_tied_table_packed_as_the_head_still_embeds():
 @pytest.mark.parametrize("preset,changes", [
     ("gpt2-tiny", {}),                                        # tied head, fused qkv, biases
     ("llama-tiny", {"tie_embeddings": False}),                # gated MLP, own LM head
+    ("llama-tiny", dict(mlp="plain", activation="gelu_new", qkv_bias=True, o_bias=True, mlp_bias=True,
+                        norm="layer", norm_bias=True, parallel_residual=True, lm_head_bias=True,
+                        tie_embeddings=False)),                # GPT-NeoX / GPT-J-like: biases everywhere
 ])
 def test_engine_with_packed_weights_matches_xla_matmuls(preset, changes):
     """Greedy tokens and logprobs through whole engines (prefill and decode) with the dense
@@ -165,8 +168,12 @@ def test_engine_with_packed_weights_matches_xla_matmuls(preset, changes):
         assert eng.runner.matmul == backend
         leaves = jax.tree.leaves(eng.runner._params, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight))
         packed = [x for x in leaves if isinstance(x, cpu_kernels.PackedWeight)]
-        # every dense weight of every layer, and the head
-        assert len(packed) == (c.num_layers * len(family(c).LINEAR_INPUTS) + 1 if backend == "cpu" else 0)
+        # every dense weight ("kernel") of every layer, and the head: none left to XLA
+        paths = jax.tree_util.tree_flatten_with_path(
+            eng.runner._params, is_leaf=lambda x: isinstance(x, cpu_kernels.PackedWeight))[0]
+        kernels = [x for path, x in paths if "kernel" in jax.tree_util.keystr(path)]
+        tied = family(c).head_key(c)[-1] != "kernel"  # the head is the embedding table
+        assert len(packed) == (len(kernels) + tied if backend == "cpu" else 0)
         n_bytes = sum(x.panels.nbytes if isinstance(x, cpu_kernels.PackedWeight) else x.nbytes for x in leaves)
         reqs = [eng.add_request(p, sp) for p in prompts]
         while eng.has_unfinished():
