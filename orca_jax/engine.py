@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .config import EngineConfig, scheduler_config
-from .outputs import OutputProcessor
+from .outputs import OutputProcessor, Sampled
 from .plan import Buckets, SamplingTensors, StepPlan, build_plan
 from .request import FinishReason, Request, RequestOutput, SamplingParams
 from .kv_pages import PagePool, SwapSpace
@@ -357,21 +357,20 @@ class Engine:
         sampled = self.runner.fetch(f.out, f.want_logprobs)
         self.stats.device_wait_seconds += time.perf_counter() - t0
         self.scheduler.iteration_done(f.batch)
-        now = time.monotonic()
-        outs = []
-        append, hook = self.output.append, self.fault_hook  # per token: hoisted
-        for i, row in enumerate(f.plan.rows):
-            req = row.request
-            if req.finished:  # aborted, or stopped while this step was in flight
-                continue
-            try:
-                if hook is not None:
-                    hook("output", req)
-                reason, delta = append(req, sampled, i, now)
-                outs.append(delta if reason is None else self._finish(req, reason))
-            except Exception as e:  # this request's output (detokenizer, stop strings): it alone fails
-                outs.append(self._fail_request(req, e))
-        return outs
+        # The output processor takes the common decode token inline, any other row through
+        # `_append_row`; with a fault hook set (tests), every row, so that each calls the hook.
+        return self.output.append_rows(f.plan.rows, sampled, time.monotonic(), self._append_row,
+                                       fast=self.fault_hook is None)
+
+    def _append_row(self, req: Request, sampled: Sampled, row: int, now: float) -> RequestOutput:
+        """Row `row`'s token for `req`: its delta, or its final output if it stops now."""
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("output", req)
+            reason, delta = self.output.append(req, sampled, row, now)
+            return delta if reason is None else self._finish(req, reason)
+        except Exception as e:  # this request's output (detokenizer, stop strings): it alone fails
+            return self._fail_request(req, e)
 
 
 def _raises(fn, *args) -> Exception | None:

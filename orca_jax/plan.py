@@ -211,19 +211,23 @@ def build_plan(batch: Batch, buckets: Buckets, num_slots: int, kv: PagedKV,
     decodes = batch.decodes
     nd = len(decodes)
     if nd:  # one pass over the rows (this runs for every running request every iteration)
-        cols = np.array([(r.num_scheduled - 1, r.prompt_len, r.slot, r.pages[(r.num_scheduled - 1) // B],
-                          len(r.pages)) for r in decodes], np.int32).T       # [5, nd]
+        cols = [(r.num_scheduled - 1, r.prompt_len, r.slot, r.pages[(r.num_scheduled - 1) // B], len(r.pages))
+                for r in decodes]  # fromiter over the values: np.array(cols) takes twice the time
+        cols = np.fromiter(itertools.chain.from_iterable(cols), np.int32, 5 * nd).reshape(nd, 5).T  # [5, nd]
         dec_pos, dec_plen, n_pages = cols[0], cols[1], cols[4]
         slot[:nd] = sample_slot[:nd] = cols[2]
         pos[:nd] = sample_pos[:nd] = dec_pos
         kv_index[:nd] = cols[3] * B + dec_pos % B
-        # Every row's pages in one scatter: row i, columns 0..len(pages_i)-1.
+        # Every row's pages in one scatter: row i, columns 0..len(pages_i)-1 (row-major order
+        # of the mask is the order of `flat`).
         flat = np.fromiter(itertools.chain.from_iterable(r.pages for r in decodes), np.int32, int(n_pages.sum()))
-        starts = np.repeat(np.cumsum(n_pages) - n_pages, n_pages)
-        block_table[np.repeat(np.arange(nd), n_pages), np.arange(len(flat)) - starts] = flat
+        block_table[:nd][np.arange(W) < n_pages[:, None]] = flat
         prompt_len[:nd] = dec_plen
         sample_rows[:nd] = np.arange(nd)
-        rows += map(SampleRow, decodes, (dec_pos - dec_plen + 1).tolist())
+        # SampleRows made by tuple.__new__, in C (SampleRow(...) runs a Python __new__ per row:
+        # twice the time)
+        rows += map(tuple.__new__, itertools.repeat(SampleRow, nd),
+                    zip(decodes, (dec_pos - dec_plen + 1).tolist()))
     dec_blocks = pages_for(int(pos[:nd].max()) + 1, B) if nd else 0
 
     row, nhist = td, 0
@@ -351,10 +355,11 @@ class SamplingTensors:
         n = len(params_list)
         step = np.zeros((num_rows,), np.int32)
         step[:n] = steps[:n]
-        step[:n][[p is None for p in params_list]] = 0
         banned = np.full((num_rows, MAX_BANNED), NO_ID, np.int32)
-        for i, p in enumerate(params_list):
-            if p is not None and p.min_tokens and steps[i] < p.min_tokens:  # rare: only before min_tokens
+        for i, p in enumerate(params_list):  # one pass over the rows, each test cheap and rarely true
+            if p is None:  # a padding row
+                step[i] = 0
+            elif p.min_tokens and steps[i] < p.min_tokens:  # only before min_tokens
                 ids = list(p.stop_token_ids)
                 if not p.ignore_eos:
                     ids += eos_token_ids[:MAX_EOS]

@@ -202,23 +202,29 @@ class Scheduler:
         # A request whose last token is still on the device waits: with pipeline stages (it is
         # in an earlier stage's batch), or with a grammar once it samples (its next mask needs
         # that token; its prompt's chunks go on meanwhile).
+        staged = cfg.n_stages > 1
         ready = [r for r in self.running if not (r.in_flight and (
-            cfg.n_stages > 1 or (r.matcher is not None and r.num_scheduled >= r.prefill_len)))]
+            staged or (r.matcher is not None and r.num_scheduled >= r.prefill_len)))]
         batch = Batch([], [])
         decodes, B, RUNNING = batch.decodes, self.page_size, Status.RUNNING
-        for req in ready:  # decode rows first, FCFS
+        for req in ready:  # decode rows first, FCFS (this loop runs for every running request)
             if len(decodes) >= cap:
                 break
             n = req.num_scheduled
-            if req.status is not RUNNING or n < req.prefill_len or not self._wants_token(req):
+            # A decode row feeds the last sampled token and samples the next: none once every
+            # one of max_tokens is scheduled (results of in-flight iterations may be pending).
+            if (req.status is not RUNNING or n < req.prefill_len
+                    or n - req.prompt_len + 1 >= req.params.max_tokens):
                 continue
             # Inline `_grow(req, 1)` while its pages hold position n (most iterations).
             if n < len(req.pages) * B or self._grow(req, 1, batch):
                 decodes.append(req)
         budget -= len(decodes)
         for req in ready:  # then prompts started earlier (chunked, or resumed after a preemption)
+            if req.num_scheduled >= req.prefill_len:  # decoding (the cheap test first)
+                continue
             length = min(req.prefill_len - req.num_scheduled, budget)
-            if (req.status is Status.RUNNING and req.in_prefill and budget > 0
+            if (req.status is RUNNING and budget > 0
                     and len(batch.prefills) < cfg.max_prefill_seqs
                     and len(batch.decodes) + len(batch.prefills) < cap and self._grow(req, length, batch)):
                 batch.prefills.append(Chunk(req, req.num_scheduled, length))
@@ -389,12 +395,6 @@ class Scheduler:
         """The results of `batch` are back on the host: its requests may be scheduled again."""
         for req in batch.requests():
             req.in_flight -= 1
-
-    def _wants_token(self, req: Request) -> bool:
-        """A decode row feeds the last sampled token and samples the next; stop once every
-        one of max_tokens is scheduled (results of in-flight iterations may still be pending)."""
-        sampled_scheduled = req.num_scheduled - req.prompt_len + 1
-        return sampled_scheduled < req.params.max_tokens
 
     # -- introspection (metrics, admission tests) ---------------------------------------------
 
