@@ -160,7 +160,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._blamed_in_a_row = 0  # iterations in a row whose every request was blamed (_isolate)
-        self._sampling = None  # (the rows' requests, their SamplingTensors) of the last iteration
+        self._sampling = None  # (the rows' requests, their SamplingTensors, any constrained) of the last iteration
         self.stats = EngineStats()
         log.info("KV cache: %d pages x %d tokens = %d tokens of KV (%.1f MiB per device), %s "
                  "admission, prefix caching %s; %d sequences of up to %d tokens; %d step programs "
@@ -289,17 +289,18 @@ class Engine:
         params, steps = [r.params for r in reqs], [r.index for r in rows]
         last = self._sampling
         # The very same Request objects in the same rows as last iteration (not just their
-        # ids: a finished request's id may be given again, with other params).
-        if (last is not None and len(last[0]) == len(reqs) and last[1].step.shape[0] == plan.num_sample_rows
-                and all(a is b for a, b in zip(last[0], reqs))):
-            sampling = last[1].next_step(params, steps, self.eos_token_ids)
+        # ids: a finished request's id may be given again, with other params). Requests
+        # compare by identity (eq=False): the list comparison runs in C.
+        if (last is not None and last[0] == reqs and last[1].step.shape[0] == plan.num_sample_rows):
+            sampling, constrained = last[1].next_step(params, steps, self.eos_token_ids), last[2]
         else:
             sampling = SamplingTensors.from_params(params, [r.seed for r in reqs], steps,
                                                    plan.num_sample_rows, self.eos_token_ids)
-        if any(p.constrained for p in params):  # masks change every step: never reused
+            constrained = any(p.constrained for p in params)
+        if constrained:  # masks change every step: never reused
             sampling = dataclasses.replace(sampling, **constraint_tensors(
                 reqs, plan.num_sample_rows, self.model_config.vocab_size))
-        self._sampling = (reqs, sampling)
+        self._sampling = (reqs, sampling, constrained)
         return plan, sampling
 
     def _launch(self, batch: Batch) -> tuple[_InFlight | None, list[RequestOutput]]:
