@@ -365,10 +365,13 @@ class ModelRunner:
         """The sampling program's variant for this iteration (`sampling.sample`): "greedy" when
         no row needs more than an argmax (no conditional: XLA:CPU copies the [R, V] logits
         through every lax.cond, ≈ 4.5 of 8.8 ms at R = 64 for GPT-2's vocabulary); otherwise
-        None when the device switches the stages, "full" when the host does."""
-        if not any(getattr(sampling, f) for f in SAMPLING_SWITCHES):
-            return "greedy"
-        return None if self.sampling_control == "device" else "full"
+        None when the device switches the stages, "full" when the host does. Under device
+        control a constrained batch (token masks) always takes the switched program: one
+        program fewer per row bucket to warm up."""
+        plain = not any(getattr(sampling, f) for f in SAMPLING_SWITCHES)
+        if self.sampling_control == "host":
+            return "greedy" if plain else "full"
+        return "greedy" if plain and not sampling.allow.shape[1] else None
 
     # -- what the engine core calls -------------------------------------------------------------
 
@@ -422,7 +425,9 @@ class ModelRunner:
         V = self.model_config.vocab_size
         constrained = [(plan, dataclasses.replace(greedy(plan), **constraint_tensors([], plan.num_sample_rows, V)))
                        for plan in smallest.values()]
-        runs += constrained + [(plan, full(st)) for plan, st in constrained]
+        runs += constrained
+        if self.sampling_control == "host":  # device control runs both as one program
+            runs += [(plan, full(st)) for plan, st in constrained]
         self._precompile(runs)
         replies = [out for out in (self.run(plan, st) for plan, st in runs)
                    if isinstance(out, concurrent.futures.Future)]

@@ -2,6 +2,7 @@
 lets a restart load the warm-up programs the first start compiled (each start a fresh
 process, as a restarted server is), and warm-up stops with advice before XLA:CPU's memory
 maps reach the kernel's limit."""
+import itertools
 import json
 import os
 import subprocess
@@ -55,11 +56,14 @@ def test_warm_up_stops_with_advice_before_the_memory_map_limit(monkeypatch):
     from orca_jax.engine import Engine
     from orca_jax.models.gpt2 import GPTConfig, init_params
 
-    real = runner.memory_maps
-    if real() is None:
+    if runner.memory_maps() is None:
         pytest.skip("no /proc/self/maps here")
-    limit = real()[0] + 300  # room for one program of this model, not for all of them
-    monkeypatch.setattr(runner, "memory_maps", lambda: (real()[0], limit))
+    # Each compiled program maps 1000 more regions, against a limit of 10000: warm-up must
+    # stop after its first programs, from the extrapolation. (Counted, not read from
+    # /proc/self/maps: how many regions a compile adds depends on what the process compiled
+    # and freed before, down to none when XLA reuses freed regions.)
+    calls = itertools.count()
+    monkeypatch.setattr(runner, "memory_maps", lambda: (1000 + 1000 * next(calls), 10000))
     cfg = GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
     ec = EngineConfig(max_batch_size=8, max_num_batched_tokens=64, max_prefill_seqs=4,
                       max_model_len=128, kv_memory=1 << 22)
