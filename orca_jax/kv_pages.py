@@ -44,9 +44,12 @@ def watermark_pages(num_pages: int) -> int:
 def pool_pages_for(held: int) -> int:
     """The smallest pool in which `held` pages can all be in use beside the admission
     watermark: the most pages a pool needs (every slot at max_model_len)."""
-    n = held + watermark_pages(held)
-    while n - watermark_pages(n) < held:
+    usable = lambda n: n - watermark_pages(n)  # nondecreasing in n  # noqa: E731
+    n = held + max(1, held // 99)  # within a page or two of the answer
+    while usable(n) < held:
         n += 1
+    while n > 1 and usable(n - 1) >= held:
+        n -= 1
     return n
 
 

@@ -324,10 +324,13 @@ def _memory(c, layout, mesh_shape, acc, b, M, batch, reserve, page_size, params,
     ex(f"HBM usable: {_fmt(acc.hbm_bytes)} x (1 - reserve {reserve}) = {_fmt(hbm_usable)}; "
        f"needed: params {_fmt(p_dev)} + KV {_fmt(kv_dev)} + state {_fmt(state_dev)} = {_fmt(need)}")
     left = hbm_usable - p_dev
-    max_slots = fit_kv_pages(c, layout, mesh_shape, page_size, left, b) // W if left > 0 else 0
-    while max_slots and (kv_bytes_per_device(c, layout, mesh_shape, pool_pages_for(max_slots * W), page_size, b)
-                         + slot_state_bytes(max_slots, M, page_size)) > left:
-        max_slots -= 1
+    fits = lambda S: (kv_bytes_per_device(c, layout, mesh_shape, pool_pages_for(S * W), page_size, b)  # noqa: E731
+                      + slot_state_bytes(S, M, page_size)) <= left
+    lo, hi = 0, fit_kv_pages(c, layout, mesh_shape, page_size, left, b) // W if left > 0 else 0
+    while lo < hi:  # the most S that fits (bisection: fit_kv_pages ignores the watermark and state)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    max_slots = lo
     ex(f"max sequences of {M} tokens: most S with 2 x KV(S x {W} pages) / shards + state(S) <= "
        f"{_fmt(max(left, 0))} left after the params -> {max_slots}")
     if left <= 0:

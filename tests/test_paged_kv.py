@@ -21,6 +21,7 @@ from helpers import make_hf_gpt2
 
 from orca_jax.checkpoints.hf_gpt2 import convert_hf_gpt2
 from orca_jax.engine import Engine, EngineConfig
+from orca_jax.kv_pages import pool_pages_for, watermark_pages
 from orca_jax.request import SamplingParams
 from orca_jax.sharding.plan import kv_bytes_per_device, slot_state_bytes
 
@@ -97,6 +98,14 @@ def test_every_slot_fills_at_max_model_len_beside_the_watermark(ckpt):
     for _ in range(4):  # prompts over two steps (the token budget), then decode
         eng.step()
     assert all(r.output_ids for r in reqs), "a request waited with every slot's page free"
+
+
+def test_pool_pages_for_is_the_smallest_pool_that_holds_the_pages_beside_the_watermark():
+    """`orca-jax plan` calls it in a search over slot counts: it must answer at once for a
+    pool of millions of pages (a linear walk took 2 minutes for one plan)."""
+    for held in [*range(1, 2000), 10**5 + 7, 333_333, 7 * 10**6]:
+        n = pool_pages_for(held)
+        assert n - watermark_pages(n) >= held and (n - 1) - watermark_pages(n - 1) < held, held
 
 
 def test_on_demand_runs_many_short_requests_at_once(ckpt, prompts):
