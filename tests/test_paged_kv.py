@@ -7,8 +7,8 @@ against HF greedy under a KV budget of 4 sequences of max_model_len = 256 (16 pa
 * a shared 192-token prefix is served from the prefix cache, with unchanged outputs;
 * every page is free again afterwards.
 
-All engines share one budget and bucket set, so their step programs compile once (the
-persistent XLA cache of conftest serves the rest).
+All engines share one budget and bucket set and skip warm-up: each compiles only the shapes it
+runs, once (the persistent XLA cache of conftest serves them to the next engine).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def config(model_config, **kw) -> EngineConfig:
     budget = (kv_bytes_per_device(model_config, "replicated", {}, SEQS * MAX_LEN // PAGE, PAGE, 4)
               + slot_state_bytes(32, MAX_LEN, PAGE))
     base = EngineConfig(max_batch_size=32, max_num_batched_tokens=256, max_prefill_seqs=8,
-                        max_model_len=MAX_LEN, kv_memory=budget, page_size=PAGE)
+                        max_model_len=MAX_LEN, kv_memory=budget, page_size=PAGE, warmup=False)
     return dataclasses.replace(base, **kw)
 
 
@@ -81,7 +81,7 @@ def prompts():
 
 def test_budget_is_sixteen_pages(ckpt):
     path, _, mc = ckpt
-    eng = Engine.from_checkpoint(path, config(mc, warmup=False))
+    eng = Engine.from_checkpoint(path, config(mc))
     assert (eng.kv.num_pages, eng.kv.page_size, eng.kv.max_pages) == (16, 64, 4)
 
 
