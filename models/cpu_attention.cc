@@ -1,6 +1,7 @@
 // Attention over the paged KV cache on CPU: an XLA FFI custom call (float32).
 // models/cpu_kernels.py builds and registers it; models/attention.py `attend` calls it for
-// every row of a step (one query token each) with --attention-backend cpu.
+// every row of a step (one query token each) with --attention-backend cpu, and `write_kv`
+// calls WritePages (below) to put the step's keys and values into the pages first.
 //
 // Legend: N rows, Hkv KV heads, G query heads per KV head, K head dim, P pages in the
 // pool, B positions per page, W pages in a block table.
@@ -120,7 +121,42 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
   return ffi::Error::Success();
 }
 
+// This step's keys (or values) into one layer's pages, in place (the output aliases `pages`):
+// row t goes to position idx[t] (page idx / B, offset idx % B) of every KV head; a row whose
+// position is outside the pool (padding rows point past the last page) is dropped. What
+// `pages.at[:, idx // B, idx % B].set(new)` does, without XLA:CPU's element-wise scatter
+// loop (0.2-0.8 ms per layer at 64 rows) or the [T, Hkv, K] -> [Hkv, T, K] copy before it.
+ffi::Error WritePages(ffi::Buffer<ffi::F32> pages,   // [Hkv, P, B, K]
+                      ffi::Buffer<ffi::F32> rows,    // [T, Hkv, K]
+                      ffi::Buffer<ffi::S32> idx,     // [T]
+                      ffi::ResultBuffer<ffi::F32> out) {  // [Hkv, P, B, K], aliases pages
+  const auto pd = pages.dimensions(), rd = rows.dimensions(), id = idx.dimensions();
+  if (pd.size() != 4 || rd.size() != 3 || id.size() != 1 || rd[0] != id[0] || rd[1] != pd[0] ||
+      rd[2] != pd[3] || !std::equal(pd.begin(), pd.end(), out->dimensions().begin()))
+    return ffi::Error::InvalidArgument("write pages: pages [Hkv, P, B, K], rows [T, Hkv, K], idx [T]");
+  const int64_t H = pd[0], P = pd[1], B = pd[2], K = pd[3], T = rd[0];
+  float* dst = out->typed_data();
+  if (dst != pages.typed_data())  // not aliased (XLA chose to copy): start from the input
+    std::memcpy(dst, pages.typed_data(), pages.size_bytes());
+  const float* src = rows.typed_data();
+  const int32_t* I = idx.typed_data();
+  for (int64_t t = 0; t < T; ++t) {
+    if (I[t] < 0 || I[t] >= P * B) continue;
+    const int64_t page = I[t] / B, off = I[t] % B;
+    for (int64_t h = 0; h < H; ++h)
+      std::memcpy(dst + ((h * P + page) * B + off) * K, src + (t * H + h) * K, K * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaWritePagesF32, WritePages,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaPagedAttentionF32, PagedAttention,
                               ffi::Ffi::Bind()

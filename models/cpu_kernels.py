@@ -57,6 +57,7 @@ SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
 # FFI target name -> the library's handler symbol (the names also appear in compiled programs)
 TARGETS = {"orca_jax_paged_attention_f32": "OrcaPagedAttentionF32",
+           "orca_jax_write_pages_f32": "OrcaWritePagesF32",
            "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared",
          "-std=c++17", "-w")  # -ffp-contract: fused multiply-adds (off under -std=c++17); -w: XLA's headers warn
@@ -133,6 +134,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> 
                             vmap_method="sequential")(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),
         hi.astype(jnp.int32), scale=np.float32(scale))
+
+
+def write_pages(pages, rows, idx) -> jax.Array:
+    """One layer's pages [Hkv, P, B, K] float32 with rows [T, Hkv, K] written at positions idx
+    [T] int32 (page idx // B, offset idx % B; positions outside the pool dropped), in place:
+    `pages.at[:, idx // B, idx % B].set(rows.swapaxes(0, 1), mode="drop")`. `load()` must
+    have returned None."""
+    return jax.ffi.ffi_call("orca_jax_write_pages_f32", jax.ShapeDtypeStruct(pages.shape, jnp.float32),
+                            input_output_aliases={0: 0}, vmap_method="sequential")(
+        pages, rows, idx.astype(jnp.int32))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"], meta_fields=["out_shape"])

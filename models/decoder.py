@@ -288,7 +288,7 @@ def attention(c: DecoderConfig, p: dict, h: jax.Array, angles, k_pages, v_pages,
         q, k = rms_norm(q, p["q_norm"], c.norm_eps), rms_norm(k, p["k_norm"], c.norm_eps)
     if angles is not None:
         q, k = apply_rope(q, angles, c.rope_interleaved), apply_rope(k, angles, c.rope_interleaved)
-    k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
+    k_pages, v_pages = write_kv(k_pages, k, meta, backend), write_kv(v_pages, v, meta, backend)
     a = attend(q, k, v, k_pages, v_pages, meta, c.head_dim ** -0.5, backend, c.sliding_window)
     return linear(a, p["o"], "thk,hkd->td"), k_pages, v_pages                   # [T, D]
 

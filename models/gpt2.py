@@ -210,7 +210,7 @@ def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.
     h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
     qkv = linear(h, p["attn"]["c_attn"], "td,dahk->tahk")                       # [T, 3, H, K]
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
+    k_pages, v_pages = write_kv(k_pages, k, meta, attention), write_kv(v_pages, v, meta, attention)
     a = attend(q, k, v, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim), attention)  # [T, H, K]
     x = x + linear(a, p["attn"]["c_proj"], "thk,hkd->td")
     h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)

@@ -1,6 +1,8 @@
 """The CPU kernels (models/cpu_kernels.py: attention over pages, dense layers over packed
 weights): built with the system's compiler, checked against the XLA paths they replace, and
 chosen by "auto" only where they fit."""
+import types
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,27 @@ def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
     lo = jnp.zeros_like(pos) if window is None else pos - window + 1
     got = jax.jit(lambda *a: cpu_kernels.paged_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
     np.testing.assert_allclose(got, _xla(q, k_pages, v_pages, table, pos, window, scale), rtol=2e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_write_pages_equals_the_scatter_in_place():
+    """The kernel's KV write is XLA's scatter (padding rows past the pool dropped), and in a
+    jitted step that donates the pages it writes into their buffer, not into a copy."""
+    from orca_jax.models.attention import write_kv
+    rng = np.random.default_rng(0)
+    H, P, B, K, T = 3, 7, 8, 16, 10
+    pages = jnp.asarray(rng.standard_normal((H, P, B, K), np.float32))
+    rows = jnp.asarray(rng.standard_normal((T, H, K), np.float32))
+    idx = rng.permutation(P * B)[:T].astype(np.int32)
+    idx[[3, 7]] = P * B  # padding rows
+    meta = lambda i: types.SimpleNamespace(kv_index=i)  # all write_kv reads of the plan  # noqa: E731
+    want = np.asarray(write_kv(pages, rows, meta(jnp.asarray(idx))))
+    step = jax.jit(lambda p, r, i: write_kv(p, r, meta(i), "cpu"), donate_argnums=0)
+    src = jnp.array(pages)
+    ptr = src.unsafe_buffer_pointer()
+    got = step(src, rows, jnp.asarray(idx))
+    np.testing.assert_array_equal(got, want)
+    assert got.unsafe_buffer_pointer() == ptr and src.is_deleted()
 
 
 @needs_kernel
