@@ -97,7 +97,7 @@ class OutputProcessor:
             n = len(req.output_ids) + 1  # its output tokens, this one included
             if (fast and o is not None and n < o.inline_below and req.matcher is None
                     and req.first_token_time is not None and tok not in o.stop_ids
-                    and not o.detok._pending and not (stops := o.stops).state and not stops.stopped):
+                    and not o.detok.pending and not (stops := o.stops).state and not stops.stopped):
                 try:  # IncrementalDetokenizer.push_one with nothing pending
                     text = (table[tok] if 0 <= tok < n_table else b"").decode("utf-8")
                 except UnicodeDecodeError:  # part of a character: `append` holds it back

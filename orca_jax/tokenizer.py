@@ -253,9 +253,10 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
         # Byte-level tokenizers: bytes in, UTF-8 out; the bytes of a split character wait in
-        # `_pending` until they make text that does not end in U+FFFD (`_utf8`).
+        # `pending` until they make text that does not end in U+FFFD (`_utf8`); the output
+        # processor reads it to take a token inline (`OutputProcessor.append_rows`).
         self._bytes = getattr(tokenizer, "token_bytes", None)
-        self._pending = b""
+        self.pending = b""
         # Others: a window of ids, with a few prompt tokens of context.
         self.ids: list[int] = [] if self._bytes else list(prompt_ids[-5:])
         self.read_offset = len(self.ids)
@@ -280,24 +281,24 @@ class IncrementalDetokenizer:
         """vLLM's rule (HF tokenizers' DecodeStream): text that would end in U+FFFD is held,
         whether its last character is unfinished or invalid, until a token makes it end well;
         bytes that never do are dropped at the end (`flush`)."""
-        if not self._pending:
+        if not self.pending:
             try:
                 return data.decode("utf-8")  # the common case: whole characters
             except UnicodeDecodeError:
                 pass
-        buf = self._pending + data
+        buf = self.pending + data
         text = buf.decode("utf-8", "replace")
         if text.endswith("\ufffd"):
-            self._pending = buf
+            self.pending = buf
             return ""
-        self._pending = b""
+        self.pending = b""
         return text
 
     def flush(self) -> str:
         """End of stream: returns whatever is still held back, except a character the stream
         never completed (vLLM drops that trailing U+FFFD instead of emitting it)."""
         if self._bytes is not None:
-            self._pending = b""  # bytes that never made a character (vLLM drops them too)
+            self.pending = b""  # bytes that never made a character (vLLM drops them too)
             return ""
         return self._emit(final=True).rstrip("\ufffd")
 
