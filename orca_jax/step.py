@@ -141,7 +141,8 @@ class Packing:
     """Where each input array of a step lives in its two packed buffers: static (hashable),
     one per bucket shape, so it is a static argument of the jitted programs. Integer and
     boolean arrays travel as int32 (uint32 bit for bit), float32 arrays as float32: a step's
-    ~27 small inputs cost two host-to-device transfers instead of 27 (≈ 25 µs each)."""
+    ~27 small inputs cost two host-to-device transfers instead of 27 (≈ 25 µs each), which
+    the jitted programs' dispatch makes from the numpy arrays (runner.py `_jit_programs`)."""
 
     treedef: jax.tree_util.PyTreeDef
     leaves: tuple[tuple[str, tuple[int, ...], int], ...]  # (dtype, shape, offset) per leaf
@@ -189,10 +190,3 @@ def pack_inputs(plan: StepPlan, sampling: SamplingTensors | None):
     The two are packed apart so that the sampling program stays one per R bucket."""
     step = pack(plan.inputs)
     return step, None if sampling is None else pack(dataclasses.replace(plan.sample, sampling=sampling))
-
-
-def device_put_packed(parts, sharding=None) -> list:
-    """Each packed (ints, floats, Packing) of `parts` onto `sharding`, in one host-to-device
-    transfer; a program takes its triple and `Packing.unpack`s it."""
-    arrays = jax.device_put([a for ints, floats, _ in parts for a in (ints, floats)], sharding)
-    return [(arrays[2 * i], arrays[2 * i + 1], packing) for i, (_, _, packing) in enumerate(parts)]

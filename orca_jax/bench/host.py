@@ -5,9 +5,12 @@
 On a GPU a GPT-2-sized step takes well under a millisecond, so the host's share of an
 iteration (schedule + plan + input packing and transfer + reading ids back + detokenize, stop
 checks, deltas) decides whether the device waits. This runs the real `Engine` over a runner
-whose "device" answers at once: `run` packs and transfers the step's inputs exactly as
-`ModelRunner.run` does (`step.pack_inputs`, `step.device_put_packed`, onto this machine's
-first device) and returns random token ids; everything else is the production host path. For each number of
+whose "device" answers at once: `run` packs the step's inputs as `ModelRunner.run` does
+(`step.pack_inputs`) and hands each packed pair, as numpy, to a jitted program with
+`in_shardings` on this machine's first device, as the runner's forward and sampling programs
+take them (so the transfer and a program dispatch are counted; the real programs' dispatch
+also walks their parameter and KV arguments), and returns random token ids; everything else
+is the production host path. For each number of
 running requests (all decoding, sampled with temperature 0.8 and top-p 0.9, a stop string,
 the embedded demo model's byte-level BPE tokenizer, or `--model`'s), it reports the median and p90 wall time
 of `Engine.step()` over `--steps` iterations.
@@ -40,7 +43,8 @@ class HostOnlyRunner:
         self.num_slots, self.max_len, self.n_stages = num_slots, max_len, 1
         self.kv = PagedKV.make(num_slots * pages_for(max_len, page_size), page_size, max_len)
         self.keep_in_flight, self.host_decode_tokens, self.num_compiles = 1, False, 0
-        self._device = jax.devices()[0]
+        on = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self._take = jax.jit(lambda ints, floats: ints[:1], in_shardings=(on, on))  # a stand-in program
         self._rng = np.random.default_rng(seed)
         self._vocab = tokenizer.vocab_size
 
@@ -48,8 +52,9 @@ class HostOnlyRunner:
         pass
 
     def run(self, plan: StepPlan, sampling: SamplingTensors) -> np.ndarray:
-        from ..step import device_put_packed, pack_inputs
-        device_put_packed(pack_inputs(plan, sampling), self._device)
+        from ..step import pack_inputs
+        for ints, floats, _ in pack_inputs(plan, sampling):
+            self._take(ints, floats)
         return self._rng.integers(256, self._vocab, plan.num_sample_rows).astype(np.int32)
 
     def fetch(self, out: np.ndarray, logprobs: bool) -> Sampled:
