@@ -173,6 +173,12 @@ def _spec(x, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
+def _slot_state(state: DeviceState) -> DeviceState:
+    """What the sampling program takes and donates of the last stage's state: the slots'
+    last tokens and histories, not the KV pages (it does not read them)."""
+    return dataclasses.replace(state, kv=None)
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -293,7 +299,8 @@ class ModelRunner:
 
     def _jit_programs(self):
         """One forward program per stage and one sampling program (each compiled once per
-        bucket shape). They take the packed inputs (`step.pack_inputs`) as the host's numpy
+        bucket shape); sampling takes the last stage's state without its KV pages
+        (`_slot_state`). They take the packed inputs (`step.pack_inputs`) as the host's numpy
         arrays: `in_shardings` replicates them on the stage, and jit's dispatch copies them
         there itself (≈ 35 µs per program, against ≈ 200 µs for a `jax.device_put` of the
         four arrays first). Outputs keep the state's shardings, so each step's donated
@@ -308,10 +315,10 @@ class ModelRunner:
                                  in_shardings=(sharding(params), sharding(state), *[st.replicated] * 3),
                                  out_shardings=(sharding(state), st.replicated)))
         last = self.local_stages[-1]
-        state_sh = sharding(self._states[-1])
+        slots_sh = sharding(_slot_state(self._states[-1]))
         sample = jax.jit(self._traced_sample, donate_argnums=0, static_argnums=(4, 5),
-                         in_shardings=(state_sh, *[last.replicated] * 3),
-                         out_shardings=(state_sh, last.replicated))
+                         in_shardings=(slots_sh, *[last.replicated] * 3),
+                         out_shardings=(slots_sh, last.replicated))
         return steps, sample
 
     def _jit_swap(self, st: Stage, state: DeviceState):
@@ -397,7 +404,8 @@ class ModelRunner:
             self._states[i], x = self._steps[i](self._params[i], self._states[i], ints, floats, x, packing)
         if not self.local_stages[-1].last:
             return self.peers.forward(x)
-        self._states[-1], out = self._sample(self._states[-1], x, *sample_in, self._sample_variant(sampling))
+        slots, out = self._sample(_slot_state(self._states[-1]), x, *sample_in, self._sample_variant(sampling))
+        self._states[-1] = dataclasses.replace(slots, kv=self._states[-1].kv)
         return out
 
     def fetch(self, out: SampleOutput | concurrent.futures.Future, logprobs: bool) -> Sampled:
@@ -464,7 +472,7 @@ class ModelRunner:
             name = (f"sample R={plan.num_sample_rows}" + (f" {variant}" if variant else "")
                     + (" constrained" if sampling is not None and sampling.allow.shape[1] else ""))
             if sample_in is not None and name not in jobs:
-                jobs[name] = self._sample.lower(self._states[-1], _spec(x, self.local_stages[-1].replicated),
+                jobs[name] = self._sample.lower(_slot_state(self._states[-1]), _spec(x, self.local_stages[-1].replicated),
                                                 *sample_in, variant)
 
         def compile_one(name, lowered):
@@ -499,7 +507,8 @@ class ModelRunner:
         _, sample_in = pack_inputs(plan, sampling)
         logits = jax.ShapeDtypeStruct((plan.num_sample_rows, self.model_config.vocab_size), jnp.float32,
                                       sharding=st.replicated)
-        lowered = self._sample.lower(self._states[-1], logits, *sample_in, self._sample_variant(sampling))
+        lowered = self._sample.lower(_slot_state(self._states[-1]), logits, *sample_in,
+                                     self._sample_variant(sampling))
         return lowered.compile().as_text()
 
     @property

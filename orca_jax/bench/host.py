@@ -6,11 +6,12 @@ On a GPU a GPT-2-sized step takes well under a millisecond, so the host's share 
 iteration (schedule + plan + input packing and transfer + reading ids back + detokenize, stop
 checks, deltas) decides whether the device waits. This runs the real `Engine` over a runner
 whose "device" answers at once: `run` packs the step's inputs as `ModelRunner.run` does
-(`step.pack_inputs`) and hands each packed pair, as numpy, to a jitted program with
-`in_shardings` on this machine's first device, as the runner's forward and sampling programs
-take them (so the transfer and a program dispatch are counted; the real programs' dispatch
-also walks their parameter and KV arguments), and returns random token ids; everything else
-is the production host path. For each number of
+(`step.pack_inputs`) and dispatches two stand-in programs that take them as the runner's
+forward and sampling programs do (numpy, `in_shardings` on this machine's first device)
+together with as many other arrays as GPT-2 small's programs take (148 parameter arrays and
+26 state arrays; the sampling program 2 of them; the state donated and returned), so the transfer and the dispatch's
+per-argument cost are counted; it returns random token ids. Everything else is the
+production host path. For each number of
 running requests (all decoding, sampled with temperature 0.8 and top-p 0.9, a stop string,
 the embedded demo model's byte-level BPE tokenizer, or `--model`'s), it reports the median and p90 wall time
 of `Engine.step()` over `--steps` iterations.
@@ -30,11 +31,15 @@ from ..plan import Buckets, PagedKV, SamplingTensors, StepPlan
 from ..request import SamplingParams
 
 PROMPT = 16
+# The arrays GPT-2 small's programs take besides the packed inputs: its forward program the
+# parameters and the state (KV pages of 12 layers, last tokens, history), sampling the slots'
+# last tokens and history (runner.py `_slot_state`).
+PARAM_ARRAYS, STATE_ARRAYS, SLOT_ARRAYS = 148, 26, 2
 
 
 class HostOnlyRunner:
-    """The runner interface (runner.py) with an instant device: real input packing and
-    transfer, random sampled ids."""
+    """The runner interface (runner.py) with an instant device: real input packing, transfer
+    and dispatch of programs that take GPT-2 small's number of arrays, random sampled ids."""
 
     def __init__(self, tokenizer, num_slots: int, max_len: int, seed: int = 0, page_size: int = PAGE_SIZE):
         import jax
@@ -44,7 +49,13 @@ class HostOnlyRunner:
         self.kv = PagedKV.make(num_slots * pages_for(max_len, page_size), page_size, max_len)
         self.keep_in_flight, self.host_decode_tokens, self.num_compiles = 1, False, 0
         on = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        self._take = jax.jit(lambda ints, floats: ints[:1], in_shardings=(on, on))  # a stand-in program
+        tiny = lambda n: [jax.device_put(np.zeros(1, np.float32), on) for _ in range(n)]
+        self._params, self._state, self._slots = tiny(PARAM_ARRAYS), tiny(STATE_ARRAYS), tiny(SLOT_ARRAYS)
+        # the stand-ins of the forward and the sampling program
+        self._step = jax.jit(lambda params, state, ints, floats: (state, ints[:1]), donate_argnums=1,
+                             in_shardings=(on,) * 4)
+        self._sample = jax.jit(lambda state, ints, floats: (state, ints[:1]), donate_argnums=0,
+                               in_shardings=(on,) * 3)
         self._rng = np.random.default_rng(seed)
         self._vocab = tokenizer.vocab_size
 
@@ -53,8 +64,9 @@ class HostOnlyRunner:
 
     def run(self, plan: StepPlan, sampling: SamplingTensors) -> np.ndarray:
         from ..step import pack_inputs
-        for ints, floats, _ in pack_inputs(plan, sampling):
-            self._take(ints, floats)
+        (ints, floats, _), (s_ints, s_floats, _) = pack_inputs(plan, sampling)
+        self._state, _ = self._step(self._params, self._state, ints, floats)
+        self._slots, _ = self._sample(self._slots, s_ints, s_floats)
         return self._rng.integers(256, self._vocab, plan.num_sample_rows).astype(np.int32)
 
     def fetch(self, out: np.ndarray, logprobs: bool) -> Sampled:
