@@ -22,7 +22,11 @@ which streams each panel once per tile of 8 rows with the outputs in registers
 (docs/benchmarks.md, "Dense layers on CPU"). A tied embedding packed as the LM head still
 serves the token lookup (`table_rows`).
 
-Both are compiled at first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
+**Greedy sampling** (the same rule, for the sampling program: runner.py). Each row's argmax,
+never a banned id (min_tokens), in two reads of the row (cpu_sampling.cc), where XLA:CPU
+copied the [R, V] logits twice before its two-stage argmax (`sampling.argmax_first`).
+
+All are compiled at first use with the system's C++ compiler (``$CXX``, else ``c++``) for this
 CPU (``-march=native``) into one library in ``$ORCA_JAX_KERNEL_CACHE`` (default
 ~/.cache/orca-jax/kernels), under a name keyed by the sources, the flags, the compiler, jaxlib
 and the CPU, so later processes only load it. Where it cannot be built (no compiler), "auto"
@@ -53,12 +57,13 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc")
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc", HERE / "cpu_sampling.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
 # FFI target name -> the library's handler symbol (the names also appear in compiled programs)
 TARGETS = {"orca_jax_paged_attention_f32": "OrcaPagedAttentionF32",
            "orca_jax_write_pages_f32": "OrcaWritePagesF32",
-           "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32"}
+           "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32",
+           "orca_jax_argmax_rows_f32": "OrcaArgmaxRowsF32"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared",
          "-std=c++17", "-w")  # -ffp-contract: fused multiply-adds (off under -std=c++17); -w: XLA's headers warn
 PANEL = 32  # output columns per packed panel (NR in cpu_matmul.cc)
@@ -134,6 +139,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> 
                             vmap_method="sequential")(
         q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),
         hi.astype(jnp.int32), scale=np.float32(scale))
+
+
+def argmax_rows(logits, banned) -> jax.Array:
+    """[R] int32: each row's argmax of logits [R, V] float32 that is not one of its banned
+    ids [R, NB] (ids >= V, the padding, are ignored): `sampling.argmax_first` of the logits with
+    the banned ids at -inf (the first index on ties, the first NaN if any, 0 when every
+    allowed entry is -inf). `load()` must have returned None."""
+    return jax.ffi.ffi_call("orca_jax_argmax_rows_f32", jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32),
+                            vmap_method="sequential")(logits, banned.astype(jnp.int32))
 
 
 def write_pages(pages, rows, idx) -> jax.Array:

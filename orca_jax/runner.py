@@ -34,7 +34,7 @@ from .config import EngineConfig
 from .models.attention import KVCache
 from .outputs import Sampled
 from .plan import SAMPLING_SWITCHES, Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
-from .sampling import SampleOutput
+from .sampling import SampleOutput, masked_argmax
 from .sharding.layouts import Layout, get_layout, param_shardings, pipelined
 from .sharding.mesh import single_device_mesh
 from .sharding.pipeline import PIPELINE, Stage, local_stage_params, local_stages, split_stages, stage_keys
@@ -373,7 +373,15 @@ class ModelRunner:
     def _traced_sample(self, state, logits, ints, floats, packing, variant):
         self.num_compiles += 1
         with jax.default_matmul_precision(self.matmul_precision):
-            return run_sample(state, logits, packing.unpack(ints, floats), variant)
+            return run_sample(state, logits, packing.unpack(ints, floats), variant, self._argmax())
+
+    def _argmax(self):
+        """The greedy pick of the sampling program: the CPU kernel library's (its
+        `argmax_rows`) when the step runs one of its kernels, else `sampling.masked_argmax`."""
+        if "cpu" in (self.matmul, self.attention):
+            from .models import cpu_kernels
+            return cpu_kernels.argmax_rows
+        return masked_argmax
 
     def _sample_variant(self, sampling: SamplingTensors) -> str | None:
         """The sampling program's variant for this iteration (`sampling.sample`): "greedy" when

@@ -130,12 +130,20 @@ def argmax_first(x: jax.Array) -> jax.Array:
     return (first * ARGMAX_BLOCK + jnp.argmax(vals, -1)).astype(jnp.int32)
 
 
+def masked_argmax(x: jax.Array, banned: jax.Array) -> jax.Array:
+    """[R] int32 argmax of each row of x [R, V] that is not one of its banned ids [R, NB]
+    (ids >= V, the padding, ignored): `argmax_first` with the banned ids at -inf."""
+    return argmax_first(x.at[jnp.arange(x.shape[0])[:, None], banned].set(-jnp.inf, mode="drop"))
+
+
 def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: jax.Array,
-           prompt_len: jax.Array, hist_len: jax.Array, variant: str | None = None) -> SampleOutput:
+           prompt_len: jax.Array, hist_len: jax.Array, variant: str | None = None,
+           argmax=masked_argmax) -> SampleOutput:
     """Pick one token per row of [R, V] float32 logits. The token history of each row (slot
     `slots[r]` of `history` [S, M]; lengths [R], [R]) is gathered and read only when some row
     has a penalty: a greedy batch copies none of it. `variant`: who switches the optional
-    stages (module docstring)."""
+    stages (module docstring). `argmax(x, banned)`: the greedy pick, `masked_argmax` or the
+    CPU kernel's equal (models/cpu_kernels.py `argmax_rows`)."""
     assert variant in (None, "greedy", "full"), variant
 
     def gate(switch, on, off):
@@ -153,8 +161,8 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
                      lambda: apply_penalties(x, st, jnp.take(history, slots, axis=0, mode="clip"),
                                              prompt_len, hist_len),
                      lambda: x)
-    x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # min_tokens
-    greedy = argmax_first(x)
+    greedy = argmax(x, st.banned)  # never a banned id: min_tokens
+    x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # for the draw
 
     def draw():
         random = st.temperature > 0

@@ -30,7 +30,7 @@ import numpy as np
 from .models import cpu_kernels, family
 from .models.attention import KVCache
 from .plan import PagedKV, SampleInputs, SamplingTensors, StepInputs, StepPlan
-from .sampling import SampleOutput, sample
+from .sampling import SampleOutput, masked_argmax, sample
 
 jax.tree_util.register_dataclass(StepInputs)  # defined with the plan, host side (no JAX there)
 jax.tree_util.register_dataclass(SampleInputs)
@@ -126,12 +126,13 @@ def run_step(config, params: dict, state: DeviceState, inp: StepInputs,
 
 
 def run_sample(state: DeviceState, logits: jax.Array, inp: SampleInputs,
-               variant: str | None = None) -> tuple[DeviceState, SampleOutput]:
-    """Sample one token per row (`variant`: see `sampling.sample`) and record it as its slot's
-    next input token. `state.kv` is not read: the runner passes the state without its pages
-    (`kv=None`), which would only pass through (24 donated arrays more to dispatch for GPT-2)."""
+               variant: str | None = None, argmax=masked_argmax) -> tuple[DeviceState, SampleOutput]:
+    """Sample one token per row (`variant`, `argmax`: see `sampling.sample`) and record it as
+    its slot's next input token. `state.kv` is not read: the runner passes the state without
+    its pages (`kv=None`), which would only pass through (24 donated arrays more to dispatch
+    for GPT-2)."""
     out = sample(logits, inp.sampling, state.history, inp.sample_slot, inp.prompt_len,
-                 inp.sample_pos + 1, variant)
+                 inp.sample_pos + 1, variant, argmax)
     last_token = state.last_token.at[inp.sample_slot].set(out.ids, mode="drop")
     history = state.history.at[inp.sample_slot, inp.sample_pos + 1].set(out.ids, mode="drop")
     return DeviceState(kv=state.kv, last_token=last_token, history=history), out

@@ -207,3 +207,38 @@ def test_engine_with_packed_weights_matches_xla_matmuls(preset, changes):
     for (tx, lx), (tc, lc) in zip(xla, cpu):
         assert tc == tx
         np.testing.assert_allclose(lc, lx, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("V", [7, 17, 1025, 50257])
+def test_greedy_argmax_kernel_equals_the_xla_pick(V):
+    """argmax_rows (the sampling program's greedy pick with the kernels) returns what
+    `sampling.masked_argmax` does: the first index on ties, never a banned id (the padding, ids
+    >= V, ignored), 0 for a row whose allowed entries are all -inf. With NaN logits it
+    picks the first allowed NaN, as numpy's and torch's argmax do (XLA's two-stage pick
+    depends on which block holds the NaN there)."""
+    from orca_jax.sampling import masked_argmax
+    rng = np.random.default_rng(V)
+    R, NB = 12, 5
+    x = rng.integers(-3, 3, (R, V)).astype(np.float32)   # many ties
+    banned = np.full((R, NB), 2**30, np.int32)           # padding: out of range
+    x[0] = -np.inf                                       # all -inf: 0
+    x[1, -1] = 9.0                                       # the max in the vector loop's tail
+    x[2, [V // 2, V - 1]] = 9.0                          # tied maxima: the first wins
+    x[3, [1, V - 1]] = 9.0
+    banned[3, 0] = 1                                     # the first maximum banned: the second
+    x[4, 0] = 9.0
+    banned[4, 0] = 0                                     # the only maximum banned: the next best
+    x[5, [2, V - 2]] = np.nan                            # NaN: the first one
+    x[6, [0, V - 1]] = np.nan
+    banned[6, 0] = 0                                     # a banned NaN does not count
+    x[7] = -np.inf
+    x[7, V - 1] = 1.0
+    banned[7, 0] = V - 1                                 # all allowed entries -inf: 0
+    x[8, :] = 5.0                                        # all equal, the first ones banned
+    banned[8, :3] = [0, 1, 2]
+    got = jax.jit(cpu_kernels.argmax_rows)(jnp.asarray(x), jnp.asarray(banned))
+    want = jax.jit(masked_argmax)(jnp.asarray(x), jnp.asarray(banned))
+    finite = [r for r in range(R) if r not in (5, 6)]
+    np.testing.assert_array_equal(np.asarray(got)[finite], np.asarray(want)[finite])
+    assert got[3] == V - 1 and got[4] != 0 and got[5] == 2 and got[6] == V - 1 and got[8] == 3
