@@ -1,5 +1,5 @@
-"""C++ kernels for CPU, called from the jitted step: attention over the paged KV cache and
-dense layers over packed weights.
+"""C++ kernels for CPU, called from the jitted programs: attention over the paged KV cache,
+dense layers over packed weights, and the greedy pick of the sampling program.
 
 **Attention** (``--attention-backend cpu``, what "auto" picks on CPU for float32 models on one
 device per pipeline stage). XLA:CPU's own path (backend "xla": models/attention.py) copies
@@ -22,7 +22,8 @@ which streams each panel once per tile of 8 rows with the outputs in registers
 (docs/benchmarks.md, "Dense layers on CPU"). A tied embedding packed as the LM head still
 serves the token lookup (`table_rows`).
 
-**Greedy sampling** (the same rule, for the sampling program: runner.py). Each row's argmax,
+**Greedy sampling** (the sampling program's pick whenever the step runs either kernel above:
+runner.py `_argmax`). Each row's argmax,
 never a banned id (min_tokens), in two reads of the row (cpu_sampling.cc), where XLA:CPU
 copied the [R, V] logits twice before its two-stage argmax (`sampling.argmax_first`).
 
@@ -143,9 +144,10 @@ def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> 
 
 def argmax_rows(logits, banned) -> jax.Array:
     """[R] int32: each row's argmax of logits [R, V] float32 that is not one of its banned
-    ids [R, NB] (ids >= V, the padding, are ignored): `sampling.argmax_first` of the logits with
-    the banned ids at -inf (the first index on ties, the first NaN if any, 0 when every
-    allowed entry is -inf). `load()` must have returned None."""
+    ids [R, NB] (ids >= 0; those >= V, the padding, are ignored): `sampling.masked_argmax`'s
+    pick (the first index on ties, 0 when every allowed entry is -inf), except with NaN
+    logits, where this is the first allowed NaN (numpy's and torch's argmax) and XLA's
+    two-stage pick depends on the block. `load()` must have returned None."""
     return jax.ffi.ffi_call("orca_jax_argmax_rows_f32", jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32),
                             vmap_method="sequential")(logits, banned.astype(jnp.int32))
 

@@ -480,8 +480,8 @@ class ModelRunner:
             name = (f"sample R={plan.num_sample_rows}" + (f" {variant}" if variant else "")
                     + (" constrained" if sampling is not None and sampling.allow.shape[1] else ""))
             if sample_in is not None and name not in jobs:
-                jobs[name] = self._sample.lower(_slot_state(self._states[-1]), _spec(x, self.local_stages[-1].replicated),
-                                                *sample_in, variant)
+                logits = _spec(x, self.local_stages[-1].replicated)
+                jobs[name] = self._sample.lower(_slot_state(self._states[-1]), logits, *sample_in, variant)
 
         def compile_one(name, lowered):
             t0 = time.perf_counter()

@@ -130,10 +130,16 @@ def argmax_first(x: jax.Array) -> jax.Array:
     return (first * ARGMAX_BLOCK + jnp.argmax(vals, -1)).astype(jnp.int32)
 
 
+def ban(x: jax.Array, banned: jax.Array) -> jax.Array:
+    """x [R, V] with each row's banned ids [R, NB] (ids >= 0; those >= V, the padding, are
+    dropped) at -inf: min_tokens holds back EOS and the stop ids."""
+    return x.at[jnp.arange(x.shape[0])[:, None], banned].set(-jnp.inf, mode="drop")
+
+
 def masked_argmax(x: jax.Array, banned: jax.Array) -> jax.Array:
-    """[R] int32 argmax of each row of x [R, V] that is not one of its banned ids [R, NB]
-    (ids >= V, the padding, ignored): `argmax_first` with the banned ids at -inf."""
-    return argmax_first(x.at[jnp.arange(x.shape[0])[:, None], banned].set(-jnp.inf, mode="drop"))
+    """[R] int32 argmax of each row of x [R, V] that is not one of its banned ids [R, NB]:
+    `argmax_first` of `ban(x, banned)`."""
+    return argmax_first(ban(x, banned))
 
 
 def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: jax.Array,
@@ -143,7 +149,7 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
     `slots[r]` of `history` [S, M]; lengths [R], [R]) is gathered and read only when some row
     has a penalty: a greedy batch copies none of it. `variant`: who switches the optional
     stages (module docstring). `argmax(x, banned)`: the greedy pick, `masked_argmax` or the
-    CPU kernel's equal (models/cpu_kernels.py `argmax_rows`)."""
+    CPU kernel library's `argmax_rows` (the same picks but for NaN logits)."""
     assert variant in (None, "greedy", "full"), variant
 
     def gate(switch, on, off):
@@ -162,11 +168,10 @@ def sample(logits: jax.Array, st: SamplingTensors, history: jax.Array, slots: ja
                                              prompt_len, hist_len),
                      lambda: x)
     greedy = argmax(x, st.banned)  # never a banned id: min_tokens
-    x = x.at[jnp.arange(R)[:, None], st.banned].set(-jnp.inf, mode="drop")  # for the draw
 
     def draw():
         random = st.temperature > 0
-        scaled = x / jnp.where(random, st.temperature, 1.0)[:, None]
+        scaled = ban(x, st.banned) / jnp.where(random, st.temperature, 1.0)[:, None]
         scaled = gate(st.any_filter,
                               lambda: filter_logits(scaled, st.top_k, st.top_p, st.min_p),
                               lambda: scaled)

@@ -42,7 +42,8 @@ jax.tree_util.register_dataclass(SampleInputs)
 class DeviceState:
     """Everything a step updates in place (donated): allocated once at start-up."""
 
-    kv: KVCache                   # L x [H, P, B, K] x 2 (a stage: its own L' layers)
+    kv: KVCache | None            # L x [H, P, B, K] x 2 (a stage: its own L' layers); None in
+                                  # what the sampling program takes (runner.py `_slot_state`)
     last_token: jax.Array | None  # [S] int32: the latest sampled token of each slot (last stage)
     history: jax.Array | None     # [S, M] int32: prompt + output ids of each slot (last stage)
 

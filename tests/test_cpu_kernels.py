@@ -16,6 +16,7 @@ from orca_jax.models.attention import _in_window, _pages_softmax, _softmax_init
 from orca_jax.plan import PagedKV
 from orca_jax.request import SamplingParams
 from orca_jax.runner import resolve_attention_backend, resolve_matmul_backend
+from orca_jax.sampling import masked_argmax
 from orca_jax.sharding.mesh import single_device_mesh
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.load() is not None, reason=str(cpu_kernels.load()))
@@ -88,8 +89,9 @@ def test_a_row_with_no_position_is_zero_not_nan():
 ])
 def test_engine_tokens_and_logprobs_match_the_xla_backend(preset, changes, budget):
     """Greedy tokens and their logprobs through whole engines (prefill, chunked prefill over
-    history, a shared prefix from the prefix cache, decode across page boundaries), with one
-    backend and the other: the same random model."""
+    history, a shared prefix from the prefix cache, decode across page boundaries), all on
+    XLA and all on the CPU kernels (attention, dense layers, the greedy pick): the same
+    random model."""
     c = PRESETS[preset].replace(**changes)
     params = family(c).init_params(c)
     rng = np.random.default_rng(0)
@@ -100,8 +102,10 @@ def test_engine_tokens_and_logprobs_match_the_xla_backend(preset, changes, budge
     for backend in ("xla", "cpu"):
         eng = Engine.build(c, params, EngineConfig(max_batch_size=4, max_model_len=96, page_size=16, warmup=False,
                                                    max_num_batched_tokens=budget, max_prefill_seqs=4,
-                                                   kv_memory=int(2e7), attention_backend=backend))
-        assert eng.runner.attention == backend
+                                                   kv_memory=int(2e7), attention_backend=backend,
+                                                   matmul_backend=backend))
+        assert eng.runner.attention == eng.runner.matmul == backend
+        assert eng.runner._argmax() is (cpu_kernels.argmax_rows if backend == "cpu" else masked_argmax)
         reqs = [eng.add_request(p, sp) for p in prompts]
         while eng.has_unfinished():
             eng.step()
@@ -217,7 +221,6 @@ def test_greedy_argmax_kernel_equals_the_xla_pick(V):
     >= V, ignored), 0 for a row whose allowed entries are all -inf. With NaN logits it
     picks the first allowed NaN, as numpy's and torch's argmax do (XLA's two-stage pick
     depends on which block holds the NaN there)."""
-    from orca_jax.sampling import masked_argmax
     rng = np.random.default_rng(V)
     R, NB = 12, 5
     x = rng.integers(-3, 3, (R, V)).astype(np.float32)   # many ties

@@ -28,9 +28,10 @@ from orca_jax.runner import kv_budget_bytes, resolve_attention_backend, resolve_
 
 V = 1001
 # The XLA CPU path (runtime trip counts, conds): what the GPU path must not compile. (The CPU
-# default, the C++ attention kernel, has no attention loops either: tests/test_cpu_attention.py.)
+# default, the C++ kernels, has no attention loops either: tests/test_cpu_kernels.py.) No CPU
+# kernel on either, as on a GPU: XLA's attention, dense layers and greedy pick.
 CPU = EngineConfig(max_batch_size=8, max_num_batched_tokens=32, max_prefill_seqs=4, kv_memory=int(32e6),
-                   attention_backend="xla")
+                   attention_backend="xla", matmul_backend="xla")
 GPU_PATH = dataclasses.replace(CPU, attention_backend="xla-static", sampling_control="host")
 
 
