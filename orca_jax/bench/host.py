@@ -7,14 +7,14 @@ iteration (schedule + plan + input packing and transfer + reading ids back + det
 checks, deltas) decides whether the device waits. This runs the real `Engine` over a runner
 whose "device" answers at once: `run` packs the step's inputs as `ModelRunner.run` does
 (`step.pack_inputs`) and dispatches two stand-in programs that take them as the runner's
-forward and sampling programs do (numpy, `in_shardings` on this machine's first device)
-together with as many other arrays as GPT-2 small's programs take (148 parameter arrays and
-26 state arrays; the sampling program 2 of them; the state donated and returned), so the transfer and the dispatch's
-per-argument cost are counted; it returns random token ids. Everything else is the
-production host path. For each number of
-running requests (all decoding, sampled with temperature 0.8 and top-p 0.9, a stop string,
-the embedded demo model's byte-level BPE tokenizer, or `--model`'s), it reports the median and p90 wall time
-of `Engine.step()` over `--steps` iterations.
+forward and sampling programs do (numpy, `in_shardings` on this machine's first device),
+together with as many other arrays as GPT-2 small's programs take (`PARAM_ARRAYS`,
+`STATE_ARRAYS`, `SLOT_ARRAYS`; the state donated and returned), so the transfer and the
+dispatch's per-argument cost are counted; it returns random token ids. Everything else is
+the production host path. For each number of running requests (all decoding, sampled with
+temperature 0.8 and top-p 0.9, a stop string, the embedded demo model's byte-level BPE
+tokenizer, or `--model`'s), it reports the median and p90 wall time of `Engine.step()` over
+`--steps` iterations.
 """
 from __future__ import annotations
 
