@@ -40,6 +40,13 @@ void Tile(const float* x, int64_t K, const float* w, const float* bias, float* y
           int64_t cols, const float* pf, int64_t pf_rows) {
   v16 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16{};
+  // This tile's output lines, for writing, while the loop runs: rows of y lie N floats apart
+  // (a new page each), and a store that misses stalls the next tile (the LM head: ~10%).
+  for (int r = 0; r < R; ++r) {
+    __builtin_prefetch(y + r * ldy, 1, 3);
+    __builtin_prefetch(y + r * ldy + 16, 1, 3);
+    __builtin_prefetch(y + r * ldy + cols - 1, 1, 3);
+  }
   // The prefetches spread evenly over the loop (a burst would fill the line buffers that
   // this tile's own loads need): one 64-byte line every `every` k, or two per k.
   const float* pf_end = pf + pf_rows * NR;
