@@ -68,7 +68,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
   const int32_t* LO = lo.typed_data();
   const int32_t* HI = hi.typed_data();
   float* O = out->typed_data();
-  ParallelFor(pool, N * H, 1, [&](int64_t nh) {
+  ParallelFor(pool, N * H, [&](int64_t nh) {
     thread_local std::vector<float> s, acc, m, d;
     s.resize(G * B), acc.assign(G * K, 0.0f), m.assign(G, kNoScore), d.assign(G, 0.0f);
     const int64_t n = nh / H, h = nh % H;

@@ -15,27 +15,46 @@ namespace orca {
 namespace ffi = xla::ffi;
 
 // Runs fn(i) for i in [0, n) on the calling thread and on the other threads of XLA's intra-op
-// pool (the one its own ops use, so nothing else competes for the cores): every thread takes
-// chunks from a shared counter; the caller returns once every chunk is done. A helper that
-// starts after the last chunk was taken finds nothing to do (the state outlives the call).
+// pool (the one its own ops use, so nothing else competes for the cores). [0, n) is cut into
+// one contiguous range per thread; each thread takes the items of the first range nobody has
+// claimed, front to back, one at a time from the range's counter, then helps finish the other
+// ranges the same way (a helper that wakes late finds its range partly done). Contiguous
+// ranges let an item prefetch the next one's data for the same core (the packed matmul: 64-row
+// GEMMs 8-12% faster than with 16 chunks handed out in turn, whose first panels came cold).
+// The caller returns once every item is done; a helper that starts after that finds nothing
+// to do (the state outlives the call).
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunk, const F& fn) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  constexpr int64_t kMaxThreads = 64;
+  struct alignas(64) Range {
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
   };
+  struct State {
+    std::atomic<int64_t> claimed{0}, done{0};
+    Range ranges[kMaxThreads];
+  };
+  if (n <= 0) return;
+  const int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, std::min(n, kMaxThreads));
   auto st = std::make_shared<State>();
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  // fn is only called for a chunk taken before the caller returns: the pointer stays valid.
-  auto work = [st, chunks, chunk, n, fnp = &fn]() {
-    for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
-      for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) (*fnp)(i);
-      st->done.fetch_add(1, std::memory_order_release);
+  for (int64_t r = 0; r < threads; ++r) {
+    st->ranges[r].next.store(n * r / threads, std::memory_order_relaxed);
+    st->ranges[r].end = n * (r + 1) / threads;
+  }
+  // fn is only called for an item taken before the caller returns: the pointer stays valid.
+  auto work = [st, threads, fnp = &fn]() {
+    const int64_t first = st->claimed.fetch_add(1) % threads;
+    for (int64_t j = 0; j < threads; ++j) {
+      Range& r = st->ranges[(first + j) % threads];
+      for (int64_t i; (i = r.next.fetch_add(1)) < r.end;) {
+        (*fnp)(i);
+        st->done.fetch_add(1, std::memory_order_release);
+      }
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));  // a copy each
+  for (int64_t h = 1; h < threads; ++h) pool.Schedule(decltype(work)(work));  // a copy each
   work();
-  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 }  // namespace orca

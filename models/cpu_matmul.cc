@@ -115,9 +115,7 @@ ffi::Error PackedMatmul(ffi::Buffer<ffi::F32> x,      // [M, K]
   const float* W = w.typed_data();
   const float* B = bias.element_count() ? bias.typed_data() : nullptr;
   float* Y = out->typed_data();
-  // Consecutive panels per chunk (each prefetches the next); ~8 chunks per thread to balance.
-  const int64_t chunk = std::max<int64_t>(1, P / (8 * std::max<int64_t>(1, pool.num_threads())));
-  ParallelFor(pool, P, chunk, [&](int64_t p) {
+  ParallelFor(pool, P, [&](int64_t p) {  // each thread a run of panels
     const int64_t cols = std::min<int64_t>(NR, N - p * NR);
     const float* next = p + 1 < P && M > 1 ? W + (p + 1) * K * NR : nullptr;  // 1 row: hardware prefetch
     Panel(X, M, K, W + p * K * NR, B ? B + p * NR : nullptr, Y + p * NR, N, cols, next);

@@ -95,7 +95,7 @@ ffi::Error ArgmaxRows(ffi::Buffer<ffi::F32> logits,  // [R, V]
   const float* X = logits.typed_data();
   const int32_t* Bn = banned.typed_data();
   int32_t* Y = out->typed_data();
-  ParallelFor(pool, R, 1, [&](int64_t r) { Y[r] = RowArgmax(X + r * V, V, Bn + r * NB, NB); });
+  ParallelFor(pool, R, [&](int64_t r) { Y[r] = RowArgmax(X + r * V, V, Bn + r * NB, NB); });
   return ffi::Error::Success();
 }
 
