@@ -15,6 +15,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_kernels.h"
 
@@ -46,6 +49,101 @@ inline float exp_nonpositive(float x) {
 
 constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)
 
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // may be unaligned
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+
+inline float hsum(v16 x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(x);
+#else
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += x[j];
+  return s;
+#endif
+}
+
+// One page of one query head: scores s[i] of q against keys kb[i] (rows [i0, i1) of the
+// page, row stride K), the online softmax's running max m and sum d, the weighted values
+// added into acc [K]. KV > 0: K = 16 * KV, q and the output kept in vector registers (two
+// chains of accumulators over alternate rows); KV == 0: any K, scalar loops.
+template <int KV>
+void Page(const float* q, const float* kb, const float* vb, int64_t i0, int64_t i1, int64_t K,
+          float scale, float* s, float& m, float& d, float* acc) {
+  float mx = m;
+  if constexpr (KV > 0) {
+    v16 qv[KV];
+    for (int j = 0; j < KV; ++j) qv[j] = load(q + 16 * j);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* kr = kb + i * K;
+      v16 p = qv[0] * load(kr);
+      for (int j = 1; j < KV; ++j) p += qv[j] * load(kr + 16 * j);
+      s[i] = hsum(p) * scale;
+      mx = std::max(mx, s[i]);
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* kr = kb + i * K;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < K; ++k) dot += q[k] * kr[k];
+      s[i] = dot * scale;
+      mx = std::max(mx, s[i]);
+    }
+  }
+  const float corr = exp_nonpositive(m - mx);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = i0; i < i1; ++i) {
+    s[i] = exp_nonpositive(s[i] - mx);
+    sum += s[i];
+  }
+  d = d * corr + sum;
+  m = mx;
+  if constexpr (KV > 0) {
+    v16 a[KV], b[KV];
+    for (int j = 0; j < KV; ++j) a[j] = load(acc + 16 * j) * corr, b[j] = v16{};
+    int64_t i = i0;
+    for (; i + 1 < i1; i += 2) {
+      const float p0 = s[i], p1 = s[i + 1];
+      const float* v0 = vb + i * K;
+      for (int j = 0; j < KV; ++j) a[j] += p0 * load(v0 + 16 * j), b[j] += p1 * load(v0 + K + 16 * j);
+    }
+    if (i < i1)
+      for (int j = 0; j < KV; ++j) a[j] += s[i] * load(vb + i * K + 16 * j);
+    for (int j = 0; j < KV; ++j) {
+      const v16 sum_ab = a[j] + b[j];
+      std::memcpy(acc + 16 * j, &sum_ab, sizeof sum_ab);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) acc[k] *= corr;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float p = s[i];
+      const float* vr = vb + i * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) acc[k] += p * vr[k];
+    }
+  }
+}
+
+using PageFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float,
+                        float*, float&, float&, float*);
+
+// The page function for head dim K: registers for K = 16, 32, ..., 128, else the scalar loops.
+PageFn PageFor(int64_t K) {
+  switch (K % 16 ? 0 : K / 16) {
+    case 1: return Page<1>;
+    case 2: return Page<2>;
+    case 3: return Page<3>;
+    case 4: return Page<4>;
+    case 5: return Page<5>;
+    case 6: return Page<6>;
+    case 7: return Page<7>;
+    case 8: return Page<8>;
+    default: return Page<0>;
+  }
+}
+
 ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
                           ffi::Buffer<ffi::F32> k_pages,  // [Hkv, P, B, K]
                           ffi::Buffer<ffi::F32> v_pages,  // [Hkv, P, B, K]
@@ -68,6 +166,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
   const int32_t* LO = lo.typed_data();
   const int32_t* HI = hi.typed_data();
   float* O = out->typed_data();
+  const PageFn page_fn = PageFor(K);
   ParallelFor(pool, N * H, [&](int64_t nh) {
     thread_local std::vector<float> s, acc, m, d;
     s.resize(G * B), acc.assign(G * K, 0.0f), m.assign(G, kNoScore), d.assign(G, 0.0f);
@@ -80,37 +179,8 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
       const float* kb = Kp + (h * P + page) * B * K;
       const float* vb = Vp + (h * P + page) * B * K;
       const int64_t i0 = std::max<int64_t>(first - start, 0), i1 = std::min<int64_t>(last - start, B);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qn + g * K;
-        float* sg = s.data() + g * B;
-        float mx = m[g];
-        for (int64_t i = i0; i < i1; ++i) {
-          const float* kr = kb + i * K;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < K; ++k) dot += qg[k] * kr[k];
-          sg[i] = dot * scale;
-          mx = std::max(mx, sg[i]);
-        }
-        const float corr = exp_nonpositive(m[g] - mx);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = i0; i < i1; ++i) {
-          sg[i] = exp_nonpositive(sg[i] - mx);
-          sum += sg[i];
-        }
-        d[g] = d[g] * corr + sum;
-        m[g] = mx;
-        float* ag = acc.data() + g * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) ag[k] *= corr;
-        for (int64_t i = i0; i < i1; ++i) {
-          const float p = sg[i];
-          const float* vr = vb + i * K;
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) ag[k] += p * vr[k];
-        }
-      }
+      for (int64_t g = 0; g < G; ++g)
+        page_fn(qn + g * K, kb, vb, i0, i1, K, scale, s.data() + g * B, m[g], d[g], acc.data() + g * K);
     }
     float* on = O + nh * G * K;
     for (int64_t g = 0; g < G; ++g) {
