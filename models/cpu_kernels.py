@@ -130,6 +130,41 @@ def load() -> str | None:
         return _loaded.get("error")
 
 
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # linux/mman.h
+
+
+def huge_pages(tree) -> int:
+    """Backs the host buffers of `tree` (a runner's weights and KV pages) with 2 MiB pages
+    where Linux allows (madvise MADV_HUGEPAGE, then MADV_COLLAPSE: kernel 6.1+, transparent
+    huge pages not "never"), and returns the bytes now in huge pages (0 elsewhere; nothing
+    fails). The kernels stream these buffers: in 4 KiB pages every page is a TLB miss and a
+    stop for the hardware prefetcher (here a stream read at 24-26 GB/s, at 30-31 in 2 MiB
+    pages). Each buffer's range is widened to whole 2 MiB pages inside its mapping (the
+    neighbours' bytes are kept, only their backing changes), else narrowed."""
+    if platform.system() != "Linux":
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    done = 0
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array) or leaf.nbytes < HUGE_PAGE:
+            continue
+        for shard in leaf.addressable_shards:
+            if shard.device.platform != "cpu" or shard.data.nbytes < HUGE_PAGE:
+                continue
+            ptr, n = shard.data.unsafe_buffer_pointer(), shard.data.nbytes
+            wide = (ptr // HUGE_PAGE * HUGE_PAGE, -(-(ptr + n) // HUGE_PAGE) * HUGE_PAGE)
+            narrow = (-(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + n) // HUGE_PAGE * HUGE_PAGE)
+            for start, end in (wide, narrow):
+                if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0:
+                    if madvise(start, end - start, _MADV_COLLAPSE) == 0:
+                        done += end - start
+                    break
+    return done
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> jax.Array:
     """q [N, Hkv, G, K] float32 (N rows, each one query token), k_pages/v_pages [Hkv, P, B, K]
     float32, block_tables [N, W] int32 (the pages of each row's sequence, in order), lo/hi [N]

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import EngineConfig
+from .models import cpu_kernels
 from .models.attention import KVCache
 from .outputs import Sampled
 from .plan import SAMPLING_SWITCHES, Buckets, PagedKV, SamplingTensors, StepPlan, warmup_plan
@@ -106,7 +107,6 @@ def _cpu_kernel_unfit(mesh, dtype) -> str | None:
         return f"the CPU kernels take float32 models, not {jnp.dtype(dtype).name}"
     if mesh.size // mesh.shape.get(PIPELINE, 1) > 1:
         return f"the CPU kernels run on one device per pipeline stage, not mesh {dict(mesh.shape)}"
-    from .models import cpu_kernels
     return cpu_kernels.load()
 
 
@@ -240,6 +240,9 @@ class ModelRunner:
         self.sampling_control, self.matmul_precision = resolve_controls(engine_config, self.platform,
                                                                         config.jnp_dtype)
         self._states = [self._init_state(st) for st in self.local_stages]
+        if self.platform == "cpu":  # what the step streams, in 2 MiB pages where Linux allows
+            huge = cpu_kernels.huge_pages((self._params, self._states))
+            log.info("weights and KV pages: %.0f MiB in huge pages", huge / 2**20)
         if engine_config.swap_space and jax.process_count() > 1:
             raise ValueError("--swap-space works within one process; multi-process meshes "
                              "preempt by recomputing")

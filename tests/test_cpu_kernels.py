@@ -1,7 +1,10 @@
 """The CPU kernels (models/cpu_kernels.py: attention over pages, dense layers over packed
 weights): built with the system's compiler, checked against the XLA paths they replace, and
 chosen by "auto" only where they fit."""
+import platform
+import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +248,22 @@ def test_greedy_argmax_kernel_equals_the_xla_pick(V):
     finite = [r for r in range(R) if r not in (5, 6)]
     np.testing.assert_array_equal(np.asarray(got)[finite], np.asarray(want)[finite])
     assert got[3] == V - 1 and got[4] != 0 and got[5] == 2 and got[6] == V - 1 and got[8] == 3
+
+
+def test_huge_pages_back_the_buffers_and_keep_their_bytes():
+    """`huge_pages` (what the runner does to its weights and KV pages on CPU) changes only the
+    backing: every byte stays, buffers smaller than a huge page are left alone, and on a Linux
+    6.1+ kernel with transparent huge pages not "never" the big buffer ends up in them."""
+    rng = np.random.default_rng(0)
+    big = jnp.asarray(rng.standard_normal((3 << 20,), np.float32))   # 12 MiB
+    small = jnp.asarray(rng.standard_normal((1000,), np.float32))
+    want = np.asarray(big).copy(), np.asarray(small).copy()
+    done = cpu_kernels.huge_pages({"big": big, "small": small, "not an array": 3})
+    np.testing.assert_array_equal(big, want[0])
+    np.testing.assert_array_equal(small, want[1])
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    release = tuple(int(x) for x in re.findall(r"\d+", platform.release())[:2])
+    if platform.system() == "Linux" and release >= (6, 1) and thp.exists() and "[never]" not in thp.read_text():
+        assert big.nbytes - 2 * cpu_kernels.HUGE_PAGE <= done <= big.nbytes + 2 * cpu_kernels.HUGE_PAGE
+    else:
+        assert done == 0 or done >= cpu_kernels.HUGE_PAGE
