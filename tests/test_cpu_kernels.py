@@ -154,10 +154,11 @@ def test_without_a_compiler_auto_keeps_xla_and_cpu_says_why(monkeypatch, tmp_pat
     ((33, 70), 1, 17, False),         # odd sizes: a partial last panel, a tail tile of 1 row
     ((48, 96), 1, 1, True),           # one decode row
     ((40, 500), 1, 64, False),        # 64 rows: eight full tiles
+    ((2500, 40), 1, 19, True),        # a long K (a down projection's), 19 rows: a tail tile of 3
 ])
 def test_packed_matmul_equals_the_einsum(shape, n_in, rows, bias):
     rng = np.random.default_rng(rows)
-    w = jnp.asarray(rng.standard_normal(shape, np.float32))
+    w = jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:n_in])))  # outputs ~ 1
     b = jnp.asarray(rng.standard_normal(shape[n_in:], np.float32)) if bias else None
     x = jnp.asarray(rng.standard_normal((rows, *shape[:n_in]), np.float32))
     packed = jax.jit(cpu_kernels.pack, static_argnums=1)(w, n_in)
