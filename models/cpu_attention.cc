@@ -199,6 +199,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,        // [N, Hkv, G, K]
 ffi::Error WritePages(ffi::Buffer<ffi::F32> pages,   // [Hkv, P, B, K]
                       ffi::Buffer<ffi::F32> rows,    // [T, Hkv, K]
                       ffi::Buffer<ffi::S32> idx,     // [T]
+                      ffi::ThreadPool pool,
                       ffi::ResultBuffer<ffi::F32> out) {  // [Hkv, P, B, K], aliases pages
   const auto pd = pages.dimensions(), rd = rows.dimensions(), id = idx.dimensions();
   if (pd.size() != 4 || rd.size() != 3 || id.size() != 1 || rd[0] != id[0] || rd[1] != pd[0] ||
@@ -210,12 +211,17 @@ ffi::Error WritePages(ffi::Buffer<ffi::F32> pages,   // [Hkv, P, B, K]
     std::memcpy(dst, pages.typed_data(), pages.size_bytes());
   const float* src = rows.typed_data();
   const int32_t* I = idx.typed_data();
-  for (int64_t t = 0; t < T; ++t) {
-    if (I[t] < 0 || I[t] >= P * B) continue;
-    const int64_t page = I[t] / B, off = I[t] % B;
-    for (int64_t h = 0; h < H; ++h)
-      std::memcpy(dst + ((h * P + page) * B + off) * K, src + (t * H + h) * K, K * sizeof(float));
-  }
+  auto dst_of = [&](int64_t t, int64_t h) { return dst + ((h * P + I[t] / B) * B + I[t] % B) * K; };
+  // Rows over the pool's threads; each first asks for the lines it will write two rows on
+  // (a written line is read from memory first, and the pages lie far apart: one row at a time
+  // the 64-row write waited on ~750 such reads in turn).
+  ParallelFor(pool, T, [&](int64_t t) {
+    if (t + 2 < T && I[t + 2] >= 0 && I[t + 2] < P * B)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(dst_of(t + 2, h) + k, 1, 3);
+    if (I[t] < 0 || I[t] >= P * B) return;
+    for (int64_t h = 0; h < H; ++h) std::memcpy(dst_of(t, h), src + (t * H + h) * K, K * sizeof(float));
+  });
   return ffi::Error::Success();
 }
 
@@ -226,6 +232,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaWritePagesF32, WritePages,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrcaPagedAttentionF32, PagedAttention,
