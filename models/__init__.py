@@ -7,7 +7,8 @@ A family module provides
         `dtype`, `jnp_dtype`, `bos_token_id`, `eos_token_id`, `num_params()`,
         `replace(num_layers=...)`, `to_json()`, `from_dict()`;
     `LAYERS` (the key of the stacked layer params), `LINEAR_INPUTS` and `head_key(config)`
-    (the dense weights and LM head table that --matmul-backend cpu packs), `param_axes(config)`, `init_params`,
+    (the dense weights and LM head table that --matmul-backend cpu packs), `LAYER_NORMS` and
+    `FINAL_NORM` (the norms it hands the norm kernel), `param_axes(config)`, `init_params`,
     `abstract_params`, `stage_keys(config, first, last)`, and the forward pass as pure
     functions: `embed`, `decoder`, `lm_head`, `unstack_layers`; and `PRESETS`.
 

@@ -58,13 +58,14 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc", HERE / "cpu_sampling.cc")
+SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc", HERE / "cpu_norm.cc", HERE / "cpu_sampling.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
 # FFI target name -> the library's handler symbol (the names also appear in compiled programs)
 TARGETS = {"orca_jax_paged_attention_f32": "OrcaPagedAttentionF32",
            "orca_jax_write_pages_f32": "OrcaWritePagesF32",
            "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32",
-           "orca_jax_argmax_rows_f32": "OrcaArgmaxRowsF32"}
+           "orca_jax_argmax_rows_f32": "OrcaArgmaxRowsF32",
+           "orca_jax_norm_f32": "OrcaNormF32"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared",
          "-std=c++17", "-w")  # -ffp-contract: fused multiply-adds (off under -std=c++17); -w: XLA's headers warn
 PANEL = 32  # output columns per packed panel (NR in cpu_matmul.cc)
@@ -185,6 +186,28 @@ def argmax_rows(logits, banned) -> jax.Array:
     two-stage pick depends on the block. `load()` must have returned None."""
     return jax.ffi.ffi_call("orca_jax_argmax_rows_f32", jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32),
                             vmap_method="sequential")(logits, banned.astype(jnp.int32))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scale", "bias"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class NormWeights:
+    """A norm's scale [n] and bias [n] (or None) as the norm kernel takes them: what
+    step.runtime_params makes of each norm's params with --matmul-backend cpu, so that
+    models/layers.py's norms run the kernel."""
+    scale: jax.Array
+    bias: jax.Array | None = None
+
+
+def norm(x: jax.Array, w: NormWeights, eps: float, rms: bool) -> jax.Array:
+    """The norm over the last dim of float32 x [..., n]: LayerNorm ((x - mean) * rsqrt(var +
+    eps) * scale + bias) or, `rms`, RMSNorm (x * rsqrt(mean(x^2) + eps) * scale), as
+    models/layers.py computes them. `load()` must have returned None."""
+    n = x.shape[-1]
+    bias = w.bias if w.bias is not None and not rms else jnp.zeros((0,), jnp.float32)
+    out = jax.ffi.ffi_call("orca_jax_norm_f32", jax.ShapeDtypeStruct((x.size // n, n), jnp.float32),
+                           vmap_method="sequential")(x.reshape(-1, n), w.scale, bias, eps=np.float32(eps),
+                                                     rms=np.int32(rms))
+    return out.reshape(x.shape)
 
 
 def write_pages(pages, rows, idx) -> jax.Array:

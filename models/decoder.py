@@ -45,6 +45,10 @@ LAYERS = "layers"         # the stacked-layers subtree of the params
 # step.runtime_params packs for --matmul-backend cpu), and where the LM head's [V, D] table is.
 LINEAR_INPUTS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
                  ("mlp", "up"): 1, ("mlp", "gate"): 1, ("mlp", "down"): 1}
+# Each layer's norms (those it has) and the final one (their params as the norm kernel takes
+# them, too).
+LAYER_NORMS = (("attn_norm",), ("mlp_norm",), ("attn", "q_norm"), ("attn", "k_norm"))
+FINAL_NORM = ("final_norm",)
 
 
 def head_key(config) -> tuple[str, str]:

@@ -34,6 +34,9 @@ LAYERS = "h"          # the stacked-layers subtree of the params
 # Each layer's dense weights [*in, *out] -> how many leading dims are inputs (what
 # step.runtime_params packs for --matmul-backend cpu), and where the LM head's [V, D] table is.
 LINEAR_INPUTS = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1, ("mlp", "c_proj"): 1}
+# Each layer's norms and the final one (their params as the norm kernel takes them, too).
+LAYER_NORMS = (("ln_1",), ("ln_2",))
+FINAL_NORM = ("ln_f",)
 
 
 def head_key(config) -> tuple[str, str]:

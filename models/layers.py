@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cpu_kernels import PackedWeight, matmul, table_rows
+from .cpu_kernels import NormWeights, PackedWeight, matmul, norm, table_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -58,9 +58,11 @@ def head_logits(h: jax.Array, table) -> jax.Array:
     return jnp.einsum("rd,vd->rv", h, table, preferred_element_type=jnp.float32)
 
 
-def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
+def layer_norm(x: jax.Array, p: dict | NormWeights, eps: float) -> jax.Array:
     """LayerNorm in float32 whatever the activation dtype (as HF does under autocast); `p`
-    holds `scale` and, optionally, `bias`."""
+    holds `scale` and, optionally, `bias` (NormWeights: the CPU kernel, float32)."""
+    if isinstance(p, NormWeights):
+        return norm(x, p, eps, rms=False)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -70,8 +72,11 @@ def layer_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def rms_norm(x: jax.Array, p: dict, eps: float) -> jax.Array:
-    """RMSNorm as HF's LlamaRMSNorm: normalised in float32, cast back to x's dtype, then scaled."""
+def rms_norm(x: jax.Array, p: dict | NormWeights, eps: float) -> jax.Array:
+    """RMSNorm as HF's LlamaRMSNorm: normalised in float32, cast back to x's dtype, then scaled
+    (NormWeights: the CPU kernel, float32)."""
+    if isinstance(p, NormWeights):
+        return norm(x, p, eps, rms=True)
     x32 = x.astype(jnp.float32)
     y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)).astype(x.dtype)
     return p["scale"] * y

@@ -65,7 +65,8 @@ def runtime_params(config, params: dict, matmul: str = "xla") -> dict:
     checkpoints store them and layouts place them) split once into L' per-layer arrays, each
     keeping its sharding of the other axes. With `matmul` "cpu" every dense layer weight and
     the LM head's table are packed for the C++ kernel (models/cpu_kernels.py), one weight at a
-    time, replacing the array (no second copy). The stacked arrays can be freed afterwards."""
+    time, replacing the array (no second copy), and every norm's params become NormWeights
+    (the norm kernel). The stacked arrays can be freed afterwards."""
     def per_layer(x):
         return jax.NamedSharding(x.sharding.mesh, jax.P(*x.sharding.spec[1:]))
 
@@ -81,13 +82,18 @@ _pack = jax.jit(cpu_kernels.pack, static_argnums=1)
 
 
 def _pack_weights(model, config, params: dict) -> dict:
-    """`params` with the layers' dense weights and the LM head table (on this stage) packed."""
+    """`params` with the layers' dense weights and the LM head table (on this stage) packed,
+    and every norm's params as the norm kernel takes them."""
+    as_norm = lambda p: cpu_kernels.NormWeights(p["scale"], p.get("bias"))  # noqa: E731
     layers = []
     for layer in params[model.LAYERS]:
         for path, n_in in model.LINEAR_INPUTS.items():
             layer = _replace(layer, (*path, "kernel"), _pack, n_in)
+        for path in model.LAYER_NORMS:
+            layer = _replace(layer, path, as_norm)
         layers.append(layer)
     params = _replace(params, model.head_key(config), lambda table: _pack(table.T, 1))
+    params = _replace(params, model.FINAL_NORM, as_norm)
     return {**params, model.LAYERS: layers}
 
 

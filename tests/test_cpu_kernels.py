@@ -162,7 +162,8 @@ def test_packed_matmul_equals_the_einsum(shape, n_in, rows, bias):
     b = jnp.asarray(rng.standard_normal(shape[n_in:], np.float32)) if bias else None
     x = jnp.asarray(rng.standard_normal((rows, *shape[:n_in]), np.float32))
     packed = jax.jit(cpu_kernels.pack, static_argnums=1)(w, n_in)
-    assert packed.panels.shape == (-(-np.prod(shape[n_in:]) // 32), np.prod(shape[:n_in]), 32)
+    P = cpu_kernels.PANEL
+    assert packed.panels.shape == (-(-np.prod(shape[n_in:]) // P), np.prod(shape[:n_in]), P)
     got = jax.jit(cpu_kernels.matmul)(x, packed, b)
     want = jnp.tensordot(x, w, n_in, precision="highest") + (0 if b is None else b)
     assert got.shape == want.shape
@@ -172,7 +173,8 @@ def test_packed_matmul_equals_the_einsum(shape, n_in, rows, bias):
 @needs_kernel
 def test_a_tied_table_packed_as_the_head_still_embeds():
     table = jnp.asarray(np.random.default_rng(0).standard_normal((100, 24), np.float32))
-    ids = jnp.array([0, 31, 32, 99, 64, 31])
+    P = cpu_kernels.PANEL
+    ids = jnp.array([0, P - 1, P, 99, 2 * P, P - 1])  # panel edges
     np.testing.assert_array_equal(cpu_kernels.table_rows(cpu_kernels.pack(table.T, 1), ids), table[ids])
 
 
@@ -211,7 +213,7 @@ def test_engine_with_packed_weights_matches_xla_matmuls(preset, changes):
             eng.step()
         runs[backend] = n_bytes, [(r.output_ids, [lp["logprob"] for lp in r.logprobs]) for r in reqs]
     (bytes_xla, xla), (bytes_cpu, cpu) = runs["xla"], runs["cpu"]
-    assert bytes_xla <= bytes_cpu <= bytes_xla * 1.1  # panels pad to 32 columns; no second copy
+    assert bytes_xla <= bytes_cpu <= bytes_xla * 1.1  # panels pad the columns to whole panels; no second copy
     for (tx, lx), (tc, lc) in zip(xla, cpu):
         assert tc == tx
         np.testing.assert_allclose(lc, lx, atol=1e-4)
@@ -268,3 +270,22 @@ def test_huge_pages_back_the_buffers_and_keep_their_bytes():
         assert big.nbytes - 2 * cpu_kernels.HUGE_PAGE <= done <= big.nbytes + 2 * cpu_kernels.HUGE_PAGE
     else:
         assert done == 0 or done >= cpu_kernels.HUGE_PAGE
+
+
+@needs_kernel
+@pytest.mark.parametrize("rms,bias,shape", [(False, True, (64, 768)), (False, False, (5, 3, 40)),
+                                            (True, False, (7, 4, 64)), (True, False, (1, 4096))])
+def test_norm_kernel_equals_the_xla_norms(rms, bias, shape):
+    """LayerNorm (with and without bias) and RMSNorm (over the last dim of 2-D and 3-D rows,
+    as the q/k norms take them) through the kernel, against models/layers.py's XLA forms."""
+    from orca_jax.models.layers import layer_norm, rms_norm
+    rng = np.random.default_rng(shape[-1])
+    x = jnp.asarray(rng.standard_normal(shape, np.float32) * 3 + 1)
+    p = {"scale": jnp.asarray(rng.standard_normal(shape[-1:], np.float32))}
+    if bias:
+        p["bias"] = jnp.asarray(rng.standard_normal(shape[-1:], np.float32))
+    fn = rms_norm if rms else layer_norm
+    want = fn(x, p, 1e-5)
+    got = jax.jit(fn, static_argnums=2)(x, cpu_kernels.NormWeights(p["scale"], p.get("bias")), 1e-5)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
