@@ -22,30 +22,10 @@
 #include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
+using orca::exp_nonpositive;
 using orca::ParallelFor;
 
 namespace {
-
-// e^x for x <= 0 (scores minus their running max), in a form the compiler vectorizes:
-// 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error < 2e-7, float32's own rounding). Below -87 the result is 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;  // times 2^n (n >= -126: no denormals)
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
-}
 
 constexpr float kNoScore = -3.0e38f;  // the running max before any position (finite)
 

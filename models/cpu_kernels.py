@@ -241,14 +241,18 @@ def pack(kernel: jax.Array, n_in: int) -> PackedWeight:
     return PackedWeight(w.reshape(w.shape[0], n_panels, PANEL).transpose(1, 0, 2), out_shape)
 
 
-def matmul(x: jax.Array, w: PackedWeight, bias: jax.Array | None = None) -> jax.Array:
-    """x [T, *in] float32 times the packed weight (+ bias [*out]): [T, *out] float32. `load()`
-    must have returned None."""
+def matmul(x: jax.Array, w: PackedWeight, bias: jax.Array | None = None, gelu: bool = False,
+           residual: jax.Array | None = None) -> jax.Array:
+    """x [T, *in] float32 times the packed weight (+ bias [*out]), then, in the kernel's
+    epilogue, GELU's tanh form if `gelu` and + residual [T, *out]: [T, *out] float32.
+    `load()` must have returned None."""
     t, n = x.shape[0], math.prod(w.out_shape)
-    b = jnp.zeros((0,), jnp.float32) if bias is None else bias.reshape(n)
+    none = jnp.zeros((0,), jnp.float32)
+    b = none if bias is None else bias.reshape(n)
+    res = none if residual is None else residual.reshape(t, n)
     y = jax.ffi.ffi_call("orca_jax_packed_matmul_f32", jax.ShapeDtypeStruct((t, n), jnp.float32),
                          vmap_method="sequential")(
-        x.reshape(t, -1), w.panels, b)
+        x.reshape(t, -1), w.panels, b, res, act=np.int32(gelu))
     return y.reshape(t, *w.out_shape)
 
 

@@ -283,8 +283,9 @@ def _norm(c: DecoderConfig, x: jax.Array, p: dict) -> jax.Array:
 
 
 def attention(c: DecoderConfig, p: dict, h: jax.Array, angles, k_pages, v_pages, meta: AttnMeta,
-              backend: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Self-attention of rows h [T, D]; writes their K, V into the layer's pages [Hkv, P, B, K]."""
+              backend: str, residual: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Self-attention of rows h [T, D] added to `residual` [T, D]; writes their K, V into the
+    layer's pages [Hkv, P, B, K]."""
     q = linear(h, p["q"], "td,dhk->thk")                                        # [T, H, K]
     k = linear(h, p["k"], "td,dhk->thk")                                        # [T, Hkv, K]
     v = linear(h, p["v"], "td,dhk->thk")
@@ -294,25 +295,26 @@ def attention(c: DecoderConfig, p: dict, h: jax.Array, angles, k_pages, v_pages,
         q, k = apply_rope(q, angles, c.rope_interleaved), apply_rope(k, angles, c.rope_interleaved)
     k_pages, v_pages = write_kv(k_pages, k, meta, backend), write_kv(v_pages, v, meta, backend)
     a = attend(q, k, v, k_pages, v_pages, meta, c.head_dim ** -0.5, backend, c.sliding_window)
-    return linear(a, p["o"], "thk,hkd->td"), k_pages, v_pages                   # [T, D]
+    return linear(a, p["o"], "thk,hkd->td", residual=residual), k_pages, v_pages  # [T, D]
 
 
-def mlp(c: DecoderConfig, p: dict, h: jax.Array) -> jax.Array:
-    act = ACTIVATIONS[c.activation]
-    up = linear(h, p["up"], "td,df->tf")                                        # [T, F]
-    up = act(linear(h, p["gate"], "td,df->tf")) * up if c.mlp == "gated" else act(up)
-    return linear(up, p["down"], "tf,fd->td")                                   # [T, D]
+def mlp(c: DecoderConfig, p: dict, h: jax.Array, residual: jax.Array) -> jax.Array:
+    """The MLP of rows h [T, D] added to `residual` [T, D]."""
+    if c.mlp == "gated":
+        up = linear(h, p["gate"], "td,df->tf", activation=c.activation) * linear(h, p["up"], "td,df->tf")
+    else:
+        up = linear(h, p["up"], "td,df->tf", activation=c.activation)          # [T, F]
+    return linear(up, p["down"], "tf,fd->td", residual=residual)                # [T, D]
 
 
 def block(c: DecoderConfig, p: dict, x: jax.Array, angles, k_pages, v_pages, meta: AttnMeta,
           backend: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decoder layer (params `p` of that layer) on rows x [T, D]."""
     h = _norm(c, x, p["attn_norm"])
-    a, k_pages, v_pages = attention(c, p["attn"], h, angles, k_pages, v_pages, meta, backend)
-    if c.parallel_residual:
-        return x + a + mlp(c, p["mlp"], h if c.shared_norm else _norm(c, x, p["mlp_norm"])), k_pages, v_pages
-    x = x + a
-    return x + mlp(c, p["mlp"], _norm(c, x, p["mlp_norm"])), k_pages, v_pages
+    xa, k_pages, v_pages = attention(c, p["attn"], h, angles, k_pages, v_pages, meta, backend, residual=x)
+    if c.parallel_residual:  # both branches read x: x + attention + MLP
+        return mlp(c, p["mlp"], h if c.shared_norm else _norm(c, x, p["mlp_norm"]), residual=xa), k_pages, v_pages
+    return mlp(c, p["mlp"], _norm(c, xa, p["mlp_norm"]), residual=xa), k_pages, v_pages
 
 
 def embed(c: DecoderConfig, params: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:

@@ -215,10 +215,10 @@ def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     k_pages, v_pages = write_kv(k_pages, k, meta, attention), write_kv(v_pages, v, meta, attention)
     a = attend(q, k, v, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim), attention)  # [T, H, K]
-    x = x + linear(a, p["attn"]["c_proj"], "thk,hkd->td")
+    x = linear(a, p["attn"]["c_proj"], "thk,hkd->td", residual=x)
     h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
-    h = ACTIVATIONS[c.activation](linear(h, p["mlp"]["c_fc"], "td,df->tf"))   # [T, F]
-    x = x + linear(h, p["mlp"]["c_proj"], "tf,fd->td")                          # [T, D]
+    h = linear(h, p["mlp"]["c_fc"], "td,df->tf", activation=c.activation)     # [T, F]
+    x = linear(h, p["mlp"]["c_proj"], "tf,fd->td", residual=x)                 # [T, D]
     return x, k_pages, v_pages
 
 

@@ -29,20 +29,30 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the packed kernel's fused GELU
 
 
 # ----------------------------------------------------------------------------- dense layers
 # A weight is either an array (XLA's einsum) or, with --matmul-backend cpu, a PackedWeight that
 # step.runtime_params made at start-up (the C++ kernel, models/cpu_kernels.py).
 
-def linear(x: jax.Array, p: dict, eq: str) -> jax.Array:
+def linear(x: jax.Array, p: dict, eq: str, activation: str | None = None,
+           residual: jax.Array | None = None) -> jax.Array:
     """The dense layer p = {"kernel": [*in, *out], "bias"?: [*out]} on x [T, *in] (`eq` the
-    einsum of x and kernel): [T, *out]."""
+    einsum of x and kernel), then `activation` (a name in ACTIVATIONS) and + `residual`
+    [T, *out]: [T, *out]. A packed weight runs both in the kernel's epilogue where it has
+    them (a tanh GELU, the residual)."""
     w = p["kernel"]
     if isinstance(w, PackedWeight):
-        return matmul(x, w, p.get("bias"))
-    y = jnp.einsum(eq, x, w)
-    return y + p["bias"] if "bias" in p else y
+        gelu = activation in TANH_GELUS
+        if gelu or activation is None:
+            return matmul(x, w, p.get("bias"), gelu=gelu, residual=residual)
+        y = matmul(x, w, p.get("bias"))
+    else:
+        y = jnp.einsum(eq, x, w)
+        y = y + p["bias"] if "bias" in p else y
+    y = ACTIVATIONS[activation](y) if activation else y
+    return y if residual is None else y + residual
 
 
 def embedding(table, ids: jax.Array) -> jax.Array:

@@ -289,3 +289,23 @@ def test_norm_kernel_equals_the_xla_norms(rms, bias, shape):
     got = jax.jit(fn, static_argnums=2)(x, cpu_kernels.NormWeights(p["scale"], p.get("bias")), 1e-5)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gelu,residual", [(True, False), (False, True), (True, True)])
+def test_packed_matmul_epilogue_equals_gelu_then_residual(gelu, residual):
+    """The kernel's epilogue (what layers.linear fuses: a tanh GELU, then + residual) against
+    XLA's jax.nn.gelu(approximate=True) and add, over outputs from -12 to 12 (GELU's tails)
+    and a partial last panel."""
+    rng = np.random.default_rng(int(gelu) + 2 * int(residual))
+    K, N, T = 40, 70, 11
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 4 / np.sqrt(K))
+    b = jnp.asarray(rng.standard_normal(N, np.float32))
+    x = jnp.asarray(rng.standard_normal((T, K), np.float32)).at[0].set(0.0)
+    r = jnp.asarray(rng.standard_normal((T, N), np.float32)) if residual else None
+    got = jax.jit(cpu_kernels.matmul, static_argnums=3)(x, cpu_kernels.pack(w, 1), b, gelu, r)
+    want = jnp.dot(x, w, precision="highest") + b
+    want = jax.nn.gelu(want, approximate=True) if gelu else want
+    want = want + r if residual else want
+    assert float(jnp.abs(jnp.dot(x, w) + b).max()) > 8  # reaches the tails
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
