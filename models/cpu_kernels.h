@@ -108,8 +108,8 @@ class Team {
   std::atomic<int64_t> pending_{0}, sleeping_{0};
 };
 
-// Runs fn(i) for i in [0, n) on the calling thread and on the other threads of XLA's intra-op
-// pool (the one its own ops use, so nothing else competes for the cores). [0, n) is cut into
+// Runs fn(i) for i in [0, n) on the calling thread and on the Team's threads (as many as
+// XLA's intra-op pool has besides: XLA's own ops leave the cores to them). [0, n) is cut into
 // one contiguous range per thread; each thread takes the items of the first range nobody has
 // claimed, front to back, one at a time from the range's counter, then helps finish the other
 // ranges the same way (a helper that wakes late finds its range partly done). Contiguous
