@@ -4,7 +4,8 @@
 //
 // Why: XLA:CPU ran a LayerNorm as five thunks (two reductions through its fusion library,
 // the centring, the rsqrt, the scaling), ~100 us for [64, 768]: ~2.6 ms of GPT-2 small's
-// 64-row decode step for its 25 norms. Here one pass per row sums, a second scales.
+// 64-row decode step for its 25 norms. Here one call: per row a pass for the mean (LayerNorm),
+// one for the variance (or mean square), one to scale.
 #include <cmath>
 #include <cstdint>
 
