@@ -9,12 +9,11 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
 #include <mutex>
-#include <vector>
-#include <chrono>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -44,7 +43,6 @@ inline float exp_nonpositive(float x) {
   return p;
 }
 
-
 // The helpers of ParallelFor: threads that stay awake between kernels. XLA's own pool let a
 // helper start ~80 us after the kernel asked for it (a sleeping thread woken on this VM), with
 // ~85 kernels in a decode step; these spin for kSpin after their last task before they sleep.
@@ -55,7 +53,7 @@ class Team {
     static Team* team = new Team(workers);  // never destroyed: threads outlive static teardown
     return *team;
   }
-  int64_t size() const { return static_cast<int64_t>(workers_.size()); }
+  int64_t size() const { return size_; }
   void Schedule(std::function<void()> f) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -66,15 +64,20 @@ class Team {
   }
 
  private:
-  explicit Team(int64_t workers) {
-    for (int64_t i = 0; i < workers; ++i) workers_.emplace_back([this] { Loop(); }).detach();
+  explicit Team(int64_t workers) : size_(std::max<int64_t>(workers, 0)) {
+    for (int64_t i = 0; i < size_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  // The next task, with mu_ held and tasks_ not empty.
+  std::function<void()> Pop() {
+    std::function<void()> f = std::move(tasks_.front());
+    tasks_.pop_front();
+    pending_.fetch_sub(1, std::memory_order_relaxed);
+    return f;
   }
   bool Take(std::function<void()>& f) {
     std::lock_guard<std::mutex> lock(mu_);
     if (tasks_.empty()) return false;
-    f = std::move(tasks_.front());
-    tasks_.pop_front();
-    pending_.fetch_sub(1, std::memory_order_relaxed);
+    f = Pop();
     return true;
   }
   void Loop() {
@@ -94,18 +97,16 @@ class Team {
         sleeping_.fetch_add(1, std::memory_order_release);
         cv_.wait(lock, [this] { return !tasks_.empty(); });
         sleeping_.fetch_sub(1, std::memory_order_relaxed);
-        f = std::move(tasks_.front());
-        tasks_.pop_front();
-        pending_.fetch_sub(1, std::memory_order_relaxed);
+        f = Pop();
       }
       f();
     }
   }
-  std::vector<std::thread> workers_;
+  const int64_t size_;  // worker threads (detached: they outlive the library's users)
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> tasks_;
-  std::atomic<int64_t> pending_{0}, sleeping_{0};
+  std::atomic<int64_t> pending_{0}, sleeping_{0};  // pending_: tasks_.size(), read without mu_ while spinning
 };
 
 // Runs fn(i) for i in [0, n) on the calling thread and on the Team's threads (as many as

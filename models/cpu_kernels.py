@@ -142,7 +142,9 @@ def huge_pages(tree) -> int:
     fails). The kernels stream these buffers: in 4 KiB pages every page is a TLB miss and a
     stop for the hardware prefetcher (here a stream read at 24-26 GB/s, at 30-31 in 2 MiB
     pages). Each buffer's range is widened to whole 2 MiB pages inside its mapping (the
-    neighbours' bytes are kept, only their backing changes), else narrowed."""
+    neighbours' bytes are kept, only their backing changes); where that does not collapse,
+    narrowed to the whole 2 MiB pages inside the buffer. Collapsing is best-effort (the kernel
+    may refuse a range: EAGAIN, retried, or EINVAL)."""
     if platform.system() != "Linux":
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
@@ -158,10 +160,10 @@ def huge_pages(tree) -> int:
             ptr, n = shard.data.unsafe_buffer_pointer(), shard.data.nbytes
             wide = (ptr // HUGE_PAGE * HUGE_PAGE, -(-(ptr + n) // HUGE_PAGE) * HUGE_PAGE)
             narrow = (-(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + n) // HUGE_PAGE * HUGE_PAGE)
-            for start, end in (wide, narrow):
-                if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0:
-                    if madvise(start, end - start, _MADV_COLLAPSE) == 0:
-                        done += end - start
+            for start, end in (wide, narrow):  # the widened range can hold pages that won't collapse
+                if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0 and any(
+                        madvise(start, end - start, _MADV_COLLAPSE) == 0 for _ in range(3)):  # EAGAIN: transient
+                    done += end - start
                     break
     return done
 
