@@ -50,9 +50,12 @@ def test_client_result_becomes_a_sweep_point():
     assert online.normalized_latency_ms({"latencies": [], "output_lens": []}) is None
 
 
-def test_client_command_is_vllms_random_dataset(tmp_path):
+def test_client_command_is_vllms_random_dataset(tmp_path, monkeypatch):
     args = parse(["--rates", "0.4", "--num-prompts", "7"])
-    cmd = online.client_command(args, "/hf", 8000, 0.4, tmp_path, "x.json")
+    monkeypatch.chdir(tmp_path)
+    # The client runs in /tmp: the default --out (relative) must still name this folder.
+    cmd = online.client_command(args, "/hf", 8000, 0.4, online.Path("bench-results/online"), "x.json")
+    assert cmd[cmd.index("--result-dir") + 1] == str(tmp_path / "bench-results" / "online")
     assert cmd[1] == str(online.CLIENT) and "--save-detailed" in cmd and "--ignore-eos" in cmd
     assert cmd[cmd.index("--request-rate") + 1] == "0.4" and cmd[cmd.index("--num-prompts") + 1] == "7"
     assert "orca_jax" not in "".join(ln for ln in online.CLIENT.read_text().splitlines() if ln.startswith(("import", "from")))

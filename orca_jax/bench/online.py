@@ -118,14 +118,15 @@ def server_command(system: str, args, hf_dir: str, ckpt: str, port: int) -> tupl
 
 
 def client_command(args, hf_dir: str, port: int, rate: float, out_dir: Path, name: str) -> list[str]:
-    """`vllm bench serve` on the random dataset at `rate`, per-request timings saved."""
+    """`vllm bench serve` on the random dataset at `rate`, per-request timings saved. The client
+    runs in /tmp (away from a source tree it could import from), so its result folder is absolute."""
     return [args.vllm_python, str(CLIENT), "--backend", "vllm", "--model", hf_dir, "--tokenizer", hf_dir,
             "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "random",
             "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
             "--random-range-ratio", str(args.range_ratio), "--num-prompts", str(args.num_prompts),
             "--request-rate", f"{rate:g}", "--seed", str(args.seed), "--ignore-eos", "--temperature", "0",
             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-            "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", name]
+            "--save-result", "--save-detailed", "--result-dir", str(Path(out_dir).resolve()), "--result-filename", name]
 
 
 def normalized_latency_ms(result: dict) -> dict | None:
@@ -176,9 +177,10 @@ def sweep(system: str, args, hf_dir: str, ckpt: str, rates: list[float], out: Pa
                 cmd = client_command(args, hf_dir, port, rate, out, name)
                 done = subprocess.run(cmd, cwd="/tmp", capture_output=True, text=True)
                 (out / f"{system}-rate{rate:g}-client.log").write_text(done.stdout + done.stderr)
-                if done.returncode:
-                    raise RuntimeError(f"vllm bench serve failed at rate {rate:g} against {system}:\n"
-                                       f"{done.stderr[-2000:]}")
+                if done.returncode or not (out / name).is_file():
+                    raise RuntimeError(f"vllm bench serve at rate {rate:g} against {system} exited with "
+                                       f"{done.returncode} and left no {out / name}; its output is in "
+                                       f"{out / name.replace('.json', '-client.log')}:\n{done.stderr[-2000:]}")
                 runs.append(run_result(system, rate, json.loads((out / name).read_text())))
                 m = runs[-1]["metrics"]
                 print(f"{system} @ {rate:g} req/s: {m['completed']} done, {m['request_throughput']:.2f} req/s, "
@@ -217,7 +219,7 @@ def cmd_online(args) -> int:
                          "client (`vllm bench serve`); install vLLM's CPU build (docs/benchmarks.md, "
                          "'Peers') or give --vllm-python")
     rates = sorted(float(r) for r in args.rates.split(",") if r)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     hf_dir = str(Path(args.hf_model or random_hf_checkpoint(args.preset)).resolve())
     if args.hf_model is None:
