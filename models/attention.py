@@ -2,8 +2,8 @@
 
 Every weight-bearing op of a step runs on the flattened token matrix; only attention is split
 per request, because each request attends to its own keys and values. A step's T rows are
-laid out as ``[Td decode rows | Tp prefill rows]``; every row's K and V are first written to
-its page position (`write_kv`, `meta.kv_index`), then:
+laid out as ``[Td decode rows | Tp prefill rows]``; `write_attend` first writes every row's K
+and V to its page position (`write_kv`, `meta.kv_index`), then `attend`s:
 
 * decode rows (one token per request) read their whole history through their block table,
   one page at a time up to the step's longest context (a runtime trip count, never `max_len`);
@@ -12,10 +12,11 @@ its page position (`write_kv`, `meta.kv_index`), then:
   or a prefix found in the prefix cache) also reads those positions through its block table,
   in tiles of HIST_TILE rows (runtime trip counts over segments, tiles and pages).
 
-That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends every
-row to a C++ kernel instead (cpu_kernels.py): decode and prefill rows alike read their own
-sequence's positions through its table (prefill rows: `seg_table`), no gathered copies of the
-pages, no dense scores across the step's prefill rows. On GPUs a runtime trip count costs a host round trip per
+That is backend "xla". Backend "cpu" (the CPU default for float32 on one device) sends the
+layer's write and every row to one C++ kernel instead (cpu_kernels.py): decode and prefill
+rows alike read their own sequence's positions through its table (prefill rows:
+`seg_table`), no gathered copies of the pages, no dense scores across the step's prefill
+rows. On GPUs a runtime trip count costs a host round trip per
 trip (XLA:GPU copies the loop predicate to the host), so backends "xla-static" and "pallas"
 use static shapes instead: whole block tables gathered at once and masked (`_table_softmax`),
 history tiles a fixed number (`_history_static`); "pallas" sends decode rows to the kernel.
@@ -84,17 +85,45 @@ class KVCache:
 KV_AXES = ("kv_heads", "pages", "page_size", "head_dim")
 
 
-def write_kv(pages: jax.Array, new: jax.Array, meta: AttnMeta, backend: str = "xla") -> jax.Array:
+def write_kv(pages: jax.Array, new: jax.Array, meta: AttnMeta) -> jax.Array:
     """Scatters this step's rows `new` [T,H,K] into one layer's `pages` [H,P,B,K] at
-    `meta.kv_index` (padding rows point past the last page: dropped). With the "cpu"
-    attention backend the C++ kernel writes them in place (`cpu_kernels.write_pages`: XLA:CPU's
-    scatter is an element-wise loop, ≈ 7 ms a step of GPT-2 small at 64 rows)."""
-    if backend == "cpu":
-        from .cpu_kernels import write_pages
-        return write_pages(pages, new.astype(pages.dtype), meta.kv_index)
+    `meta.kv_index` (padding rows point past the last page: dropped)."""
     B = pages.shape[2]
     return pages.at[:, meta.kv_index // B, meta.kv_index % B].set(
         new.swapaxes(0, 1).astype(pages.dtype), mode="drop")
+
+
+def write_attend(q, k, v, k_pages, v_pages, meta: AttnMeta, scale: float, backend: str = "xla",
+                 window: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's attention: writes this step's keys and values k, v [T, Hkv, K] into the
+    layer's pages [Hkv, P, B, K] (`write_kv`), then `attend`s the queries q [T, H, K].
+    Returns (output [T, H, K] in q's dtype, k_pages, v_pages). With k and v None, q is one
+    projection's [T, 3, H, K] output of all three (GPT-2's c_attn; H = Hkv). Backend "cpu"
+    runs it all in one kernel (`cpu_kernels.attend`) that reads q, k and v where they lie:
+    XLA:CPU's scatter is an element-wise loop (≈ 7 ms a step of GPT-2 small at 64 rows), and
+    each slice of q, k, v a copy (≈ 1.9 ms)."""
+    fused = k is None
+    H = q.shape[-2]
+    if backend == "cpu":
+        # Every row, decode or prefill, reads positions [lo, pos] of its own sequence through
+        # its table (this step's keys are in the pages first): no [Tp, Tp] scores.
+        from .cpu_kernels import attend as kernel
+        T, Td = q.shape[0], meta.num_decode
+        tables = meta.block_table
+        if T > Td:  # prefill rows: their segment's table (padding rows: segment 0's, never read)
+            seg_rows = jnp.take(meta.seg_table, jnp.maximum(meta.seg, 0), axis=0, mode="clip")  # [Tp, W]
+            tables = jnp.concatenate([tables, seg_rows])                                  # [T, W]
+        lo = jnp.zeros_like(meta.pos) if window is None else meta.pos - window + 1  # as _in_window
+        if fused:  # [T, 3H, K]: a bitcast on one device
+            q = q.reshape(T, 3 * H, q.shape[-1])
+        src, first = ((q, q, q), (0, H, 2 * H)) if fused else ((q, k, v), (0, 0, 0))
+        out, k_pages, v_pages = kernel(*src, k_pages, v_pages, meta.kv_index, tables, lo, meta.pos + 1,
+                                       scale, H, first)
+        return out.astype(q.dtype), k_pages, v_pages
+    if fused:
+        q, k, v = q[:, 0], q[:, 1], q[:, 2]
+    k_pages, v_pages = write_kv(k_pages, k, meta), write_kv(v_pages, v, meta)
+    return attend(q, k, v, k_pages, v_pages, meta, scale, backend, window), k_pages, v_pages
 
 
 def _page(pages: jax.Array, page) -> jax.Array:
@@ -180,7 +209,6 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
     keys and values. q: [T, H, K]; k_new, v_new: [T, Hkv, K] (H a multiple of Hkv: grouped-
     and multi-query attention). Returns [T, H, K] in q's dtype. `backend`: "xla" loops over
     pages as far as the step's longest context (runtime trip counts: least work, for CPU);
-    "cpu": every row through the C++ kernel (cpu_kernels.py);
     "xla-static" reads whole block tables with static shapes (no loop: XLA:GPU would copy each
     runtime trip count to the host and wait); "pallas": decode rows through the Pallas GPU
     kernel (pallas_attention.py), history as xla-static. `window`: sliding-window attention
@@ -194,18 +222,6 @@ def attend(q, k_new, v_new, k_pages, v_pages, meta: AttnMeta, scale: float,
         outs.append(paged_decode_attention(q[:Td], k_pages, v_pages, meta.block_table,
                                            meta.pos[:Td] + 1, scale).reshape(Td, Hkv, H // Hkv, K))
     q = q.reshape(T, Hkv, H // Hkv, K)                                          # [T, Hkv, G, K]
-    if backend == "cpu":
-        # Every row, decode or prefill, reads positions [lo, pos] of its own sequence through
-        # its table (this step's keys are in the pages already): no [Tp, Tp] scores.
-        from .cpu_kernels import paged_attention
-        tables = meta.block_table
-        if T > Td:  # prefill rows: their segment's table (padding rows: segment 0's, never read)
-            seg_rows = jnp.take(meta.seg_table, jnp.maximum(meta.seg, 0), axis=0, mode="clip")  # [Tp, W]
-            tables = jnp.concatenate([tables, seg_rows])                                  # [T, W]
-        pos = meta.pos
-        lo = jnp.zeros_like(pos) if window is None else pos - window + 1  # as _in_window
-        out = paged_attention(q, k_pages, v_pages, tables, lo, pos + 1, scale)       # [T, Hkv, G, K]
-        return out.reshape(T, H, K).astype(q.dtype)
     static = backend != "xla"
     if Td and backend != "pallas":
         # Decode rows read their own history [0, pos] through their block tables.

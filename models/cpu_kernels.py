@@ -61,8 +61,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_attention.cc", HERE / "cpu_matmul.cc", HERE / "cpu_norm.cc", HERE / "cpu_sampling.cc")
 HEADERS = (HERE / "cpu_kernels.h",)
 # FFI target name -> the library's handler symbol (the names also appear in compiled programs)
-TARGETS = {"orca_jax_paged_attention_f32": "OrcaPagedAttentionF32",
-           "orca_jax_write_pages_f32": "OrcaWritePagesF32",
+TARGETS = {"orca_jax_attend_f32": "OrcaAttendF32",
            "orca_jax_packed_matmul_f32": "OrcaPackedMatmulF32",
            "orca_jax_argmax_rows_f32": "OrcaArgmaxRowsF32",
            "orca_jax_norm_f32": "OrcaNormF32"}
@@ -168,16 +167,27 @@ def huge_pages(tree) -> int:
     return done
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, lo, hi, scale: float) -> jax.Array:
-    """q [N, Hkv, G, K] float32 (N rows, each one query token), k_pages/v_pages [Hkv, P, B, K]
-    float32, block_tables [N, W] int32 (the pages of each row's sequence, in order), lo/hi [N]
-    int32: each row attends to positions lo <= p < hi of its sequence (hi = pos + 1; lo > 0
-    for a sliding window; a row with none comes out 0). Returns softmax(q·k * scale)·v, [N, Hkv, G, K]
-    float32. `load()` must have returned None."""
-    return jax.ffi.ffi_call("orca_jax_paged_attention_f32", jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                            vmap_method="sequential")(
-        q, k_pages, v_pages, block_tables.astype(jnp.int32), lo.astype(jnp.int32),
-        hi.astype(jnp.int32), scale=np.float32(scale))
+def attend(q, k, v, k_pages, v_pages, kv_index, tables, lo, hi, scale: float, num_heads: int,
+           first: tuple[int, int, int] = (0, 0, 0)) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's KV write and attention. q, k, v [T, C, K] float32 hold the step's
+    `num_heads` query heads and Hkv key and value heads, from head `first` = (q, k, v) on
+    (the same array three times when one projection made all three); k_pages, v_pages
+    [Hkv, P, B, K] float32. Writes row t's keys and values at position kv_index[t] (page
+    // B, offset % B; positions outside the pool dropped), in place, then row t attends to
+    positions lo[t] <= p < hi[t] of its sequence through its block table tables[t] [W]
+    (hi = pos + 1, lo > 0 for a sliding window; a row with none comes out 0). Returns
+    (softmax(q·k * scale)·v [T, num_heads, K] float32, k_pages, v_pages). `load()` must
+    have returned None."""
+    T, K = q.shape[0], q.shape[2]
+    return jax.ffi.ffi_call(
+        "orca_jax_attend_f32", (jax.ShapeDtypeStruct((T, num_heads, K), jnp.float32),
+                                jax.ShapeDtypeStruct(k_pages.shape, jnp.float32),
+                                jax.ShapeDtypeStruct(v_pages.shape, jnp.float32)),
+        input_output_aliases={3: 1, 4: 2}, vmap_method="sequential")(
+        q, k, v, k_pages, v_pages, *(x.astype(jnp.int32) for x in (kv_index, tables, lo, hi)),
+        heads=np.int64(num_heads),
+        q_head=np.int64(first[0]), k_head=np.int64(first[1]), v_head=np.int64(first[2]),
+        scale=np.float32(scale))
 
 
 def argmax_rows(logits, banned) -> jax.Array:
@@ -210,16 +220,6 @@ def norm(x: jax.Array, w: NormWeights, eps: float, rms: bool) -> jax.Array:
                            vmap_method="sequential")(x.reshape(-1, n), w.scale, bias, eps=np.float32(eps),
                                                      rms=np.int32(rms))
     return out.reshape(x.shape)
-
-
-def write_pages(pages, rows, idx) -> jax.Array:
-    """One layer's pages [Hkv, P, B, K] float32 with rows [T, Hkv, K] written at positions idx
-    [T] int32 (page idx // B, offset idx % B; positions outside the pool dropped), in place:
-    `pages.at[:, idx // B, idx % B].set(rows.swapaxes(0, 1), mode="drop")`. `load()` must
-    have returned None."""
-    return jax.ffi.ffi_call("orca_jax_write_pages_f32", jax.ShapeDtypeStruct(pages.shape, jnp.float32),
-                            input_output_aliases={0: 0}, vmap_method="sequential")(
-        pages, rows, idx.astype(jnp.int32))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["panels"], meta_fields=["out_shape"])

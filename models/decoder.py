@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .attention import AttnMeta, KVCache, attend, write_kv
+from .attention import AttnMeta, KVCache, write_attend
 from .gpt2 import unstack_layers
 from .layers import (ACTIVATIONS, DTYPES, ROPE_TYPES, apply_rope, embedding, head_logits, layer_norm, linear,
                      rms_norm, rope_angles)
@@ -293,8 +293,8 @@ def attention(c: DecoderConfig, p: dict, h: jax.Array, angles, k_pages, v_pages,
         q, k = rms_norm(q, p["q_norm"], c.norm_eps), rms_norm(k, p["k_norm"], c.norm_eps)
     if angles is not None:
         q, k = apply_rope(q, angles, c.rope_interleaved), apply_rope(k, angles, c.rope_interleaved)
-    k_pages, v_pages = write_kv(k_pages, k, meta, backend), write_kv(v_pages, v, meta, backend)
-    a = attend(q, k, v, k_pages, v_pages, meta, c.head_dim ** -0.5, backend, c.sliding_window)
+    a, k_pages, v_pages = write_attend(q, k, v, k_pages, v_pages, meta, c.head_dim ** -0.5, backend,
+                                       c.sliding_window)                        # [T, H, K]
     return linear(a, p["o"], "thk,hkd->td", residual=residual), k_pages, v_pages  # [T, D]
 
 

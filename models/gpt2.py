@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttnMeta, KVCache, attend, write_kv
+from .attention import AttnMeta, KVCache, write_attend
 from .layers import ACTIVATIONS, DTYPES, embedding, head_logits, layer_norm, linear
 
 ARCHITECTURE = "gpt2"  # the `architecture` of its config.json
@@ -212,9 +212,8 @@ def block(c: GPTConfig, p: dict, x: jax.Array, k_pages: jax.Array, v_pages: jax.
     the layer's pages [H, P, B, K] and returns them."""
     h = layer_norm(x, p["ln_1"], c.layer_norm_epsilon)
     qkv = linear(h, p["attn"]["c_attn"], "td,dahk->tahk")                       # [T, 3, H, K]
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    k_pages, v_pages = write_kv(k_pages, k, meta, attention), write_kv(v_pages, v, meta, attention)
-    a = attend(q, k, v, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim), attention)  # [T, H, K]
+    a, k_pages, v_pages = write_attend(qkv, None, None, k_pages, v_pages, meta, 1.0 / math.sqrt(c.head_dim),
+                                       attention)                              # [T, H, K]
     x = linear(a, p["attn"]["c_proj"], "thk,hkd->td", residual=x)
     h = layer_norm(x, p["ln_2"], c.layer_norm_epsilon)
     h = linear(h, p["mlp"]["c_fc"], "td,df->tf", activation=c.activation)     # [T, F]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from orca_jax.config import EngineConfig
 from orca_jax.engine import Engine
 from orca_jax.models import PRESETS, cpu_kernels, family
-from orca_jax.models.attention import _in_window, _pages_softmax, _softmax_init
+from orca_jax.models.attention import _in_window, _pages_softmax, _softmax_init, write_kv
 from orca_jax.plan import PagedKV
 from orca_jax.request import SamplingParams
 from orca_jax.runner import resolve_attention_backend, resolve_matmul_backend
@@ -35,6 +35,21 @@ def _xla(q, k_pages, v_pages, table, pos, window, scale):
     return acc / d[..., None]
 
 
+def _step_rows(rng, N, heads, kv_heads, head_dim, page, P, W):
+    """A decode step of N rows over random pages: each row its own pages (a block table of W),
+    a position, and its new key and value written there; the last row is padding (position
+    past the pool: dropped, nothing attended)."""
+    k_pages = jnp.asarray(rng.standard_normal((kv_heads, P, page, head_dim), np.float32))
+    v_pages = jnp.asarray(rng.standard_normal((kv_heads, P, page, head_dim), np.float32))
+    table = rng.permutation(P)[:N * W].reshape(N, W).astype(np.int32)
+    pos = rng.integers(0, W * page, N).astype(np.int32)
+    pos[0], pos[1] = 0, W * page - 1
+    kv_index = table[np.arange(N), pos // page] * page + pos % page
+    kv_index[-1], pos[-1] = P * page, -1
+    q, k, v = (rng.standard_normal((N, h, head_dim)).astype(np.float32) for h in (heads, kv_heads, kv_heads))
+    return q, k, v, k_pages, v_pages, jnp.asarray(table), jnp.asarray(pos), jnp.asarray(kv_index)
+
+
 @needs_kernel
 @pytest.mark.parametrize("heads,kv_heads,head_dim,page,window", [
     (12, 12, 64, 64, None),   # GPT-2 small's shape
@@ -42,48 +57,48 @@ def _xla(q, k_pages, v_pages, table, pos, window, scale):
     (4, 1, 16, 8, 13),        # multi-query, a sliding window that starts mid-page
     (6, 3, 24, 32, 1),        # a window of one position; head dim not a power of two
 ])
-def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window):
+@pytest.mark.parametrize("layout", ["apart", "one array"])
+def test_kernel_equals_the_xla_path(heads, kv_heads, head_dim, page, window, layout):
+    """The kernel writes the step's keys and values as XLA's scatter does and then attends as
+    the XLA path does, reading q, k, v from three arrays or from one array holding them side
+    by side (GPT-2's c_attn output)."""
     rng = np.random.default_rng(heads + page)
-    P, W, N = 60, 6, 9
-    k_pages = jnp.asarray(rng.standard_normal((kv_heads, P, page, head_dim), np.float32))
-    v_pages = jnp.asarray(rng.standard_normal((kv_heads, P, page, head_dim), np.float32))
-    table = jnp.asarray(rng.permutation(P)[:N * W].reshape(N, W).astype(np.int32))
-    pos = jnp.asarray(rng.integers(0, W * page, N).astype(np.int32)).at[0].set(0).at[1].set(W * page - 1)
-    q = jnp.asarray(rng.standard_normal((N, kv_heads, heads // kv_heads, head_dim), np.float32))
+    N, P, W = 9, 60, 6
+    q, k, v, k_pages, v_pages, table, pos, kv_index = _step_rows(rng, N, heads, kv_heads, head_dim, page, P, W)
     scale = head_dim ** -0.5
     lo = jnp.zeros_like(pos) if window is None else pos - window + 1
-    got = jax.jit(lambda *a: cpu_kernels.paged_attention(*a, scale))(q, k_pages, v_pages, table, lo, pos + 1)
-    np.testing.assert_allclose(got, _xla(q, k_pages, v_pages, table, pos, window, scale), rtol=2e-5, atol=2e-6)
+    meta = types.SimpleNamespace(kv_index=kv_index)  # all write_kv reads of the plan
+    want_k, want_v = write_kv(k_pages, jnp.asarray(k), meta), write_kv(v_pages, jnp.asarray(v), meta)
+    G = heads // kv_heads
+    want = _xla(jnp.asarray(q).reshape(N, kv_heads, G, head_dim), want_k, want_v, table, pos, window, scale)
+    if layout == "apart":  # k and v with a spare head in front: read from head 1
+        spare = np.full_like(k[:, :1], np.nan)
+        src, first = (q, np.concatenate([spare, k], 1), np.concatenate([spare, v], 1)), (0, 1, 1)
+    else:
+        qkv = np.concatenate([q, k, v], axis=1)  # [N, H + 2 Hkv, K]
+        src, first = (qkv, qkv, qkv), (0, heads, heads + kv_heads)
+    run = jax.jit(lambda s, kp, vp: cpu_kernels.attend(*s, kp, vp, kv_index, table, lo, pos + 1, scale, heads, first))
+    out, got_k, got_v = run(tuple(map(jnp.asarray, src)), k_pages, v_pages)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    np.testing.assert_allclose(out[:-1].reshape(N - 1, kv_heads, G, head_dim), want[:-1], rtol=2e-5, atol=2e-6)
+    assert not np.asarray(out[-1]).any()  # the padding row attends to nothing: zeros, not NaN
 
 
 @needs_kernel
-def test_write_pages_equals_the_scatter_in_place():
-    """The kernel's KV write is XLA's scatter (padding rows past the pool dropped), and in a
-    jitted step that donates the pages it writes into their buffer, not into a copy."""
-    from orca_jax.models.attention import write_kv
+def test_the_kernel_writes_the_pages_in_place():
+    """In a jitted step that donates the pages the kernel writes into their buffers, not into
+    copies (a copy of every layer's pages per step would cost more than the attention)."""
     rng = np.random.default_rng(0)
-    H, P, B, K, T = 3, 7, 8, 16, 10
-    pages = jnp.asarray(rng.standard_normal((H, P, B, K), np.float32))
-    rows = jnp.asarray(rng.standard_normal((T, H, K), np.float32))
-    idx = rng.permutation(P * B)[:T].astype(np.int32)
-    idx[[3, 7]] = P * B  # padding rows
-    meta = lambda i: types.SimpleNamespace(kv_index=i)  # all write_kv reads of the plan  # noqa: E731
-    want = np.asarray(write_kv(pages, rows, meta(jnp.asarray(idx))))
-    step = jax.jit(lambda p, r, i: write_kv(p, r, meta(i), "cpu"), donate_argnums=0)
-    src = jnp.array(pages)
-    ptr = src.unsafe_buffer_pointer()
-    got = step(src, rows, jnp.asarray(idx))
-    np.testing.assert_array_equal(got, want)
-    assert got.unsafe_buffer_pointer() == ptr and src.is_deleted()
-
-
-@needs_kernel
-def test_a_row_with_no_position_is_zero_not_nan():
-    """Padding rows of a decode bucket must come out finite (their outputs are never read)."""
-    k = jnp.ones((2, 4, 8, 16), jnp.float32)
-    out = cpu_kernels.paged_attention(jnp.ones((3, 2, 1, 16)), k, k, jnp.zeros((3, 2), jnp.int32),
-                                               jnp.zeros(3, jnp.int32), jnp.array([0, 5, 0], jnp.int32), 0.25)
-    assert np.isfinite(out).all() and not np.asarray(out[0]).any() and np.allclose(out[1], 1.0)
+    q, k, v, k_pages, v_pages, table, pos, kv_index = _step_rows(rng, 5, 2, 2, 16, 8, 7, 1)
+    step = jax.jit(lambda kp, vp: cpu_kernels.attend(q, k, v, kp, vp, kv_index, table, pos * 0, pos + 1, 0.25, 2),
+                   donate_argnums=(0, 1))
+    src_k, src_v = jnp.array(k_pages), jnp.array(v_pages)
+    ptrs = src_k.unsafe_buffer_pointer(), src_v.unsafe_buffer_pointer()
+    _, got_k, got_v = step(src_k, src_v)
+    assert (got_k.unsafe_buffer_pointer(), got_v.unsafe_buffer_pointer()) == ptrs and src_k.is_deleted()
+    meta = types.SimpleNamespace(kv_index=kv_index)
+    np.testing.assert_array_equal(got_k, write_kv(k_pages, jnp.asarray(k), meta))
 
 
 @needs_kernel
